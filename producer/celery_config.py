@@ -1,0 +1,65 @@
+"""The Celery settings both sides share, built from `Settings` in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from producer.contract import TaskName
+from producer.settings import Settings
+
+APP_NAME = "vision_queue"
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    transport_options = {
+        # A message taken by a worker that died comes back after this long; it must outlast
+        # the longest task or a healthy worker's task would run twice (checked in Settings).
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": max(30.0, settings.connect_timeout_s),
+        "retry_on_timeout": True,
+    }
+    return {
+        "broker_url": settings.effective_broker_url,
+        "result_backend": settings.effective_backend_url,
+        # JSON only: a pickle message is refused by kombu before any code sees it.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Redelivery when a worker dies mid-task: ack after the task, not before.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        # One GPU runs one generation: never hold a second message that another worker could run.
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        "task_track_started": True,
+        # Flower needs task events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(settings.queue, routing_key=settings.queue)],
+        "task_routes": {task.celery_name: {"queue": settings.queue} for task in TaskName},
+        "task_time_limit": None,  # enforced by the engine's deadline (thread pool, see worker.app)
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_enable_remote_control": True,
+        # Argument reprs shown by Flower and events: requests hold no secrets, but URLs may
+        # carry tokens in their query strings, so keep them short.
+        "task_protocol": 2,
+    }
+
+
+def make_celery_app(settings: Settings) -> Celery:
+    app = Celery(APP_NAME, set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    return app

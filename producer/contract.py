@@ -1,0 +1,58 @@
+"""What the producer and the worker agree on: task names, their image counts and prompts.
+
+Celery settings live in `producer.celery_config`, request/result shapes in
+`producer.schemas`, error codes in `producer.errors`. Nothing here imports Celery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class TaskName(str, Enum):
+    DESCRIBE = "describe"
+    OCR = "ocr"
+    COMPARE = "compare"
+    ASK = "ask"
+
+    @property
+    def celery_name(self) -> str:
+        """The registered Celery task name; anything else on the queue is rejected."""
+        return f"vision_queue.{self.value}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    min_images: int
+    max_images: int
+    # None means the caller must supply the prompt (ask); otherwise the prompt is fixed.
+    fixed_prompt: str | None
+
+
+# The fixed prompts are part of the contract so that the README, the CLI and the
+# worker all show and run the same text.
+TASK_SPECS: dict[TaskName, TaskSpec] = {
+    TaskName.DESCRIBE: TaskSpec(1, 1, "Describe this image in detail."),
+    TaskName.OCR: TaskSpec(
+        1,
+        1,
+        "Transcribe all of the text in this image exactly as written, preserving line "
+        "breaks. Output only the text.",
+    ),
+    TaskName.COMPARE: TaskSpec(
+        2, 8, "Compare these images. Describe what they have in common and how they differ."
+    ),
+    TaskName.ASK: TaskSpec(0, 8, None),
+}
+
+# Redis key prefixes, in one place so operators can see what the system stores.
+KEY_PREFIX = "vq"
+STAGED_IMAGE_KEY = KEY_PREFIX + ":img:{digest}"
+CANCEL_KEY = KEY_PREFIX + ":cancel:{task_id}"
+DELIVERIES_KEY = KEY_PREFIX + ":deliveries:{task_id}"
+SUBMITTED_KEY = KEY_PREFIX + ":submitted:{task_id}"
+WORKER_STATUS_KEY = KEY_PREFIX + ":worker:{name}"
+
+# Custom Celery state reported while a task generates (tokens so far).
+PROGRESS_STATE = "PROGRESS"

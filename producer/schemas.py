@@ -1,0 +1,225 @@
+"""Request and result shapes, and the validation both sides run on a request.
+
+A request travels as a small JSON object (well under 10 KB whatever the images weigh):
+images are referenced, never inlined. The worker validates every message again, since
+anyone who can write to Redis can put a message on the queue.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from producer.contract import TASK_SPECS, TaskName
+from producer.errors import InvalidInput
+from producer.settings import Settings
+
+SCHEMA_VERSION = 1
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_REF_CHARS = 4096
+
+
+class ImageSource(str, Enum):
+    URL = "url"  # http(s) URL the worker fetches (address-checked)
+    STAGED = "staged"  # bytes staged in Redis under their SHA-256
+    PATH = "path"  # file on the worker's filesystem, under VQ_LOCAL_IMAGE_ROOTS
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    source: ImageSource
+    ref: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source.value, "ref": self.ref}
+
+    def describe(self) -> str:
+        """A log-safe description: URLs lose their query string, which may hold tokens."""
+        if self.source is ImageSource.URL:
+            return "url:" + self.ref.split("?", 1)[0][:200]
+        if self.source is ImageSource.STAGED:
+            return "staged:" + self.ref[:12]
+        return "path:" + self.ref[-200:]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    max_new_tokens: int | None = None
+    num_crops: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    task: TaskName
+    images: tuple[ImageRef, ...]
+    prompt: str | None = None
+    options: TaskOptions = field(default_factory=TaskOptions)
+    submitted_at: float = field(default_factory=time.time)
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "task": self.task.value,
+            "prompt": self.prompt,
+            "images": [image.to_dict() for image in self.images],
+            "options": asdict(self.options),
+            "submitted_at": self.submitted_at,
+        }
+
+    def effective_prompt(self) -> str:
+        spec = TASK_SPECS[self.task]
+        return spec.fixed_prompt if spec.fixed_prompt is not None else (self.prompt or "")
+
+    def max_new_tokens(self, settings: Settings) -> int:
+        cap = settings.token_caps[self.task]
+        return self.options.max_new_tokens or cap
+
+
+def parse_request(message: Any, settings: Settings) -> TaskRequest:
+    """Validate a wire message into a TaskRequest or raise InvalidInput naming the field."""
+    if not isinstance(message, dict):
+        raise InvalidInput("request must be a JSON object", field="request")
+    try:
+        task = TaskName(message.get("task"))
+    except ValueError:
+        known = ", ".join(t.value for t in TaskName)
+        raise InvalidInput(f"unknown task {message.get('task')!r} (known: {known})", field="task") from None
+
+    images = _parse_images(message.get("images", []))
+    prompt = message.get("prompt")
+    options = _parse_options(message.get("options") or {})
+    submitted_at = message.get("submitted_at", time.time())
+    if not isinstance(submitted_at, (int, float)) or isinstance(submitted_at, bool):
+        raise InvalidInput("submitted_at must be a number", field="submitted_at")
+    request = TaskRequest(task, images, prompt, options, float(submitted_at))
+    check_request(request, settings)
+    return request
+
+
+def check_request(request: TaskRequest, settings: Settings) -> None:
+    """The rules for a request; the producer runs them before queuing, the worker again."""
+    spec = TASK_SPECS[request.task]
+    count = len(request.images)
+    most = min(spec.max_images, settings.max_images)
+    if count < spec.min_images or count > most:
+        wanted = str(spec.min_images) if spec.min_images == most else f"{spec.min_images}..{most}"
+        raise InvalidInput(
+            f"{request.task.value} takes {wanted} image(s), got {count}", field="images"
+        )
+
+    prompt = request.prompt
+    if spec.fixed_prompt is None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput(f"{request.task.value} needs a prompt", field="prompt")
+    elif prompt is not None:
+        raise InvalidInput(
+            f"{request.task.value} uses a fixed prompt; use the ask task for your own",
+            field="prompt",
+        )
+    if isinstance(prompt, str):
+        if len(prompt) > settings.max_prompt_chars:
+            raise InvalidInput(
+                f"prompt has {len(prompt)} characters, more than {settings.max_prompt_chars}",
+                field="prompt",
+            )
+        if re.search(r"<\|[a-z_]*\d*\|>", prompt):
+            # The prompt is user text: chat-control and image tags are the template's alone.
+            raise InvalidInput("prompt must not contain special tokens like <|image_1|>", field="prompt")
+        if "\x00" in prompt:
+            raise InvalidInput("prompt must not contain NUL characters", field="prompt")
+
+    cap = settings.token_caps[request.task]
+    max_new = request.options.max_new_tokens
+    if max_new is not None and not 1 <= max_new <= cap:
+        raise InvalidInput(
+            f"max_new_tokens must be between 1 and {cap} for {request.task.value}",
+            field="max_new_tokens",
+        )
+    crops = request.options.num_crops
+    if crops is not None and not 1 <= crops <= 16:
+        raise InvalidInput("num_crops must be between 1 and 16", field="num_crops")
+
+
+def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
+    if not isinstance(raw, list):
+        raise InvalidInput("images must be a list", field="images")
+    refs: list[ImageRef] = []
+    for index, item in enumerate(raw):
+        where = f"images[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidInput("each image must be an object", field=where)
+        try:
+            source = ImageSource(item.get("source"))
+        except ValueError:
+            raise InvalidInput("image source must be url, staged or path", field=where) from None
+        ref = item.get("ref")
+        if not isinstance(ref, str) or not ref or len(ref) > _MAX_REF_CHARS:
+            raise InvalidInput("image ref must be a non-empty string", field=where)
+        if source is ImageSource.STAGED and not _DIGEST.fullmatch(ref):
+            raise InvalidInput("staged image ref must be a SHA-256 hex digest", field=where)
+        refs.append(ImageRef(source, ref))
+    return tuple(refs)
+
+
+def _parse_options(raw: Any) -> TaskOptions:
+    if not isinstance(raw, dict):
+        raise InvalidInput("options must be an object", field="options")
+    unknown = set(raw) - {"max_new_tokens", "num_crops"}
+    if unknown:
+        raise InvalidInput(f"unknown option {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
+    values: dict[str, int | None] = {}
+    for name in ("max_new_tokens", "num_crops"):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidInput(f"{name} must be an integer", field=name)
+        values[name] = value
+    return TaskOptions(**values)
+
+
+@dataclass
+class Timings:
+    queued: float = 0.0
+    fetch: float = 0.0
+    preprocess: float = 0.0
+    generate: float = 0.0
+    total: float = 0.0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+@dataclass
+class TaskResult:
+    """What a finished task stores: the same shape for success and failure."""
+
+    id: str
+    task: str
+    text: str = ""
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings = field(default_factory=Timings)
+    worker: str = ""
+    device: str = ""
+    error: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "task": self.task,
+            "text": self.text,
+            "model": self.model,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+            },
+            "timings": self.timings.rounded(),
+            "worker": self.worker,
+            "device": self.device,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out

@@ -1,0 +1,282 @@
+"""One settings object for both sides, read from the environment and validated at start.
+
+Every field names its environment variable, its default and its meaning next to it;
+`settings_table()` renders them as the Markdown table in docs/settings.md (a test keeps
+the two in step). Secrets (passwords inside Redis URLs) are masked whenever a settings
+object is printed or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from producer.contract import TaskName
+
+
+class SettingsError(ValueError):
+    """The environment holds an invalid setting. The message names every bad variable."""
+
+
+def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
+
+
+def mask_url(url: str) -> str:
+    """`redis://:hunter2@host:6379/0` -> `redis://:****@host:6379/0`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "****"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+
+
+_DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Connections
+    redis_url: str = _setting(
+        "REDIS_URL", "redis://localhost:6379/0",
+        "Redis for both broker and result backend (redis://, rediss://, with password).",
+        secret=True,
+    )
+    broker_url: str = _setting(
+        "VQ_BROKER_URL", "", "Broker URL when it differs from REDIS_URL.", secret=True
+    )
+    result_backend_url: str = _setting(
+        "VQ_RESULT_BACKEND_URL", "", "Result backend URL when it differs from REDIS_URL.",
+        secret=True,
+    )
+    queue: str = _setting("VQ_QUEUE", "gpu", "Queue the tasks are routed to and workers consume.")
+    connect_timeout_s: float = _setting(
+        "VQ_CONNECT_TIMEOUT_S", 5.0,
+        "How long a producer keeps retrying an unreachable Redis before giving up.",
+    )
+    # Delivery and retries
+    task_time_limit_s: int = _setting(
+        "VQ_TASK_TIME_LIMIT_S", 600, "Longest a task may run on a worker before it fails with timeout."
+    )
+    visibility_timeout_s: int = _setting(
+        "VQ_VISIBILITY_TIMEOUT_S", 3600,
+        "Seconds before a message taken by a worker that died is delivered again. "
+        "Must exceed VQ_TASK_TIME_LIMIT_S.",
+    )
+    result_expires_s: int = _setting(
+        "VQ_RESULT_EXPIRES_S", 86400, "How long results (and staged images) are kept in Redis."
+    )
+    max_retries: int = _setting(
+        "VQ_MAX_RETRIES", 3, "Retries of a transient failure (fetch 5xx, connection error)."
+    )
+    retry_backoff_s: float = _setting(
+        "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry."
+    )
+    retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
+    max_deliveries: int = _setting(
+        "VQ_MAX_DELIVERIES", 3,
+        "Deliveries of one message (a worker died each time) before the task fails for good.",
+    )
+    # Input limits
+    max_image_bytes: int = _setting("VQ_MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image file.")
+    max_image_pixels: int = _setting(
+        "VQ_MAX_IMAGE_PIXELS", 40_000_000, "Largest width x height, checked before decoding pixels."
+    )
+    max_images: int = _setting("VQ_MAX_IMAGES", 8, "Most images in one request.")
+    max_prompt_chars: int = _setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.")
+    max_new_tokens_caps: str = _setting(
+        "VQ_MAX_NEW_TOKENS_CAPS", _DEFAULT_TOKEN_CAPS,
+        "Per-task cap on max_new_tokens (also the default), as task=N pairs.",
+    )
+    default_num_crops: int = _setting(
+        "VQ_NUM_CROPS", 0, "HD crops per image; 0 uses the checkpoint's preprocessor_config.json."
+    )
+    # Fetching images
+    fetch_timeout_s: float = _setting(
+        "VQ_FETCH_TIMEOUT_S", 20.0, "Total deadline for fetching one image URL, redirects included."
+    )
+    fetch_max_redirects: int = _setting("VQ_FETCH_MAX_REDIRECTS", 3, "Redirects followed per URL.")
+    allowed_private_hosts: str = _setting(
+        "VQ_ALLOWED_PRIVATE_HOSTS", "",
+        "Comma-separated host names a worker may fetch from even though they resolve to "
+        "private addresses (private deployments only).",
+    )
+    local_image_roots: str = _setting(
+        "VQ_LOCAL_IMAGE_ROOTS", "",
+        "Comma-separated folders a worker may read `path` images from; empty disables paths.",
+    )
+    # Worker
+    model: str = _setting(
+        "VQ_MODEL", "microsoft/Phi-3-vision-128k-instruct", "Local folder or Hugging Face id."
+    )
+    device: str = _setting("VQ_DEVICE", "auto", "cuda:N, cpu, or auto (first GPU, else CPU).")
+    dtype: str = _setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.")
+    attention: str = _setting("VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.")
+    worker_name: str = _setting("VQ_WORKER_NAME", "", "Worker node name; default gpu-<device>@host.")
+    metrics_port: int = _setting("VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.")
+    health_file: str = _setting(
+        "VQ_HEALTH_FILE", "", "Heartbeat file for the health commands; default in the temp dir."
+    )
+    heartbeat_interval_s: float = _setting(
+        "VQ_HEARTBEAT_INTERVAL_S", 2.0, "How often the worker refreshes its health file."
+    )
+    log_level: str = _setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.")
+
+    # Derived values -----------------------------------------------------------------
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def effective_backend_url(self) -> str:
+        return self.result_backend_url or self.redis_url
+
+    @property
+    def token_caps(self) -> dict[TaskName, int]:
+        return _parse_caps(self.max_new_tokens_caps)
+
+    @property
+    def private_host_allowlist(self) -> frozenset[str]:
+        return frozenset(_split_list(self.allowed_private_hosts, lower=True))
+
+    @property
+    def image_roots(self) -> tuple[str, ...]:
+        return tuple(_split_list(self.local_image_roots))
+
+    # Construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every variable, convert and validate; raise one SettingsError naming all faults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in fields(cls):
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+                continue
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _CONVERTERS[type(f.default)](raw)
+            except ValueError:
+                problems.append(f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        problems: list[str] = []
+        for name in ("redis_url", "broker_url", "result_backend_url"):
+            url = getattr(self, name)
+            if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+                problems.append(f"{_env_name(name)} must be a redis://, rediss:// or unix:// URL")
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            problems.append(
+                "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
+                "task would be delivered to a second worker"
+            )
+        for name in (
+            "task_time_limit_s", "result_expires_s", "max_image_bytes", "max_image_pixels",
+            "max_images", "max_prompt_chars", "max_deliveries", "connect_timeout_s",
+            "fetch_timeout_s", "heartbeat_interval_s",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{_env_name(name)} must be positive")
+        for name in ("max_retries", "fetch_max_redirects", "metrics_port", "default_num_crops"):
+            if getattr(self, name) < 0:
+                problems.append(f"{_env_name(name)} must not be negative")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
+            problems.append("VQ_QUEUE must be a plain name")
+        try:
+            _parse_caps(self.max_new_tokens_caps)
+        except ValueError as exc:
+            problems.append(f"VQ_MAX_NEW_TOKENS_CAPS: {exc}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by environment name, secrets masked: safe to log."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and isinstance(value, str):
+                value = mask_url(value)
+            out[f.metadata["env"]] = value
+        return out
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
+        return f"Settings({inner})"
+
+    __str__ = __repr__
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_CONVERTERS: dict[type, Callable[[str], Any]] = {
+    str: str,
+    int: lambda raw: int(raw.strip()),
+    float: lambda raw: float(raw.strip()),
+    bool: _parse_bool,
+}
+
+
+def _env_name(field_name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == field_name)
+
+
+def _split_list(raw: str, *, lower: bool = False) -> list[str]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    return [item.lower() for item in items] if lower else items
+
+
+def _parse_caps(raw: str) -> dict[TaskName, int]:
+    caps = _parse_caps_pairs(_DEFAULT_TOKEN_CAPS)
+    caps.update(_parse_caps_pairs(raw))
+    return caps
+
+
+def _parse_caps_pairs(raw: str) -> dict[TaskName, int]:
+    caps: dict[TaskName, int] = {}
+    for pair in _split_list(raw):
+        name, _, number = pair.partition("=")
+        try:
+            task = TaskName(name.strip())
+        except ValueError:
+            raise ValueError(f"unknown task {name.strip()!r}") from None
+        cap = int(number)
+        if cap <= 0:
+            raise ValueError(f"cap for {task.value} must be positive")
+        caps[task] = cap
+    return caps
+
+
+def settings_table() -> str:
+    """The Markdown table of every environment variable, its default and meaning."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(Settings):
+        default = f.default if f.default != "" else "(empty)"
+        lines.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(lines) + "\n"
