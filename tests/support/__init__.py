@@ -1,0 +1,1 @@
+"""Test support: real processes (redis-server, workers, Flower) owned by fixtures."""

@@ -1,0 +1,107 @@
+"""`worker`: run a GPU worker, answer one request without the queue, or check health.
+
+    worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME]
+    worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
+    worker health --live | --ready [--name NAME]
+    worker settings            # every setting, secrets masked
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from producer.settings import Settings, SettingsError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"worker: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="worker", description="Phi-3-vision GPU worker for vision-queue.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="load the model, then consume tasks from Redis")
+    run.add_argument("--model", help="local folder or Hugging Face id (default VQ_MODEL)")
+    run.add_argument("--device", help="cuda:N, cpu or auto (default VQ_DEVICE)")
+    run.add_argument("--dtype", help="bfloat16, float16, float32 or auto (default VQ_DTYPE)")
+    run.add_argument("--queues", help="queue to consume (default VQ_QUEUE)")
+    run.add_argument("--name", help="worker node name (default VQ_WORKER_NAME or gpu-<device>@host)")
+    run.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off")
+
+    infer = commands.add_parser("infer", help="answer one request without the queue",
+                                add_help=False)
+    infer.add_argument("rest", nargs=argparse.REMAINDER)
+
+    health = commands.add_parser("health", help="exit 0 if the worker is live / ready")
+    mode = health.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--live", action="store_true", help="process and heartbeat running")
+    mode.add_argument("--ready", action="store_true", help="live, model loaded, broker reachable")
+    health.add_argument("--name", help="worker node name (when several share a host)")
+
+    commands.add_parser("settings", help="print every setting (secrets masked)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["infer"]:
+        # The one-shot command parses its own options (shared with `python -m worker.infer_cli`).
+        from worker.infer_cli import infer_main
+
+        return infer_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = _overrides(args)
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"worker: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.command == "run":
+        from worker.runner import configure_logging, run_worker
+
+        configure_logging(settings.log_level)
+        return run_worker(settings)
+    if args.command == "health":
+        return _health(settings, args)
+    for name, value in settings.masked().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    pairs = {
+        "model": getattr(args, "model", None),
+        "device": getattr(args, "device", None),
+        "dtype": getattr(args, "dtype", None),
+        "queue": getattr(args, "queues", None),
+        "worker_name": getattr(args, "name", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+    }
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.health import check_live, check_ready, health_file_path
+    from worker.runner import default_worker_name
+
+    name = settings.worker_name or default_worker_name(settings.device)
+    path = health_file_path(settings, name)
+    if args.live:
+        ok, reason = check_live(path, settings.heartbeat_interval_s)
+    else:
+        ok, reason = check_ready(path, settings)
+    print(reason, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

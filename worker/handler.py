@@ -1,0 +1,101 @@
+"""The request path of one task, top-down: validate, fetch, decode, generate, encode.
+
+It knows nothing of Celery: `tasks.py` binds it to the queue and decides what an
+outcome means for retries. Everything a request needs arrives through `TaskContext`,
+so no global state sits on this path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from producer.errors import Cancelled, TaskTimeout
+from producer.images import ImageLimits, decode_image
+from producer.schemas import ImageRef, ImageSource, TaskRequest, TaskResult, parse_request
+from producer.settings import Settings
+from producer.staging import load_staged_image
+from worker.engine import Engine, GenerationRequest
+from worker.fetch import fetch_image_bytes, read_local_image
+
+if TYPE_CHECKING:
+    import redis
+
+
+@dataclass
+class TaskContext:
+    """What one run of a task needs besides its message."""
+
+    task_id: str
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    worker_name: str
+    started_at: float = field(default_factory=time.time)
+    # Polled between tokens; returns True once the task is cancelled.
+    is_cancelled: Callable[[], bool] = lambda: False
+    # Told the number of tokens generated so far (progress for clients).
+    on_progress: Callable[[int], None] = lambda tokens: None
+
+
+def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
+    """Run one request, filling `result` as it goes (a failure still reports its timings)."""
+    request = parse_request(message, ctx.settings)
+    result.timings.queued = max(0.0, ctx.started_at - request.submitted_at)
+    deadline = ctx.started_at + ctx.settings.task_time_limit_s
+    _stop_if_needed(ctx, deadline)
+
+    began = time.perf_counter()
+    blobs = [_load_bytes(ref, ctx.settings, ctx.redis) for ref in request.images]
+    result.timings.fetch = time.perf_counter() - began
+
+    limits = ImageLimits.from_settings(ctx.settings)
+    began = time.perf_counter()
+    images = [decode_image(blob, limits) for blob in blobs]
+    decode_s = time.perf_counter() - began
+
+    output = ctx.engine.generate(_generation_request(request, images, ctx, deadline))
+
+    result.text = output.text
+    result.prompt_tokens = output.prompt_tokens
+    result.completion_tokens = output.completion_tokens
+    result.timings.preprocess = decode_s + output.preprocess_s
+    result.timings.generate = output.prefill_s + output.decode_s
+    result.timings.total = time.time() - ctx.started_at
+
+
+def _generation_request(
+    request: TaskRequest, images: list[Image.Image], ctx: TaskContext, deadline: float
+) -> GenerationRequest:
+    def on_token(count: int) -> None:
+        _stop_if_needed(ctx, deadline)
+        ctx.on_progress(count)
+
+    return GenerationRequest(
+        prompt=request.effective_prompt(),
+        images=images,
+        max_new_tokens=request.max_new_tokens(ctx.settings),
+        num_crops=request.options.num_crops or ctx.settings.default_num_crops or None,
+        on_token=on_token,
+    )
+
+
+def _stop_if_needed(ctx: TaskContext, deadline: float) -> None:
+    if ctx.is_cancelled():
+        raise Cancelled("cancelled by the client")
+    if time.time() > deadline:
+        raise TaskTimeout(
+            f"task ran longer than VQ_TASK_TIME_LIMIT_S={ctx.settings.task_time_limit_s}s"
+        )
+
+
+def _load_bytes(ref: ImageRef, settings: Settings, client: redis.Redis) -> bytes:
+    if ref.source is ImageSource.STAGED:
+        return load_staged_image(client, ref.ref)
+    if ref.source is ImageSource.URL:
+        return fetch_image_bytes(ref.ref, settings)
+    return read_local_image(ref.ref, settings)

@@ -1,0 +1,64 @@
+"""Prometheus metrics a worker exports on VQ_METRICS_PORT (off when 0).
+
+Each worker owns a registry of its own rather than the process-global default, so
+several engines in one process (tests, a future multi-GPU process) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class WorkerMetrics:
+    def __init__(self, worker: str, device: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"worker": worker, "device": device}
+        self.tasks = Counter(
+            "vq_tasks", "Tasks finished, by task and outcome (success or an error code).",
+            ["task", "outcome"], registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "vq_queue_wait_seconds", "Time from submit to the start of the run.",
+            ["task"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.generation = Histogram(
+            "vq_generation_seconds", "Prefill plus decode time per task.",
+            ["task"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "vq_generated_tokens", "Tokens generated.", ["task"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "vq_prompt_tokens", "Prompt tokens processed (text and image).", ["task"],
+            registry=self.registry,
+        )
+        self.device_memory = Gauge(
+            "vq_device_memory_peak_bytes", "Peak device memory of the engine.",
+            list(labels), registry=self.registry,
+        ).labels(**labels)
+        self.model_load = Gauge(
+            "vq_model_load_seconds", "Seconds the model took to load and warm up.",
+            list(labels), registry=self.registry,
+        ).labels(**labels)
+        self.model_loaded = Gauge(
+            "vq_model_loaded", "1 once the model is resident and warmed up.",
+            list(labels), registry=self.registry,
+        ).labels(**labels)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def record(
+        self, task: str, outcome: str, *, queued_s: float, generate_s: float,
+        prompt_tokens: int, completion_tokens: int, peak_memory_bytes: int,
+    ) -> None:
+        self.tasks.labels(task, outcome).inc()
+        self.queue_wait.labels(task).observe(queued_s)
+        if completion_tokens:
+            self.generation.labels(task).observe(generate_s)
+            self.generated_tokens.labels(task).inc(completion_tokens)
+        if prompt_tokens:
+            self.prompt_tokens.labels(task).inc(prompt_tokens)
+        self.device_memory.set(peak_memory_bytes)

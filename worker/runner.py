@@ -1,0 +1,115 @@
+"""`worker run`: load the model, then start a Celery worker bound to one device.
+
+Why the `threads` pool with concurrency 1:
+- The model is loaded once, in this process, before the worker connects to take
+  messages; prefork would need the model in a child (CUDA does not survive fork) and
+  would start consuming before the child finished loading. A failed load exits
+  non-zero having consumed nothing.
+- One GPU runs one generation at a time: concurrency 1 with prefetch multiplier 1 and
+  late acks means a worker holds at most the message it is running.
+- The task runs in a pool thread while the main thread keeps the broker connection,
+  remote control and event heartbeats going, so Flower shows the worker online during a
+  long generation (torch releases the GIL inside its kernels). `solo` would block them.
+- Cancellation is cooperative (checked between tokens), and time limits are enforced by
+  the engine's deadline, since thread pools cannot kill a running task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import redis
+from celery.signals import worker_ready, worker_shutting_down
+
+from producer.celery_config import make_celery_app
+from producer.settings import Settings
+from worker.engine import Engine, EngineConfig
+from worker.health import HealthReporter, health_file_path
+from worker.metrics import WorkerMetrics
+from worker.tasks import WorkerRuntime, register_tasks
+
+log = logging.getLogger("vision_queue.worker")
+
+
+def default_worker_name(device: str) -> str:
+    return f"gpu-{device.replace(':', '')}@{socket.gethostname()}"
+
+
+def run_worker(settings: Settings) -> int:
+    """Load and warm the model, then consume until shut down. Returns the exit code."""
+    log.info("settings: %s", settings)
+    name = settings.worker_name or default_worker_name(settings.device)
+    health = HealthReporter(health_file_path(settings, name), name, settings.heartbeat_interval_s)
+    health.start()
+    try:
+        engine = Engine.load(EngineConfig(
+            model=settings.model, device=settings.device, dtype=settings.dtype,
+            attention=settings.attention, num_crops=settings.default_num_crops or None,
+        ))
+        engine.warmup()
+    except Exception as exc:  # any failure to load ends the process before consuming
+        log.error("model failed to load, not consuming any task: %s", exc)
+        health.stop()
+        return 1
+
+    if not settings.worker_name:
+        name = default_worker_name(engine.device)
+    metrics = WorkerMetrics(name, engine.device)
+    metrics.model_load.set(engine.load_seconds)
+    metrics.model_loaded.set(1)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    runtime = WorkerRuntime(
+        settings=settings, engine=engine, name=name, metrics=metrics, health=health,
+        redis=redis.Redis.from_url(settings.effective_broker_url, health_check_interval=30),
+    )
+    app = make_celery_app(settings)
+    register_tasks(app, runtime)
+    health.model_ready()
+    log.info("model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s",
+             engine.model_id, engine.device, engine.dtype, engine.attention,
+             engine.load_seconds, settings.queue, name)
+
+    worker = app.Worker(
+        hostname=name,
+        pool="threads",
+        concurrency=1,
+        prefetch_multiplier=1,
+        queues=[settings.queue],
+        loglevel=settings.log_level,
+        optimization="fair",
+        redirect_stdouts=False,
+    )
+    _report_lifecycle(health)
+    try:
+        worker.start()
+    finally:
+        health.stop()
+    return int(worker.exitcode or 0)
+
+
+def _report_lifecycle(health: HealthReporter) -> None:
+    """Report consuming once the consumer is up, and not-ready as soon as a warm shutdown
+    begins (SIGTERM), while the running task is still finishing."""
+
+    def on_ready(**_: object) -> None:
+        health.consumer_ready()
+
+    def on_shutdown(**_: object) -> None:
+        health.shutting_down()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutting_down.connect(on_shutdown, weak=False)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Our task line replaces Celery's per-task "received"/"succeeded" lines, which would
+    # repeat the task and print whole results.
+    for noisy in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
