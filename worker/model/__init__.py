@@ -1,0 +1,7 @@
+"""Phi-3-vision built from transformers' parts, with our own image path and processor.
+
+`config` reads the official checkpoint files, `processor` turns a prompt and images into
+token ids and pixel crops, `vision` and `modeling` hold the network, `weights` finds and
+loads the checkpoint, `generation` runs greedy decoding. Nothing here loads a model or
+touches a device at import time.
+"""
