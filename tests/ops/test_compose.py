@@ -1,0 +1,471 @@
+"""Deployment files: docker-compose.yml, .env.example, the Dockerfiles and docs/settings.md.
+
+docker-compose.yml is interpolated with the values of .env.example (as `docker compose`
+would with that file as .env), then validated against the Compose Specification schema
+vendored in tests/data (see tests/data/README-compose-spec.md). Where a working
+`docker compose` is installed, its own `config` command is checked too; it needs no daemon.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from producer.settings import Settings, settings_table
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
+WORKER_DOCKERFILE = ROOT / "ops" / "worker.Dockerfile"
+LIGHT_DOCKERFILE = ROOT / "ops" / "light.Dockerfile"
+
+LOOPBACK = {"127.0.0.1", "::1", "[::1]", "localhost"}
+SECRETS = ("REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
+# What an operator fills in; .env.example ships them empty.
+TEST_SECRETS = {
+    "REDIS_PASSWORD": "0123456789abcdef",
+    "FLOWER_USER": "ops",
+    "FLOWER_PASSWORD": "flower-test-password",
+}
+SETTING_DEFAULTS = {f.metadata["env"]: f.default for f in fields(Settings)}
+
+# --- Compose interpolation, the subset this project uses -------------------------------
+# $$ (a literal $), $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}.
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+class InterpolationError(ValueError):
+    """A required variable is unset or empty, as `docker compose` would report it."""
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["named"]
+        op, arg = match["op"], match["arg"]
+        value = env.get(name)
+        unset = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op is not None and op.endswith("?") and unset:
+            raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+        if op is not None and op.endswith("-") and unset:
+            return arg
+        return value or ""
+
+    return _VARIABLE.sub(substitute, text)
+
+
+def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    """Compose interpolates values, never keys, after parsing the YAML."""
+    if isinstance(node, dict):
+        return {key: interpolate_tree(value, env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [interpolate_tree(item, env) for item in node]
+    if isinstance(node, str):
+        return interpolate(node, env)
+    return node
+
+
+def referenced_variables(text: str) -> set[str]:
+    return {
+        m["braced"] or m["named"]
+        for m in _VARIABLE.finditer(text)
+        if not m["escaped"]
+    }
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not NAME=value: {line!r}"
+        env[name.strip()] = value.strip()
+    return env
+
+
+def load_compose(env: Mapping[str, str]) -> dict[str, Any]:
+    return interpolate_tree(yaml.safe_load(COMPOSE_FILE.read_text()), env)
+
+
+def compose_duration_s(value: str) -> float:
+    """Compose durations: `90s`, `11m`, `1m30s`, `1h`, `500ms`."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts, f"not a duration: {value!r}"
+    assert "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def as_dict(environment: Any) -> dict[str, str]:
+    if isinstance(environment, dict):
+        return {k: "" if v is None else str(v) for k, v in environment.items()}
+    return dict(item.partition("=")[::2] for item in environment or [])
+
+
+def flag_values(command: list[str]) -> dict[str, str]:
+    """`--name value` pairs of a redis-server command line."""
+    values: dict[str, str] = {}
+    for flag, value in itertools.pairwise(command):
+        if flag.startswith("--"):
+            values[flag[2:]] = value
+    return values
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(host ip or None, container port) for each published port, short or long syntax."""
+    out: list[tuple[str | None, str]] = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.append((port.get("host_ip"), str(port["target"])))
+            continue
+        spec = str(port).split("/")[0]
+        host_ip = None
+        if spec.startswith("["):  # [::1]:8080:80
+            host_ip, _, spec = spec[1:].partition("]:")
+        parts = spec.split(":")
+        if len(parts) == 3:
+            host_ip = parts[0]
+        out.append((host_ip, parts[-1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    """.env.example with the secrets filled in, as an operator's .env would be."""
+    return {**read_env_file(ENV_EXAMPLE), **TEST_SECRETS}
+
+
+@pytest.fixture(scope="module")
+def compose(env: dict[str, str]) -> dict[str, Any]:
+    return load_compose(env)
+
+
+@pytest.fixture(scope="module")
+def workers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = {name: s for name, s in compose["services"].items() if name.startswith("worker-")}
+    assert len(found) >= 2, "one worker service per GPU, worker-0 and up"
+    return found
+
+
+# --- The compose file as a whole ---------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose: dict[str, Any]):
+    schema = json.loads(SCHEMA_FILE.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
+
+
+def test_env_example_defines_every_variable_the_compose_file_reads(env: dict[str, str]):
+    missing = referenced_variables(COMPOSE_FILE.read_text()) - env.keys()
+    assert not missing, f".env.example lacks {sorted(missing)}"
+
+
+def test_env_example_ships_no_secrets():
+    example = read_env_file(ENV_EXAMPLE)
+    # Copied unedited, it makes compose refuse to start rather than run with a known password.
+    assert all(example[name] == "" for name in SECRETS)
+    with pytest.raises(InterpolationError, match="REDIS_PASSWORD"):
+        load_compose(example)
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_compose_refuses_to_start_without_each_secret(env: dict[str, str], secret: str):
+    # Given .env without the secret (unset, or set to nothing)
+    for without in ({k: v for k, v in env.items() if k != secret}, {**env, secret: ""}):
+        # Then interpolation fails, naming the variable
+        with pytest.raises(InterpolationError, match=secret):
+            load_compose(without)
+
+
+def test_compose_defaults_agree_with_the_settings_defaults():
+    text = COMPOSE_FILE.read_text()
+    for match in _VARIABLE.finditer(text):
+        name = match["braced"]
+        if name in SETTING_DEFAULTS and match["op"] == ":-":
+            assert match["arg"] == str(SETTING_DEFAULTS[name]), name
+
+
+# --- Workers -----------------------------------------------------------------------------
+
+
+def test_each_worker_reserves_its_own_gpu(workers: dict[str, dict[str, Any]]):
+    device_ids: list[str] = []
+    for name, service in workers.items():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        (device,) = devices
+        assert device["driver"] == "nvidia", name
+        assert "gpu" in device["capabilities"], name
+        assert len(device["device_ids"]) == 1, f"{name}: one GPU per worker"
+        device_ids += device["device_ids"]
+        # Inside the container the one reserved GPU is always cuda:0.
+        assert as_dict(service["environment"])["VQ_DEVICE"] == "cuda:0", name
+    assert len(set(device_ids)) == len(device_ids), f"GPU reserved twice: {device_ids}"
+
+
+def test_workers_have_distinct_node_names(workers: dict[str, dict[str, Any]]):
+    names = [as_dict(s["environment"])["VQ_WORKER_NAME"] for s in workers.values()]
+    assert all(names) and len(set(names)) == len(names), names
+
+
+def test_worker_environment_is_valid_settings(workers: dict[str, dict[str, Any]]):
+    for name, service in workers.items():
+        environment = as_dict(service["environment"])
+        settings = Settings.from_env(environment)  # raises SettingsError naming the fault
+        assert environment["REDIS_URL"].startswith("redis://:"), f"{name}: password in URL"
+        assert "@redis:6379/" in environment["REDIS_URL"], name
+        assert settings.metrics_port > 0, f"{name}: metrics on"
+        assert str(settings.metrics_port) in [str(p) for p in service.get("expose", [])], name
+        assert environment["HF_HOME"] == "/hf-cache", name
+        assert any(v.endswith(":/hf-cache") for v in service["volumes"]), name
+
+
+@pytest.mark.parametrize("only_secrets", [False, True], ids=["env-example", "defaults"])
+def test_a_stopping_worker_may_finish_its_longest_task(env: dict[str, str], only_secrets: bool):
+    # Given .env.example as it is, or only its secrets (every other value from the defaults)
+    if only_secrets:
+        env = {k: env[k] for k in SECRETS}
+    services = load_compose(env)["services"]
+    limit_s = int(env.get("VQ_TASK_TIME_LIMIT_S", SETTING_DEFAULTS["VQ_TASK_TIME_LIMIT_S"]))
+    for name in (n for n in services if n.startswith("worker-")):
+        service = services[name]
+        assert service["stop_signal"] == "SIGTERM", name
+        # Then Docker's SIGKILL comes only after the longest task could have finished
+        assert compose_duration_s(service["stop_grace_period"]) > limit_s, name
+        assert as_dict(service["environment"])["VQ_TASK_TIME_LIMIT_S"] == str(limit_s), name
+
+
+def test_workers_report_readiness_and_wait_for_a_healthy_redis(
+    workers: dict[str, dict[str, Any]],
+):
+    for name, service in workers.items():
+        assert service["healthcheck"]["test"] == ["CMD", "worker", "health", "--ready"], name
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+def test_redis_is_durable_password_protected_and_never_evicts(
+    compose: dict[str, Any], env: dict[str, str]
+):
+    redis = compose["services"]["redis"]
+    assert redis["image"].split(":")[0] == "redis"
+    assert redis["image"].split(":")[1].startswith("7")
+    flags = flag_values(redis["command"])
+    assert flags["appendonly"] == "yes"
+    assert flags["appendfsync"] == "everysec"
+    assert flags["requirepass"] == env["REDIS_PASSWORD"]
+    assert flags["maxmemory-policy"] == "noeviction"
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["redis"]["command"]
+    assert "${REDIS_PASSWORD:?" in " ".join(raw), "no default password"
+
+
+def test_redis_health_check_authenticates_and_checks_the_reply(compose: dict[str, Any]):
+    redis = compose["services"]["redis"]
+    test = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli" in test
+    authenticated = " -a " in test or "REDISCLI_AUTH" in as_dict(redis.get("environment"))
+    assert authenticated
+    # redis-cli exits 0 on a NOAUTH error reply: only PONG means healthy.
+    assert "PONG" in test
+
+
+def test_redis_data_lives_in_a_named_volume(compose: dict[str, Any]):
+    volumes = compose["services"]["redis"]["volumes"]
+    named = [v.split(":")[0] for v in volumes if v.split(":")[1] == "/data"]
+    assert named and named[0] in compose["volumes"]
+
+
+def test_redis_is_not_published_beyond_loopback(compose: dict[str, Any]):
+    for name, service in compose["services"].items():
+        for host_ip, target in published_ports(service):
+            if name == "redis" or target == "6379":
+                assert host_ip in LOOPBACK, f"{name} publishes Redis on {host_ip or 'all'}"
+
+
+# --- Flower ------------------------------------------------------------------------------
+
+
+def test_flower_requires_basic_auth_and_keeps_its_state(
+    compose: dict[str, Any], env: dict[str, str]
+):
+    flower = compose["services"]["flower"]
+    command = flower["command"]
+    assert f"--basic-auth={env['FLOWER_USER']}:{env['FLOWER_PASSWORD']}" in command
+    assert "--persistent=True" in command
+    db = next(arg.partition("=")[2] for arg in command if arg.startswith("--db="))
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in flower["volumes"]}
+    mount = next(target for target in mounts if db.startswith(target + "/"))
+    assert mounts[mount] in compose["volumes"], "state on a named volume"
+    assert "producer.flower_app:app" in command
+
+
+def test_flower_is_published_on_loopback_only(compose: dict[str, Any]):
+    ports = published_ports(compose["services"]["flower"])
+    assert ports and all(host_ip in LOOPBACK for host_ip, _ in ports)
+
+
+# --- docker compose itself, where installed ------------------------------------------------
+
+
+def _docker_compose() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    try:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [docker, "compose"] if probe.returncode == 0 else None
+
+
+def _run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+    command = _docker_compose()
+    if command is None:
+        pytest.skip("no working `docker compose` here")
+    # Only .env decides: drop variables the caller's shell may have exported.
+    referenced = referenced_variables(COMPOSE_FILE.read_text())
+    clean_env = {
+        k: v for k, v in os.environ.items() if k not in referenced and not k.startswith("COMPOSE_")
+    }
+    return subprocess.run(
+        [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+         "--env-file", str(env_file), "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=clean_env,
+    )
+
+
+def _env_file(path: Path, env: Mapping[str, str]) -> Path:
+    path.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
+    return path
+
+
+def test_docker_compose_config_accepts_the_file(
+    compose: dict[str, Any], env: dict[str, str], tmp_path: Path
+):
+    result = _run_compose_config(_env_file(tmp_path / ".env", env))
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    # Same reading as the interpolation above.
+    assert resolved["services"]["redis"]["command"] == compose["services"]["redis"]["command"]
+    assert set(resolved["services"]) == set(compose["services"])
+
+
+def test_docker_compose_config_fails_without_the_redis_password(
+    env: dict[str, str], tmp_path: Path
+):
+    without = {k: v for k, v in env.items() if k != "REDIS_PASSWORD"}
+    result = _run_compose_config(_env_file(tmp_path / ".env", without))
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD" in result.stderr
+
+
+# --- Settings documentation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", ["docs/settings.md", "ops/README.md"])
+def test_settings_docs_hold_the_settings_table_verbatim(doc: str):
+    # Regenerate with: python -c "from producer.settings import settings_table;
+    # print(settings_table(), end='')"
+    assert settings_table() in (ROOT / doc).read_text()
+
+
+# --- Dockerfiles --------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, args = (pending + stripped).partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+@pytest.mark.parametrize("path", [WORKER_DOCKERFILE, LIGHT_DOCKERFILE], ids=lambda p: p.name)
+def test_images_run_as_a_non_root_user(path: Path):
+    users = [args for keyword, args in final_stage(dockerfile_instructions(path))
+             if keyword == "USER"]
+    assert users, f"{path.name}: no USER in the final stage"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+
+
+def test_worker_image_checks_liveness_and_runs_the_worker():
+    stage = final_stage(dockerfile_instructions(WORKER_DOCKERFILE))
+    by_keyword = {keyword: args for keyword, args in stage}
+    assert "worker health --live" in " ".join(json.loads(
+        by_keyword["HEALTHCHECK"].partition("CMD")[2].strip()
+    ))
+    assert json.loads(by_keyword["ENTRYPOINT"]) == ["worker"]
+    assert json.loads(by_keyword["CMD"]) == ["run"]
+    assert any(kw == "RUN" and "[${extras}]" in args and "extras=worker" in args
+               for kw, args in stage)
+
+
+def test_worker_image_takes_flash_attn_as_an_optional_build_argument():
+    instructions = dockerfile_instructions(WORKER_DOCKERFILE)
+    args = [a for keyword, a in instructions if keyword == "ARG"]
+    assert "WITH_FLASH_ATTN=0" in args, "declared, off by default"
+    assert any(kw == "FROM" and "${WITH_FLASH_ATTN}" in a for kw, a in instructions)
+
+
+def test_light_image_is_slim_python_with_the_monitor_extra():
+    stage = final_stage(dockerfile_instructions(LIGHT_DOCKERFILE))
+    assert stage[0][1].startswith("python:${PYTHON_VERSION}-slim")
+    assert "ARG PYTHON_VERSION=3.12" in LIGHT_DOCKERFILE.read_text()
+    assert any(kw == "RUN" and "[monitor]" in args for kw, args in stage)
+
+
+def test_build_context_holds_only_what_pip_install_needs():
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    # Deny everything first: .git, .venv, .env (secrets), tests/data and caches stay out.
+    assert patterns[0] == "*"
+    let_in = {p[1:] for p in patterns if p.startswith("!")}
+    assert let_in <= {"pyproject.toml", "README.md", "LICENSE", "producer", "worker"}
+    assert {"pyproject.toml", "producer", "worker"} <= let_in
+    assert "**/__pycache__" in patterns
