@@ -18,6 +18,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # A message taken by a worker that died comes back after this long; it must outlast
         # the longest task or a healthy worker's task would run twice (checked in Settings).
         "visibility_timeout": settings.visibility_timeout_s,
+        # Sweep for such messages every restore_interval_s (kombu's default is every 100 s).
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": settings.connect_timeout_s,
         "socket_timeout": max(30.0, settings.connect_timeout_s),
         "retry_on_timeout": True,

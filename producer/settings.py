@@ -73,6 +73,10 @@ class Settings:
         "Seconds before a message taken by a worker that died is delivered again. "
         "Must exceed VQ_TASK_TIME_LIMIT_S.",
     )
+    restore_interval_s: int = _setting(
+        "VQ_RESTORE_INTERVAL_S", 10,
+        "How often workers look for messages whose worker died (past the visibility timeout).",
+    )
     result_expires_s: int = _setting(
         "VQ_RESULT_EXPIRES_S", 86400, "How long results (and staged images) are kept in Redis."
     )
@@ -193,7 +197,7 @@ class Settings:
         for name in (
             "task_time_limit_s", "result_expires_s", "max_image_bytes", "max_image_pixels",
             "max_images", "max_prompt_chars", "max_deliveries", "connect_timeout_s",
-            "fetch_timeout_s", "heartbeat_interval_s",
+            "fetch_timeout_s", "heartbeat_interval_s", "restore_interval_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")

@@ -90,8 +90,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _health(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.health import check_live, check_ready, health_file_path
-    from worker.runner import default_worker_name
+    from worker.health import check_live, check_ready, default_worker_name, health_file_path
 
     name = settings.worker_name or default_worker_name(settings.device)
     path = health_file_path(settings, name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -28,6 +29,10 @@ from producer.settings import Settings
 
 # A file older than this many heartbeats means the process is dead or stuck.
 _STALE_AFTER_BEATS = 5
+
+
+def default_worker_name(device: str) -> str:
+    return f"gpu-{device.replace(':', '')}@{socket.gethostname()}"
 
 
 def health_file_path(settings: Settings, worker_name: str) -> Path:

@@ -17,7 +17,6 @@ Why the `threads` pool with concurrency 1:
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 
 import redis
@@ -26,15 +25,11 @@ from celery.signals import worker_ready, worker_shutting_down
 from producer.celery_config import make_celery_app
 from producer.settings import Settings
 from worker.engine import Engine, EngineConfig
-from worker.health import HealthReporter, health_file_path
+from worker.health import HealthReporter, default_worker_name, health_file_path
 from worker.metrics import WorkerMetrics
 from worker.tasks import WorkerRuntime, register_tasks
 
 log = logging.getLogger("vision_queue.worker")
-
-
-def default_worker_name(device: str) -> str:
-    return f"gpu-{device.replace(':', '')}@{socket.gethostname()}"
 
 
 def run_worker(settings: Settings) -> int:

@@ -1,0 +1,94 @@
+"""Every documented error code is reachable on a real worker, and the worker survives each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.http_server import Route, serve
+from support.images import png_header_only
+
+from producer import Client, TaskName
+from producer.celery_config import make_celery_app
+from producer.contract import DELIVERIES_KEY
+from producer.schemas import ImageRef, ImageSource
+from producer.settings import Settings
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def loopback_client(client_settings: Settings, shared_worker):
+    """A client allowed to name the tests' loopback server, as the worker is."""
+    settings = Settings.from_env(
+        {}, redis_url=client_settings.redis_url, allowed_private_hosts="127.0.0.1",
+        max_new_tokens_caps=client_settings.max_new_tokens_caps,
+    )
+    with Client(settings) as client:
+        yield client
+
+
+def failure_of(client: Client, task_id: str) -> dict:
+    result = client.result(task_id, wait=True, timeout=120)
+    assert result is not None and result["state"] == "FAILURE", result
+    assert set(result["error"]) >= {"code", "message"}
+    return result
+
+
+def test_worker_rechecks_requests_it_did_not_get_from_the_client(loopback_client: Client):
+    # A raw message (e.g. written by another program) asking compare for one image.
+    app = make_celery_app(loopback_client.settings)
+    message = {"v": 1, "task": "compare", "prompt": None, "options": {},
+               "images": [{"source": "staged", "ref": "0" * 64}], "submitted_at": 0}
+    sent = app.send_task(TaskName.COMPARE.celery_name, args=(message,), queue="gpu")
+    loopback_client._redis.set(f"vq:submitted:{sent.id}", "compare")
+    result = failure_of(loopback_client, sent.id)
+    assert result["error"] == {"code": "invalid_input", "field": "images",
+                               "message": "compare takes 2..8 image(s), got 1"}
+
+
+@pytest.mark.parametrize(
+    ("route", "code"),
+    [
+        (Route(404, b"gone"), "image_fetch_failed"),
+        (Route(200, b"<html><body>not an image</body></html>", "text/html"), "unsupported_image"),
+        (Route(200, png_header_only(20000, 20000), "image/png"), "image_too_large"),
+    ],
+)
+def test_url_images_fail_with_their_code(loopback_client: Client, route: Route, code: str):
+    with serve({"/image": route}) as server:
+        handle = loopback_client.submit("describe", [server.url("/image?token=secret")])
+        result = failure_of(loopback_client, handle.id)
+    assert result["error"]["code"] == code
+    assert "secret" not in result["error"]["message"]
+
+
+def test_a_staged_image_that_expired_is_a_fetch_failure(loopback_client: Client):
+    handle = loopback_client.submit(
+        "describe", [ImageRef(ImageSource.STAGED, "ab" * 32)]
+    )
+    assert failure_of(loopback_client, handle.id)["error"]["code"] == "image_fetch_failed"
+
+
+def test_out_of_memory_fails_the_task_and_the_worker_keeps_serving(
+    loopback_client: Client, images: Path
+):
+    oom = loopback_client.submit("ask", [], "__OOM__ describe nothing")
+    assert failure_of(loopback_client, oom.id)["error"]["code"] == "resource_exhausted"
+    after = loopback_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
+    result = loopback_client.result(after.id, wait=True, timeout=120)
+    assert result is not None and result["state"] == "SUCCESS"
+
+
+def test_a_task_whose_deliveries_are_spent_fails_as_model_error(loopback_client: Client):
+    # Given a message that (as its counter says) already killed a worker VQ_MAX_DELIVERIES times
+    app = make_celery_app(loopback_client.settings)
+    task_id = "11111111-1111-4111-8111-111111111111"
+    loopback_client._redis.set(DELIVERIES_KEY.format(task_id=task_id) + ":0", 3)
+    loopback_client._redis.set(f"vq:submitted:{task_id}", "ask")
+    message = {"v": 1, "task": "ask", "prompt": "hi", "images": [], "options": {}}
+    app.send_task(TaskName.ASK.celery_name, args=(message,), task_id=task_id, queue="gpu")
+    # Then the next delivery is refused instead of running again
+    error = failure_of(loopback_client, task_id)["error"]
+    assert error["code"] == "model_error"
+    assert "died" in error["message"]

@@ -1,0 +1,116 @@
+"""`producer` on the command line: every task, polling, cancel, and the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from support.redis_server import free_port
+from support.workers import base_env, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def env(module_redis, shared_worker) -> dict[str, str]:
+    return base_env(module_redis.url)
+
+
+def producer(env: dict[str, str], *args: str, timeout_s: float = 120):
+    return run_cli("producer", list(args), env, timeout_s)
+
+
+@pytest.mark.parametrize(
+    ("task", "files", "extra"),
+    [
+        ("describe", ["shapes_640x480.png"], []),
+        ("ocr", ["doc_900x600.png"], []),
+        ("compare", ["shapes_640x480.png", "poster_500x700.jpg"], []),
+        ("ask", ["small_400x300.jpg"], ["--prompt", "What colour dominates?"]),
+    ],
+)
+def test_submit_wait_json_prints_the_result_with_its_state(env, images: Path, task, files, extra):
+    image_args = [arg for name in files for arg in ("--image", str(images / name))]
+    done = producer(env, "submit", "--task", task, *image_args, *extra,
+                    "--max-new-tokens", "6", "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["state"] == "SUCCESS"
+    assert result["task"] == task
+    assert result["usage"]["completion_tokens"] <= 6
+    assert set(result["timings"]) == {"queued", "fetch", "preprocess", "generate", "total"}
+
+
+def test_submit_without_wait_prints_the_id_then_status_and_result_follow_it(env, images: Path):
+    submitted = producer(env, "submit", "--task", "describe", "--image",
+                         str(images / "small_400x300.jpg"), "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    task_id = json.loads(submitted.stdout)["id"]
+
+    plain = producer(env, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"))
+    assert plain.stdout.strip().count("-") == 4  # a bare UUID
+
+    result = producer(env, "result", task_id, "--wait", "--timeout", "120", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == task_id
+    status = producer(env, "status", task_id, "--json")
+    assert json.loads(status.stdout)["state"] == "SUCCESS"
+    text = producer(env, "result", task_id)
+    assert text.returncode == 0
+
+
+def test_invalid_input_exits_2_and_queues_nothing(env, images: Path, module_redis):
+    before = module_redis.client().llen("gpu")
+    one_image = producer(env, "submit", "--task", "compare", "--image", str(images / "small_400x300.jpg"))
+    assert one_image.returncode == 2
+    assert "invalid_input (images)" in one_image.stderr
+    unreadable = producer(env, "submit", "--task", "describe", "--image", "/nonexistent/x.png")
+    assert unreadable.returncode == 2
+    not_an_image = producer(env, "submit", "--task", "describe", "--image", __file__)
+    assert not_an_image.returncode == 2
+    assert "unsupported_image" in not_an_image.stderr
+    unknown_task = producer(env, "submit", "--task", "paint", "--image", "x.png")
+    assert unknown_task.returncode == 2
+    internal_url = producer(env, "submit", "--task", "describe", "--image",
+                            "http://169.254.169.254/latest/meta-data")
+    assert internal_url.returncode == 2
+    assert "image_fetch_failed" in internal_url.stderr
+    assert module_redis.client().llen("gpu") == before
+
+
+def test_a_failed_task_exits_1_with_its_code(env, images: Path):
+    # The worker's cap for `ask` is 64, the prompt asks it to run out of memory (fault injection).
+    done = producer(env, "submit", "--task", "ask", "--prompt", "__OOM__ please", "--wait", "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["error"]["code"] == "resource_exhausted"
+
+
+def test_an_unreachable_broker_exits_3_quickly(images: Path):
+    dead = base_env(f"redis://:pw@127.0.0.1:{free_port()}/0", VQ_CONNECT_TIMEOUT_S="2")
+    began = time.monotonic()
+    done = producer(dead, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"))
+    assert done.returncode == 3
+    assert "unreachable" in done.stderr
+    assert "pw" not in done.stderr  # the password is masked
+    assert time.monotonic() - began < 20
+
+
+def test_waiting_past_the_timeout_exits_4(env):
+    done = producer(env, "submit", "--task", "ask", "--prompt", "Count to a thousand.",
+                    "--max-new-tokens", "64", "--wait", "--timeout", "0.01")
+    assert done.returncode == 4
+    assert "did not finish" in done.stderr
+
+
+def test_cancel_of_an_unknown_id_exits_2(env):
+    done = producer(env, "cancel", "00000000-0000-4000-8000-000000000000")
+    assert done.returncode == 2
+
+
+def test_help_documents_the_exit_codes(env):
+    done = producer(env, "submit", "--help")
+    assert done.returncode == 0
+    for line in ("0  success", "1  the task failed", "2  usage", "3  broker", "4  timed out"):
+        assert line in done.stdout
