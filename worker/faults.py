@@ -6,6 +6,8 @@ Kinds the engine acts on:
 
 * `oom`: generate() makes a genuinely impossible allocation (2**60 bytes) on its own
   device inside the normal request path, so the real out-of-memory handling runs.
+* `crash`: the worker process SIGKILLs itself mid-request, as a segfault in a kernel or
+  the kernel's OOM killer would, so redelivery and the delivery bound can be tested.
 
 Without the variable nothing here does anything. Never set it in production.
 """
@@ -13,6 +15,7 @@ Without the variable nothing here does anything. Never set it in production.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 
 ENV_VAR = "VQ_FAULT_INJECTION"
@@ -44,7 +47,10 @@ def fault_for(prompt: str, environ: Mapping[str, str] | None = None) -> str | No
 
 def inject(prompt: str, device: str) -> None:
     """Called by the engine in its request path; raises what the armed fault calls for."""
-    if fault_for(prompt) == "oom":
+    kind = fault_for(prompt)
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "oom":
         import torch  # only when the fault is armed: this module stays light
 
         torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def test_the_same_image_is_staged_once_and_the_message_stays_small(
     data = (images / "street_1280x720.jpg").read_bytes()
     first = client.submit("describe", [data])
     second = client.submit("describe", [data])
-    staged = list(module_redis.client().scan_iter("vq:img:*"))
-    assert len(staged) == 1
+    digest = hashlib.sha256(data).hexdigest()
+    assert list(module_redis.client().scan_iter(f"vq:img:{digest[:16]}*")) == [f"vq:img:{digest}".encode()]
     for handle in (first, second):
         result = client.result(handle.id, wait=True, timeout=120)
         assert result is not None and result["state"] == "SUCCESS"

@@ -98,8 +98,9 @@ def test_an_unreachable_broker_exits_3_quickly(images: Path):
 
 
 def test_waiting_past_the_timeout_exits_4(env):
-    done = producer(env, "submit", "--task", "ask", "--prompt", "Count to a thousand.",
-                    "--max-new-tokens", "64", "--wait", "--timeout", "0.01")
+    # A queue no worker consumes: the task stays queued however fast the workers are.
+    done = producer({**env, "VQ_QUEUE": "nobody-listens"}, "submit", "--task", "ask",
+                    "--prompt", "Count to ten.", "--wait", "--timeout", "1")
     assert done.returncode == 4
     assert "did not finish" in done.stderr
 
