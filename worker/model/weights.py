@@ -52,14 +52,16 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=list(HUB_PATTERNS)))
     except Exception as exc:  # offline, not cached, unknown repo, network or auth failure
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            tried = f"looked only in the Hugging Face cache {cache} (HF_HUB_OFFLINE=1)"
+        else:
+            tried = f"looked in the Hugging Face cache {cache}, then tried the Hub"
+        reason = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
         raise ModelError(
-            f"cannot get {repo_id}: not found in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE}{offline}, and downloading failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            f"Fetch it on a machine with network access with `{download_command(repo_id)}` "
-            "(or `huggingface-cli download` with the same arguments) into the same HF_HOME, "
-            "or pass a local folder as the model"
+            f"cannot get {repo_id}: {tried}; {type(exc).__name__}: {reason}. "
+            f"Get the files with `{download_command(repo_id)}` (or `huggingface-cli download` "
+            "with the same arguments) under the same HF_HOME, or pass a local folder as the model"
         ) from exc
 
 

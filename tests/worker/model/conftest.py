@@ -1,0 +1,21 @@
+"""Fixtures of the model tests: the reference cases and an engine on the tiny checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from phi3v_reference import TINY_MODEL_DIR, load_cases
+
+from worker.engine import Engine, EngineConfig
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, Any]:
+    return load_cases()
+
+
+@pytest.fixture(scope="session")
+def cpu_engine() -> Engine:
+    """The engine as the reference ran: float32 on CPU, uncompiled."""
+    return Engine.load(EngineConfig(model=str(TINY_MODEL_DIR), device="cpu", dtype="float32"))

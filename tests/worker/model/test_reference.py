@@ -1,0 +1,181 @@
+"""Every reference case through the engine, float32 on CPU, against Microsoft's own outputs.
+
+The reference (tests/data/phi3v-reference) was produced by the checkpoint's Hub code
+under transformers 4.48.3. Required to match exactly: prompt token ids and image
+positions, generated token ids, decoded text, stop reason. Within 1e-4 relative: pixel
+statistics, embedding statistics, first-step logits (all 32,064, so the top 10 too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from phi3v_reference import IMAGES_DIR, REFERENCE_DIR, load_cases
+from PIL import Image
+from safetensors.torch import load_file
+
+from worker.engine import Engine, GenerationRequest
+from worker.model.kvcache import DynamicKVCache
+from worker.model.processor import EncodedPrompt, chat_text
+
+try:  # the worker's own decoder; plain PIL gives the same RGB for every reference image
+    from producer.images import decode_image
+except ImportError:  # pragma: no cover - only while producer/images.py does not exist
+
+    def decode_image(data: bytes) -> Image.Image:  # type: ignore[misc]
+        import io
+
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+REFERENCE = load_cases()
+CASES = REFERENCE["cases"]
+CASE_IDS = [case["id"] for case in CASES]
+REL = 1e-4
+
+
+def close(actual: float, expected: float, scale: float | None = None) -> bool:
+    """Within REL relative to `scale` (default: the expected value itself)."""
+    return abs(actual - expected) <= REL * abs(expected if scale is None else scale)
+
+
+def images_of(case: dict[str, Any]) -> list[Image.Image]:
+    return [decode_image((IMAGES_DIR / name).read_bytes()) for name in case["images"]]
+
+
+def encode(engine: Engine, case: dict[str, Any]) -> EncodedPrompt:
+    text = chat_text(case["prompt"], len(case["images"]))
+    assert text == case["text"]
+    return engine.processor.encode(text, images_of(case), case["num_crops"])
+
+
+def embeddings(engine: Engine, encoded: EncodedPrompt) -> torch.Tensor:
+    with torch.inference_mode():
+        return engine.model.model.vision_embed_tokens(  # type: ignore[no-any-return]
+            torch.tensor([encoded.input_ids]),
+            engine.processor.crops(encoded),
+            [(hd.rows, hd.cols) for hd in encoded.images],
+            [(span.start, span.length) for span in encoded.spans],
+        )
+
+
+def assert_stats(tensor: torch.Tensor, expected: dict[str, Any]) -> None:
+    values = tensor.double()
+    assert list(values.shape) == expected["shape"]
+    scale = expected["abs_sum"]
+    assert close(values.sum().item(), expected["sum"], scale)
+    assert close(values.abs().sum().item(), expected["abs_sum"])
+    assert close(values.norm().item(), expected["l2"])
+    row_scale = max(abs(v) for v in expected["row0_first8"] + expected["last_row_first8"])
+    for actual, wanted in zip(values[0, :8].tolist(), expected["row0_first8"], strict=True):
+        assert close(actual, wanted, row_scale)
+    for actual, wanted in zip(values[-1, :8].tolist(), expected["last_row_first8"], strict=True):
+        assert close(actual, wanted, row_scale)
+
+
+def test_reference_images_decode_to_the_reference_rgb() -> None:
+    for name, info in REFERENCE["images"].items():
+        rgb = np.asarray(decode_image((IMAGES_DIR / name).read_bytes()), dtype=np.uint8)
+        assert hashlib.sha256(rgb.tobytes()).hexdigest() == info["rgb_sha256"], name
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_prompt_tokens_and_image_positions_match_exactly(cpu_engine: Engine, case: dict) -> None:
+    encoded = encode(cpu_engine, case)
+
+    assert encoded.prompt_tokens == case["prompt_tokens"]
+    assert encoded.input_ids == case["input_ids"]  # BOS placement and image positions
+    assert [span.length for span in encoded.spans] == case["image_token_counts"]
+    sizes = [[hd.rows * hd.crop_size, hd.cols * hd.crop_size] for hd in encoded.images]
+    assert sizes == (case["image_sizes"] or [])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["images"]], ids=lambda c: c["id"])
+def test_pixel_values_match_the_reference_statistics(cpu_engine: Engine, case: dict) -> None:
+    encoded = encode(cpu_engine, case)
+    crops = cpu_engine.processor.crops(encoded)
+    padded_crops = case["num_crops"] + 1  # the original zero-pads every image to this
+
+    for image_crops, expected in zip(crops, case["pixel_values"]["per_image"], strict=True):
+        values = image_crops.double()
+        assert values.shape[0] == expected["used_crops"]
+        scale = expected["abs_sum"]
+        assert close(values.sum().item(), expected["sum"], scale)
+        assert close(values.abs().sum().item(), expected["abs_sum"])
+        mean = values.sum().item() / (padded_crops * values[0].numel())
+        assert close(mean, expected["mean"], scale / (padded_crops * values[0].numel()))
+        crop_sums = values.sum(dim=(1, 2, 3)).tolist() + [0.0] * (padded_crops - values.shape[0])
+        for actual, wanted in zip(crop_sums, expected["crop_sums"], strict=True):
+            assert close(actual, wanted, scale)
+        assert np.allclose(values[0].flatten()[:16], expected["crop0_first16"], atol=REL, rtol=0)
+        assert np.allclose(values[1].flatten()[:16], expected["crop1_first16"], atol=REL, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_embeddings_match_the_reference_statistics(cpu_engine: Engine, case: dict) -> None:
+    encoded = encode(cpu_engine, case)
+
+    assert_stats(embeddings(cpu_engine, encoded)[0], case["inputs_embeds"])
+
+    if case["images"]:
+        embedding = cpu_engine.model.model.vision_embed_tokens
+        grids = [(hd.rows, hd.cols) for hd in encoded.images]
+        with torch.inference_mode():
+            features = embedding.image_features(cpu_engine.processor.crops(encoded), grids)
+        for actual, expected in zip(features, case["vision_intermediates"], strict=True):
+            assert_stats(actual, expected["image_embeds"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_first_step_logits_match_within_1e4(cpu_engine: Engine, case: dict) -> None:
+    encoded = encode(cpu_engine, case)
+    embeds = embeddings(cpu_engine, encoded)
+    positions = torch.arange(encoded.prompt_tokens).unsqueeze(0)
+    cache = DynamicKVCache(cpu_engine.model.config.num_hidden_layers)
+    with torch.inference_mode():
+        logits = cpu_engine.model(embeds, positions, cache, causal=True)[0].double()
+    expected = load_file(REFERENCE_DIR / "logits_step0.safetensors")[case["id"]].double()
+    first = case["first_step_logits"]
+
+    scale = expected.abs().max().item()
+    assert (logits - expected).abs().max().item() <= REL * scale
+    top_ids = first["top10_ids"]
+    for actual, wanted in zip(logits[top_ids].tolist(), first["top10_values"], strict=True):
+        assert close(actual, wanted, scale)
+    assert int(logits.argmax()) == first["argmax"]
+    assert close(logits.sum().item(), first["sum"], logits.abs().sum().item())
+    assert close(logits.norm().item(), first["l2_norm"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_generation_matches_exactly(cpu_engine: Engine, case: dict) -> None:
+    request = GenerationRequest(
+        prompt=case["prompt"],
+        images=images_of(case),
+        max_new_tokens=case["max_new_tokens"],
+        num_crops=case["num_crops"],
+    )
+
+    result = cpu_engine.generate(request)
+
+    assert result.token_ids == case["generated_ids"]
+    assert result.text == case["generated_text"]
+    assert result.stop_reason == case["stop_reason"]
+    assert result.prompt_tokens == case["prompt_tokens"]
+    assert result.completion_tokens == len(case["generated_ids"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_longrope_regime_follows_the_per_call_rule(case: dict) -> None:
+    """Long factors iff max(position)+1 > original_max_position_embeddings, call by call."""
+    original = REFERENCE["rope"]["original_max_position_embeddings"]
+    length = case["prompt_tokens"]
+
+    assert case["rope_prefill"] == ("long" if length > original else "short")
+    for index, step in enumerate(case["steps"][1:], start=1):
+        # Decode step `index` feeds the token at position length + index - 1.
+        assert step["rope"] == ("long" if length + index > original else "short")
