@@ -119,8 +119,8 @@ def test_on_token_sees_every_count_and_may_stop_generation(cpu_engine: Engine) -
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ResourceExhausted),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 TB"), ResourceExhausted),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), ResourceExhausted),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: 1 TB"), ResourceExhausted),
         (RuntimeError("DefaultCPUAllocator: not enough memory"), ResourceExhausted),
         (RuntimeError("shape mismatch"), ModelError),
         (ValueError("bad"), ModelError),
