@@ -1,0 +1,122 @@
+"""`worker infer`: one request without the queue, on the tiny reference checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.contract import TASK_SPECS, TaskName
+from producer.settings import Settings
+from worker.infer_cli import infer_main
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "phi3v-reference"
+MODEL = str(REFERENCE_DIR / "model")
+IMAGE = str(REFERENCE_DIR / "images" / "shapes_640x480.png")
+OTHER = str(REFERENCE_DIR / "images" / "small_400x300.jpg")
+BASE = ["--model", MODEL, "--device", "cpu", "--max-new-tokens", "4"]
+
+
+def infer(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = infer_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_output_has_text_usage_timings_model_and_device(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = infer(capsys, *BASE, "--task", "describe", "--image", IMAGE, "--json")
+
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) == {"text", "usage", "timings", "model", "device"}
+    assert result["usage"] == {"prompt_tokens": 1939, "completion_tokens": 4}
+    assert set(result["timings"]) == {"preprocess", "generate", "total"}
+    assert result["timings"]["total"] >= result["timings"]["generate"] > 0
+    assert (result["model"], result["device"]) == (MODEL, "cpu")
+    assert isinstance(result["text"], str)
+
+
+def test_describe_uses_the_contract_prompt_and_ask_a_free_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import engine as engine_module
+
+    prompts: list[str] = []
+    generate = engine_module.Engine.generate
+
+    def spy(self: Any, request: Any) -> Any:
+        prompts.append(request.prompt)
+        return generate(self, request)
+
+    monkeypatch.setattr(engine_module.Engine, "generate", spy)
+    assert infer(capsys, *BASE, "--task", "describe", "--image", IMAGE)[0] == 0
+    assert infer(capsys, *BASE, "--task", "ask", "--prompt", "What is 2+2?")[0] == 0
+
+    assert prompts == [TASK_SPECS[TaskName.DESCRIBE].fixed_prompt, "What is 2+2?"]
+
+
+def test_plain_output_is_the_text(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = infer(capsys, *BASE, "--task", "compare", "--image", IMAGE, "--image", OTHER,
+                         "--num-crops", "4")
+
+    assert code == 0 and out.endswith("\n") and not out.startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--task", "compare", "--image", IMAGE], "compare takes 2..8 image(s), got 1"),
+        (["--task", "summarise", "--image", IMAGE], "unknown task 'summarise'"),
+        (["--task", "describe", "--image", "/no/such/image.png"], "cannot read image"),
+        (["--task", "describe", "--image", str(REFERENCE_DIR / "cases.json")], "not a PNG, JPEG"),
+        (["--task", "describe", "--image", IMAGE, "--prompt", "hi"], "fixed prompt"),
+        (["--task", "ask"], "ask needs a prompt"),
+        (["--task", "ask", "--prompt", "x", "--num-crops", "17"], "num_crops"),
+        (["--task", "ask", "--prompt", "x", "--device", "gpu7"], "argument --device"),
+        (["--image", IMAGE], "required: --task"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_one_line_reason(
+    capsys: pytest.CaptureFixture[str], argv: list[str], reason: str
+) -> None:
+    code, out, err = infer(capsys, "--model", "/not/loaded/anyway", *argv)
+
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and reason in err
+
+
+def test_a_model_that_cannot_load_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = infer(capsys, "--model", "/no/checkpoint", "--task", "ask", "--prompt", "x")
+
+    assert code == 1 and "neither a checkpoint folder" in err
+
+
+def test_urls_are_fetched_by_the_guarded_fetcher(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched: list[str] = []
+
+    def fake_fetch(url: str, settings: Settings) -> bytes:
+        fetched.append(url)
+        return Path(IMAGE).read_bytes()
+
+    monkeypatch.setattr("worker.fetch.fetch_image_bytes", fake_fetch)
+    code, _, _ = infer(capsys, *BASE, "--task", "ocr", "--image", "https://example.com/a.png")
+
+    assert code == 0 and fetched == ["https://example.com/a.png"]
+
+
+def test_the_module_runs_as_a_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.infer_cli", "--help"], capture_output=True, text=True,
+        check=False,
+    )
+
+    assert result.returncode == 0 and "--task" in result.stdout
