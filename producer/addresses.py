@@ -167,10 +167,13 @@ def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
     ip = parse_ip_literal(raw_host)
     if ip is not None:
         host = str(ip)
-    elif ":" in raw_host or "%" in raw_host:
+    elif ":" in raw_host:
         raise _refused("image URL host is not a valid IPv6 address")
     else:
         host = _normalise_name(raw_host)
+        # IDNA maps full-width digits to ASCII: "１２７.０.０.１" is 127.0.0.1 after all.
+        ip = parse_ip_literal(host)
+        host = str(ip) if ip is not None else host
     allowlisted = raw_host.lower() in allowlist or host in allowlist
     if not allowlisted:
         if ip is not None and not is_public_address(ip):
@@ -211,6 +214,7 @@ def _parse_ipv4(text: str) -> ipaddress.IPv4Address | None:
 
 
 def _normalise_name(raw_host: str) -> str:
+    """Lower-case ASCII (IDNA) form without a trailing dot; refuses what is not a DNS name."""
     host = raw_host.lower()
     if not host.isascii():
         try:
@@ -219,9 +223,10 @@ def _normalise_name(raw_host: str) -> str:
             raise _refused("image URL host is not a valid domain name") from None
     name = host[:-1] if host.endswith(".") else host
     labels = name.split(".")
+    # "%31%32%37.0.0.1", "a b", "x\\y": browsers would decode or rewrite these; we refuse.
     if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise _refused("image URL host is not a valid domain name")
-    if _V4_PART.fullmatch(labels[-1]):
+    if _V4_PART.fullmatch(labels[-1]) and parse_ip_literal(name) is None:
         # Parser differential: a host ending in a number is an IPv4 address to browsers
         # and to inet_aton; one that does not parse as such ("1.2.3.08") is not a name.
         raise _refused("image URL host is not a valid IPv4 address")

@@ -253,6 +253,8 @@ def test_only_http_and_https_are_accepted(url: str) -> None:
         "[fd00:ec2::254]",
         "[fe80::1]",
         "[64:ff9b::a00:1]",
+        "１２７.０.０.１",  # full-width digits: IDNA maps them to 127.0.0.1
+        "１０.０.０.１",
     ],
 )
 def test_urls_with_non_public_ip_literals_are_refused(host: str) -> None:
@@ -309,6 +311,8 @@ def test_credentials_in_urls_are_refused(url: str) -> None:
         "http://1.2.3.08/",
         "http://example.com\\@127.0.0.1/",
         "http://[fe80::1%25eth0]/",
+        "http://%31%32%37.0.0.1/",  # browsers percent-decode hosts; we refuse them
+        "http://127.0.0.1%2f@example.com/",
         "",
     ],
 )

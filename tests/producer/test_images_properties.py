@@ -12,6 +12,7 @@ import base64
 import io
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,6 +26,12 @@ from producer.images import (
     inspect_image,
     sniff_format,
 )
+
+# Pillow warns about the corruption it meets (bad tags, invalid APNG) before we refuse it.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 
 # Small limits keep a mutated header from asking for a long (if harmless) decode.
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)
