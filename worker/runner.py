@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready
 
 from producer.celery_config import make_celery_app
 from producer.settings import Settings
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter, default_worker_name, health_file_path
 from worker.metrics import WorkerMetrics
+from worker.shutdown import install_shutdown_handlers
 from worker.tasks import WorkerRuntime, register_tasks
 
 log = logging.getLogger("vision_queue.worker")
@@ -77,7 +79,7 @@ def run_worker(settings: Settings) -> int:
         optimization="fair",
         redirect_stdouts=False,
     )
-    _report_lifecycle(health)
+    _report_lifecycle(worker, health)
     try:
         worker.start()
     finally:
@@ -85,18 +87,14 @@ def run_worker(settings: Settings) -> int:
     return int(worker.exitcode or 0)
 
 
-def _report_lifecycle(health: HealthReporter) -> None:
-    """Report consuming once the consumer is up, and not-ready as soon as a warm shutdown
-    begins (SIGTERM), while the running task is still finishing."""
+def _report_lifecycle(worker: Any, health: HealthReporter) -> None:
+    """Report consuming once the consumer is up; from then on our signal handlers apply."""
 
     def on_ready(**_: object) -> None:
+        install_shutdown_handlers(worker, health)
         health.consumer_ready()
 
-    def on_shutdown(**_: object) -> None:
-        health.shutting_down()
-
     worker_ready.connect(on_ready, weak=False)
-    worker_shutting_down.connect(on_shutdown, weak=False)
 
 
 def configure_logging(level: str) -> None:

@@ -25,13 +25,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # A short visibility timeout so a message whose worker died comes back within seconds.
 FAST_REDELIVERY = {
-    "VQ_VISIBILITY_TIMEOUT_S": "8",
-    "VQ_TASK_TIME_LIMIT_S": "6",
+    "VQ_VISIBILITY_TIMEOUT_S": "10",
+    "VQ_TASK_TIME_LIMIT_S": "8",
     "VQ_RESTORE_INTERVAL_S": "1",
     "VQ_MAX_NEW_TOKENS_CAPS": "ask=4000,describe=16,ocr=16,compare=16",
 }
 # Long enough on the tiny model to be caught running, short enough to finish in time.
-RUNNING_TOKENS = 400
+RUNNING_TOKENS = 2500
 
 
 def successes(workers: Iterable[WorkerProcess]) -> Counter[str]:
@@ -140,12 +140,14 @@ def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
         submitted = time.monotonic() - began
         results = [fast_client.result(h.id, wait=True, timeout=600) for h in handles]
         elapsed = time.monotonic() - began
-        counts = successes([a, b])
-    assert len({r["id"] for r in results if r and r["state"] == "SUCCESS"}) == 1000
+        per_worker = [successes([w]).total() for w in (a, b)]
+    failed = [r for r in results if r is None or r["state"] != "SUCCESS"]
+    assert not failed, failed[:3]
+    assert len({r["id"] for r in results if r}) == 1000
+    counts = successes([a, b])
     assert all(counts[h.id] == 1 for h in handles)
-    print(f"\nreliability: burst 1000 on 2 workers: submit {submitted:.1f}s, all done {elapsed:.1f}s, "
-          f"per worker {counts and sum(1 for _ in a.log().splitlines() if 'outcome=success' in _)}"
-          f"/{sum(1 for _ in b.log().splitlines() if 'outcome=success' in _)}")
+    print(f"\nreliability: burst 1000 on 2 workers: submitted in {submitted:.1f}s, "
+          f"all done in {elapsed:.1f}s, per worker {per_worker}")
 
 
 def test_a_task_that_kills_its_worker_every_time_fails_after_bounded_deliveries(
