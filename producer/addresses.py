@@ -149,13 +149,14 @@ def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise _refused(f"image URL is malformed ({exc})") from None
+    except ValueError:
+        # Not echoing urlsplit's message: it can quote the netloc, credentials included.
+        raise _refused("image URL is malformed") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         # file://, ftp://, gopher://, data:, dict://... would reach local files or speak
         # other protocols to internal services.
-        raise _refused(f"only http and https image URLs are accepted, not {scheme or 'none'}:")
+        raise _refused(f"only http and https image URLs are accepted, not {scheme[:16] or 'none'}:")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise _refused("image URLs must not contain a user name or password")
     raw_host = parts.hostname

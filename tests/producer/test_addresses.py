@@ -320,6 +320,13 @@ def test_malformed_urls_are_refused(url: str) -> None:
     refused(url)
 
 
+def test_refusals_never_echo_credentials() -> None:
+    # urlsplit's own error for this netloc quotes it, password included
+    error = refused("http://user:p\uff03ss@example.com/")
+    assert "p\uff03ss" not in error.message
+    assert "user" not in error.message
+
+
 def test_an_accepted_url_is_split_for_the_fetcher() -> None:
     parsed = check_url("HTTPS://Images.Example.COM/cats/1.png?token=abc#frag", NO_ALLOWLIST)
     assert parsed == ParsedUrl(
