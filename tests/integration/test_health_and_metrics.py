@@ -1,0 +1,76 @@
+"""Health commands and Prometheus metrics of a real worker, during a long generation too."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from support.redis_server import free_port
+from support.workers import WorkerProcess, run_cli
+
+from producer import Client
+from producer.settings import Settings
+
+pytestmark = pytest.mark.timeout(300)
+LONG = 20_000
+
+
+@pytest.fixture(scope="module")
+def metered_worker(module_redis, tmp_path_factory) -> Iterator[WorkerProcess]:
+    with WorkerProcess(
+        module_redis.url, tmp_path_factory.mktemp("metered"), VQ_METRICS_PORT=str(free_port()),
+        VQ_MAX_NEW_TOKENS_CAPS=f"ask={LONG},describe=8",
+    ) as worker:
+        yield worker
+
+
+@pytest.fixture
+def long_client(module_redis, metered_worker) -> Iterator[Client]:
+    settings = Settings.from_env({}, redis_url=module_redis.url, max_new_tokens_caps=f"ask={LONG}")
+    with Client(settings) as client:
+        yield client
+
+
+def health(worker: WorkerProcess, mode: str):
+    return run_cli("worker", ["health", mode], worker.env, timeout_s=60)
+
+
+def test_live_and_ready_hold_while_a_long_generation_runs(long_client: Client, metered_worker):
+    handle = long_client.submit("ask", [], "A very long story.", max_new_tokens=LONG)
+    deadline = time.monotonic() + 30
+    while long_client.status(handle.id).state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert long_client.status(handle.id).state == "PROGRESS"
+    live, ready = health(metered_worker, "--live"), health(metered_worker, "--ready")
+    assert long_client.status(handle.id).state == "PROGRESS"  # still generating
+    assert live.returncode == 0, live.stderr
+    assert ready.returncode == 0, ready.stderr
+    long_client.cancel(handle.id)
+    long_client.result(handle.id, wait=True, timeout=60)
+
+
+def test_health_fails_for_a_worker_that_is_not_running(metered_worker, tmp_path):
+    env = {**metered_worker.env, "VQ_HEALTH_FILE": str(tmp_path / "nobody.json")}
+    done = run_cli("worker", ["health", "--live"], env)
+    assert done.returncode == 1
+    assert "no heartbeat" in done.stderr
+
+
+def test_metrics_count_tasks_tokens_and_load_time(long_client: Client, metered_worker, images):
+    handle = long_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
+    assert long_client.result(handle.id, wait=True, timeout=60)["state"] == "SUCCESS"
+    port = metered_worker.env["VQ_METRICS_PORT"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for metric in (
+        'vq_tasks_total{outcome="success",task="describe"}',
+        'vq_queue_wait_seconds_count{task="describe"}',
+        'vq_generation_seconds_count{task="describe"}',
+        'vq_generated_tokens_total{task="describe"}',
+        'vq_prompt_tokens_total{task="describe"}',
+        "vq_device_memory_peak_bytes{",
+        "vq_model_load_seconds{",
+        "vq_model_loaded{",
+    ):
+        assert metric in body, metric
