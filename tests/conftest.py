@@ -13,6 +13,14 @@ from producer.client import Client
 from producer.settings import Settings
 
 
+# The module worker may fetch from the tests' loopback server, and runs out of memory on
+# purpose when a prompt carries the marker (VQ_FAULT_INJECTION, test-only).
+SHARED_WORKER_ENV = {
+    "VQ_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",
+    "VQ_FAULT_INJECTION": "oom_marker=__OOM__",
+}
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
@@ -39,7 +47,9 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def shared_worker(
     module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
-    with WorkerProcess(module_redis.url, tmp_path_factory.mktemp("worker")) as worker:
+    with WorkerProcess(
+        module_redis.url, tmp_path_factory.mktemp("worker"), **SHARED_WORKER_ENV
+    ) as worker:
         yield worker
 
 
