@@ -23,20 +23,18 @@ from producer.schemas import ImageRef, ImageSource
 from producer.settings import Settings, SettingsError
 
 __all__ = [
-    # Client
+    "BrokerUnavailable",
     "Client",
+    "ClientError",
+    "ErrorCode",
     "ImageRef",
     "ImageSource",
     "Settings",
+    "SettingsError",
+    "TaskFailed",
     "TaskHandle",
     "TaskName",
     "TaskStatus",
-    # Errors
-    "BrokerUnavailable",
-    "ClientError",
-    "ErrorCode",
-    "SettingsError",
-    "TaskFailed",
     "UnknownTaskId",
     "VisionQueueError",
     "WaitTimeout",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from producer.client import Client, TaskStatus
 from producer.contract import TaskName
@@ -46,8 +46,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
-        prog="producer", description="Queue Phi-3-vision jobs and read their results.",
-        epilog=_EPILOG, formatter_class=formatter,
+        prog="producer",
+        description="Queue Phi-3-vision jobs and read their results.",
+        epilog=_EPILOG,
+        formatter_class=formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -56,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--task", required=True, choices=[t.value for t in TaskName])
     submit.add_argument(
-        "--image", action="append", default=[], metavar="PATH_OR_URL",
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH_OR_URL",
         help="image file or http(s) URL; repeat for several images",
     )
     submit.add_argument("--prompt", help="your question (the ask task only)")
@@ -64,25 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--num-crops", type=int, help="HD crops per image (1..16)")
     _add_wait_options(submit)
 
-    status = commands.add_parser("status", help="show a task's state", epilog=_EPILOG,
-                                 formatter_class=formatter)
+    status = commands.add_parser(
+        "status", help="show a task's state", epilog=_EPILOG, formatter_class=formatter
+    )
     status.add_argument("id")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    result = commands.add_parser("result", help="print a task's result", epilog=_EPILOG,
-                                 formatter_class=formatter)
+    result = commands.add_parser(
+        "result", help="print a task's result", epilog=_EPILOG, formatter_class=formatter
+    )
     result.add_argument("id")
     _add_wait_options(result)
 
-    cancel = commands.add_parser("cancel", help="cancel a queued or running task",
-                                 epilog=_EPILOG, formatter_class=formatter)
+    cancel = commands.add_parser(
+        "cancel", help="cancel a queued or running task", epilog=_EPILOG, formatter_class=formatter
+    )
     cancel.add_argument("id")
     return parser
 
 
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait until the task finishes")
-    parser.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds")
+    parser.add_argument(
+        "--timeout", type=float, metavar="S", help="give up waiting after S seconds"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -106,8 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     handle = client.submit(
-        args.task, args.image, args.prompt,
-        max_new_tokens=args.max_new_tokens, num_crops=args.num_crops,
+        args.task,
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        num_crops=args.num_crops,
     )
     if not args.wait:
         print(json.dumps({"id": handle.id}) if args.json else handle.id)
@@ -118,8 +131,16 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 def _status(client: Client, args: argparse.Namespace) -> int:
     status = client.status(args.id)
     if args.json:
-        print(json.dumps({"id": status.id, "state": status.state, "tokens": status.tokens,
-                          "worker": status.worker}))
+        print(
+            json.dumps(
+                {
+                    "id": status.id,
+                    "state": status.state,
+                    "tokens": status.tokens,
+                    "worker": status.worker,
+                }
+            )
+        )
     else:
         print(_describe(status))
     return EXIT_OK
@@ -141,14 +162,18 @@ def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int
     progress.finish()
     if result is None:
         status = client.status(task_id)
-        print(json.dumps({"id": task_id, "state": status.state}) if args.json else _describe(status))
+        print(
+            json.dumps({"id": task_id, "state": status.state}) if args.json else _describe(status)
+        )
         return EXIT_OK
     failed = result["state"] != "SUCCESS"
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     elif failed:
         error = result.get("error", {})
-        print(f"task {task_id} failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        print(
+            f"task {task_id} failed: {error.get('code')}: {error.get('message')}", file=sys.stderr
+        )
     else:
         print(result.get("text", ""))
     return EXIT_TASK_FAILED if failed else EXIT_OK
@@ -191,8 +216,11 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-_COMMANDS: dict[str, Any] = {
-    "submit": _submit, "status": _status, "result": _result, "cancel": _cancel,
+_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "submit": _submit,
+    "status": _status,
+    "result": _result,
+    "cancel": _cancel,
 }
 
 if __name__ == "__main__":

@@ -80,14 +80,16 @@ class Client:
         max_new_tokens: int | None = None,
         num_crops: int | None = None,
     ) -> TaskHandle:
-        """Validate, stage image bytes, enqueue; raise InvalidInput (nothing queued) on bad input."""
+        """Validate, stage image bytes, enqueue. Bad input raises before anything is queued."""
         name = _task_name(task)
         image_list = list(images)
         options = TaskOptions(max_new_tokens=max_new_tokens, num_crops=num_crops)
         # Check the cheap rules before reading or uploading any image.
         placeholder = tuple(ImageRef(ImageSource.URL, "-") for _ in image_list)
         check_request(TaskRequest(name, placeholder, prompt, options), self.settings)
-        prepared = [self._prepare_image(image, f"images[{i}]") for i, image in enumerate(image_list)]
+        prepared = [
+            self._prepare_image(image, f"images[{i}]") for i, image in enumerate(image_list)
+        ]
 
         self._ensure_reachable()
         refs = tuple(self._stage(ref_or_bytes) for ref_or_bytes in prepared)
@@ -269,4 +271,3 @@ def _safe_repr(request: TaskRequest) -> str:
 
 def _unreachable_message(settings: Settings, exc: BaseException) -> str:
     return f"Redis at {mask_url(settings.effective_broker_url)} is unreachable: {exc}"
-

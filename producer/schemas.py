@@ -86,7 +86,9 @@ def parse_request(message: Any, settings: Settings) -> TaskRequest:
         task = TaskName(message.get("task"))
     except ValueError:
         known = ", ".join(t.value for t in TaskName)
-        raise InvalidInput(f"unknown task {message.get('task')!r} (known: {known})", field="task") from None
+        raise InvalidInput(
+            f"unknown task {message.get('task')!r} (known: {known})", field="task"
+        ) from None
 
     images = _parse_images(message.get("images", []))
     prompt = message.get("prompt")
@@ -127,7 +129,9 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
             )
         if re.search(r"<\|[a-z_]*\d*\|>", prompt):
             # The prompt is user text: chat-control and image tags are the template's alone.
-            raise InvalidInput("prompt must not contain special tokens like <|image_1|>", field="prompt")
+            raise InvalidInput(
+                "prompt must not contain special tokens like <|image_1|>", field="prompt"
+            )
         if "\x00" in prompt:
             raise InvalidInput("prompt must not contain NUL characters", field="prompt")
 

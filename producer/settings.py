@@ -41,14 +41,15 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
 
 
-_DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"
+_DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 (not a secret)
 
 
 @dataclass(frozen=True)
 class Settings:
     # Connections
     redis_url: str = _setting(
-        "REDIS_URL", "redis://localhost:6379/0",
+        "REDIS_URL",
+        "redis://localhost:6379/0",
         "Redis for both broker and result backend (redis://, rediss://, with password).",
         secret=True,
     )
@@ -56,25 +57,32 @@ class Settings:
         "VQ_BROKER_URL", "", "Broker URL when it differs from REDIS_URL.", secret=True
     )
     result_backend_url: str = _setting(
-        "VQ_RESULT_BACKEND_URL", "", "Result backend URL when it differs from REDIS_URL.",
+        "VQ_RESULT_BACKEND_URL",
+        "",
+        "Result backend URL when it differs from REDIS_URL.",
         secret=True,
     )
     queue: str = _setting("VQ_QUEUE", "gpu", "Queue the tasks are routed to and workers consume.")
     connect_timeout_s: float = _setting(
-        "VQ_CONNECT_TIMEOUT_S", 5.0,
+        "VQ_CONNECT_TIMEOUT_S",
+        5.0,
         "How long a producer keeps retrying an unreachable Redis before giving up.",
     )
     # Delivery and retries
     task_time_limit_s: int = _setting(
-        "VQ_TASK_TIME_LIMIT_S", 600, "Longest a task may run on a worker before it fails with timeout."
+        "VQ_TASK_TIME_LIMIT_S",
+        600,
+        "Longest a task may run on a worker before it fails with timeout.",
     )
     visibility_timeout_s: int = _setting(
-        "VQ_VISIBILITY_TIMEOUT_S", 3600,
+        "VQ_VISIBILITY_TIMEOUT_S",
+        3600,
         "Seconds before a message taken by a worker that died is delivered again. "
         "Must exceed VQ_TASK_TIME_LIMIT_S.",
     )
     restore_interval_s: int = _setting(
-        "VQ_RESTORE_INTERVAL_S", 10,
+        "VQ_RESTORE_INTERVAL_S",
+        10,
         "How often workers look for messages whose worker died (past the visibility timeout).",
     )
     result_expires_s: int = _setting(
@@ -88,7 +96,8 @@ class Settings:
     )
     retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
     max_deliveries: int = _setting(
-        "VQ_MAX_DELIVERIES", 3,
+        "VQ_MAX_DELIVERIES",
+        3,
         "Deliveries of one message (a worker died each time) before the task fails for good.",
     )
     # Input limits
@@ -99,7 +108,8 @@ class Settings:
     max_images: int = _setting("VQ_MAX_IMAGES", 8, "Most images in one request.")
     max_prompt_chars: int = _setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.")
     max_new_tokens_caps: str = _setting(
-        "VQ_MAX_NEW_TOKENS_CAPS", _DEFAULT_TOKEN_CAPS,
+        "VQ_MAX_NEW_TOKENS_CAPS",
+        _DEFAULT_TOKEN_CAPS,
         "Per-task cap on max_new_tokens (also the default), as task=N pairs.",
     )
     default_num_crops: int = _setting(
@@ -111,12 +121,14 @@ class Settings:
     )
     fetch_max_redirects: int = _setting("VQ_FETCH_MAX_REDIRECTS", 3, "Redirects followed per URL.")
     allowed_private_hosts: str = _setting(
-        "VQ_ALLOWED_PRIVATE_HOSTS", "",
+        "VQ_ALLOWED_PRIVATE_HOSTS",
+        "",
         "Comma-separated host names a worker may fetch from even though they resolve to "
         "private addresses (private deployments only).",
     )
     local_image_roots: str = _setting(
-        "VQ_LOCAL_IMAGE_ROOTS", "",
+        "VQ_LOCAL_IMAGE_ROOTS",
+        "",
         "Comma-separated folders a worker may read `path` images from; empty disables paths.",
     )
     # Worker
@@ -126,7 +138,9 @@ class Settings:
     device: str = _setting("VQ_DEVICE", "auto", "cuda:N, cpu, or auto (first GPU, else CPU).")
     dtype: str = _setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.")
     attention: str = _setting("VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.")
-    worker_name: str = _setting("VQ_WORKER_NAME", "", "Worker node name; default gpu-<device>@host.")
+    worker_name: str = _setting(
+        "VQ_WORKER_NAME", "", "Worker node name; default gpu-<device>@host."
+    )
     metrics_port: int = _setting("VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.")
     health_file: str = _setting(
         "VQ_HEALTH_FILE", "", "Heartbeat file for the health commands; default in the temp dir."
@@ -176,7 +190,9 @@ class Settings:
             try:
                 values[f.name] = _CONVERTERS[type(f.default)](raw)
             except ValueError:
-                problems.append(f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}")
+                problems.append(
+                    f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
+                )
         if problems:
             raise SettingsError("; ".join(problems))
         settings = cls(**values)
@@ -195,9 +211,17 @@ class Settings:
                 "task would be delivered to a second worker"
             )
         for name in (
-            "task_time_limit_s", "result_expires_s", "max_image_bytes", "max_image_pixels",
-            "max_images", "max_prompt_chars", "max_deliveries", "connect_timeout_s",
-            "fetch_timeout_s", "heartbeat_interval_s", "restore_interval_s",
+            "task_time_limit_s",
+            "result_expires_s",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_images",
+            "max_prompt_chars",
+            "max_deliveries",
+            "connect_timeout_s",
+            "fetch_timeout_s",
+            "heartbeat_interval_s",
+            "restore_interval_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")
@@ -248,7 +272,7 @@ _CONVERTERS: dict[type, Callable[[str], Any]] = {
 
 
 def _env_name(field_name: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == field_name)
+    return str(next(f.metadata["env"] for f in fields(Settings) if f.name == field_name))
 
 
 def _split_list(raw: str, *, lower: bool = False) -> list[str]:

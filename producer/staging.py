@@ -27,11 +27,13 @@ def stage_image(client: redis.Redis, data: bytes, ttl_s: int) -> str:
 
 def load_staged_image(client: redis.Redis, digest: str) -> bytes:
     data = client.get(STAGED_IMAGE_KEY.format(digest=digest))
-    if data is None:
+    if not isinstance(data, bytes):
         raise ImageFetchFailed(
             f"staged image {digest[:12]}… is gone (expired or never staged)", field="images"
         )
     if hashlib.sha256(data).hexdigest() != digest:
         # Anyone with the Redis password could overwrite the key; never answer about other bytes.
-        raise ImageFetchFailed(f"staged image {digest[:12]}… does not match its hash", field="images")
-    return bytes(data)
+        raise ImageFetchFailed(
+            f"staged image {digest[:12]}… does not match its hash", field="images"
+        )
+    return data

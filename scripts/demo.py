@@ -43,7 +43,10 @@ def choose_model() -> tuple[str, bool]:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(wanted, local_files_only=True, allow_patterns=["*.json"])
-        if list(Path(path).glob("*.safetensors")) or (Path(path) / "model.safetensors.index.json").exists():
+        if (
+            list(Path(path).glob("*.safetensors"))
+            or (Path(path) / "model.safetensors.index.json").exists()
+        ):
             return wanted, True
     except Exception as exc:  # not cached, offline: fall back below
         print(f"demo: {wanted} is not available locally ({type(exc).__name__})")
@@ -60,39 +63,64 @@ def main() -> int:
     workdir.mkdir(parents=True)
     model, real = choose_model()
     if not real:
-        print("demo: NOTE the real Phi-3-vision weights are not here; using the small RANDOM "
-              "checkpoint from tests/data. Its answers are random text, not descriptions.")
+        print(
+            "demo: NOTE the real Phi-3-vision weights are not here; using the small RANDOM "
+            "checkpoint from tests/data. Its answers are random text, not descriptions."
+        )
 
     redis_server = RedisServer(workdir / "redis")
     redis_server.start()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "VQ_MODEL": model,
-           "VQ_HEALTH_FILE": str(workdir / "worker.health.json"), "VQ_WORKER_NAME": "demo-worker@local"}
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "VQ_MODEL": model,
+        "VQ_HEALTH_FILE": str(workdir / "worker.health.json"),
+        "VQ_WORKER_NAME": "demo-worker@local",
+    }
     if not real:
         env.update(VQ_DEVICE="cpu", VQ_MAX_NEW_TOKENS_CAPS="describe=24,ocr=24,compare=24,ask=24")
     flower_password = secrets.token_urlsafe(9)
     flower_port = free_port()
     log = (workdir / "stack.log").open("ab")
     processes = [
-        subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env,
-                         stdout=log, stderr=subprocess.STDOUT),
         subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "producer.flower_app:app", "flower",
-             "--address=127.0.0.1", f"--port={flower_port}", f"--basic-auth=demo:{flower_password}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "worker.cli", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "producer.flower_app:app",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={flower_port}",
+                f"--basic-auth=demo:{flower_password}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         ),
     ]
     try:
-        print(f"demo: Redis on 127.0.0.1:{redis_server.port}; loading {model} (log: {workdir}/stack.log)")
+        print(f"demo: Redis on 127.0.0.1:{redis_server.port}; loading {model}")
+        print(f"demo: logs in {workdir}/stack.log")
         client = Client(Settings.from_env(env))
         for task, files in JOBS:
             handle = client.submit(task, [(EXAMPLES / name).read_bytes() for name in files])
             result = client.result(handle.id, wait=True, timeout=1800)
             assert result is not None
             answer = result.get("text") if result["state"] == "SUCCESS" else result.get("error")
-            print(f"\n== {task} {', '.join(files)} ({result['state']}, "
-                  f"{result.get('usage', {}).get('completion_tokens', 0)} tokens, "
-                  f"{result.get('timings', {}).get('total', 0):.2f}s on {result.get('device')})\n{answer}")
-        print(f"\ndemo: Flower at http://127.0.0.1:{flower_port}/ (user demo, password {flower_password})")
+            tokens = result.get("usage", {}).get("completion_tokens", 0)
+            seconds = result.get("timings", {}).get("total", 0)
+            print(f"\n== {task} {', '.join(files)} ({result['state']}, {tokens} tokens, "
+                  f"{seconds:.2f}s on {result.get('device')})\n{answer}")
+        print(f"\ndemo: Flower at http://127.0.0.1:{flower_port}/ "
+              f"(user demo, password {flower_password})")
         if args.keep:
             print("demo: stack running; Ctrl+C to stop")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -12,7 +12,6 @@ from support.workers import IMAGES, WorkerProcess
 from producer.client import Client
 from producer.settings import Settings
 
-
 # The module worker may fetch from the tests' loopback server, and runs out of memory on
 # purpose when a prompt carries the marker (VQ_FAULT_INJECTION, test-only).
 SHARED_WORKER_ENV = {
@@ -56,7 +55,9 @@ def shared_worker(
 @pytest.fixture
 def client_settings(module_redis: RedisServer) -> Settings:
     return Settings.from_env(
-        {}, redis_url=module_redis.url, connect_timeout_s=3.0,
+        {},
+        redis_url=module_redis.url,
+        connect_timeout_s=3.0,
         max_new_tokens_caps="describe=16,ocr=16,compare=16,ask=64",
     )
 

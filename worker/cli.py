@@ -1,9 +1,9 @@
 """`worker`: run a GPU worker, answer one request without the queue, or check health.
 
-    worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME]
-    worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
-    worker health --live | --ready [--name NAME]
-    worker settings            # every setting, secrets masked
+worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME]
+worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
+worker health --live | --ready [--name NAME]
+worker settings            # every setting, secrets masked
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="cuda:N, cpu or auto (default VQ_DEVICE)")
     run.add_argument("--dtype", help="bfloat16, float16, float32 or auto (default VQ_DTYPE)")
     run.add_argument("--queues", help="queue to consume (default VQ_QUEUE)")
-    run.add_argument("--name", help="worker node name (default VQ_WORKER_NAME or gpu-<device>@host)")
+    run.add_argument(
+        "--name", help="worker node name (default VQ_WORKER_NAME or gpu-<device>@host)"
+    )
     run.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off")
 
-    infer = commands.add_parser("infer", help="answer one request without the queue",
-                                add_help=False)
+    infer = commands.add_parser(
+        "infer", help="answer one request without the queue", add_help=False
+    )
     infer.add_argument("rest", nargs=argparse.REMAINDER)
 
     health = commands.add_parser("health", help="exit 0 if the worker is live / ready")
@@ -59,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return infer_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        overrides = _overrides(args)
-        settings = Settings.from_env(**overrides)
+        settings = Settings.from_env(None, **_overrides(args))
     except SettingsError as exc:
         print(f"worker: invalid settings: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,43 +16,66 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         labels = {"worker": worker, "device": device}
         self.tasks = Counter(
-            "vq_tasks", "Tasks finished, by task and outcome (success or an error code).",
-            ["task", "outcome"], registry=self.registry,
+            "vq_tasks",
+            "Tasks finished, by task and outcome (success or an error code).",
+            ["task", "outcome"],
+            registry=self.registry,
         )
         self.queue_wait = Histogram(
-            "vq_queue_wait_seconds", "Time from submit to the start of the run.",
-            ["task"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "vq_queue_wait_seconds",
+            "Time from submit to the start of the run.",
+            ["task"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.generation = Histogram(
-            "vq_generation_seconds", "Prefill plus decode time per task.",
-            ["task"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+            "vq_generation_seconds",
+            "Prefill plus decode time per task.",
+            ["task"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
         self.generated_tokens = Counter(
             "vq_generated_tokens", "Tokens generated.", ["task"], registry=self.registry
         )
         self.prompt_tokens = Counter(
-            "vq_prompt_tokens", "Prompt tokens processed (text and image).", ["task"],
+            "vq_prompt_tokens",
+            "Prompt tokens processed (text and image).",
+            ["task"],
             registry=self.registry,
         )
         self.device_memory = Gauge(
-            "vq_device_memory_peak_bytes", "Peak device memory of the engine.",
-            list(labels), registry=self.registry,
+            "vq_device_memory_peak_bytes",
+            "Peak device memory of the engine.",
+            list(labels),
+            registry=self.registry,
         ).labels(**labels)
         self.model_load = Gauge(
-            "vq_model_load_seconds", "Seconds the model took to load and warm up.",
-            list(labels), registry=self.registry,
+            "vq_model_load_seconds",
+            "Seconds the model took to load and warm up.",
+            list(labels),
+            registry=self.registry,
         ).labels(**labels)
         self.model_loaded = Gauge(
-            "vq_model_loaded", "1 once the model is resident and warmed up.",
-            list(labels), registry=self.registry,
+            "vq_model_loaded",
+            "1 once the model is resident and warmed up.",
+            list(labels),
+            registry=self.registry,
         ).labels(**labels)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
     def record(
-        self, task: str, outcome: str, *, queued_s: float, generate_s: float,
-        prompt_tokens: int, completion_tokens: int, peak_memory_bytes: int,
+        self,
+        task: str,
+        outcome: str,
+        *,
+        queued_s: float,
+        generate_s: float,
+        prompt_tokens: int,
+        completion_tokens: int,
+        peak_memory_bytes: int,
     ) -> None:
         self.tasks.labels(task, outcome).inc()
         self.queue_wait.labels(task).observe(queued_s)

@@ -41,10 +41,15 @@ def run_worker(settings: Settings) -> int:
     health = HealthReporter(health_file_path(settings, name), name, settings.heartbeat_interval_s)
     health.start()
     try:
-        engine = Engine.load(EngineConfig(
-            model=settings.model, device=settings.device, dtype=settings.dtype,
-            attention=settings.attention, num_crops=settings.default_num_crops or None,
-        ))
+        engine = Engine.load(
+            EngineConfig(
+                model=settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                attention=settings.attention,
+                num_crops=settings.default_num_crops or None,
+            )
+        )
         engine.warmup()
     except Exception as exc:  # any failure to load ends the process before consuming
         log.error("model failed to load, not consuming any task: %s", exc)
@@ -59,15 +64,26 @@ def run_worker(settings: Settings) -> int:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     runtime = WorkerRuntime(
-        settings=settings, engine=engine, name=name, metrics=metrics, health=health,
+        settings=settings,
+        engine=engine,
+        name=name,
+        metrics=metrics,
+        health=health,
         redis=redis.Redis.from_url(settings.effective_broker_url, health_check_interval=30),
     )
     app = make_celery_app(settings)
     register_tasks(app, runtime)
     health.model_ready()
-    log.info("model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s",
-             engine.model_id, engine.device, engine.dtype, engine.attention,
-             engine.load_seconds, settings.queue, name)
+    log.info(
+        "model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s",
+        engine.model_id,
+        engine.device,
+        engine.dtype,
+        engine.attention,
+        engine.load_seconds,
+        settings.queue,
+        name,
+    )
 
     worker = app.Worker(
         hostname=name,
@@ -99,7 +115,8 @@ def _report_lifecycle(worker: Any, health: HealthReporter) -> None:
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
+        level=level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Our task line replaces Celery's per-task "received"/"succeeded" lines, which would

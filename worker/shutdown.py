@@ -29,8 +29,9 @@ def install_shutdown_handlers(worker: Any, health: HealthReporter) -> None:
 
     def stop_now(signum: int) -> None:
         health.shutting_down()
-        log.warning("%s: stopping now; the running task goes back to the queue",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping now; the running task goes back to the queue", signal.Signals(signum).name
+        )
         _requeue_unacked(worker)
         logging.shutdown()
         os._exit(EXIT_STOPPED_NOW)
@@ -55,5 +56,7 @@ def _requeue_unacked(worker: Any) -> None:
     try:
         worker.consumer.task_consumer.channel.qos.restore_unacked()
     except Exception as exc:  # the message still returns after the visibility timeout
-        log.warning("could not hand the message back now (%s); it returns after "
-                    "VQ_VISIBILITY_TIMEOUT_S", type(exc).__name__)
+        log.warning(
+            "could not hand the message back now (%s); it returns after VQ_VISIBILITY_TIMEOUT_S",
+            type(exc).__name__,
+        )

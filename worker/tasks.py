@@ -60,17 +60,30 @@ def _task_function(runtime: WorkerRuntime, name: TaskName) -> Any:
 
 
 def execute(
-    task: Task, runtime: WorkerRuntime, name: TaskName, args: tuple[Any, ...], kwargs: dict[str, Any]
+    task: Task,
+    runtime: WorkerRuntime,
+    name: TaskName,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     settings = runtime.settings
     task_id: str = task.request.id
     ctx = TaskContext(
-        task_id=task_id, settings=settings, engine=runtime.engine, redis=runtime.redis,
-        worker_name=runtime.name, is_cancelled=_CancelWatch(task_id, runtime.redis),
+        task_id=task_id,
+        settings=settings,
+        engine=runtime.engine,
+        redis=runtime.redis,
+        worker_name=runtime.name,
+        is_cancelled=_CancelWatch(task_id, runtime.redis),
         on_progress=_ProgressReporter(task),
     )
-    result = TaskResult(id=task_id, task=name.value, model=runtime.engine.model_id,
-                        worker=runtime.name, device=runtime.engine.device)
+    result = TaskResult(
+        id=task_id,
+        task=name.value,
+        model=runtime.engine.model_id,
+        worker=runtime.name,
+        device=runtime.engine.device,
+    )
     outcome = "success"
     delivery = 0
     runtime.health.task_started(task_id)
@@ -89,7 +102,9 @@ def execute(
         if error.transient and task.request.retries < settings.max_retries:
             outcome = "retry"
             _forget_deliveries(runtime.redis, task_id, task.request.retries)
-            raise task.retry(exc=error, countdown=_backoff_s(settings, task.request.retries)) from None
+            raise task.retry(
+                exc=error, countdown=_backoff_s(settings, task.request.retries)
+            ) from None
         raise _failure(result, error, ctx) from None
     except Exception as exc:
         outcome = "model_error"
@@ -129,7 +144,9 @@ def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: S
 
 def _forget_deliveries(client: redis.Redis, task_id: str, retries: int | None) -> None:
     pattern = DELIVERIES_KEY.format(task_id=task_id)
-    keys = [f"{pattern}:{retries}"] if retries is not None else list(client.scan_iter(pattern + ":*"))
+    keys = (
+        [f"{pattern}:{retries}"] if retries is not None else list(client.scan_iter(pattern + ":*"))
+    )
     if keys:
         client.delete(*keys)
 
@@ -180,11 +197,21 @@ def _log_and_measure(
     log.info(
         "task id=%s task=%s outcome=%s duration_s=%.3f queued_s=%.3f prompt_tokens=%d "
         "completion_tokens=%d delivery=%d",
-        result.id, result.task, outcome, total, timings.queued, result.prompt_tokens,
-        result.completion_tokens, delivery,
+        result.id,
+        result.task,
+        outcome,
+        total,
+        timings.queued,
+        result.prompt_tokens,
+        result.completion_tokens,
+        delivery,
     )
     runtime.metrics.record(
-        result.task, outcome, queued_s=timings.queued, generate_s=timings.generate,
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        result.task,
+        outcome,
+        queued_s=timings.queued,
+        generate_s=timings.generate,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
         peak_memory_bytes=runtime.engine.peak_memory_bytes(),
     )

@@ -19,8 +19,10 @@ LONG = 100_000  # tokens: far more than the time limit allows on a CPU
 @pytest.fixture(scope="module")
 def slow_worker(module_redis, tmp_path_factory) -> Iterator[WorkerProcess]:
     with WorkerProcess(
-        module_redis.url, tmp_path_factory.mktemp("slow-worker"),
-        VQ_MAX_NEW_TOKENS_CAPS=f"ask={LONG}", VQ_TASK_TIME_LIMIT_S="6",
+        module_redis.url,
+        tmp_path_factory.mktemp("slow-worker"),
+        VQ_MAX_NEW_TOKENS_CAPS=f"ask={LONG}",
+        VQ_TASK_TIME_LIMIT_S="6",
         VQ_VISIBILITY_TIMEOUT_S="60",
     ) as worker:
         yield worker

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.timeout(300)
 def loopback_client(client_settings: Settings, shared_worker):
     """A client allowed to name the tests' loopback server, as the worker is."""
     settings = Settings.from_env(
-        {}, redis_url=client_settings.redis_url, allowed_private_hosts="127.0.0.1",
+        {},
+        redis_url=client_settings.redis_url,
+        allowed_private_hosts="127.0.0.1",
         max_new_tokens_caps=client_settings.max_new_tokens_caps,
     )
     with Client(settings) as client:
@@ -38,13 +40,22 @@ def failure_of(client: Client, task_id: str) -> dict:
 def test_worker_rechecks_requests_it_did_not_get_from_the_client(loopback_client: Client):
     # A raw message (e.g. written by another program) asking compare for one image.
     app = make_celery_app(loopback_client.settings)
-    message = {"v": 1, "task": "compare", "prompt": None, "options": {},
-               "images": [{"source": "staged", "ref": "0" * 64}], "submitted_at": 0}
+    message = {
+        "v": 1,
+        "task": "compare",
+        "prompt": None,
+        "options": {},
+        "images": [{"source": "staged", "ref": "0" * 64}],
+        "submitted_at": 0,
+    }
     sent = app.send_task(TaskName.COMPARE.celery_name, args=(message,), queue="gpu")
     loopback_client._redis.set(f"vq:submitted:{sent.id}", "compare")
     result = failure_of(loopback_client, sent.id)
-    assert result["error"] == {"code": "invalid_input", "field": "images",
-                               "message": "compare takes 2..8 image(s), got 1"}
+    assert result["error"] == {
+        "code": "invalid_input",
+        "field": "images",
+        "message": "compare takes 2..8 image(s), got 1",
+    }
 
 
 @pytest.mark.parametrize(
@@ -64,9 +75,7 @@ def test_url_images_fail_with_their_code(loopback_client: Client, route: Route, 
 
 
 def test_a_staged_image_that_expired_is_a_fetch_failure(loopback_client: Client):
-    handle = loopback_client.submit(
-        "describe", [ImageRef(ImageSource.STAGED, "ab" * 32)]
-    )
+    handle = loopback_client.submit("describe", [ImageRef(ImageSource.STAGED, "ab" * 32)])
     assert failure_of(loopback_client, handle.id)["error"]["code"] == "image_fetch_failed"
 
 

@@ -20,7 +20,9 @@ LONG = 20_000
 @pytest.fixture(scope="module")
 def metered_worker(module_redis, tmp_path_factory) -> Iterator[WorkerProcess]:
     with WorkerProcess(
-        module_redis.url, tmp_path_factory.mktemp("metered"), VQ_METRICS_PORT=str(free_port()),
+        module_redis.url,
+        tmp_path_factory.mktemp("metered"),
+        VQ_METRICS_PORT=str(free_port()),
         VQ_MAX_NEW_TOKENS_CAPS=f"ask={LONG},describe=8",
     ) as worker:
         yield worker

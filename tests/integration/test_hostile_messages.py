@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import uuid
 from pathlib import Path
 
@@ -27,11 +26,24 @@ class _Exploit:
 def publish_raw(client: Client, name: str, body: object, serializer: str) -> str:
     app = make_celery_app(client.settings)
     task_id = str(uuid.uuid4())
-    headers = {"lang": "py", "task": name, "id": task_id, "root_id": task_id,
-               "parent_id": None, "group": None, "retries": 0, "argsrepr": "", "kwargsrepr": ""}
+    headers = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "argsrepr": "",
+        "kwargsrepr": "",
+    }
     with app.producer_or_acquire() as producer:
         producer.publish(
-            body, serializer=serializer, headers=headers, exchange="gpu", routing_key="gpu",
+            body,
+            serializer=serializer,
+            headers=headers,
+            exchange="gpu",
+            routing_key="gpu",
             declare=[app.amqp.queues["gpu"]],
         )
     return task_id
@@ -45,7 +57,11 @@ def assert_still_serving(client: Client, images: Path) -> None:
 
 def test_a_pickle_message_is_refused_unread(client: Client, images: Path, tmp_path: Path):
     marker = tmp_path / "pwned"
-    body = ((_Exploit(marker),), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    body = (
+        (_Exploit(marker),),
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    )
     publish_raw(client, "vision_queue.describe", body, "pickle")
     assert_still_serving(client, images)  # the worker took the pickle message before this one
     assert not marker.exists()

@@ -33,8 +33,18 @@ def producer(env: dict[str, str], *args: str, timeout_s: float = 120):
 )
 def test_submit_wait_json_prints_the_result_with_its_state(env, images: Path, task, files, extra):
     image_args = [arg for name in files for arg in ("--image", str(images / name))]
-    done = producer(env, "submit", "--task", task, *image_args, *extra,
-                    "--max-new-tokens", "6", "--wait", "--json")
+    done = producer(
+        env,
+        "submit",
+        "--task",
+        task,
+        *image_args,
+        *extra,
+        "--max-new-tokens",
+        "6",
+        "--wait",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["state"] == "SUCCESS"
@@ -44,12 +54,15 @@ def test_submit_wait_json_prints_the_result_with_its_state(env, images: Path, ta
 
 
 def test_submit_without_wait_prints_the_id_then_status_and_result_follow_it(env, images: Path):
-    submitted = producer(env, "submit", "--task", "describe", "--image",
-                         str(images / "small_400x300.jpg"), "--json")
+    submitted = producer(
+        env, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"), "--json"
+    )
     assert submitted.returncode == 0, submitted.stderr
     task_id = json.loads(submitted.stdout)["id"]
 
-    plain = producer(env, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"))
+    plain = producer(
+        env, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg")
+    )
     assert plain.stdout.strip().count("-") == 4  # a bare UUID
 
     result = producer(env, "result", task_id, "--wait", "--timeout", "120", "--json")
@@ -63,7 +76,9 @@ def test_submit_without_wait_prints_the_id_then_status_and_result_follow_it(env,
 
 def test_invalid_input_exits_2_and_queues_nothing(env, images: Path, module_redis):
     before = module_redis.client().llen("gpu")
-    one_image = producer(env, "submit", "--task", "compare", "--image", str(images / "small_400x300.jpg"))
+    one_image = producer(
+        env, "submit", "--task", "compare", "--image", str(images / "small_400x300.jpg")
+    )
     assert one_image.returncode == 2
     assert "invalid_input (images)" in one_image.stderr
     unreadable = producer(env, "submit", "--task", "describe", "--image", "/nonexistent/x.png")
@@ -73,8 +88,9 @@ def test_invalid_input_exits_2_and_queues_nothing(env, images: Path, module_redi
     assert "unsupported_image" in not_an_image.stderr
     unknown_task = producer(env, "submit", "--task", "paint", "--image", "x.png")
     assert unknown_task.returncode == 2
-    internal_url = producer(env, "submit", "--task", "describe", "--image",
-                            "http://169.254.169.254/latest/meta-data")
+    internal_url = producer(
+        env, "submit", "--task", "describe", "--image", "http://169.254.169.254/latest/meta-data"
+    )
     assert internal_url.returncode == 2
     assert "image_fetch_failed" in internal_url.stderr
     assert module_redis.client().llen("gpu") == before
@@ -82,7 +98,9 @@ def test_invalid_input_exits_2_and_queues_nothing(env, images: Path, module_redi
 
 def test_a_failed_task_exits_1_with_its_code(env, images: Path):
     # The worker's cap for `ask` is 64, the prompt asks it to run out of memory (fault injection).
-    done = producer(env, "submit", "--task", "ask", "--prompt", "__OOM__ please", "--wait", "--json")
+    done = producer(
+        env, "submit", "--task", "ask", "--prompt", "__OOM__ please", "--wait", "--json"
+    )
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"]["code"] == "resource_exhausted"
 
@@ -90,7 +108,9 @@ def test_a_failed_task_exits_1_with_its_code(env, images: Path):
 def test_an_unreachable_broker_exits_3_quickly(images: Path):
     dead = base_env(f"redis://:pw@127.0.0.1:{free_port()}/0", VQ_CONNECT_TIMEOUT_S="2")
     began = time.monotonic()
-    done = producer(dead, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"))
+    done = producer(
+        dead, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg")
+    )
     assert done.returncode == 3
     assert "unreachable" in done.stderr
     assert "pw" not in done.stderr  # the password is masked
@@ -99,8 +119,17 @@ def test_an_unreachable_broker_exits_3_quickly(images: Path):
 
 def test_waiting_past_the_timeout_exits_4(env):
     # A queue no worker consumes: the task stays queued however fast the workers are.
-    done = producer({**env, "VQ_QUEUE": "nobody-listens"}, "submit", "--task", "ask",
-                    "--prompt", "Count to ten.", "--wait", "--timeout", "1")
+    done = producer(
+        {**env, "VQ_QUEUE": "nobody-listens"},
+        "submit",
+        "--task",
+        "ask",
+        "--prompt",
+        "Count to ten.",
+        "--wait",
+        "--timeout",
+        "1",
+    )
     assert done.returncode == 4
     assert "did not finish" in done.stderr
 

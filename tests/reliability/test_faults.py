@@ -62,8 +62,10 @@ def test_sigkill_mid_generation_redelivers_and_ends_with_exactly_one_success(
     redis_url: str, fast_client: Client, tmp_path: Path
 ) -> None:
     rounds = 5
-    workers = {w.name: w for w in (WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start()
-                                   for _ in range(2))}
+    workers = {
+        w.name: w
+        for w in (WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start() for _ in range(2))
+    }
     everyone = list(workers.values())
     try:
         ids = []
@@ -72,7 +74,9 @@ def test_sigkill_mid_generation_redelivers_and_ends_with_exactly_one_success(
             victim = workers[wait_running(fast_client, handle.id)]
             victim.signal(signal.SIGKILL)
             victim.wait()
-            replacement = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start(wait_ready=False)
+            replacement = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start(
+                wait_ready=False
+            )
             del workers[victim.name]
             workers[replacement.name] = replacement
             everyone.append(replacement)
@@ -127,7 +131,9 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
         redis_server.restart()  # AOF on: queued messages and results survive
         results = [fast_client.result(h.id, wait=True, timeout=300) for h in handles]
     assert all(r is not None and r["state"] == "SUCCESS" for r in results)
-    print(f"\nreliability: redis restart with 100 queued: 100/100 in {time.monotonic() - began:.1f}s")
+    print(
+        f"\nreliability: redis restart with 100 queued: 100/100 in {time.monotonic() - began:.1f}s"
+    )
     assert successes([worker]).total() >= 100
 
 
@@ -136,7 +142,9 @@ def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
 ):
     with WorkerProcess(redis_url, tmp_path) as a, WorkerProcess(redis_url, tmp_path) as b:
         began = time.monotonic()
-        handles = [fast_client.submit("ask", [], f"Say {i}.", max_new_tokens=1) for i in range(1000)]
+        handles = [
+            fast_client.submit("ask", [], f"Say {i}.", max_new_tokens=1) for i in range(1000)
+        ]
         submitted = time.monotonic() - began
         results = [fast_client.result(h.id, wait=True, timeout=600) for h in handles]
         elapsed = time.monotonic() - began
@@ -146,14 +154,20 @@ def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
     assert len({r["id"] for r in results if r}) == 1000
     counts = successes([a, b])
     assert all(counts[h.id] == 1 for h in handles)
-    print(f"\nreliability: burst 1000 on 2 workers: submitted in {submitted:.1f}s, "
-          f"all done in {elapsed:.1f}s, per worker {per_worker}")
+    print(
+        f"\nreliability: burst 1000 on 2 workers: submitted in {submitted:.1f}s, "
+        f"all done in {elapsed:.1f}s, per worker {per_worker}"
+    )
 
 
 def test_a_task_that_kills_its_worker_every_time_fails_after_bounded_deliveries(
     redis_url: str, fast_client: Client, tmp_path: Path
 ):
-    env = {**FAST_REDELIVERY, "VQ_MAX_DELIVERIES": "2", "VQ_FAULT_INJECTION": "crash_marker=__CRASH__"}
+    env = {
+        **FAST_REDELIVERY,
+        "VQ_MAX_DELIVERIES": "2",
+        "VQ_FAULT_INJECTION": "crash_marker=__CRASH__",
+    }
     handle = fast_client.submit("ask", [], "__CRASH__ now", max_new_tokens=4)
     started = 0
     deadline = time.monotonic() + 240
@@ -180,10 +194,21 @@ def test_redis_down_during_submit_exits_3_within_a_bounded_time(
     try:
         began = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "producer.cli", "submit", "--task", "describe",
-             "--image", str(images / "small_400x300.jpg")],
-            env=base_env(redis_url, VQ_CONNECT_TIMEOUT_S="3"), capture_output=True, text=True,
-            timeout=60, check=False,
+            [
+                sys.executable,
+                "-m",
+                "producer.cli",
+                "submit",
+                "--task",
+                "describe",
+                "--image",
+                str(images / "small_400x300.jpg"),
+            ],
+            env=base_env(redis_url, VQ_CONNECT_TIMEOUT_S="3"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         elapsed = time.monotonic() - began
     finally:

@@ -31,7 +31,7 @@ def serve(routes: dict[str, Route]) -> Iterator[LocalServer]:
     state = LocalServer(0, routes)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             state.requests.append(self.path)
             route = state.routes.get(self.path.split("?", 1)[0], Route(404, b"not found"))
             self.send_response(route.status)

@@ -54,7 +54,9 @@ class WorkerProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run"],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         if wait_ready:
             self.wait_ready(timeout_s)
@@ -116,5 +118,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", f"{program}.cli", *args],
-        env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )

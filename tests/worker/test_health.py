@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from worker.health import HealthReporter, check_live, check_ready, read_health
-
 from producer.settings import Settings
+from worker.health import HealthReporter, check_live, check_ready, read_health
 
 
 def test_a_fresh_heartbeat_is_live_and_a_stale_one_is_not(tmp_path: Path):
@@ -31,7 +30,9 @@ def test_stale_heartbeat_fails_liveness(tmp_path: Path):
     assert not live and "old" in reason
 
 
-def test_not_ready_until_the_model_is_loaded_then_not_ready_while_stopping(tmp_path: Path, redis_url):
+def test_not_ready_until_the_model_is_loaded_then_not_ready_while_stopping(
+    tmp_path: Path, redis_url
+):
     settings = Settings.from_env({}, redis_url=redis_url, heartbeat_interval_s=1.0)
     reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=1.0)
     reporter.start()
