@@ -40,7 +40,8 @@ from worker.model.weights import load_weights, resolve_checkpoint
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Decode steps compiled at warmup: the buckets ordinary requests land in.
+# Decode steps compiled at warmup: the buckets ordinary requests land in. Larger ones are
+# compiled on first use.
 _WARMUP_BUCKETS = tuple(bucket for bucket in CACHE_BUCKETS if bucket <= 8192)
 
 
@@ -120,7 +121,7 @@ class Engine:
             processor = Phi3VProcessor.from_dir(folder, model_config)
             model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
             load_weights(model, folder, device, dtype)
-            model.eval()
+            model.eval().requires_grad_(False)
             compile = device.type == "cuda" if config.compile is None else config.compile
             generator = Generator(
                 model, kernel=attention, device=device, static_cache=compile, compile=compile

@@ -33,8 +33,10 @@ from worker.model.modeling import Phi3VForCausalLM
 
 log = logging.getLogger(__name__)
 
-# Static cache sizes (prompt + new tokens). A describe task (~2,500 + 512) lands in 4096.
-CACHE_BUCKETS = (2048, 4096, 8192, 16384)
+# Static cache sizes (prompt + new tokens): each is compiled once per process, and decoding
+# reads the whole bucket, so there are few and they are not much larger than requests.
+# One image at 16 crops plus its answer fits 4096; two to four images need 8192.
+CACHE_BUCKETS = (4096, 8192, 16384)
 _CPU_OOM_MARKERS = ("can't allocate memory", "not enough memory")
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -188,12 +190,19 @@ class Generator:
             embeds, positions, workspace.cache.prefill(length), kernel=self.kernel, causal=True
         )
         del embeds, positions
-        next_token = logits.argmax(dim=-1, keepdim=True)
+        token = logits.argmax(dim=-1, keepdim=True)
         position = torch.tensor([length], dtype=torch.long, device=self.device)
+        reader = _TokenReader(self.device)
         while True:
-            yield int(next_token[0, 0])
-            next_token = self._call_step(workspace, next_token, position)
+            # Queue the next step before reading this token, so the device is never idle
+            # while the host checks for a stop token and reports progress. At most one
+            # step is computed in vain, at the end.
+            reader.start(token)
+            # A clone: the output of a CUDA graph is overwritten by its next replay.
+            following = self._call_step(workspace, token, position).clone()
             position.add_(1)
+            yield reader.value()
+            token = following
 
     # Static cache machinery --------------------------------------------------------------
 
@@ -245,6 +254,30 @@ class Generator:
                 other.step = _bind_step(self.model, other.cache, self.static_kernel)
                 other.compiled = False
             return workspace.step(token_ids, position)
+
+
+class _TokenReader:
+    """Reads a token id from the device without waiting for the work queued after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._value = 0
+        if self.cuda:
+            self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
+
+    def start(self, token: torch.Tensor) -> None:
+        if self.cuda:
+            self._host.copy_(token.view(-1), non_blocking=True)
+            self._copied.record()
+        else:
+            self._value = int(token.view(-1)[0])
+
+    def value(self) -> int:
+        if self.cuda:
+            self._copied.synchronize()
+            return int(self._host[0])
+        return self._value
 
 
 def _bind_step(model: Phi3VForCausalLM, cache: StaticKVCache, kernel: str) -> Step:
