@@ -173,16 +173,21 @@ def bench_prefill(
     positions = torch.arange(length, device=device).unsqueeze(0)
     layers = len(model.model.layers)
 
-    vision_s, embeds = timed(
+    vision_s, embeds_any = timed(
         lambda: prompt_embeddings(model, processor, encoded, device), device, repeats
     )
+    embeds: torch.Tensor = embeds_any
     lm_s, _ = timed(
         lambda: model(embeds, positions, DynamicKVCache(layers), kernel=kernel, causal=True),
         device, repeats,
     )
     config = model.config
     lm_params = sum(p.numel() for p in model.model.layers.parameters())
-    vision_params = sum(p.numel() for p in model.model.vision_embed_tokens.parameters())
+    embedding = model.model.vision_embed_tokens
+    vision_params = sum(
+        p.numel() for part in (embedding.img_processor, embedding.img_projection)
+        for p in part.parameters()
+    )
     crops = encoded.images[0].num_crops_used
     work = (
         2 * lm_params * length
@@ -276,12 +281,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-prefill", action="store_true",
                         help="decode after a short text prompt instead of the ~2,500-token one")
     parser.add_argument("--skip-compiled", action="store_true", help="eager decode only")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = resolve_device(args.device or ("cpu" if args.config == "small" else "auto"))
     # Full size on CPU defaults to bfloat16: float32 would need 17 GB of host memory.
