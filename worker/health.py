@@ -14,6 +14,7 @@ task runs; a stuck process stops refreshing the file and fails liveness.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -26,6 +27,8 @@ from typing import Any
 import redis
 
 from producer.settings import Settings
+
+log = logging.getLogger("vision_queue.worker")
 
 # A file older than this many heartbeats means the process is dead or stuck.
 _STALE_AFTER_BEATS = 5
@@ -59,7 +62,7 @@ class HealthReporter:
         self.path = path
         self.interval_s = interval_s
         self._state = HealthState(worker=worker_name, pid=os.getpid())
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="health-heartbeat", daemon=True)
 
@@ -90,7 +93,7 @@ class HealthReporter:
                 self._state.state = "ready"
             self._state.current_task = None
             self._state.task_started_at = None
-        self._write()
+            self._write()
 
     def _update(self, **changes: Any) -> None:
         with self._lock:
@@ -103,13 +106,18 @@ class HealthReporter:
             self._write()
 
     def _write(self) -> None:
+        # One writer at a time (heartbeat thread, task thread): they share the temp file.
         with self._lock:
             self._state.updated_at = time.time()
             payload = json.dumps(asdict(self._state))
-        # Write then rename, so a reader never sees half a file.
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(payload)
-        tmp.replace(self.path)
+            # Write then rename, so a reader never sees half a file.
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            try:
+                tmp.write_text(payload)
+                tmp.replace(self.path)
+            except OSError as exc:
+                # A full or read-only disk must not fail tasks; liveness will report it.
+                log.warning("cannot write health file %s: %s", self.path, exc)
 
 
 def read_health(path: Path) -> dict[str, Any] | None:
