@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from support.redis_server import free_port
 from support.workers import base_env
 
-USER, PASSWORD = "user", "pass"
+FLOWER_USER, FLOWER_PASSWORD = "user", "pass"
 
 # Only loopback, and never through a proxy named in the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -31,7 +28,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 @dataclass(frozen=True)
 class Response:
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     body: bytes
 
     def json(self) -> Any:
@@ -51,9 +48,13 @@ def http_get(url: str, auth: tuple[str, str] | None = None, timeout_s: float = 5
         request.add_header("Authorization", f"Basic {token}")
     try:
         with _OPENER.open(request, timeout=timeout_s) as reply:
-            return Response(reply.status, dict(reply.headers), reply.read())
+            return Response(reply.status, _headers(reply.headers), reply.read())
     except urllib.error.HTTPError as error:
-        return Response(error.code, dict(error.headers), error.read())
+        return Response(error.code, _headers(error.headers), error.read())
+
+
+def _headers(message: Any) -> dict[str, str]:
+    return {name.lower(): value for name, value in message.items()}
 
 
 class FlowerProcess:
@@ -67,7 +68,7 @@ class FlowerProcess:
 
     @property
     def auth(self) -> tuple[str, str]:
-        return USER, PASSWORD
+        return FLOWER_USER, FLOWER_PASSWORD
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -88,7 +89,7 @@ class FlowerProcess:
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={self.port}",
-                f"--basic-auth={USER}:{PASSWORD}",
+                f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}",
                 "--persistent=False",
                 "--logging=info",
             ],
@@ -141,48 +142,6 @@ class FlowerProcess:
 # Screenshots ---------------------------------------------------------------------------
 
 
-@contextmanager
-def auth_proxy(upstream_port: int, auth: tuple[str, str]) -> Iterator[int]:
-    """A loopback reverse proxy that adds the Authorization header to every GET.
-
-    Chromium drops credentials embedded in a URL for subresource requests (the tasks page
-    loads its rows with XHR), so the browser talks to this proxy instead.
-    """
-    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            request = urllib.request.Request(f"http://127.0.0.1:{upstream_port}{self.path}")
-            request.add_header("Authorization", f"Basic {token}")
-            for name in ("Accept", "X-Requested-With", "Cookie"):
-                if self.headers.get(name):
-                    request.add_header(name, self.headers[name])
-            try:
-                with _OPENER.open(request, timeout=10) as reply:
-                    status, headers, body = reply.status, reply.headers, reply.read()
-            except urllib.error.HTTPError as error:
-                status, headers, body = error.code, error.headers, error.read()
-            self.send_response(status)
-            for name in ("Content-Type", "Set-Cookie", "Location"):
-                for value in headers.get_all(name) or ():
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -193,11 +152,18 @@ def screenshot(
     out: Path,
     profile: Path,
     size: tuple[int, int] = (1400, 900),
-    wait_ms: int = 4000,
+    wait_ms: int = 3000,
     timeout_s: float = 60,
 ) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium renders `url` (loopback only) into the PNG `out`."""
-    assert url.split("@", 1)[-1].removeprefix("http://").startswith("127.0.0.1:"), url
+    """Headless Chromium renders `url` (a loopback address) into the PNG `out`.
+
+    Basic auth travels as credentials in the URL (http://user:pass@127.0.0.1:port/...):
+    Chromium sends them for the page and keeps them in its auth cache for the page's
+    same-origin XHR (the tasks table is loaded by one), so no proxy or DevTools session
+    is needed. Chromium runs in its own session so a hung one is killed with its children.
+    """
+    host = url.removeprefix("http://").split("/", 1)[0].rsplit("@", 1)[-1]
+    assert url.startswith("http://") and host.startswith("127.0.0.1:"), url
     args = [
         chromium,
         "--headless=new",
@@ -215,9 +181,18 @@ def screenshot(
         "--no-proxy-server",
         f"--user-data-dir={profile}",
         f"--window-size={size[0]},{size[1]}",
-        # Give the page's XHR (the tasks table) time to fill in before the capture.
+        # Lets the page's XHR (the tasks table) fill in before the capture.
         f"--virtual-time-budget={wait_ms}",
         f"--screenshot={out}",
         url,
     ]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, check=False)
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout_s:g} s)"
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
