@@ -154,7 +154,10 @@ class Generator:
             workspace.pinned = True
             position = torch.zeros(1, dtype=torch.long, device=self.device)
             with model_errors("warmup"), torch.inference_mode():
-                self._call_step(workspace, dummy, position)
+                # CUDA-graph trees run a step once plainly, record it on the second call
+                # and replay from the third: all of that happens here, not in a request.
+                for _ in range(3):
+                    self._call_step(workspace, dummy, position).clone()
 
     def release(self) -> None:
         """Drop the caches not prepared at warmup (after an out-of-memory)."""
