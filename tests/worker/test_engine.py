@@ -241,8 +241,11 @@ def test_fault_markers_are_parsed_from_the_environment_value() -> None:
 @pytest.mark.parametrize("compile_", [False, True])
 @pytest.mark.gpu
 @needs_gpu
-def test_float32_on_gpu_reproduces_the_reference(compile_: bool) -> None:
-    torch.backends.cudnn.allow_tf32 = False  # the patch convolution, as on the CPU reference
+def test_float32_on_gpu_reproduces_the_reference(
+    compile_: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Full float32 in the patch convolution too, as in the CPU reference.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     gpu_engine = Engine.load(
         EngineConfig(model=TINY_MODEL, device="cuda", dtype="float32", compile=compile_)
     )

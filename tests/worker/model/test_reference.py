@@ -18,19 +18,10 @@ from phi3v_reference import IMAGES_DIR, REFERENCE_DIR, load_cases
 from PIL import Image
 from safetensors.torch import load_file
 
+from producer.images import decode_image  # the worker's own decoder, as in production
 from worker.engine import Engine, GenerationRequest
 from worker.model.kvcache import DynamicKVCache
 from worker.model.processor import EncodedPrompt, chat_text
-
-try:  # the worker's own decoder; plain PIL gives the same RGB for every reference image
-    from producer.images import decode_image
-except ImportError:  # pragma: no cover - only while producer/images.py does not exist
-
-    def decode_image(data: bytes) -> Image.Image:  # type: ignore[misc]
-        import io
-
-        return Image.open(io.BytesIO(data)).convert("RGB")
-
 
 REFERENCE = load_cases()
 CASES = REFERENCE["cases"]
