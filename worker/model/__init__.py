@@ -2,6 +2,6 @@
 
 `config` reads the official checkpoint files, `processor` turns a prompt and images into
 token ids and pixel crops, `vision` and `modeling` hold the network, `weights` finds and
-loads the checkpoint, `generation` runs greedy decoding. Nothing here loads a model or
-touches a device at import time.
+loads the checkpoint, `kvcache` and `generation` run greedy decoding. Nothing here loads a
+model or touches a device at import time. See docs/model.md.
 """
