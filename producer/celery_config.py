@@ -44,6 +44,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_expires": settings.result_expires_s,
+        # A result stored while Redis restarts is retried, not lost (backoff up to 10 s).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         "result_extended": True,
         "task_track_started": True,
         # Flower needs task events.

@@ -7,13 +7,17 @@ code); an unexpected exception (stored as `model_error`). Every run logs exactly
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.worker import state as worker_state
+from kombu.exceptions import OperationalError
 
 from producer.contract import CANCEL_KEY, DELIVERIES_KEY, PROGRESS_STATE, TaskName
 from producer.errors import InvalidInput, ModelError, TaskFailed, VisionQueueError
@@ -22,8 +26,6 @@ from producer.settings import Settings
 from worker.handler import TaskContext, handle
 
 if TYPE_CHECKING:
-    import redis
-
     from worker.engine import Engine
     from worker.health import HealthReporter
     from worker.metrics import WorkerMetrics
@@ -97,6 +99,12 @@ def execute(
         handle(message, ctx, result)
         _forget_deliveries(runtime.redis, task_id, task.request.retries)
         return result.to_dict()
+    except (redis.RedisError, OperationalError) as exc:
+        # Redis itself is unreachable (restart, failover): not the request's fault. Hand the
+        # message back; if even that fails, it returns after the visibility timeout.
+        outcome = "requeued"
+        log.warning("task id=%s: Redis unavailable (%s); requeueing", task_id, type(exc).__name__)
+        raise Reject(exc, requeue=True) from None
     except VisionQueueError as error:
         outcome = error.code.value
         if error.transient and task.request.retries < settings.max_retries:
@@ -172,7 +180,9 @@ class _CancelWatch:
         now = time.monotonic()
         if now >= self._next_poll:
             self._next_poll = now + _CANCEL_POLL_INTERVAL_S
-            self._cancelled = bool(self.client.exists(CANCEL_KEY.format(task_id=self.task_id)))
+            # Redis restarting: keep generating; the revoke broadcast still applies.
+            with contextlib.suppress(redis.RedisError):
+                self._cancelled = bool(self.client.exists(CANCEL_KEY.format(task_id=self.task_id)))
         return self._cancelled
 
 
@@ -185,7 +195,9 @@ class _ProgressReporter:
         now = time.monotonic()
         if now >= self._next:
             self._next = now + _PROGRESS_INTERVAL_S
-            self.task.update_state(state=PROGRESS_STATE, meta={"tokens": tokens})
+            # Progress is best effort; the result itself is stored with retries.
+            with contextlib.suppress(redis.RedisError, OperationalError):
+                self.task.update_state(state=PROGRESS_STATE, meta={"tokens": tokens})
 
 
 def _log_and_measure(

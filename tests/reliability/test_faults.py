@@ -130,7 +130,8 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
             time.sleep(0.05)
         redis_server.restart()  # AOF on: queued messages and results survive
         results = [fast_client.result(h.id, wait=True, timeout=300) for h in handles]
-    assert all(r is not None and r["state"] == "SUCCESS" for r in results)
+    failed = [r for r in results if r is None or r["state"] != "SUCCESS"]
+    assert not failed, failed[:3]
     print(
         f"\nreliability: redis restart with 100 queued: 100/100 in {time.monotonic() - began:.1f}s"
     )
@@ -171,15 +172,15 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_bounded_deliveries(
     handle = fast_client.submit("ask", [], "__CRASH__ now", max_new_tokens=4)
     started = 0
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        with WorkerProcess(redis_url, tmp_path, **env) as worker:
-            started += 1
-            while worker.process is not None and worker.process.poll() is None:
-                if fast_client.status(handle.id).done:
-                    break
-                time.sleep(0.1)
-        if fast_client.status(handle.id).done:
-            break
+    # Keep one worker running, as a supervisor would, until the task has an outcome.
+    while not fast_client.status(handle.id).done and time.monotonic() < deadline:
+        worker = WorkerProcess(redis_url, tmp_path, **env).start(wait_ready=False)
+        started += 1
+        while worker.process is not None and worker.process.poll() is None:
+            if fast_client.status(handle.id).done:
+                break
+            time.sleep(0.1)
+        worker.stop()
     result = fast_client.result(handle.id)
     assert result is not None and result["state"] == "FAILURE"
     assert result["error"]["code"] == "model_error"
