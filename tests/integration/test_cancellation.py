@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support.workers import WorkerProcess
+from support.workers import WorkerProcess, wait_until_generating
 
 from producer import Client
 from producer.settings import Settings
@@ -35,19 +35,9 @@ def long_client(module_redis, slow_worker) -> Iterator[Client]:
         yield client
 
 
-def wait_until_running(client: Client, task_id: str, timeout_s: float = 60) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = client.status(task_id)
-        if status.state == "PROGRESS" and status.tokens > 0:
-            return status.tokens
-        time.sleep(0.05)
-    raise TimeoutError(f"{task_id} never reported progress")
-
-
 def test_a_running_task_stops_at_its_next_token_and_ends_cancelled(long_client: Client):
     handle = long_client.submit("ask", [], "Tell a very long story.", max_new_tokens=LONG)
-    wait_until_running(long_client, handle.id)
+    wait_until_generating(long_client, handle.id)
     cancelled_at = time.monotonic()
     long_client.cancel(handle.id)
     result = long_client.result(handle.id, wait=True, timeout=60)
@@ -59,7 +49,7 @@ def test_a_running_task_stops_at_its_next_token_and_ends_cancelled(long_client: 
 def test_a_queued_task_that_is_cancelled_never_runs(long_client: Client, slow_worker):
     running = long_client.submit("ask", [], "Keep the worker busy.", max_new_tokens=LONG)
     queued = long_client.submit("ask", [], "Never run me.", max_new_tokens=5)
-    wait_until_running(long_client, running.id)
+    wait_until_generating(long_client, running.id)
     long_client.cancel(queued.id)
     long_client.cancel(running.id)
     result = long_client.result(queued.id, wait=True, timeout=60)

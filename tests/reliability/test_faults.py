@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.redis_server import RedisServer
-from support.workers import WorkerProcess, base_env
+from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client
 from producer.settings import Settings
@@ -41,16 +41,6 @@ def successes(workers: Iterable[WorkerProcess]) -> Counter[str]:
     return found
 
 
-def wait_running(client: Client, task_id: str, timeout_s: float = 60) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = client.status(task_id)
-        if status.state == "PROGRESS" and status.tokens > 0:
-            return status.worker
-        time.sleep(0.02)
-    raise TimeoutError(f"{task_id} never ran")
-
-
 @pytest.fixture
 def fast_client(redis_url: str) -> Iterator[Client]:
     settings = Settings.from_env({}, redis_url=redis_url, max_new_tokens_caps="ask=4000")
@@ -71,7 +61,7 @@ def test_sigkill_mid_generation_redelivers_and_ends_with_exactly_one_success(
         ids = []
         for _ in range(rounds):
             handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
-            victim = workers[wait_running(fast_client, handle.id)]
+            victim = workers[wait_until_generating(fast_client, handle.id).worker]
             victim.signal(signal.SIGKILL)
             victim.wait()
             replacement = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start(
@@ -94,7 +84,7 @@ def test_sigkill_mid_generation_redelivers_and_ends_with_exactly_one_success(
 def test_sigterm_lets_the_running_task_finish(redis_url, fast_client: Client, tmp_path: Path):
     with WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY) as worker:
         handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
-        wait_running(fast_client, handle.id)
+        wait_until_generating(fast_client, handle.id)
         worker.signal(signal.SIGTERM)
         assert worker.wait(timeout_s=60) == 0
     result = fast_client.result(handle.id)
@@ -107,7 +97,7 @@ def test_a_second_signal_stops_at_once_and_the_task_is_redelivered(
 ):
     first = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start()
     handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
-    wait_running(fast_client, handle.id)
+    wait_until_generating(fast_client, handle.id)
     first.signal(signal.SIGTERM)
     time.sleep(0.2)
     first.signal(signal.SIGQUIT)  # cold shutdown: do not wait for the task

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from support.redis_server import free_port
-from support.workers import base_env
+from support.workers import base_env, terminate
 
 FLOWER_USER, FLOWER_PASSWORD = "user", "pass"
 
@@ -122,13 +122,7 @@ class FlowerProcess:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, grace_s=10)
         self._log.close()
         self.process = None
 

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from producer.client import Client, TaskStatus
+
 TESTS = Path(__file__).resolve().parent.parent
 TINY_MODEL = TESTS / "data" / "phi3v-reference" / "model"
 IMAGES = TESTS / "data" / "phi3v-reference" / "images"
@@ -36,6 +38,28 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: how an orchestrator stops a service."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_until_generating(client: Client, task_id: str, timeout_s: float = 60) -> TaskStatus:
+    """Wait until a task reports generated tokens; return that status (tokens, worker)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.status(task_id)
+        if status.state == "PROGRESS" and status.tokens > 0:
+            return status
+        time.sleep(0.02)
+    raise TimeoutError(f"{task_id} never reported progress")
 
 
 class WorkerProcess:
@@ -97,13 +121,7 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, grace_s=30)
         self._log.close()
 
     def __enter__(self) -> WorkerProcess:
