@@ -131,13 +131,27 @@ class Engine:
         except Exception as exc:
             raise ModelError(f"loading {config.model} failed: {type(exc).__name__}: {exc}") from exc
         engine = cls(
-            model_id=config.model, device=device, dtype=dtype, attention=attention, model=model,
-            processor=processor, generator=generator, num_crops=config.num_crops,
+            model_id=config.model,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            model=model,
+            processor=processor,
+            generator=generator,
+            num_crops=config.num_crops,
             load_seconds=time.perf_counter() - began,
         )
-        log.info("loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); compiled decode %s",
-                 config.model, folder, engine.device, engine.dtype, engine.load_seconds,
-                 attention, reason, "on" if compile else "off")
+        log.info(
+            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); compiled decode %s",
+            config.model,
+            folder,
+            engine.device,
+            engine.dtype,
+            engine.load_seconds,
+            attention,
+            reason,
+            "on" if compile else "off",
+        )
         return engine
 
     def warmup(self) -> None:
@@ -180,18 +194,12 @@ class Engine:
             with model_errors("preprocessing"):
                 faults.inject(request.prompt, self.device)
                 crops = self.processor.crops(encoded, self._torch_device)
-                input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
             preprocess_s = time.perf_counter() - began
 
             began = time.perf_counter()
             with model_errors("image encoding"):
-                embeds = self.model.model.vision_embed_tokens(
-                    input_ids,
-                    crops,
-                    [(hd.rows, hd.cols) for hd in encoded.images],
-                    [(span.start, span.length) for span in encoded.spans],
-                )
-            del crops, input_ids
+                embeds = self.embed(encoded, crops)
+            del crops
             embed_s = time.perf_counter() - began
             decoded = self.generator.generate(
                 embeds, request.max_new_tokens, self.processor.stop_token_ids, request.on_token
@@ -206,6 +214,24 @@ class Engine:
             prefill_s=embed_s + decoded.prefill_s,
             decode_s=decoded.decode_s,
         )
+
+    def embed(
+        self, encoded: EncodedPrompt, crops: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The prompt's input embeddings, each image's features written into its positions.
+
+        Call under `torch.inference_mode()`; `crops` defaults to the processor's.
+        """
+        if crops is None:
+            crops = self.processor.crops(encoded, self._torch_device)
+        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
+        embeds: torch.Tensor = self.model.model.vision_embed_tokens(
+            input_ids,
+            crops,
+            [(hd.rows, hd.cols) for hd in encoded.images],
+            [(span.start, span.length) for span in encoded.spans],
+        )
+        return embeds
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

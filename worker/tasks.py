@@ -113,18 +113,21 @@ def execute(
             raise task.retry(
                 exc=error, countdown=_backoff_s(settings, task.request.retries)
             ) from None
-        raise _failure(result, error, ctx) from None
+        raise _failure(result, error, ctx, task.request.retries) from None
     except Exception as exc:
         outcome = "model_error"
         log.exception("task id=%s task=%s crashed", task_id, name.value)
-        raise _failure(result, ModelError(f"internal error: {type(exc).__name__}"), ctx) from None
+        internal = ModelError(f"internal error: {type(exc).__name__}")
+        raise _failure(result, internal, ctx, task.request.retries) from None
     finally:
         runtime.health.task_finished()
         _log_and_measure(runtime, result, outcome, ctx, delivery)
 
 
-def _failure(result: TaskResult, error: VisionQueueError, ctx: TaskContext) -> TaskFailed:
-    _forget_deliveries(ctx.redis, result.id, None)
+def _failure(
+    result: TaskResult, error: VisionQueueError, ctx: TaskContext, retries: int
+) -> TaskFailed:
+    _forget_deliveries(ctx.redis, result.id, retries)
     result.error = error.to_dict()
     result.timings.total = time.time() - ctx.started_at
     return TaskFailed(result.to_dict())
@@ -150,13 +153,8 @@ def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: S
     return delivery
 
 
-def _forget_deliveries(client: redis.Redis, task_id: str, retries: int | None) -> None:
-    pattern = DELIVERIES_KEY.format(task_id=task_id)
-    keys = (
-        [f"{pattern}:{retries}"] if retries is not None else list(client.scan_iter(pattern + ":*"))
-    )
-    if keys:
-        client.delete(*keys)
+def _forget_deliveries(client: redis.Redis, task_id: str, retries: int) -> None:
+    client.delete(DELIVERIES_KEY.format(task_id=task_id) + f":{retries}")
 
 
 def _backoff_s(settings: Settings, retries: int) -> float:

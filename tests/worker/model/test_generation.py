@@ -28,12 +28,7 @@ def prompt_embeddings(engine: Engine, case_id: str) -> torch.Tensor:
         chat_text(case["prompt"], len(images)), images, case["num_crops"]
     )
     with torch.inference_mode():
-        return engine.model.model.vision_embed_tokens(  # type: ignore[no-any-return]
-            torch.tensor([encoded.input_ids]),
-            engine.processor.crops(encoded),
-            [(hd.rows, hd.cols) for hd in encoded.images],
-            [(span.start, span.length) for span in encoded.spans],
-        )
+        return engine.embed(encoded)
 
 
 def run(generator: Generator, engine: Engine, case_id: str, **kwargs: Any) -> list[int]:

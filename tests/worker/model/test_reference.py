@@ -46,12 +46,7 @@ def encode(engine: Engine, case: dict[str, Any]) -> EncodedPrompt:
 
 def embeddings(engine: Engine, encoded: EncodedPrompt) -> torch.Tensor:
     with torch.inference_mode():
-        return engine.model.model.vision_embed_tokens(  # type: ignore[no-any-return]
-            torch.tensor([encoded.input_ids]),
-            engine.processor.crops(encoded),
-            [(hd.rows, hd.cols) for hd in encoded.images],
-            [(span.start, span.length) for span in encoded.spans],
-        )
+        return engine.embed(encoded)
 
 
 def assert_stats(tensor: torch.Tensor, expected: dict[str, Any]) -> None:
