@@ -27,6 +27,7 @@ from producer.errors import (
     WaitTimeout,
 )
 from producer.images import ImageLimits, decode_base64_image, inspect_image
+from producer.redis_connect import redis_client
 from producer.schemas import ImageRef, ImageSource, TaskOptions, TaskRequest, check_request
 from producer.settings import Settings, mask_url
 from producer.staging import stage_image
@@ -62,11 +63,7 @@ class Client:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings or Settings.from_env(**overrides)
         self._app = make_celery_app(self.settings)
-        self._redis = redis.Redis.from_url(
-            self.settings.effective_broker_url,
-            socket_connect_timeout=self.settings.connect_timeout_s,
-            socket_timeout=max(10.0, self.settings.connect_timeout_s),
-        )
+        self._redis = redis_client(self.settings)
         self._limits = ImageLimits.from_settings(self.settings)
 
     # Submitting ------------------------------------------------------------------------

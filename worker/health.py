@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from producer.redis_connect import redis_client
 from producer.settings import Settings
 
 log = logging.getLogger("vision_queue.worker")
@@ -148,9 +149,7 @@ def check_ready(path: Path, settings: Settings) -> tuple[bool, str]:
     if data.get("state") == "stopping":
         return False, "worker is shutting down"
     try:
-        client = redis.Redis.from_url(
-            settings.effective_broker_url, socket_connect_timeout=2, socket_timeout=2
-        )
+        client = redis_client(settings, socket_connect_timeout=2, socket_timeout=2)
         client.ping()
         client.close()
     except redis.RedisError as exc:

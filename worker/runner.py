@@ -20,10 +20,10 @@ import logging
 import sys
 from typing import Any
 
-import redis
 from celery.signals import worker_ready
 
 from producer.celery_config import make_celery_app
+from producer.redis_connect import redis_client
 from producer.settings import Settings
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter, default_worker_name, health_file_path
@@ -69,7 +69,7 @@ def run_worker(settings: Settings) -> int:
         name=name,
         metrics=metrics,
         health=health,
-        redis=redis.Redis.from_url(settings.effective_broker_url, health_check_interval=30),
+        redis=redis_client(settings),
     )
     app = make_celery_app(settings)
     register_tasks(app, runtime)

@@ -27,3 +27,20 @@ def test_importing_the_producer_is_fast():
         for _ in range(3)
     ]
     assert min(runs) < 1.0
+
+
+def test_the_contract_and_the_engine_import_without_the_queue_packages():
+    # The GPU check runs the engine where celery, kombu and redis are not installed.
+    code = (
+        "import sys, producer.errors, producer.contract, producer.schemas, worker.engine; "
+        "queue = [m for m in ('celery', 'kombu', 'redis') if m in sys.modules]; "
+        "print(','.join(queue))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+
+
+def test_the_package_still_exports_the_client_names():
+    code = "from producer import Client, TaskName, WaitTimeout; print(Client.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "Client"
