@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--prompt", help="your question (the ask task only)")
     submit.add_argument("--max-new-tokens", type=int, help="generation budget (capped per task)")
     submit.add_argument("--num-crops", type=int, help="HD crops per image (1..16)")
+    submit.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); up to 2 samples"
+    )
+    submit.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0..1]")
+    submit.add_argument("--seed", type=int, help="sampling seed: same seed, same text")
+    submit.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the text before TEXT (repeat, up to 4 times)",
+    )
     _add_wait_options(submit)
 
     status = commands.add_parser(
@@ -121,6 +133,10 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         num_crops=args.num_crops,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
     )
     if not args.wait:
         print(json.dumps({"id": handle.id}) if args.json else handle.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from producer.errors import (
 )
 from producer.images import ImageLimits, decode_base64_image, inspect_image
 from producer.redis_connect import redis_client
-from producer.schemas import ImageRef, ImageSource, TaskOptions, TaskRequest, check_request
+from producer.schemas import (
+    ImageRef,
+    ImageSource,
+    TaskOptions,
+    TaskRequest,
+    check_request,
+    stop_strings,
+)
 from producer.settings import Settings, mask_url
 from producer.staging import stage_image
 
@@ -76,11 +83,27 @@ class Client:
         *,
         max_new_tokens: int | None = None,
         num_crops: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
     ) -> TaskHandle:
-        """Validate, stage image bytes, enqueue. Bad input raises before anything is queued."""
+        """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
+
+        `temperature` 0 (the default) decodes greedily; above 0 samples, with `top_p` and,
+        for repeatable text, a `seed`. The text ends before the first of up to 4 `stop`
+        strings.
+        """
         name = _task_name(task)
         image_list = list(images)
-        options = TaskOptions(max_new_tokens=max_new_tokens, num_crops=num_crops)
+        options = TaskOptions(
+            max_new_tokens=max_new_tokens,
+            num_crops=num_crops,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop_strings(stop),
+        )
         # Check the cheap rules before reading or uploading any image.
         placeholder = tuple(ImageRef(ImageSource.URL, "-") for _ in image_list)
         check_request(TaskRequest(name, placeholder, prompt, options), self.settings)

@@ -7,9 +7,10 @@ anyone who can write to Redis can put a message on the queue.
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -45,10 +46,25 @@ class ImageRef:
         return "path:" + self.ref[-200:]
 
 
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class TaskOptions:
+    """How to generate. The defaults are greedy decoding up to the task's token cap."""
+
     max_new_tokens: int | None = None
     num_crops: int | None = None
+    temperature: float = 0.0  # 0 = greedy; otherwise sample from softmax(logits / T)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of ids whose mass reaches top_p
+    seed: int | None = None  # same seed + same inputs = same text, whatever shares the batch
+    stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop)}
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,7 @@ class TaskRequest:
             "task": self.task.value,
             "prompt": self.prompt,
             "images": [image.to_dict() for image in self.images],
-            "options": asdict(self.options),
+            "options": self.options.to_dict(),
             "submitted_at": self.submitted_at,
         }
 
@@ -145,6 +161,49 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
     crops = request.options.num_crops
     if crops is not None and not 1 <= crops <= 16:
         raise InvalidInput("num_crops must be between 1 and 16", field="num_crops")
+    check_generation_options(request.options)
+
+
+def check_generation_options(options: TaskOptions) -> None:
+    """Sampling and stop options; each fault names its field."""
+    temperature = options.temperature
+    if not _is_number(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidInput(
+            f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}", field="temperature"
+        )
+    top_p = options.top_p
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidInput("top_p must be a number above 0 and at most 1", field="top_p")
+    seed = options.seed
+    if seed is not None and (not _is_integer(seed) or not 0 <= seed <= MAX_SEED):
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
+    stop = options.stop
+    if not isinstance(stop, tuple) or len(stop) > MAX_STOP_STRINGS:
+        raise InvalidInput(f"stop takes at most {MAX_STOP_STRINGS} strings", field="stop")
+    for item in stop:
+        if not isinstance(item, str) or not 1 <= len(item) <= MAX_STOP_CHARS:
+            raise InvalidInput(
+                f"each stop string must have 1 to {MAX_STOP_CHARS} characters", field="stop"
+            )
+
+
+def stop_strings(stop: Any) -> tuple[str, ...]:
+    """A caller's `stop` (one string or several) as the tuple TaskOptions holds."""
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (list, tuple)):
+        return tuple(stop)
+    raise InvalidInput("stop must be a string or a list of strings", field="stop")
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
@@ -168,18 +227,31 @@ def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
     return tuple(refs)
 
 
+_OPTION_NAMES = frozenset(f.name for f in fields(TaskOptions))
+
+
 def _parse_options(raw: Any) -> TaskOptions:
+    """Types only; the ranges are check_request's (the same rules on both sides)."""
     if not isinstance(raw, dict):
         raise InvalidInput("options must be an object", field="options")
-    unknown = set(raw) - {"max_new_tokens", "num_crops"}
+    unknown = sorted(str(name)[:40] for name in set(raw) - _OPTION_NAMES)
     if unknown:
-        raise InvalidInput(f"unknown option {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
-    values: dict[str, int | None] = {}
-    for name in ("max_new_tokens", "num_crops"):
+        raise InvalidInput(f"unknown option {unknown[0]!r}", field=unknown[0])
+    values: dict[str, Any] = {}
+    for name in ("max_new_tokens", "num_crops", "seed"):
         value = raw.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is not None and not _is_integer(value):
             raise InvalidInput(f"{name} must be an integer", field=name)
         values[name] = value
+    for name, default in (("temperature", 0.0), ("top_p", 1.0)):
+        value = raw.get(name, default)
+        if not _is_number(value):
+            raise InvalidInput(f"{name} must be a number", field=name)
+        values[name] = float(value)
+    stop = raw.get("stop") or []
+    if not isinstance(stop, list):
+        raise InvalidInput("stop must be a list of strings", field="stop")
+    values["stop"] = tuple(stop)
     return TaskOptions(**values)
 
 
@@ -208,6 +280,9 @@ class TaskResult:
     timings: Timings = field(default_factory=Timings)
     worker: str = ""
     device: str = ""
+    # "stop" (end token or stop string), "length" (token budget), "cancelled"; empty when
+    # the task failed before generating.
+    finish_reason: str = ""
     error: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +295,7 @@ class TaskResult:
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
             },
+            "finish_reason": self.finish_reason,
             "timings": self.timings.rounded(),
             "worker": self.worker,
             "device": self.device,

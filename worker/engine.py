@@ -32,6 +32,7 @@ from PIL import Image
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from worker import faults
 from worker.model.config import Phi3VConfig
+from worker.model.detokenizer import TextStream, Vocabulary
 from worker.model.generation import CACHE_BUCKETS, Generator, model_errors
 from worker.model.modeling import KERNELS, Phi3VForCausalLM, build_model
 from worker.model.processor import MAX_NUM_CROPS, EncodedPrompt, Phi3VProcessor, chat_text
@@ -64,6 +65,15 @@ class GenerationRequest:
     # Called after every generated token with the count so far; it may raise (e.g.
     # Cancelled, TaskTimeout) to stop generation, and the exception propagates unchanged.
     on_token: Callable[[int], None] | None = None
+    # Sampling: temperature 0 is greedy; top_p and seed as in producer.schemas.TaskOptions.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    # Generation ends before any of these strings (up to 4), which are not part of the text.
+    stop: Sequence[str] = ()
+    # Called with each new piece of text as soon as it is final: whole characters, never
+    # part of a stop string; the pieces joined are exactly the result's text.
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,15 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
-    stop_reason: str  # "length" | "eos:<id>"
+    stop_reason: str  # "length" | "eos:<id>" | "stop_string"
     preprocess_s: float
     prefill_s: float
     decode_s: float
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's vocabulary: "stop" (end token or stop string) or "length"."""
+        return "length" if self.stop_reason == "length" else "stop"
 
 
 class Engine:
@@ -101,6 +116,7 @@ class Engine:
         self.load_seconds = load_seconds
         self.model = model
         self.processor = processor
+        self.vocabulary = Vocabulary(processor.tokenizer)
         self.generator = generator
         self.num_crops = num_crops
         self._torch_device = device
@@ -201,11 +217,26 @@ class Engine:
                 embeds = self.embed(encoded, crops)
             del crops
             embed_s = time.perf_counter() - began
+            stream = TextStream(self.vocabulary, request.stop)
+
+            def on_id(token_id: int) -> bool:
+                piece = stream.push(token_id)
+                if piece and request.on_text is not None:
+                    request.on_text(piece)
+                return stream.stopped
+
             decoded = self.generator.generate(
-                embeds, request.max_new_tokens, self.processor.stop_token_ids, request.on_token
+                embeds,
+                request.max_new_tokens,
+                self.processor.stop_token_ids,
+                request.on_token,
+                on_id=on_id,
             )
+        rest = stream.finish()
+        if rest and request.on_text is not None:
+            request.on_text(rest)
         return GenerationResult(
-            text=self.processor.decode(decoded.token_ids),
+            text=stream.text,
             token_ids=decoded.token_ids,
             prompt_tokens=encoded.prompt_tokens,
             completion_tokens=len(decoded.token_ids),

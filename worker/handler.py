@@ -61,6 +61,7 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     output = ctx.engine.generate(_generation_request(request, images, ctx, deadline))
 
     result.text = output.text
+    result.finish_reason = output.finish_reason
     result.prompt_tokens = output.prompt_tokens
     result.completion_tokens = output.completion_tokens
     result.timings.preprocess = decode_s + output.preprocess_s
@@ -81,6 +82,10 @@ def _generation_request(
         max_new_tokens=request.max_new_tokens(ctx.settings),
         num_crops=request.options.num_crops or ctx.settings.default_num_crops or None,
         on_token=on_token,
+        temperature=request.options.temperature,
+        top_p=request.options.top_p,
+        seed=request.options.seed,
+        stop=request.options.stop,
     )
 
 

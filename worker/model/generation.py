@@ -67,7 +67,7 @@ def model_errors(stage: str) -> Iterator[None]:
 @dataclass
 class Decoded:
     token_ids: list[int]
-    stop_reason: str  # "length" | "eos:<id>"
+    stop_reason: str  # "length" | "eos:<id>" | "stop_string"
     prefill_s: float
     decode_s: float
 
@@ -109,7 +109,13 @@ class Generator:
         max_new_tokens: int,
         stop_ids: Collection[int],
         on_token: Callable[[int], None] | None = None,
+        on_id: Callable[[int], bool] | None = None,
     ) -> Decoded:
+        """Greedy tokens until a stop id or `max_new_tokens`.
+
+        `on_id` sees each new id first and returns True to end here (a stop string was
+        matched in the text); `on_token` then sees the count so far and may raise to stop.
+        """
         length = int(inputs_embeds.shape[1])
         capacity = self.capacity_for(length + max_new_tokens)
         begin = time.perf_counter()
@@ -126,6 +132,9 @@ class Generator:
         try:
             while True:
                 tokens.append(token)
+                if on_id is not None and on_id(token):
+                    reason = "stop_string"
+                    break
                 if on_token is not None:
                     on_token(len(tokens))
                 if token in stop_ids:
