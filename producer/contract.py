@@ -52,7 +52,9 @@ STAGED_IMAGE_KEY = KEY_PREFIX + ":img:{digest}"
 CANCEL_KEY = KEY_PREFIX + ":cancel:{task_id}"
 DELIVERIES_KEY = KEY_PREFIX + ":deliveries:{task_id}"
 SUBMITTED_KEY = KEY_PREFIX + ":submitted:{task_id}"
-WORKER_STATUS_KEY = KEY_PREFIX + ":worker:{name}"
+# Live workers per queue: a sorted set, member = worker name, score = the Unix time until
+# which that worker counts as alive (refreshed by its heartbeat). See producer.presence.
+WORKER_PRESENCE_KEY = KEY_PREFIX + ":presence:{queue}"
 
 # Custom Celery state reported while a task generates (tokens so far).
 PROGRESS_STATE = "PROGRESS"
