@@ -445,7 +445,7 @@ def test_the_proxy_lets_dashboard_users_read_and_revoke_only_by_default(
 def test_the_proxy_image_carries_the_tested_template():
     # tests/integration/test_flower.py runs this very template in a real nginx.
     stage = final_stage(dockerfile_instructions(PROXY_DIR / "Dockerfile"))
-    assert stage[0][1].startswith("nginx:")
+    assert stage[0][1].startswith("nginxinc/nginx-unprivileged:")
     copies = [args for keyword, args in stage if keyword == "COPY"]
     assert "default.conf.template /etc/nginx/templates/default.conf.template" in copies
     template = (PROXY_DIR / "default.conf.template").read_text()
