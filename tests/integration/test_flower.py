@@ -33,9 +33,10 @@ from support.flower import (
 )
 from support.redis_server import PASSWORD as REDIS_PASSWORD
 from support.redis_server import RedisServer
-from support.workers import WorkerProcess
+from support.workers import WorkerProcess, wait_until_generating
 
 from producer.client import Client
+from producer.contract import TaskName
 from producer.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
@@ -397,6 +398,7 @@ def test_dashboard_screenshot(
 # The proxy in front of Flower ------------------------------------------------------------
 
 REFUSAL = "refused by the vision-queue Flower proxy"
+DESCRIBE = TaskName.DESCRIBE.celery_name
 
 
 def worker_controls(worker: str) -> dict[str, str]:
@@ -409,11 +411,11 @@ def worker_controls(worker: str) -> dict[str, str]:
         "autoscale pool": f"/api/worker/pool/autoscale/{worker}?min=1&max=4",
         "add consumer": f"/api/worker/queue/add-consumer/{worker}?queue=extra",
         "cancel consumer": f"/api/worker/queue/cancel-consumer/{worker}?queue=gpu",
-        "rate limit": f"/api/task/rate-limit/vision_queue.describe?workername={worker}&ratelimit=1/h",
-        "time limit": f"/api/task/timeout/vision_queue.describe?workername={worker}&hard=1",
-        "apply a task": "/api/task/apply/vision_queue.describe",
-        "async-apply a task": "/api/task/async-apply/vision_queue.describe",
-        "send a task": "/api/task/send-task/vision_queue.describe",
+        "rate limit": f"/api/task/rate-limit/{DESCRIBE}?workername={worker}&ratelimit=1/h",
+        "time limit": f"/api/task/timeout/{DESCRIBE}?workername={worker}&hard=1",
+        "apply a task": f"/api/task/apply/{DESCRIBE}",
+        "async-apply a task": f"/api/task/async-apply/{DESCRIBE}",
+        "send a task": f"/api/task/send-task/{DESCRIBE}",
         "abort a task": "/api/task/abort/0f7a3c1e-0000-4000-8000-000000000000",
     }
 
@@ -513,6 +515,18 @@ def test_worker_controls_pass_only_when_the_operator_opts_in(
 
 
 @needs_nginx
+def test_a_mistyped_opt_in_refuses_everything(
+    flower: FlowerProcess, tmp_path: Path
+) -> None:
+    nginx = find_nginx()
+    assert nginx is not None
+    with FlowerProxy(nginx, flower, tmp_path / "proxy", allow_control="yes") as typo:
+        for path in ("/", "/api/workers", "/api/worker/shutdown/nobody@nowhere"):
+            assert typo.get(path).status == 403, path
+        assert typo.post("/api/worker/shutdown/nobody@nowhere").status == 403
+
+
+@needs_nginx
 def test_metrics_are_served_on_the_metrics_port_only(
     proxy: FlowerProxy, shared_worker: WorkerProcess, ran_tasks: list[RanTask]
 ) -> None:
@@ -589,8 +603,8 @@ def test_the_dashboard_does_not_offer_what_the_proxy_refuses(
             offered[label] = set(browser.evaluate_until(session, OFFERED_CONTROLS_JS))
     refused = {"worker-shutdown", "worker-pool-restart", "worker-pool-grow",
                "worker-pool-shrink", "worker-pool-autoscale", "worker-add-consumer",
-               "worker-cancel-consumer-gpu", "task-rate-limit-vision_queue.describe",
-               "task-timeout-hard-vision_queue.describe"}
+               "worker-cancel-consumer-gpu", f"task-rate-limit-{DESCRIBE}",
+               f"task-timeout-hard-{DESCRIBE}"}
     # Flower alone offers all of them (so the check below can see a control) ...
     assert refused <= offered["flower"], refused - offered["flower"]
     # ... the shipped proxy none, while the harmless ones stay.
@@ -601,3 +615,32 @@ def test_the_dashboard_does_not_offer_what_the_proxy_refuses(
             "worker-pool-autoscale"}
     assert refused - pool <= offered["control"], (refused - pool) - offered["control"]
     assert not pool & offered["control"], pool & offered["control"]
+
+
+LONG = 100_000  # tokens: a generation that runs until it is stopped
+
+
+@needs_nginx
+def test_terminate_from_the_dashboard_stops_a_running_task(
+    proxy: FlowerProxy, module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Given a worker of its own (queue "long", so the shared worker's tasks stay apart)
+    # running a generation that would go on for minutes
+    env = {"VQ_QUEUE": "long", "VQ_MAX_NEW_TOKENS_CAPS": f"ask={LONG}",
+           "VQ_TASK_TIME_LIMIT_S": "120", "VQ_VISIBILITY_TIMEOUT_S": "300"}
+    settings = Settings.from_env({}, redis_url=module_redis.url, queue="long",
+                                 max_new_tokens_caps=f"ask={LONG}", connect_timeout_s=3.0)
+    with WorkerProcess(module_redis.url, tmp_path_factory.mktemp("long-worker"), **env) as worker:
+        with Client(settings) as client:
+            handle = client.submit("ask", [], "Tell a very long story.", max_new_tokens=LONG)
+            wait_until_generating(client, handle.id)
+            # When a dashboard user presses Terminate on the task page (revoke, terminate=true)
+            reply = proxy.post(f"/api/task/revoke/{handle.id}", b"terminate=true")
+            assert reply.status == 200, reply.text
+            # Then the generation stops and the task ends cancelled, not timed out
+            result = client.result(handle.id, wait=True, timeout=110)
+        # and the worker carries on (the thread pool cannot kill a job; the worker's
+        # per-token check stops it)
+        assert worker.process is not None and worker.process.poll() is None
+    assert result is not None and result["state"] == "FAILURE", result
+    assert result["error"]["code"] == "cancelled", result
