@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, Phi3Config
-from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RMSNorm
 
 from worker.model.config import Phi3VConfig, RopeConfig
+from worker.model.layers import AttentionInterface, Phi3Config, Phi3DecoderLayer, Phi3RMSNorm
 from worker.model.vision import ImageEmbedding
 
 ATTENTION_NAME = "vision_queue_phi3v"
