@@ -126,6 +126,17 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unsupported activation {name!r} ({', '.join(_ACTIVATIONS)})") from None
 
 
+def uninitialized_embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """An `nn.Embedding` whose table is left as allocated, for weights loaded afterwards.
+
+    Built on the meta device, `nn.Embedding`'s random init goes through torch's Python
+    reference kernels, whose first call imports `torch._dynamo` (about as long as importing
+    torch itself) in a process that never compiles anything on CPU.
+    """
+    table = torch.empty(num_embeddings, embedding_dim)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=table)
+
+
 # Phi-3 --------------------------------------------------------------------------------------
 
 
@@ -324,11 +335,11 @@ class CLIPVisionEmbeddings(nn.Module):
             kernel_size=config.patch_size, stride=config.patch_size, bias=False,
         )
         self.num_positions = (config.image_size // config.patch_size) ** 2 + 1
-        self.position_embedding = nn.Embedding(self.num_positions, config.hidden_size)
+        self.position_embedding = uninitialized_embedding(self.num_positions, config.hidden_size)
         self.position_ids: torch.Tensor
-        self.register_buffer(
-            "position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False
-        )
+        # Made on the CPU, then moved: arange on the meta device would import torch._dynamo.
+        ids = torch.arange(self.num_positions, device="cpu").expand((1, -1))
+        self.register_buffer("position_ids", ids.to(torch.get_default_device()), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, S, S] -> [B, 1 + patches, hidden]; S must be the configured image size."""
@@ -439,4 +450,5 @@ __all__ = [
     "Phi3Config",
     "Phi3DecoderLayer",
     "Phi3RMSNorm",
+    "uninitialized_embedding",
 ]
