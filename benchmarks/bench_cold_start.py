@@ -1,11 +1,15 @@
 """Cold start, before and after, side by side: `worker infer` once, and `worker run` to ready.
 
-    python benchmarks/bench_cold_start.py --baseline 7efae71 --runs 5
+    python benchmarks/bench_cold_start.py --baseline before=7efae71 --runs 5
+    python benchmarks/bench_cold_start.py --baseline before=7efae71 --baseline layers=6a56a95 \
+        --gc-variant --runs 5                  # what each change contributes
 
-The baseline commit is exported with `git archive` into a temporary folder (nothing in the
-repository changes) and every measurement alternates between it and this tree, so both
-see the same machine load. Each tree runs its own code: the commands start in its folder
-with it first on PYTHONPATH.
+Each baseline commit is exported with `git archive` into a temporary folder (nothing in the
+repository changes) and every measurement goes round all contenders in turn, the order
+alternating, so all see the same machine load. Each tree runs its own code: the commands
+start in its folder with it first on PYTHONPATH. `--gc-variant` adds this tree run without
+its collector pause and `os._exit` ("after-gc"): `infer_main` called then a normal exit,
+and `worker run` with the pause switched off.
 
 Measured per run, medians reported:
 - `import worker.engine`: the model stack's import alone (what a cold process pays first);
@@ -82,25 +86,50 @@ def tree_env(tree: Path, threads: int, **extra: str) -> dict[str, str]:
 def run_once(argv: list[str], tree: Path, env: dict[str, str]) -> tuple[float, float]:
     cpu_before = child_cpu_s()
     began = time.perf_counter()
-    subprocess.run(argv, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - began, child_cpu_s() - cpu_before
+    done = subprocess.run(
+        argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        check=False,
+    )
+    wall, cpu = time.perf_counter() - began, child_cpu_s() - cpu_before
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} in {tree} failed ({done.returncode}):\n{done.stderr}")
+    return wall, cpu
 
 
-def import_engine(tree: Path, threads: int) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    tree: Path
+    keep_gc: bool = False  # this tree without the collector pause and os._exit
+
+
+def import_engine(who: Contender, threads: int) -> tuple[float, float]:
     argv = [sys.executable, "-c", "import worker.engine"]
-    return run_once(argv, tree, tree_env(tree, threads))
+    return run_once(argv, who.tree, tree_env(who.tree, threads))
 
 
-def infer_once(tree: Path, threads: int) -> tuple[float, float]:
-    argv = [
-        sys.executable, "-m", "worker.infer_cli", "--model", str(MODEL), "--task", "describe",
-        "--image", str(IMAGE), "--device", "cpu", "--json",
-    ]
-    return run_once(argv, tree, tree_env(tree, threads))
+INFER_ARGS = [
+    "--model", str(MODEL), "--task", "describe", "--image", str(IMAGE), "--device", "cpu",
+    "--json",
+]
+# The library call, then an ordinary interpreter exit: no collector pause, no os._exit.
+INFER_KEEPING_GC = "import sys; from worker.infer_cli import infer_main; " \
+    "sys.exit(infer_main(sys.argv[1:]))"
+RUN_KEEPING_GC = "import sys; from worker import cli; " \
+    "cli._pause_collector_until_consuming = lambda: None; sys.exit(cli.main(['run']))"
 
 
-def worker_ready_once(tree: Path, threads: int, redis_url: str, scratch: Path) -> float:
+def infer_once(who: Contender, threads: int) -> tuple[float, float]:
+    if who.keep_gc:
+        argv = [sys.executable, "-c", INFER_KEEPING_GC, *INFER_ARGS]
+    else:
+        argv = [sys.executable, "-m", "worker.infer_cli", *INFER_ARGS]
+    return run_once(argv, who.tree, tree_env(who.tree, threads))
+
+
+def worker_ready_once(who: Contender, threads: int, redis_url: str, scratch: Path) -> float:
     """Seconds from `worker run`'s start until its health file says consuming."""
+    tree = who.tree
     name = f"bench-{uuid.uuid4().hex[:8]}@localhost"
     health = scratch / f"{name}.health.json"
     env = tree_env(
@@ -108,10 +137,10 @@ def worker_ready_once(tree: Path, threads: int, redis_url: str, scratch: Path) -
         VQ_WORKER_NAME=name, VQ_HEALTH_FILE=str(health), VQ_METRICS_PORT="0",
     )
     log = (scratch / f"{name}.log").open("wb")
+    command = ["-c", RUN_KEEPING_GC] if who.keep_gc else ["-m", "worker.cli", "run"]
     began = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run"], cwd=tree, env=env, stdout=log,
-        stderr=subprocess.STDOUT,
+        [sys.executable, *command], cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         while True:
@@ -134,36 +163,40 @@ def worker_ready_once(tree: Path, threads: int, redis_url: str, scratch: Path) -
 
 
 def alternate(
-    trees: dict[str, Path], runs: int, measure: Callable[[Path], tuple[float, float]]
+    contenders: list[Contender], runs: int, measure: Callable[[Contender], tuple[float, float]]
 ) -> dict[str, Sample]:
-    samples = {label: Sample() for label in trees}
-    labels = list(trees)
+    samples = {who.label: Sample() for who in contenders}
     for run in range(runs):
-        order = labels if run % 2 == 0 else labels[::-1]  # neither side always goes first
-        for label in order:
-            wall, cpu = measure(trees[label])
-            samples[label].wall_s.append(wall)
-            samples[label].cpu_s.append(cpu)
+        order = contenders if run % 2 == 0 else contenders[::-1]  # nobody always goes first
+        for who in order:
+            wall, cpu = measure(who)
+            samples[who.label].wall_s.append(wall)
+            samples[who.label].cpu_s.append(cpu)
     return samples
 
 
 def report(title: str, samples: dict[str, Sample], with_cpu: bool = True) -> list[str]:
     lines = [f"{title}:"]
     medians = {label: statistics.median(s.wall_s) for label, s in samples.items()}
+    first = next(iter(medians))
     for label, sample in samples.items():
         walls = ", ".join(f"{v:.2f}" for v in sample.wall_s)
-        line = f"  {label:>6}: wall median {medians[label]:.2f} s [{walls}]"
+        line = f"  {label:>9}: wall median {medians[label]:6.2f} s [{walls}]"
         if with_cpu:
             line += f"; CPU median {statistics.median(sample.cpu_s):.2f} s"
+        if label != first:
+            line += f"; {medians[label] / medians[first]:.2f} x {first}"
         lines.append(line)
-    if "before" in medians and "after" in medians:
-        lines.append(f"  after / before: {medians['after'] / medians['before']:.2f}")
     return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="commit to compare with (default: this tree only)")
+    parser.add_argument(
+        "--baseline", action="append", default=[], metavar="LABEL=COMMIT",
+        help="a commit to compare with (repeatable; the first is the reference)",
+    )
+    parser.add_argument("--gc-variant", action="store_true", help="add this tree, gc kept")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the runs")
     parser.add_argument("--skip-worker", action="store_true", help="no `worker run` timing")
@@ -172,24 +205,26 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="vq-cold-") as tmp:
         scratch = Path(tmp)
-        trees = {"after": ROOT}
-        if args.baseline:
-            trees = {"before": export_tree(args.baseline, scratch), "after": ROOT}
+        contenders = []
+        for spec in args.baseline:
+            label, _, commit = spec.rpartition("=")
+            contenders.append(Contender(label or "before", export_tree(commit, scratch)))
+        if args.gc_variant:
+            contenders.append(Contender("after-gc", ROOT, keep_gc=True))
+        contenders.append(Contender("after", ROOT))
+        threads = args.threads
         results: dict[str, dict[str, Sample]] = {}
         results["import worker.engine"] = alternate(
-            trees, args.runs, lambda tree: import_engine(tree, args.threads)
+            contenders, args.runs, lambda who: import_engine(who, threads)
         )
         results["worker infer (one describe, 512 tokens)"] = alternate(
-            trees, args.runs, lambda tree: infer_once(tree, args.threads)
+            contenders, args.runs, lambda who: infer_once(who, threads)
         )
         if not args.skip_worker:
             with RedisServer(scratch / "redis") as redis_server:
                 results["worker run: start to consuming"] = alternate(
-                    trees, args.runs,
-                    lambda tree: (
-                        worker_ready_once(tree, args.threads, redis_server.url, scratch),
-                        0.0,
-                    ),
+                    contenders, args.runs,
+                    lambda who: (worker_ready_once(who, threads, redis_server.url, scratch), 0.0),
                 )
     print(f"cold start, {args.runs} runs each, OMP_NUM_THREADS={args.threads}, "
           f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}")
