@@ -24,11 +24,11 @@ try:
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.version import InvalidVersion, Version
 except ImportError:  # a fresh virtualenv has pip, which carries packaging
-    from pip._vendor.packaging.requirements import (  # type: ignore[no-redef]
+    from pip._vendor.packaging.requirements import (  # type: ignore[assignment]
         InvalidRequirement,
         Requirement,
     )
-    from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[no-redef]
+    from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[assignment]
 
 KEEP, INSTALL, REPLACE, BAD_SPEC = 0, 10, 11, 2
 
