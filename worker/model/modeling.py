@@ -21,10 +21,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, Phi3Config
-from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RMSNorm
 
 from worker.model.config import Phi3VConfig, RopeConfig
+from worker.model.layers import (
+    AttentionInterface,
+    Phi3Config,
+    Phi3DecoderLayer,
+    Phi3RMSNorm,
+    uninitialized_embedding,
+)
 from worker.model.vision import ImageEmbedding
 
 ATTENTION_NAME = "vision_queue_phi3v"
@@ -90,7 +95,9 @@ class LongRopeRotary(nn.Module):
         self.attention_scaling = rope.attention_scaling
         self.short_inv_freq: torch.Tensor
         self.long_inv_freq: torch.Tensor
-        self.reset_buffers(None)
+        # Computed on the CPU even inside a meta-device build: arithmetic on meta tensors
+        # runs torch's Python reference kernels, which import torch._dynamo and sympy.
+        self.reset_buffers(torch.device("cpu"))
 
     def reset_buffers(self, device: torch.device | None) -> None:
         rope = self.rope
@@ -144,7 +151,7 @@ class Phi3VModel(nn.Module):
     def __init__(self, config: Phi3VConfig, vision_attention: str) -> None:
         super().__init__()
         text = text_config(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = uninitialized_embedding(config.vocab_size, config.hidden_size)
         self.vision_embed_tokens = ImageEmbedding(config, self.embed_tokens, vision_attention)
         self.layers = nn.ModuleList(
             [Phi3DecoderLayer(text, index) for index in range(config.num_hidden_layers)]
