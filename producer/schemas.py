@@ -159,6 +159,26 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
         raise InvalidInput("num_crops must be between 1 and 16", field="num_crops")
 
 
+def redact_message(message: Any) -> Any:
+    """A request's wire form with every URL's query string and fragment removed.
+
+    What may be kept where the request is stored for show (Celery's extended result meta):
+    signed URLs carry their credentials in the query string.
+    """
+    if not isinstance(message, dict) or not isinstance(message.get("images"), list):
+        return message
+    images = []
+    for image in message["images"]:
+        if (
+            isinstance(image, dict)
+            and image.get("source") == "url"
+            and isinstance(image.get("ref"), str)
+        ):
+            image = {**image, "ref": image["ref"].split("#", 1)[0].split("?", 1)[0]}
+        images.append(image)
+    return {**message, "images": images}
+
+
 def preview(value: Any, limit: int = 40) -> str:
     """A short, safe echo of untrusted input for an error message.
 
