@@ -240,7 +240,7 @@ def sanitize_brpop_reply(reply: Any) -> Any:
     if not reply:
         return None
     queue, item = reply[0], reply[1]
-    problem = _envelope_problem(item)
+    problem, identity = _envelope_problem(item)
     if problem is None:
         return (queue, item)
     raw = item if isinstance(item, bytes) else str(item).encode("utf-8", "surrogatepass")
@@ -249,7 +249,7 @@ def sanitize_brpop_reply(reply: Any) -> Any:
         "body": base64.b64encode(raw).decode("ascii"),
         "content-type": UNREADABLE_CONTENT_TYPE,
         "content-encoding": "binary",
-        "headers": {UNREADABLE_REASON_HEADER: problem},
+        "headers": {UNREADABLE_REASON_HEADER: problem, **identity},
         "properties": {
             "delivery_tag": str(uuid.uuid4()),
             "body_encoding": "base64",
@@ -260,17 +260,28 @@ def sanitize_brpop_reply(reply: Any) -> Any:
     return (queue, kombu_dumps(envelope).encode("utf-8"))
 
 
-def _envelope_problem(item: Any) -> str | None:
-    """Why kombu's virtual transport would fail on this item, or None when it would not."""
+def _envelope_problem(item: Any) -> tuple[str | None, dict[str, str]]:
+    """Why kombu's virtual transport would fail on this item (None when it would not),
+    and the item's `id` and `task` headers where readable, so the refusal can answer."""
     if not isinstance(item, (bytes, str)):
-        return "the queue item is not a string"
+        return "the queue item is not a string", {}
     try:
         text = item.decode("utf-8") if isinstance(item, bytes) else item
         envelope = kombu_loads(text)
     except (UnicodeDecodeError, ValueError, TypeError, RecursionError, OverflowError):
-        return "the queue item is not JSON"
+        return "the queue item is not JSON", {}
     if not isinstance(envelope, dict):
-        return "the queue item is not a JSON object"
+        return "the queue item is not a JSON object", {}
+    headers = envelope.get("headers")
+    identity = {
+        name: headers[name][:200]
+        for name in ("id", "task")
+        if isinstance(headers, dict) and isinstance(headers.get(name), str)
+    }
+    return _kombu_problem(envelope, headers), identity
+
+
+def _kombu_problem(envelope: dict[str, Any], headers: Any) -> str | None:
     properties = envelope.get("properties")
     if not isinstance(properties, dict):
         return "the queue item has no properties"
@@ -284,7 +295,6 @@ def _envelope_problem(item: Any) -> str | None:
     for name in ("content-type", "content-encoding"):
         if not isinstance(envelope.get(name), (str, type(None))):
             return f"the queue item's {name} is not a string"
-    headers = envelope.get("headers")
     if not isinstance(headers, (dict, type(None))):
         return "the queue item's headers are not an object"
     if headers and "compression" in headers:
