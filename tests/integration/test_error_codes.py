@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.http_server import Route, serve
+from support.http_server import IMAGE_HOST, Route, serve
 from support.images import png_header_only
 
 from producer import Client, TaskName
@@ -23,7 +23,7 @@ def loopback_client(client_settings: Settings, shared_worker):
     settings = Settings.from_env(
         {},
         redis_url=client_settings.redis_url,
-        allowed_private_hosts="127.0.0.1",
+        allowed_private_hosts=IMAGE_HOST,
         max_new_tokens_caps=client_settings.max_new_tokens_caps,
     )
     with Client(settings) as client:

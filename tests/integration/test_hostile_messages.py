@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
 import uuid
 import zlib
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import messages
 from support.messages import envelope, headers, push, valid_body, wait_for_dead_letters
 from support.workers import WorkerProcess
@@ -224,3 +227,147 @@ class _Exploit:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+# Property: whatever envelope arrives, the worker refuses it, stays up and keeps serving. ---
+
+FUZZ_EXAMPLES = int(os.environ.get("HOSTILE_FUZZ_EXAMPLES", "12"))
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+NOT_A_STRING = JSON.filter(lambda value: not isinstance(value, str))
+NOT_TIME_LIMITS = JSON.filter(
+    lambda value: (
+        not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(
+                v is None or (type(v) in (int, float) and v == v and abs(v) != float("inf"))
+                for v in value
+            )
+        )
+    )
+)
+KNOWN_HEADERS = set(headers("x"))
+
+
+@st.composite
+def hostile_item(draw: st.DrawFn) -> tuple[dict[str, Any] | bytes, str | None]:
+    """One queue item that breaks at least one rule, and the id a failure belongs to."""
+    task_id = str(uuid.uuid4())
+    message_headers = headers(task_id)
+    body: Any = valid_body()
+    content_type, content_encoding = "application/json", "utf-8"
+    kind = draw(
+        st.sampled_from(
+            [
+                "raw bytes",
+                "raw json",
+                "content type",
+                "encoding",
+                "compression",
+                "no id",
+                "bad id",
+                "task name",
+                "unknown header",
+                "timelimit",
+                "retries",
+                "eta",
+                "body json",
+                "body bytes",
+                "args",
+                "kwargs",
+                "embed",
+            ]
+        )
+    )
+    readable_id: str | None = task_id
+    if kind == "raw bytes":
+        return draw(st.binary(max_size=200)), None
+    if kind == "raw json":
+        return json.dumps(draw(JSON.filter(lambda v: not isinstance(v, dict)))).encode(), None
+    if kind == "content type":
+        content_type = draw(st.text(max_size=30).filter(lambda t: t != "application/json"))
+    elif kind == "encoding":
+        content_encoding = draw(st.text(max_size=12).filter(lambda t: t != "utf-8"))
+    elif kind == "compression":
+        message_headers["compression"] = draw(st.sampled_from(["application/x-gzip", "zlib", "x"]))
+    elif kind == "no id":
+        del message_headers["id"]
+        readable_id = None
+    elif kind == "bad id":
+        message_headers["id"] = draw(NOT_A_STRING | st.text(max_size=40))
+        readable_id = None
+    elif kind == "task name":
+        message_headers["task"] = draw(
+            st.text(max_size=40).filter(lambda t: not t.startswith("vision_queue.")) | NOT_A_STRING
+        )
+    elif kind == "unknown header":
+        name = draw(st.text(min_size=1, max_size=12).filter(lambda n: n not in KNOWN_HEADERS))
+        message_headers[name] = draw(JSON)
+    elif kind == "timelimit":
+        message_headers["timelimit"] = draw(NOT_TIME_LIMITS.filter(lambda v: v is not None))
+    elif kind == "retries":
+        message_headers["retries"] = draw(
+            NOT_A_STRING.filter(lambda v: not (type(v) is int and 0 <= v <= 10_000))
+        )
+    elif kind == "eta":
+        message_headers["eta"] = draw(NOT_A_STRING.filter(lambda v: v is not None))
+    elif kind == "body json":
+        body = draw(JSON.filter(lambda v: not (isinstance(v, list) and len(v) == 3)))
+    elif kind == "body bytes":
+        body = b"\xff" + draw(st.binary(max_size=100))  # never valid UTF-8
+    elif kind == "args":
+        body = [
+            draw(
+                JSON.filter(
+                    lambda v: not (isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict))
+                )
+            ),
+            {},
+            messages.NO_EMBED,
+        ]
+    elif kind == "kwargs":
+        body = [
+            [messages.request()],
+            draw(st.dictionaries(st.text(max_size=8), JSON, min_size=1, max_size=3)),
+            messages.NO_EMBED,
+        ]
+    else:  # embed
+        key = draw(st.sampled_from(["chain", "callbacks", "errbacks", "chord"]))
+        junk = draw(JSON.filter(lambda v: v is not None))
+        body = [[messages.request()], {}, {**messages.NO_EMBED, key: junk}]
+    item = envelope(
+        body, message_headers, content_type=content_type, content_encoding=content_encoding
+    )
+    return item, readable_id
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    derandomize=True,  # the same envelopes on every CI run
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(hostile_item(), min_size=1, max_size=6))
+def test_fuzzed_envelopes_are_all_refused_and_the_worker_keeps_serving(
+    batch: list[tuple[dict[str, Any] | bytes, str | None]],
+    client: Client,
+    shared_worker: WorkerProcess,
+    images: Path,
+):
+    queue = client._redis
+    queue.delete(DEAD_LETTER_KEY)
+    for item, _ in batch:
+        push(queue, item)
+    entries = wait_for_dead_letters(queue, len(batch))
+    assert len(entries) == len(batch)  # each one refused, once
+    for _, task_id in batch:
+        if task_id is not None:
+            assert_never_ran(shared_worker, task_id)
+    assert_still_serving(client, shared_worker, images)
+    assert queue.llen("gpu") == 0 and not queue.hlen("unacked")
