@@ -149,8 +149,8 @@ CASES: dict[str, Callable[[], bytes]] = {
 }
 
 
-def _measure(name: str, bounds: bool) -> dict[str, object]:
-    """Runs in the child: build the case, then time each side and its RSS growth."""
+def _measure(name: str, side: str, bounds: bool) -> dict[str, object]:
+    """Runs in the child: build the case, then time one side and its peak RSS growth."""
     from producer import image_bounds, images
     from producer.errors import VisionQueueError
     from producer.images import ImageLimits, decode_image, inspect_image
@@ -161,25 +161,27 @@ def _measure(name: str, bounds: bool) -> dict[str, object]:
 
     data = CASES[name]()
     limits = ImageLimits(max_bytes=MB20 + 1024 * 1024, max_pixels=40_000_000)
-    out: dict[str, object] = {"case": name, "bytes": len(data)}
-    for side, call in (("inspect", inspect_image), ("decode", decode_image)):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        began = time.perf_counter()
-        try:
-            call(data, limits)
-            outcome = "accepted"
-        except VisionQueueError as exc:
-            outcome = exc.code.value
-        seconds = time.perf_counter() - began
-        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        out[side] = {"seconds": round(seconds, 4), "rss_growth_mb": round(grown_kb / 1024, 1)}
-        out[f"{side}_outcome"] = outcome
-    return out
+    call = inspect_image if side == "inspect" else decode_image
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    began = time.perf_counter()
+    try:
+        call(data, limits)
+        outcome = "accepted"
+    except VisionQueueError as exc:
+        outcome = exc.code.value
+    seconds = time.perf_counter() - began
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {
+        "bytes": len(data),
+        "outcome": outcome,
+        "seconds": round(seconds, 4),
+        "rss_growth_mb": round(grown_kb / 1024, 1),
+    }
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
-        print(json.dumps(_measure(argv[1], bounds=argv[2] == "bounds")))
+        print(json.dumps(_measure(argv[1], argv[2], bounds=argv[3] == "bounds")))
         return 0
     bounds = "--no-bounds" not in argv
     names = [arg for arg in argv if not arg.startswith("--")] or list(CASES)
@@ -190,22 +192,23 @@ def main(argv: list[str]) -> int:
     print("| case | MB | producer check | worker decode |")
     print("| --- | --- | --- | --- |")
     for name in names:
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", name, "bounds" if bounds else "off"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=1800,
-        )
-        row = json.loads(done.stdout)
         cells = []
+        size = 0
         for side in ("inspect", "decode"):
-            figures = row[side]
-            cells.append(
-                f"{row[side + '_outcome']} in {figures['seconds'] * 1000:.0f} ms, "
-                f"+{figures['rss_growth_mb']} MB"
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", name, side, "bounds" if bounds else "off"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
             )
-        print(f"| {name} | {row['bytes'] / 1e6:.1f} | {cells[0]} | {cells[1]} |")
+            row = json.loads(done.stdout)
+            size = int(row["bytes"])
+            cells.append(
+                f"{row['outcome']} in {float(row['seconds']) * 1000:.0f} ms, "
+                f"+{row['rss_growth_mb']} MB"
+            )
+        print(f"| {name} | {size / 1e6:.1f} | {cells[0]} | {cells[1]} |")
     return 0
 
 

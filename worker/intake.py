@@ -181,10 +181,11 @@ def _identity(headers: Any) -> tuple[str | None, str | None]:
     task_id: str | None = None
     if isinstance(raw_id, str) and len(raw_id) == 36:
         try:
-            task_id = str(uuid.UUID(raw_id))
+            # Canonical 8-4-4-4-12 form in either case; the id is kept as written, since
+            # that is the key the client waits on.
+            if str(uuid.UUID(raw_id)) == raw_id.lower():
+                task_id = raw_id
         except ValueError:
-            task_id = None
-        if task_id != raw_id.lower():
             task_id = None
     name = headers.get("task")
     task = name.removeprefix("vision_queue.") if name in TASK_NAMES else None
