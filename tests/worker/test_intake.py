@@ -132,9 +132,11 @@ def test_an_upper_case_uuid_is_an_id_as_written():
         ("celery.chord_unlock", "builtin_task"),
         ("os.system", "task_name"),
         ("vision_queue.paint", "task_name"),
+        (["vision_queue.ask"], "task_name"),
+        ({"name": "vision_queue.ask"}, "task_name"),
     ],
 )
-def test_only_the_four_task_names_pass(name: str, code: str):
+def test_only_the_four_task_names_pass(name: Any, code: str):
     refusal = check(message_headers=headers(str(uuid.uuid4()), name))
     assert refusal is not None and refusal.code == code
     assert refusal.task is None  # not one of ours: the failure names no task
