@@ -188,8 +188,9 @@ def _identity(headers: Any) -> tuple[str | None, str | None]:
         except ValueError:
             task_id = None
     name = headers.get("task")
-    is_ours = isinstance(name, str) and name in TASK_NAMES  # a list is unhashable: type first
-    return task_id, name.removeprefix("vision_queue.") if is_ours else None
+    if isinstance(name, str) and name in TASK_NAMES:  # a list is unhashable: type first
+        return task_id, name.removeprefix("vision_queue.")
+    return task_id, None
 
 
 def _eta_too_late(eta: Any, now: float, horizon_s: float) -> bool:
