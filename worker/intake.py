@@ -8,8 +8,9 @@ only a message that is exactly what `producer.Client` sends, in Celery's protoco
 on to Celery:
 
 * content type `application/json`, encoding `utf-8`, no `compression` header;
-* headers: only the names protocol 2 defines (our client and Celery's own retries send no
-  others), each of the type Celery expects; `id` a UUID; `task` one of the four
+* headers: only the names protocol 2 defines, plus the `redelivered` flag kombu adds when
+  it hands a message back (our client and Celery's own retries send no others), each of
+  the type Celery expects; `id` a UUID; `task` one of the four
   `vision_queue.*` names (Celery's built-ins, `celery.*`, are refused);
 * body: at most MAX_BODY_BYTES of UTF-8 JSON, exactly `[args, kwargs, embed]` with one
   request object in `args`, no kwargs, and no chain, callbacks, errbacks or chord.
@@ -126,6 +127,8 @@ _HEADER_RULES: dict[str, Callable[[Any], bool]] = {
     "replaced_task_nesting": _small_int,
     "stamped_headers": lambda value: value is None or value == [],
     "stamps": lambda value: value is None or value == {},
+    # Set by kombu itself when it hands a message back (worker died, requeue, shutdown).
+    "redelivered": lambda value: value is None or isinstance(value, bool),
 }
 
 

@@ -253,7 +253,7 @@ NOT_TIME_LIMITS = JSON.filter(
         )
     )
 )
-KNOWN_HEADERS = set(headers("x"))
+KNOWN_HEADERS = {*headers("x"), "redelivered"}
 
 
 @st.composite

@@ -53,6 +53,11 @@ def test_what_celerys_own_retry_sends_passes():
     assert check(message_headers=retry) is None
 
 
+def test_what_kombu_hands_back_after_a_worker_died_passes():
+    # kombu's restore marks the message: headers["redelivered"] = True
+    assert check(message_headers={**headers(str(uuid.uuid4())), "redelivered": True}) is None
+
+
 @pytest.mark.parametrize(
     ("change", "code"),
     [
@@ -89,6 +94,7 @@ def test_only_utf8_json_passes(change: dict[str, Any], code: str):
         ("compression", "application/x-gzip"),
         ("chain", [{"task": "x"}]),
         ("callbacks", None),  # not a protocol-2 header at all
+        ("redelivered", "yes"),
     ],
 )
 def test_a_header_celery_cannot_use_or_does_not_define_is_refused(name: str, value: Any):
