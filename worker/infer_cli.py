@@ -59,18 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", required=True, help=f"one of: {tasks}")
     parser.add_argument(
-        "--image",
-        action="append",
-        default=[],
-        metavar="FILE_OR_URL",
+        "--image", action="append", default=[], metavar="FILE_OR_URL",
         help="image file or http(s) URL; repeat for several images (in order)",
     )
     parser.add_argument("--prompt", help="the question (ask only; other tasks use fixed prompts)")
-    parser.add_argument("--max-new-tokens", type=int, help="token budget (default: the task's cap)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="token budget (default: the task's cap)"
+    )
     parser.add_argument(
         "--num-crops", type=int, help="HD crops per image, 1..16 (default: the checkpoint's)"
     )
-    parser.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto"
+    )
     parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="compute dtype")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of the text"
@@ -104,22 +105,14 @@ def infer_main(argv: list[str]) -> int:
     from worker.engine import Engine, EngineConfig, GenerationRequest
 
     try:
-        engine = Engine.load(
-            EngineConfig(
-                model=args.model or settings.model,
-                device=args.device,
-                dtype=args.dtype,
-                num_crops=args.num_crops or settings.default_num_crops or None,
-            )
-        )
-        result = engine.generate(
-            GenerationRequest(
-                prompt=request.effective_prompt(),
-                images=images,
-                max_new_tokens=request.max_new_tokens(settings),
-                num_crops=args.num_crops,
-            )
-        )
+        engine = Engine.load(EngineConfig(
+            model=args.model or settings.model, device=args.device, dtype=args.dtype,
+            num_crops=args.num_crops or settings.default_num_crops or None,
+        ))
+        result = engine.generate(GenerationRequest(
+            prompt=request.effective_prompt(), images=images,
+            max_new_tokens=request.max_new_tokens(settings), num_crops=args.num_crops,
+        ))
     except VisionQueueError as exc:
         print(f"worker infer: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE if exc.code.value == "invalid_input" else EXIT_FAILED
@@ -139,9 +132,7 @@ def _task_request(args: argparse.Namespace, settings: Settings) -> TaskRequest:
         raise UsageError(f"unknown task {args.task!r} (known: {known})") from None
     refs = tuple(_image_ref(value) for value in args.image)
     request = TaskRequest(
-        task=task,
-        images=refs,
-        prompt=args.prompt,
+        task=task, images=refs, prompt=args.prompt,
         options=TaskOptions(max_new_tokens=args.max_new_tokens, num_crops=args.num_crops),
     )
     check_request(request, settings)  # the queue's own rules, so both paths agree
@@ -176,7 +167,9 @@ def _load_image(ref: ImageRef, settings: Settings) -> Image.Image:
         raise UsageError(f"image {ref.describe()}: {exc.message}") from None
 
 
-def _output(result: Any, model: str, device: str, fetch_s: float, began: float) -> dict[str, Any]:
+def _output(
+    result: Any, model: str, device: str, fetch_s: float, began: float
+) -> dict[str, Any]:
     return {
         "text": result.text,
         "usage": {
@@ -196,8 +189,7 @@ def _output(result: Any, model: str, device: str, fetch_s: float, began: float) 
 def _configure_logging(level: str) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(
-            level=level.upper(),
-            stream=sys.stderr,
+            level=level.upper(), stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
 
@@ -213,3 +205,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -84,7 +84,11 @@ def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
 
 
 def referenced_variables(text: str) -> set[str]:
-    return {m["braced"] or m["named"] for m in _VARIABLE.finditer(text) if not m["escaped"]}
+    return {
+        m["braced"] or m["named"]
+        for m in _VARIABLE.finditer(text)
+        if not m["escaped"]
+    }
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -352,22 +356,9 @@ def _run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
         k: v for k, v in os.environ.items() if k not in referenced and not k.startswith("COMPOSE_")
     }
     return subprocess.run(
-        [
-            *command,
-            "--project-directory",
-            str(ROOT),
-            "-f",
-            str(COMPOSE_FILE),
-            "--env-file",
-            str(env_file),
-            "config",
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env,
+        [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+         "--env-file", str(env_file), "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=clean_env,
     )
 
 
@@ -435,9 +426,8 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("path", [WORKER_DOCKERFILE, LIGHT_DOCKERFILE], ids=lambda p: p.name)
 def test_images_run_as_a_non_root_user(path: Path):
-    users = [
-        args for keyword, args in final_stage(dockerfile_instructions(path)) if keyword == "USER"
-    ]
+    users = [args for keyword, args in final_stage(dockerfile_instructions(path))
+             if keyword == "USER"]
     assert users, f"{path.name}: no USER in the final stage"
     assert users[-1].split(":")[0] not in {"root", "0"}
 
@@ -445,14 +435,13 @@ def test_images_run_as_a_non_root_user(path: Path):
 def test_worker_image_checks_liveness_and_runs_the_worker():
     stage = final_stage(dockerfile_instructions(WORKER_DOCKERFILE))
     by_keyword = {keyword: args for keyword, args in stage}
-    assert "worker health --live" in " ".join(
-        json.loads(by_keyword["HEALTHCHECK"].partition("CMD")[2].strip())
-    )
+    assert "worker health --live" in " ".join(json.loads(
+        by_keyword["HEALTHCHECK"].partition("CMD")[2].strip()
+    ))
     assert json.loads(by_keyword["ENTRYPOINT"]) == ["worker"]
     assert json.loads(by_keyword["CMD"]) == ["run"]
-    assert any(
-        kw == "RUN" and "[${extras}]" in args and "extras=worker" in args for kw, args in stage
-    )
+    assert any(kw == "RUN" and "[${extras}]" in args and "extras=worker" in args
+               for kw, args in stage)
 
 
 def test_worker_image_takes_flash_attn_as_an_optional_build_argument():
@@ -471,8 +460,7 @@ def test_light_image_is_slim_python_with_the_monitor_extra():
 
 def test_build_context_holds_only_what_pip_install_needs():
     patterns = [
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     # Deny everything first: .git, .venv, .env (secrets), tests/data and caches stay out.

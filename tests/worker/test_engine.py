@@ -35,12 +35,12 @@ def engine() -> Engine:
 
 def case_request(case_id: str, **overrides: Any) -> GenerationRequest:
     case = CASES[case_id]
-    images = [Image.open(REFERENCE_DIR / "images" / name).convert("RGB") for name in case["images"]]
+    images = [
+        Image.open(REFERENCE_DIR / "images" / name).convert("RGB") for name in case["images"]
+    ]
     fields: dict[str, Any] = {
-        "prompt": case["prompt"],
-        "images": images,
-        "max_new_tokens": case["max_new_tokens"],
-        "num_crops": case["num_crops"],
+        "prompt": case["prompt"], "images": images,
+        "max_new_tokens": case["max_new_tokens"], "num_crops": case["num_crops"],
     }
     fields.update(overrides)
     return GenerationRequest(**fields)

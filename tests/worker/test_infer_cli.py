@@ -62,9 +62,8 @@ def test_describe_uses_the_contract_prompt_and_ask_a_free_one(
 
 
 def test_plain_output_is_the_text(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = infer(
-        capsys, *BASE, "--task", "compare", "--image", IMAGE, "--image", OTHER, "--num-crops", "4"
-    )
+    code, out, _ = infer(capsys, *BASE, "--task", "compare", "--image", IMAGE, "--image", OTHER,
+                         "--num-crops", "4")
 
     assert code == 0 and out.endswith("\n") and not out.startswith("{")
 
@@ -116,9 +115,7 @@ def test_urls_are_fetched_by_the_guarded_fetcher(
 
 def test_the_module_runs_as_a_script() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "worker.infer_cli", "--help"],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "worker.infer_cli", "--help"], capture_output=True, text=True,
         check=False,
     )
 

@@ -226,21 +226,14 @@ class Generator:
             compiled = False
             if self.compile:
                 step = torch.compile(
-                    step,
-                    fullgraph=True,
-                    dynamic=False,
-                    backend=self.compile_backend,
+                    step, fullgraph=True, dynamic=False, backend=self.compile_backend,
                     mode=_compile_mode(self.device, self.compile_backend),
                 )
                 compiled = True
             workspace = _Workspace(cache, step, compiled)
             self._workspaces[capacity] = workspace
-            log.info(
-                "static KV cache of %d positions (%.1f MiB)%s",
-                capacity,
-                cache.nbytes / 2**20,
-                ", decode step compiled" if compiled else "",
-            )
+            log.info("static KV cache of %d positions (%.1f MiB)%s", capacity,
+                     cache.nbytes / 2**20, ", decode step compiled" if compiled else "")
         return workspace
 
     def _call_step(
@@ -257,11 +250,8 @@ class Generator:
                 raise
             # A compiler that cannot handle this platform must not take the worker
             # down: fall back to the same step, uncompiled, for good.
-            log.warning(
-                "compiled decode failed (%s: %s); decoding uncompiled from now on",
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
+            log.warning("compiled decode failed (%s: %s); decoding uncompiled from now on",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.compile = False
             for other in self._workspaces.values():
                 other.step = _bind_step(self.model, other.cache, self.static_kernel)
@@ -298,11 +288,8 @@ def _bind_step(model: Phi3VForCausalLM, cache: StaticKVCache, kernel: str) -> St
         """Feed one token at `position`; return the greedy next token, [1, 1]."""
         embeds = model.embed_tokens(token_ids)
         logits = model(
-            embeds,
-            position.view(1, 1),
-            cache.at(position),
-            attention_mask=cache.mask(position),
-            kernel=kernel,
+            embeds, position.view(1, 1), cache.at(position),
+            attention_mask=cache.mask(position), kernel=kernel,
         )
         next_token: torch.Tensor = logits.argmax(dim=-1, keepdim=True)
         return next_token

@@ -53,11 +53,8 @@ def phi3v_attention(
         # Optional dependency, checked at load (engine.flash_attention_support).
         flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
         out = flash_attn_func(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            softmax_scale=scaling,
-            causal=causal,
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            softmax_scale=scaling, causal=causal,
         )
         return out, None
     groups = query.shape[1] // key.shape[1]
@@ -77,13 +74,8 @@ def phi3v_attention(
         out = torch.matmul(probs, value)
     else:
         out = nn.functional.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            is_causal=causal and attention_mask is None,
-            scale=scaling,
-            enable_gqa=groups > 1,
+            query, key, value, attn_mask=attention_mask,
+            is_causal=causal and attention_mask is None, scale=scaling, enable_gqa=groups > 1,
         )
     return out.transpose(1, 2).contiguous(), None
 

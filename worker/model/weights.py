@@ -146,3 +146,4 @@ def check_materialized(model: torch.nn.Module) -> None:
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ModelError(f"model tensors were never loaded: {left[:5]}")
+

@@ -35,10 +35,8 @@ def run(generator: Generator, engine: Engine, case_id: str, **kwargs: Any) -> li
     case = CASES[case_id]
     with torch.inference_mode():
         decoded = generator.generate(
-            prompt_embeddings(engine, case_id),
-            case["max_new_tokens"],
-            engine.processor.stop_token_ids,
-            **kwargs,
+            prompt_embeddings(engine, case_id), case["max_new_tokens"],
+            engine.processor.stop_token_ids, **kwargs,
         )
     return decoded.token_ids
 

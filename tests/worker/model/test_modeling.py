@@ -26,15 +26,12 @@ def transformers_inv_freq(seq_len: int | None) -> torch.Tensor:
     """transformers' own LongRoPE frequencies for the tiny config, as a cross-check."""
     rope = TINY.rope
     config = Phi3Config(
-        hidden_size=TINY.hidden_size,
-        num_attention_heads=TINY.num_attention_heads,
+        hidden_size=TINY.hidden_size, num_attention_heads=TINY.num_attention_heads,
         max_position_embeddings=rope.max_positions,
         original_max_position_embeddings=rope.original_max_positions,
         rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": rope.theta,
-            "short_factor": list(rope.short_factor),
-            "long_factor": list(rope.long_factor),
+            "rope_type": "longrope", "rope_theta": rope.theta,
+            "short_factor": list(rope.short_factor), "long_factor": list(rope.long_factor),
         },
     )
     inv_freq, scaling = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=seq_len)
@@ -115,11 +112,7 @@ def test_a_masked_static_cache_attends_like_the_unpadded_keys() -> None:
 
 def test_the_static_cache_writes_the_prompt_then_one_slot_per_step() -> None:
     cache = StaticKVCache(
-        num_layers=1,
-        kv_heads=2,
-        head_dim=4,
-        capacity=8,
-        dtype=torch.float32,
+        num_layers=1, kv_heads=2, head_dim=4, capacity=8, dtype=torch.float32,
         device=torch.device("cpu"),
     )
     prompt = torch.ones(1, 2, 3, 4)

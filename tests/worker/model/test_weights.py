@@ -21,10 +21,7 @@ from worker.model.weights import load_weights, resolve_checkpoint
 
 CPU = torch.device("cpu")
 DATA_FILES = (
-    "config.json",
-    "preprocessor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
+    "config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json",
 )
 
@@ -140,11 +137,7 @@ def run_offline(code: str, hf_home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
         check=False,
     )
 
