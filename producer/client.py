@@ -7,26 +7,24 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.addresses import check_url
+from producer.addresses import check_url, check_url_length
 from producer.celery_config import make_celery_app
 from producer.contract import CANCEL_KEY, PROGRESS_STATE, SUBMITTED_KEY, TaskName
 from producer.errors import (
     BrokerUnavailable,
     Cancelled,
-    ImageTooLarge,
     InvalidInput,
     TaskFailed,
     UnknownTaskId,
     WaitTimeout,
 )
-from producer.images import ImageLimits, decode_base64_image, inspect_image
+from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
 from producer.redis_connect import redis_client
 from producer.schemas import (
     ImageRef,
@@ -34,6 +32,7 @@ from producer.schemas import (
     TaskOptions,
     TaskRequest,
     check_request,
+    preview,
     stop_strings,
 )
 from producer.settings import Settings, mask_url
@@ -142,6 +141,7 @@ class Client:
         elif isinstance(image, str) and image.startswith(("http://", "https://")):
             # Refuse internal addresses now, so the caller hears it before anything is queued;
             # the worker checks again after resolving the name.
+            check_url_length(image, field)
             check_url(image, self.settings.private_host_allowlist)
             return ImageRef(ImageSource.URL, image)
         elif isinstance(image, str) and "://" in image[:16]:
@@ -149,7 +149,7 @@ class Client:
         elif isinstance(image, str) and image.startswith("data:"):
             data = decode_base64_image(image, field=field)
         else:
-            data = _read_local_file(Path(image), field, self.settings.max_image_bytes)
+            data = read_image_path(image, self.settings.max_image_bytes, field=field)
         inspect_image(data, self._limits)
         return data
 
@@ -261,25 +261,14 @@ def _task_name(task: TaskName | str) -> TaskName:
         return TaskName(task)
     except ValueError:
         known = ", ".join(t.value for t in TaskName)
-        raise InvalidInput(f"unknown task {task!r} (known: {known})", field="task") from None
+        raise InvalidInput(f"unknown task {preview(task)} (known: {known})", field="task") from None
 
 
 def _check_task_id(task_id: str) -> None:
     try:
         uuid.UUID(task_id)
     except (ValueError, TypeError, AttributeError):
-        raise UnknownTaskId(f"{task_id!r} is not a task id") from None
-
-
-def _read_local_file(path: Path, field: str, max_bytes: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageTooLarge(f"{path.name} has {size} bytes, more than {max_bytes}", field=field)
-        with path.open("rb") as handle:
-            return handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
+        raise UnknownTaskId(f"{preview(task_id)} is not a task id") from None
 
 
 def _safe_repr(request: TaskRequest) -> str:

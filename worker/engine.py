@@ -25,10 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 
+from producer.contract import control_token_in
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from worker import faults
 from worker.model.config import Phi3VConfig
@@ -135,6 +137,7 @@ class Engine:
             folder = resolve_checkpoint(config.model)
             model_config = Phi3VConfig.from_file(folder / "config.json")
             processor = Phi3VProcessor.from_dir(folder, model_config)
+            check_prompt_guard(processor.tokenizer)
             model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
             load_weights(model, folder, device, dtype)
             model.eval().requires_grad_(False)
@@ -278,6 +281,24 @@ class Engine:
         gc.collect()
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def check_prompt_guard(tokenizer: Any) -> None:
+    """Refuse a checkpoint whose tokenizer adds a token prompts are not checked for.
+
+    `producer.schemas.check_request` refuses prompts holding any of the contract's control
+    tokens; a tokenizer with one more added token would let user text become that token.
+    """
+    uncovered = sorted(
+        str(token.content)
+        for token in tokenizer.get_added_tokens_decoder().values()
+        if control_token_in(str(token.content)) is None
+    )
+    if uncovered:
+        raise ModelError(
+            f"the tokenizer adds control tokens prompts are not checked for: "
+            f"{', '.join(uncovered[:5])}; add them to producer.contract.PROMPT_CONTROL_TOKENS"
+        )
 
 
 def resolve_device(spec: str) -> torch.device:

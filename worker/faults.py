@@ -8,6 +8,8 @@ Kinds the engine acts on:
   device inside the normal request path, so the real out-of-memory handling runs.
 * `crash`: the worker process SIGKILLs itself mid-request, as a segfault in a kernel or
   the kernel's OOM killer would, so redelivery and the delivery bound can be tested.
+* `hang`: the request blocks forever, as a kernel that never returns or a deadlock
+  would, so the stuck-task health check and watchdog can be tested.
 
 Without the variable nothing here does anything. Never set it in production.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Mapping
 
 ENV_VAR = "VQ_FAULT_INJECTION"
@@ -50,6 +53,8 @@ def inject(prompt: str, device: str) -> None:
     kind = fault_for(prompt)
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        threading.Event().wait()  # never set: only the watchdog or a signal ends this
     if kind == "oom":
         import torch  # only when the fault is armed: this module stays light
 

@@ -55,7 +55,7 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     limits = ImageLimits.from_settings(ctx.settings)
     began = time.perf_counter()
-    images = [decode_image(blob, limits) for blob in blobs]
+    images = [decode_image(blob, limits, deadline=deadline) for blob in blobs]
     decode_s = time.perf_counter() - began
 
     output = ctx.engine.generate(_generation_request(request, images, ctx, deadline))
