@@ -208,6 +208,13 @@ class LeasedQoS(kombu_redis.QoS):
         else:
             self.ack(delivery_tag)
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.ResponseError as exc:
+            # Out of memory or a read-only replica: the next sweep tries again.
+            log.warning("visibility timeout sweep skipped (%s)", exc)
+
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> str | None:
         """Put the message back on its queue, unless another worker holds its lease.
 
@@ -298,14 +305,23 @@ class LeaseKeeper:
             log.warning("task id=%s: lease not released (%s)", lease.task_id, exc)
 
     def _run(self) -> None:
+        failing: set[str] = set()  # steps that failed last time: logged once per outage
         while not self._stop.wait(self.interval_s):
             for step in (self.renew, self.announce, self.sweep):
+                name = step.__name__
                 try:
                     step()
                 except (redis.RedisError, OSError) as exc:
-                    log.warning("lease keeper: %s failed (%s)", step.__name__, exc)
+                    if name not in failing:
+                        log.warning("lease keeper: %s failed (%s); retrying each beat", name, exc)
+                    failing.add(name)
+                    continue
                 except Exception:  # the keeper must outlive any single failure
-                    log.exception("lease keeper: %s crashed", step.__name__)
+                    log.exception("lease keeper: %s crashed", name)
+                    continue
+                if name in failing:
+                    failing.discard(name)
+                    log.info("lease keeper: %s works again", name)
 
     def renew(self) -> None:
         leases = self.book.held()
