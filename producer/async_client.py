@@ -52,11 +52,13 @@ from producer.submission import (
     prepare,
     queue_commands,
 )
-from producer.waiting import BACKUP_POLL_S, Notifier, subscribe_within
+from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 
 T = TypeVar("T")
 
 POOL_SIZE = 32
+# Reads per pipeline when many are coalesced.
+_READ_SLICE = 64
 
 
 class AsyncClient:
@@ -80,6 +82,7 @@ class AsyncClient:
         self._limits = ImageLimits.from_settings(s)
         self._envelope = Envelope(s, db=database_number(self._redis))
         self._notifier = Notifier(self._notification_connection)
+        self._reads = _Coalescer(self._results)
 
     # Submitting ------------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class AsyncClient:
         check_task_id(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         channel = result_key(task_id)
-        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        inbox = AsyncInbox()
         await self._subscribe(channel, inbox)
         try:
             meta = await self._meta(task_id)
@@ -162,7 +165,7 @@ class AsyncClient:
                 if left is not None and left <= 0:
                     raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
                 pause = BACKUP_POLL_S if left is None else min(BACKUP_POLL_S, left)
-                pushed = await _next(inbox, pause)
+                pushed = await inbox.get(pause)
                 decoded = decode_meta(pushed) if pushed else None
                 meta = decoded if decoded is not None else await self._meta(task_id)
         finally:
@@ -194,7 +197,7 @@ class AsyncClient:
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)
-        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        inbox = AsyncInbox()
         await self._subscribe(key, inbox)
         try:
             check_state = True
@@ -211,9 +214,8 @@ class AsyncClient:
                     if ended is not None:
                         yield ended
                         return
-                check_state = await _next(inbox, BACKUP_POLL_S) is None
-                while not inbox.empty():
-                    inbox.get_nowait()
+                check_state = await inbox.get(BACKUP_POLL_S) is None
+                inbox.clear()
         finally:
             self._notifier.unsubscribe(key, inbox)
 
@@ -244,10 +246,8 @@ class AsyncClient:
         check_task_id(task_id)
         if self._results is self._redis:
 
-            async def read() -> list[Any]:
-                pipe = self._results.pipeline(transaction=False)
-                read_commands(pipe, task_id)
-                return list(await pipe.execute())
+            def read() -> Awaitable[list[Any]]:
+                return self._reads.run(lambda pipe: read_commands(pipe, task_id), 2)
 
             return meta_from_replies(task_id, await self._call(self._backend_url, read))
         raw = await self._call(self._backend_url, lambda: self._results.get(result_key(task_id)))
@@ -258,7 +258,7 @@ class AsyncClient:
 
     async def _entries(self, key: str, start: str, count: int) -> list[tuple[Any, dict[Any, Any]]]:
         async def fetch() -> list[tuple[Any, dict[Any, Any]]]:
-            found = await self._results.xrange(key, start, "+", count)
+            [found] = await self._reads.run(lambda pipe: pipe.xrange(key, start, "+", count), 1)
             return cast("list[tuple[Any, dict[Any, Any]]]", found or [])
 
         return await self._call(self._backend_url, fetch)
@@ -266,10 +266,10 @@ class AsyncClient:
     async def _call(self, url: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await acall(self.settings, url, operation)
 
-    async def _subscribe(self, channel: str, inbox: asyncio.Queue[bytes | None]) -> None:
+    async def _subscribe(self, channel: str, inbox: AsyncInbox) -> None:
         budget = self.settings.connect_timeout_s
         await self._call(
-            self._backend_url, lambda: subscribe_within(self._notifier, channel, inbox, budget)
+            self._backend_url, lambda: self._notifier.subscribe(channel, inbox, budget)
         )
 
     def _notification_connection(self) -> redis.asyncio.Redis:
@@ -281,14 +281,71 @@ class AsyncClient:
         )
 
 
+class _Coalescer:
+    """Reads issued during one turn of the event loop go to Redis as one pipeline.
+
+    A thousand waits starting together then cost one round trip instead of a thousand
+    connections taking turns on the pool (whose lock hands over once per loop turn)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._queued: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, add: Callable[[Any], object], replies: int) -> list[Any]:
+        """Queue commands (`add(pipeline)`, `replies` of them); return their replies."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((add, replies, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(
+        self, batch: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]]
+    ) -> None:
+        # In slices, each one round trip: replies are parsed without yielding to the loop,
+        # and every caller served wakes on the next turn, so a slice bounds that turn.
+        for start in range(0, len(batch), _READ_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            await self._execute_slice(batch[start : start + _READ_SLICE])
+
+    async def _execute_slice(
+        self, batch: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]]
+    ) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for add, _, _ in batch:
+            add(pipe)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        start = 0
+        for _, count, future in batch:
+            mine = list(replies[start : start + count])
+            start += count
+            if future.done():
+                continue
+            error = next((reply for reply in mine if isinstance(reply, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
+
+
 def _bound(
     function: Callable[[Sequence[Outgoing]], Awaitable[None]], batch: Sequence[Outgoing]
 ) -> Callable[[], Awaitable[None]]:
     return lambda: function(batch)
-
-
-async def _next(inbox: asyncio.Queue[bytes | None], timeout: float) -> bytes | None:
-    try:
-        return await asyncio.wait_for(inbox.get(), max(0.0, timeout))
-    except asyncio.TimeoutError:
-        return None

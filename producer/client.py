@@ -47,7 +47,7 @@ from producer.submission import (
     prepare,
     queue_commands,
 )
-from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier, subscribe_within
+from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 
 __all__ = ["Client", "ImageInput", "SubmitRequest", "TaskHandle", "TaskStatus"]
 
@@ -270,7 +270,7 @@ class Client:
         budget = self.settings.connect_timeout_s
         self._call(
             self._backend_url,
-            lambda: loop.run(subscribe_within(notifier, channel, inbox, budget), budget + 1),
+            lambda: loop.run(notifier.subscribe(channel, inbox, budget), budget + 1),
         )
         return _Subscription(loop, notifier, channel, inbox)
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,6 +38,8 @@ BACKUP_POLL_S = 2.0
 # A quiet connection is pinged this often, so a dead one is noticed and replaced.
 _IDLE_PING_S = 15.0
 _READ_SLICE_S = 1.0
+_BUSY_SLICE_S = 0.005
+_WAKE_SLICE = 64
 
 
 class Inbox(Protocol):
@@ -56,7 +59,12 @@ class _Channel:
 
 
 class Notifier:
-    """Subscriptions of one client, dispatched from a single reader task."""
+    """Subscriptions of one client, dispatched from a single reader task.
+
+    SUBSCRIBE and UNSUBSCRIBE requests made during one turn of the event loop go out as
+    one command each, and the reader yields to the loop every few messages, so a burst
+    of a thousand waits costs the loop a few milliseconds at a time, never a long stall.
+    """
 
     def __init__(self, connect: Callable[[], redis.asyncio.Redis]) -> None:
         self._connect = connect
@@ -64,31 +72,35 @@ class Notifier:
         self._pubsub: Any = None
         self._channels: dict[bytes, _Channel] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._start_lock = asyncio.Lock()
+        self._connecting: asyncio.Task[None] | None = None
+        self._outbox: list[tuple[str, bytes]] = []
         self._closed = False
 
-    async def subscribe(self, channel: str, inbox: Inbox) -> None:
-        """Return once Redis has confirmed the subscription (later PUBLISHes will arrive)."""
+    async def subscribe(self, channel: str, inbox: Inbox, timeout: float) -> None:
+        """Return once Redis has confirmed the subscription (later PUBLISHes will arrive);
+        raise redis.TimeoutError if that takes longer than `timeout` seconds."""
         key = channel.encode()
         state = self._channels.setdefault(key, _Channel())
         state.inboxes.add(inbox)
         if state.subscribed:
             return
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         state.waiters.append(waiter)
+        # A timer rather than asyncio.wait_for: no extra task per wait, which matters when a
+        # thousand waits start in the same turn of the loop.
+        expiry = loop.call_later(timeout, _expire, waiter, timeout)
         try:
-            if state.unconfirmed == 0:
-                pubsub = await self._started()
+            await self._started()
+            if state.unconfirmed == 0 and not state.subscribed:
                 state.unconfirmed += 1
-                try:
-                    await pubsub.execute_command("SUBSCRIBE", key)
-                except BaseException:
-                    state.unconfirmed -= 1
-                    raise
+                self._send_soon("SUBSCRIBE", key)
             await waiter
         except BaseException:
             self.unsubscribe(channel, inbox)
             raise
+        finally:
+            expiry.cancel()
 
     def unsubscribe(self, channel: str, inbox: Inbox) -> None:
         key = channel.encode()
@@ -102,11 +114,37 @@ class Notifier:
         if state.inboxes or state.unconfirmed:
             return  # an unconfirmed SUBSCRIBE is released when its confirmation arrives
         del self._channels[key]
-        if state.subscribed and self._pubsub is not None:
-            pubsub = self._pubsub
-            task = asyncio.get_running_loop().create_task(_quietly(pubsub, "UNSUBSCRIBE", key))
+        if state.subscribed:
+            self._send_soon("UNSUBSCRIBE", key)
+
+    def _send_soon(self, command: str, key: bytes) -> None:
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append((command, key))
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if batch and self._pubsub is not None:
+            task = asyncio.get_running_loop().create_task(self._send(self._pubsub, batch))
             _background.add(task)
             task.add_done_callback(_background.discard)
+
+    async def _send(self, pubsub: Any, batch: list[tuple[str, bytes]]) -> None:
+        # Runs of the same command in request order: an UNSUBSCRIBE then SUBSCRIBE of one
+        # channel in the same turn must reach Redis in that order.
+        runs: list[tuple[str, list[bytes]]] = []
+        for command, key in batch:
+            if runs and runs[-1][0] == command:
+                runs[-1][1].append(key)
+            else:
+                runs.append((command, [key]))
+        try:
+            for command, keys in runs:
+                await pubsub.execute_command(command, *keys)
+        except Exception as exc:  # the reader sees the broken connection and reconnects
+            log.debug("pub/sub command failed: %s", exc)
+            if pubsub is self._pubsub:
+                await self._reconnect()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -119,26 +157,33 @@ class Notifier:
     # The reader --------------------------------------------------------------------------
 
     async def _started(self) -> Any:
-        async with self._start_lock:
-            if self._pubsub is None:
-                self._client = self._connect()
-                pubsub = self._client.pubsub()
-                try:
-                    await pubsub.connect()
-                except BaseException:
-                    await self._drop_connection(pubsub)
-                    raise
-                self._pubsub = pubsub
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.get_running_loop().create_task(self._read())
-            return self._pubsub
+        """The connected pub/sub object, its reader running. Callers arriving while it
+        connects all wait for the same attempt (and wake together)."""
+        if self._pubsub is None:
+            if self._connecting is None or self._connecting.done():
+                self._connecting = asyncio.get_running_loop().create_task(self._open())
+            await asyncio.shield(self._connecting)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
+        return self._pubsub
 
-    async def _read(self) -> None:
+    async def _open(self) -> None:
+        client = self._connect()
+        pubsub = client.pubsub()
+        try:
+            await pubsub.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+                await client.aclose()
+            raise
+        self._client, self._pubsub = client, pubsub
+
+    async def _read(self, pubsub: Any) -> None:
         idle = 0.0
-        while not self._closed:
-            pubsub = self._pubsub
-            if pubsub is None:
-                return
+        loop = asyncio.get_running_loop()
+        busy_since, woken = loop.time(), 0
+        while not self._closed and pubsub is self._pubsub:
             try:
                 message = await pubsub.get_message(timeout=_READ_SLICE_S)
                 if message is None:
@@ -147,24 +192,33 @@ class Notifier:
                         idle = 0.0
                         await pubsub.execute_command("PING")
                     continue
-                idle = 0.0
-                self._dispatch(message)
             except (redis.RedisError, OSError) as exc:
                 log.warning("result notifications interrupted (%s); reconnecting", exc)
-                await self._reconnect()
+                if pubsub is self._pubsub:
+                    await self._reconnect()
                 return
+            idle = 0.0
+            woken += self._dispatch(message)
+            if woken >= _WAKE_SLICE or loop.time() - busy_since > _BUSY_SLICE_S:
+                # A burst is handed out in slices: every waiter woken runs on the next turn
+                # of the loop, so a slice bounds how long that turn takes.
+                await asyncio.sleep(0)
+                busy_since, woken = loop.time(), 0
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any]) -> int:
+        """Hand a message to its waiters; return how many may wake."""
         kind, channel = message.get("type"), message.get("channel")
         if not isinstance(channel, bytes):
-            return
+            return 0
         state = self._channels.get(channel)
         if state is None:
-            return
+            return 0
         if kind == "message":
             for inbox in list(state.inboxes):
                 inbox.put_nowait(message.get("data"))
-        elif kind == "subscribe" and state.unconfirmed:
+            return len(state.inboxes)
+        woken = len(state.waiters)
+        if kind == "subscribe" and state.unconfirmed:
             state.unconfirmed -= 1
             if state.unconfirmed == 0:
                 state.subscribed = True
@@ -173,51 +227,37 @@ class Notifier:
                         waiter.set_result(None)
                 state.waiters.clear()
                 self._release_if_unused(channel, state)
+        return woken
 
     async def _reconnect(self) -> None:
-        """Replace the connection; every wait re-reads its state (messages may be lost)."""
+        """Replace the connection. Waits in progress re-read their state (messages may have
+        been lost); subscriptions not yet confirmed fail, and their callers retry."""
         await self._drop_connection()
-        for key, state in list(self._channels.items()):
+        self._outbox.clear()
+        for state in list(self._channels.values()):
             state.subscribed = False
             state.unconfirmed = 0
-            for inbox in state.inboxes:
-                inbox.put_nowait(None)
             for waiter in state.waiters:
                 if not waiter.done():
                     waiter.set_exception(redis.ConnectionError("notification connection lost"))
             state.waiters.clear()
-            if not state.inboxes:
-                del self._channels[key]
-        keys = list(self._channels)
-        while keys and not self._closed:
+            for inbox in state.inboxes:
+                inbox.put_nowait(None)
+        while self._channels and not self._closed:
             try:
-                pubsub = await self._started_without_reader()
-                for key in keys:
-                    self._channels[key].unconfirmed += 1
-                await pubsub.execute_command("SUBSCRIBE", *keys)
+                await self._started()
                 break
             except (redis.RedisError, OSError):
-                for key in keys:
-                    if key in self._channels:
-                        self._channels[key].unconfirmed = 0
-                await self._drop_connection()
                 await asyncio.sleep(1.0)
-                keys = [k for k in keys if k in self._channels]
-        if not self._closed and self._pubsub is not None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        for key, state in list(self._channels.items()):
+            if state.inboxes and not state.unconfirmed and not state.subscribed:
+                state.unconfirmed += 1
+                self._send_soon("SUBSCRIBE", key)
+            elif not state.inboxes and not state.unconfirmed:
+                del self._channels[key]
 
-    async def _started_without_reader(self) -> Any:
-        async with self._start_lock:
-            if self._pubsub is None:
-                self._client = self._connect()
-                pubsub = self._client.pubsub()
-                await pubsub.connect()
-                self._pubsub = pubsub
-            return self._pubsub
-
-    async def _drop_connection(self, pubsub: Any = None) -> None:
-        pubsub = pubsub or self._pubsub
-        client = self._client
+    async def _drop_connection(self) -> None:
+        pubsub, client = self._pubsub, self._client
         self._pubsub, self._client = None, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
@@ -230,10 +270,40 @@ class Notifier:
 _background: set[asyncio.Task[None]] = set()
 
 
-async def _quietly(pubsub: Any, *command: Any) -> None:
-    # A failed UNSUBSCRIBE is harmless: the connection it was on is being replaced.
-    with contextlib.suppress(redis.RedisError, OSError):
-        await pubsub.execute_command(*command)
+class AsyncInbox:
+    """An asyncio inbox lighter than asyncio.Queue + wait_for: no task per wait, one timer."""
+
+    def __init__(self) -> None:
+        self._items: deque[bytes | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: bytes | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float) -> bytes | None:
+        """The next message; None after `timeout`, or when the connection was replaced."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiter = waiter
+            timer = loop.call_later(max(0.0, timeout), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._items.popleft() if self._items else None
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class LoopThread:
@@ -272,10 +342,7 @@ class LoopThread:
             self.loop.close()
 
 
-async def subscribe_within(notifier: Notifier, channel: str, inbox: Inbox, timeout: float) -> None:
-    """`Notifier.subscribe`, failing as a Redis timeout if Redis never confirms it."""
-    try:
-        await asyncio.wait_for(notifier.subscribe(channel, inbox), timeout)
-    except asyncio.TimeoutError:
+def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
+    if not waiter.done():
         message = f"Redis did not confirm a subscription within {timeout:g} s"
-        raise redis.TimeoutError(message) from None
+        waiter.set_exception(redis.TimeoutError(message))

@@ -66,7 +66,8 @@ def test_metrics_count_tasks_tokens_and_load_time(long_client: Client, metered_w
     port = metered_worker.env["VQ_METRICS_PORT"]
 
     def scrape() -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        url = f"http://127.0.0.1:{port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
 
     # The worker counts a task right after storing its result, which may wake us first.
     deadline = time.monotonic() + 30
