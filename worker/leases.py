@@ -220,6 +220,7 @@ class LeasedQoS(kombu_redis.QoS):
 
         Returns the task id of the message restored, or None if nothing was restored.
         """
+        tag = bytes_to_str(tag)  # kombu's own sweep passes tags as read from Redis
         book = _installed
         owner = book.owner if book is not None else None
         key = lease_key(tag)
