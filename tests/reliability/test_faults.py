@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -86,9 +87,19 @@ def test_sigkill_mid_generation_runs_again_within_30_s_and_ends_with_exactly_one
     recoveries: list[float] = []
     try:
         ids = []
-        for _ in range(rounds):
+        for round_ in range(rounds):
             handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
             victim = workers[wait_until_generating(fast_client, handle.id).worker]
+            reader = None
+            if round_ == 0:
+                # A reader following the text across the worker's death: the rerun continues
+                # the stream where the dead worker left it, without a gap or a repeat.
+                deltas: list[str] = []
+                reader = threading.Thread(
+                    target=lambda: deltas.extend(fast_client.stream(handle.id))
+                )
+                reader.start()
+                time.sleep(0.5)
             victim.signal(signal.SIGKILL)
             killed_at = time.monotonic()
             victim.wait()
@@ -103,6 +114,9 @@ def test_sigkill_mid_generation_runs_again_within_30_s_and_ends_with_exactly_one
             everyone.append(replacement)
             result = fast_client.result(handle.id, wait=True, timeout=300)
             assert result is not None and result["state"] == "SUCCESS", result
+            if reader is not None:
+                reader.join(timeout=120)
+                assert "".join(deltas) == result["text"]
             ids.append(handle.id)
         counts = successes(everyone, ids)
         assert all(counts[task_id] == 1 for task_id in ids), counts
