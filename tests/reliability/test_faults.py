@@ -96,7 +96,7 @@ def test_sigkill_mid_generation_runs_again_within_30_s_and_ends_with_exactly_one
                 # the stream where the dead worker left it, without a gap or a repeat.
                 deltas: list[str] = []
                 reader = threading.Thread(
-                    target=lambda: deltas.extend(fast_client.stream(handle.id))
+                    target=deltas.extend, args=(fast_client.stream(handle.id),)
                 )
                 reader.start()
                 time.sleep(0.5)
