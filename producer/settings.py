@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -166,8 +167,9 @@ class Settings:
     def effective_backend_url(self) -> str:
         return self.result_backend_url or self.redis_url
 
-    @property
+    @cached_property
     def token_caps(self) -> dict[TaskName, int]:
+        # Cached: every request is checked against it, and submit_many checks thousands.
         return _parse_caps(self.max_new_tokens_caps)
 
     @property
