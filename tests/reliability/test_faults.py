@@ -24,6 +24,7 @@ from support.redis_server import RedisServer
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client
+from producer.presence import live_workers
 from producer.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -201,6 +202,8 @@ def test_sigterm_lets_the_running_task_finish(redis_url, fast_client: Client, tm
         wait_until_generating(fast_client, handle.id)
         worker.signal(signal.SIGTERM)
         assert worker.wait(timeout_s=60) == 0
+    # A clean exit leaves the queue's live workers at once (no waiting for expiry).
+    assert worker.name not in live_workers(fast_client._redis, "gpu")
     result = fast_client.result(handle.id)
     assert result is not None and result["state"] == "SUCCESS"
     assert successes([worker], [handle.id])[handle.id] == 1
