@@ -136,3 +136,5 @@ def test_flower_and_the_metrics_count_a_cancel_apart_from_failures(
     port = slow_worker.env["VQ_METRICS_PORT"]
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'vq_tasks_total{outcome="cancelled",task="ask"}' in body
+    # Cancels and the timeout before them were logged without a traceback.
+    assert "Traceback" not in slow_worker.log()
