@@ -65,7 +65,8 @@ class TaskOptions:
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "stop": list(self.stop)}
+        # Field by field, not dataclasses.asdict (which deep-copies): built once per submit.
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"stop": list(self.stop)}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -143,6 +144,12 @@ class Settings:
         "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry."
     )
     retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
+    lease_ttl_s: float = _setting(
+        "VQ_LEASE_TTL_S",
+        10.0,
+        "A worker's lease on each message it runs, renewed every heartbeat; once it lapses "
+        "(the worker died or froze) a live worker hands the message back to the queue.",
+    )
     max_deliveries: int = _setting(
         "VQ_MAX_DELIVERIES",
         3,
@@ -220,8 +227,9 @@ class Settings:
     def effective_backend_url(self) -> str:
         return normalize_redis_url(self.result_backend_url or self.redis_url)
 
-    @property
+    @cached_property
     def token_caps(self) -> dict[TaskName, int]:
+        # Cached: every request is checked against it, and submit_many checks thousands.
         return _parse_caps(self.max_new_tokens_caps)
 
     @property
@@ -293,6 +301,7 @@ class Settings:
             "heartbeat_interval_s",
             "restore_interval_s",
             "stuck_task_grace_s",
+            "lease_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")
@@ -303,6 +312,11 @@ class Settings:
             problems.append("VQ_METRICS_PORT must be at most 65535")
         if not _is_bind_address(self.metrics_address):
             problems.append("VQ_METRICS_ADDRESS must be an IP address or a host name")
+        if self.lease_ttl_s < 2 * self.heartbeat_interval_s:
+            problems.append(
+                "VQ_LEASE_TTL_S must be at least twice VQ_HEARTBEAT_INTERVAL_S, or a late "
+                "heartbeat would lose a healthy worker's lease"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
             problems.append("VQ_QUEUE must be a plain name")
         try:

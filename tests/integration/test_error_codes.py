@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,13 @@ def test_a_task_whose_deliveries_are_spent_fails_as_model_error(loopback_client:
     error = failure_of(loopback_client, task_id)["error"]
     assert error["code"] == "model_error"
     assert "died" in error["message"]
+
+
+def test_coded_failures_are_logged_one_line_each_without_a_traceback(shared_worker) -> None:
+    # Runs last in this module: the worker has failed with invalid_input, image_fetch_failed,
+    # unsupported_image, image_too_large, resource_exhausted and model_error by now.
+    log = shared_worker.log()
+    outcomes = re.findall(r"task id=\S+ task=\S+ outcome=(\S+)", log)
+    assert {"invalid_input", "image_fetch_failed", "resource_exhausted"} <= set(outcomes)
+    assert "Traceback" not in log
+    assert not [line for line in log.splitlines() if " ERROR " in line]
