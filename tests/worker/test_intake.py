@@ -88,7 +88,7 @@ def test_only_utf8_json_passes(change: dict[str, Any], code: str):
         ("expires", ["2030-01-01"]),
         ("shadow", "celery.backend_cleanup"),
         ("group", "g1"),
-        ("ignore_result", True),
+        ("ignore_result", "yes"),
         ("stamps", {"a": 1}),
         ("argsrepr", "x" * 5000),
         ("compression", "application/x-gzip"),
