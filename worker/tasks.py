@@ -24,6 +24,7 @@ from producer.errors import InvalidInput, ModelError, TaskFailed, VisionQueueErr
 from producer.schemas import TaskResult, Timings
 from producer.settings import Settings
 from worker.handler import TaskContext, handle
+from worker.webhooks import notify_task_end
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -122,6 +123,7 @@ def execute(
     finally:
         runtime.health.task_finished()
         _log_and_measure(runtime, result, outcome, ctx, delivery)
+        notify_task_end(settings, args, result.to_dict(), outcome)
 
 
 def _failure(
