@@ -108,8 +108,11 @@ class TaskResultBody(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         body = self.model_dump(mode="json")
+        # As TaskResult.to_dict: `error` only on failure, its `field` only when named.
         if body["error"] is None:
-            del body["error"]  # as TaskResult.to_dict: present only on failure
+            del body["error"]
+        elif body["error"]["field"] is None:
+            del body["error"]["field"]
         return body
 
 
