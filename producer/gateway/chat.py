@@ -92,9 +92,12 @@ class Conversation:
     images: list[str]
     image_params: list[str]  # where each image came from: messages[i].content[j]
     options: TaskOptions
+    budget_param: str = "max_completion_tokens"  # the request's name for max_new_tokens
 
     def param_of(self, field: str | None) -> str | None:
-        """Rename the client's `images[k]` to the message part the image came from."""
+        """The request's own name for a field the client names in the contract's terms."""
+        if field == "max_new_tokens":
+            return self.budget_param
         if field and field.startswith("images[") and field.endswith("]"):
             index = field[7:-1]
             if index.isdigit() and int(index) < len(self.image_params):
@@ -102,7 +105,9 @@ class Conversation:
         return field
 
 
-def conversation(request: ChatCompletionRequest) -> Conversation:
+def conversation(
+    request: ChatCompletionRequest, allowlist: frozenset[str] = frozenset()
+) -> Conversation:
     """The turns, images and options for `request`; InvalidInput naming the field if not."""
     extra = request.model_extra or {}
     for name in _UNSUPPORTED:
@@ -133,17 +138,18 @@ def conversation(request: ChatCompletionRequest) -> Conversation:
                     continue
                 if role is not Role.USER:
                     raise InvalidInput("only user messages may carry images", field=where)
-                images.append(_image(part.image_url.url, where))
+                images.append(_image(part.image_url.url, where, allowlist))
                 params.append(where)
                 shown += 1
         turns.append(ChatMessage(role, "\n".join(texts), shown))
-    return Conversation(tuple(turns), images, params, _options(request))
+    budget = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+    return Conversation(tuple(turns), images, params, _options(request), budget)
 
 
-def _image(url: str, where: str) -> str:
+def _image(url: str, where: str, allowlist: frozenset[str]) -> str:
     if url[:5].lower() == "data:":
         return url  # decoded and checked by the client
-    return url_image(url, where)
+    return url_image(url, where, allowlist)
 
 
 def _options(request: ChatCompletionRequest) -> TaskOptions:

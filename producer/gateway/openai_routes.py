@@ -74,7 +74,7 @@ async def chat_completions(
     model = state.settings.gateway_model_name
     if body.model != model:
         raise _unknown_model(body.model, model)
-    convo = chat.conversation(body)
+    convo = chat.conversation(body, state.settings.private_host_allowlist)
     try:
         handle = await submit_task(
             state, who, TaskName.ASK, convo.images, messages=convo.turns, options=convo.options

@@ -79,7 +79,11 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
         submission, images = await _from_form(request, state)
     elif kind == "application/json" or kind.endswith("+json"):
         submission = TaskSubmission.model_validate_json(await request.body())
-        images = submission_images(submission.images, state.settings.max_image_bytes)
+        images = submission_images(
+            submission.images,
+            state.settings.max_image_bytes,
+            state.settings.private_host_allowlist,
+        )
     else:
         raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
     handle = await submit_task(
@@ -262,7 +266,7 @@ async def _from_form(
                     )
                 images.append(data)
             else:
-                images.append(url_image(item, where))
+                images.append(url_image(item, where, settings.private_host_allowlist))
         return submission, images
     finally:
         await form.close()

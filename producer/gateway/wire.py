@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from producer.addresses import check_url
 from producer.contract import TaskName
-from producer.errors import InvalidInput
+from producer.errors import ImageFetchFailed, InvalidInput
 from producer.images import decode_base64_image
 from producer.schemas import ChatMessage, TaskOptions, Timings
 
@@ -135,10 +136,18 @@ class TaskStatusBody(BaseModel):
     worker: str = ""
 
 
-def url_image(url: str, field: str) -> str:
-    """A URL for the client to check and queue; never a path (the client would read it)."""
+def url_image(url: str, field: str, allowlist: frozenset[str]) -> str:
+    """A URL for the client to queue; never a path (the client would read the file).
+
+    The address rules run here too, only so that a refusal names the image's field.
+    """
     if not url.lower().startswith(("http://", "https://")):
         raise InvalidInput("image URLs must be http(s)", field=field)
+    try:
+        check_url(url, allowlist)
+    except ImageFetchFailed as exc:
+        exc.field = field
+        raise
     return url
 
 
@@ -149,14 +158,16 @@ def data_image(data: str, field: str, max_bytes: int) -> str | bytes:
     return decode_base64_image(data, field=field, max_bytes=max_bytes)
 
 
-def submission_images(images: list[ImageInput], max_bytes: int) -> list[str | bytes]:
+def submission_images(
+    images: list[ImageInput], max_bytes: int, allowlist: frozenset[str]
+) -> list[str | bytes]:
     out: list[str | bytes] = []
     for index, image in enumerate(images):
         field = f"images[{index}]"
         if (image.url is None) == (image.data is None):
             raise InvalidInput("give an image as exactly one of url and data", field=field)
         if image.url is not None:
-            out.append(url_image(image.url, field))
+            out.append(url_image(image.url, field, allowlist))
         else:
             assert image.data is not None
             out.append(data_image(image.data, field, max_bytes))

@@ -113,4 +113,5 @@ def test_a_client_error_about_an_image_names_the_message_part_it_came_from():
         request([{"role": "user", "content": [text("a"), image(PNG), image(PNG)]}])
     )
     assert convo.param_of("images[1]") == "messages[0].content[2]"
-    assert convo.param_of("max_new_tokens") == "max_new_tokens"
+    assert convo.param_of("max_new_tokens") == "max_tokens"
+    assert convo.param_of("temperature") == "temperature"

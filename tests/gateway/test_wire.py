@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from pydantic import ValidationError
 
-from producer.errors import ImageTooLarge, InvalidInput
+from producer.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
 from producer.gateway.wire import (
     ImageInput,
     TaskResultBody,
@@ -96,6 +96,7 @@ def test_images_are_urls_or_base64_never_paths():
         [ImageInput(url="https://img.example/a.png"), ImageInput(data=png),
          ImageInput(data="data:image/png;base64," + png)],
         max_bytes=1000,
+        allowlist=frozenset(),
     )
     assert images[0] == "https://img.example/a.png"
     assert isinstance(images[1], bytes)
@@ -104,11 +105,14 @@ def test_images_are_urls_or_base64_never_paths():
     for bad, code in [
         (ImageInput(url="/etc/passwd"), InvalidInput),
         (ImageInput(url="file:///etc/passwd"), InvalidInput),
+        (ImageInput(url="http://169.254.169.254/latest"), ImageFetchFailed),
         (ImageInput(), InvalidInput),
         (ImageInput(url="https://a.example/x", data=png), InvalidInput),
         (ImageInput(data="%%%"), InvalidInput),
         (ImageInput(data=base64.b64encode(b"x" * 2000).decode()), ImageTooLarge),
     ]:
         with pytest.raises(code) as caught:
-            submission_images([ImageInput(url="https://a.example/ok"), bad], max_bytes=1000)
+            submission_images(
+                [ImageInput(url="https://a.example/ok"), bad], 1000, frozenset()
+            )
         assert caught.value.field == "images[1]"
