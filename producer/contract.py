@@ -56,5 +56,21 @@ SUBMITTED_KEY = KEY_PREFIX + ":submitted:{task_id}"
 # which that worker counts as alive (refreshed by its heartbeat). See producer.presence.
 WORKER_PRESENCE_KEY = KEY_PREFIX + ":presence:{queue}"
 
+# Leases (worker.leases): a worker holds `LEASE_KEY` (value = its name, expiring a few
+# heartbeats ahead) for every message it has taken; `LEASED_KEY` is a sorted set of the
+# delivery tags that hold one, so a live worker can hand back those whose lease expired.
+LEASE_KEY = KEY_PREFIX + ":lease:{tag}"
+LEASED_KEY = KEY_PREFIX + ":leased"
+LEASE_SWEEP_LOCK_KEY = KEY_PREFIX + ":lease-sweep"
+# Text deltas of one task: a Redis Stream (entries `seq`, `kind` = delta|end, `text`, and
+# on the end entry `result`, the final result JSON). Expires with the result. Writers also
+# PUBLISH each new entry id on a channel of the same name, so readers wait without polling.
+STREAM_KEY = KEY_PREFIX + ":stream:{task_id}"
+# Most entries one task's stream holds; writers coalesce deltas so they never reach it.
+STREAM_MAX_ENTRIES = 2048
+# Celery's result key (and the channel it PUBLISHes every state change on).
+RESULT_KEY = "celery-task-meta-{task_id}"
+FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
 # Custom Celery state reported while a task generates (tokens so far).
 PROGRESS_STATE = "PROGRESS"

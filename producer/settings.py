@@ -96,6 +96,12 @@ class Settings:
         "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry."
     )
     retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
+    lease_ttl_s: float = _setting(
+        "VQ_LEASE_TTL_S",
+        10.0,
+        "A worker's lease on each message it runs, renewed every heartbeat; once it lapses "
+        "(the worker died or froze) a live worker hands the message back to the queue.",
+    )
     max_deliveries: int = _setting(
         "VQ_MAX_DELIVERIES",
         3,
@@ -309,6 +315,7 @@ class Settings:
             "webhook_timeout_s",
             "gateway_max_body_bytes",
             "gateway_wait_timeout_s",
+            "lease_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")
@@ -324,6 +331,11 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{_env_name(name)} must not be negative")
+        if self.lease_ttl_s < 2 * self.heartbeat_interval_s:
+            problems.append(
+                "VQ_LEASE_TTL_S must be at least twice VQ_HEARTBEAT_INTERVAL_S, or a late "
+                "heartbeat would lose a healthy worker's lease"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
             problems.append("VQ_QUEUE must be a plain name")
         try:
