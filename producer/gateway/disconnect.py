@@ -57,3 +57,10 @@ async def cancel_quietly(cancel: Awaitable[None], task_id: str) -> None:
             log.info("task id=%s cancelled: the caller disconnected", task_id)
         except (ClientError, OSError) as exc:
             log.warning("task id=%s: cancel after disconnect failed (%s)", task_id, exc)
+
+
+async def close_stream(iterator: object) -> None:
+    """Close an async generator now, so its Redis connection goes back at once."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()

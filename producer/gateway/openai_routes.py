@@ -21,7 +21,12 @@ from producer.contract import TaskName
 from producer.errors import ClientError, VisionQueueError, WaitTimeout
 from producer.gateway import chat, sse
 from producer.gateway.auth import Caller
-from producer.gateway.disconnect import Disconnected, cancel_quietly, unless_disconnected
+from producer.gateway.disconnect import (
+    Disconnected,
+    cancel_quietly,
+    close_stream,
+    unless_disconnected,
+)
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
@@ -152,7 +157,7 @@ async def _stream(
         # the cancel and the slot's release still happen.
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(Exception):
-                await events.aclose()
+                await close_stream(events)
             if not ended:
                 await cancel_quietly(state.client.cancel(task_id), task_id)
             await state.limiter.release(who.key_id, task_id)

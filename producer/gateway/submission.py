@@ -16,9 +16,9 @@ from producer.errors import InvalidInput, UnknownTaskId
 from producer.schemas import ChatMessage, TaskOptions
 
 if TYPE_CHECKING:
-    from producer.async_client import TaskHandle
     from producer.gateway.auth import Caller
     from producer.gateway.state import GatewayState
+    from producer.results import TaskHandle
 
 OWNER_KEY = KEY_PREFIX + ":gw:owner:{task_id}"
 

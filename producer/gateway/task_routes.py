@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 
 from producer.errors import ClientError, ImageTooLarge, InvalidInput
 from producer.gateway import sse
+from producer.gateway.disconnect import close_stream
 from producer.gateway.errors import ApiError, from_exception
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import check_owner, submit_task
@@ -221,7 +222,7 @@ async def _pump(
         await queue.put(exc)
     finally:
         with contextlib.suppress(Exception):
-            await events.aclose()
+            await close_stream(events)
 
 
 def _status_of(snapshot: dict[str, Any]) -> dict[str, Any]:
