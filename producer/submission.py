@@ -31,7 +31,7 @@ from typing import Any
 
 from producer.addresses import check_url
 from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName
-from producer.errors import ImageTooLarge, InvalidInput
+from producer.errors import ImageTooLarge, InvalidInput, VisionQueueError
 from producer.images import ImageLimits, decode_base64_image, inspect_image
 from producer.results import TaskHandle
 from producer.schemas import (
@@ -119,7 +119,7 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
         settings,
     )
     prepared = tuple(
-        _prepare_image(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
+        _image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
     )
     return Draft(name, prepared, request.prompt, options, messages, callback_url)
 
@@ -130,6 +130,18 @@ def task_name(task: TaskName | str) -> TaskName:
     except ValueError:
         known = ", ".join(t.value for t in TaskName)
         raise InvalidInput(f"unknown task {task!r} (known: {known})", field="task") from None
+
+
+def _image_named(
+    image: ImageInput, field: str, settings: Settings, limits: ImageLimits
+) -> ImageRef | bytes:
+    """`_prepare_image`, its errors naming the image (`images[i]`) when they name nothing."""
+    try:
+        return _prepare_image(image, field, settings, limits)
+    except VisionQueueError as exc:
+        if exc.field is None:
+            exc.field = field
+        raise
 
 
 def _prepare_image(

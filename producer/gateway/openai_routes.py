@@ -97,6 +97,10 @@ async def chat_completions(
         )
     try:
         result = await _wait(state, request, handle.id)
+    except WaitTimeout as exc:
+        error = from_exception(exc)
+        error.headers = headers
+        raise error from None
     finally:
         with anyio.CancelScope(shield=True):
             await state.limiter.release(who.key_id, handle.id)

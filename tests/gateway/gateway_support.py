@@ -45,12 +45,8 @@ class GatewayProcess:
     def __init__(self, redis_url: str, logdir: Path, **env: str) -> None:
         self.port = free_port()
         self.log_path = logdir / f"gateway-{self.port}.log"
-        self.env = base_env(
-            redis_url,
-            VQ_API_KEYS=f"{API_KEY},{OTHER_KEY}",
-            VQ_GATEWAY_MODEL_NAME=MODEL,
-            **{**STACK_ENV, **env},
-        )
+        defaults = {"VQ_API_KEYS": f"{API_KEY},{OTHER_KEY}", "VQ_GATEWAY_MODEL_NAME": MODEL}
+        self.env = base_env(redis_url, **{**defaults, **STACK_ENV, **env})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
