@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from producer.gateway import health, openai_routes, task_routes
 from producer.gateway.auth import KeyRing
 from producer.gateway.body_limit import BodyLimit
-from producer.gateway.errors import install_error_handlers
+from producer.gateway.errors import COMMON_ERRORS, ErrorBody, install_error_handlers
 from producer.gateway.limits import Limiter
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.state import GatewayState
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=_DESCRIPTION,
         lifespan=lifespan,
     )
+    app.state.model_name = settings.gateway_model_name
     app.include_router(openai_routes.router)
     app.include_router(task_routes.router)
     app.include_router(health.router)
@@ -99,11 +100,35 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (TaskSubmission, TaskUpload):
+        for model in (TaskSubmission, TaskUpload, ErrorBody):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        _document_errors(schema)
+        # The served model as the example, so generated requests (and readers) use it.
+        chat = components.get("ChatCompletionRequest", {}).get("properties", {})
+        if "model" in chat:
+            chat["model"]["examples"] = [app.state.model_name]
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _document_errors(schema: dict[str, Any]) -> None:
+    """Every /v1 operation: the common error answers, in the error shape; never 422
+    (validation failures are 400 here, in the same shape as every other error)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            if not path.startswith("/v1"):
+                continue
+            for status, description in COMMON_ERRORS.items():
+                responses.setdefault(str(status), {"description": description})
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    response["content"] = error
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)

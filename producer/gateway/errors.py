@@ -19,7 +19,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from producer.errors import (
@@ -66,6 +66,29 @@ _TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: OpenAI's shape, `code` being ours."""
+
+    error: ErrorDetail
+
+
+# What any /v1 route may answer besides its own results.
+COMMON_ERRORS = {
+    400: "Invalid input; nothing was queued.",
+    401: "Missing or invalid API key.",
+    413: "Request body too large.",
+    429: "Over this key's request rate (or task limit); see Retry-After.",
+    503: "The queue (Redis) is unreachable.",
 }
 
 

@@ -8,16 +8,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from producer.gateway.state import state_of
 from producer.presence import live_workers_async
 
 router = APIRouter(tags=["Operations"])
+
+
+class Readiness(BaseModel):
+    queue: str
+    status: Literal["ready", "unready"]
+    workers: int | None = Field(None, description="Live workers on the queue.")
+    reason: str | None = Field(None, description="Why not ready.")
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -28,7 +36,8 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: Redis reachable and a worker alive on the queue",
-    responses={503: {"description": "Not ready; `reason` says why."}},
+    response_model=Readiness,
+    responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
 async def readyz(request: Request) -> JSONResponse:
     state = state_of(request)

@@ -35,13 +35,11 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 # nginx's convention for "the client closed the request": only metrics ever see it.
 CLIENT_CLOSED = 499
+# Beside the errors every /v1 route documents (app._document_errors).
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid input; nothing was queued."},
-    401: {"description": "Missing or invalid API key."},
     404: {"description": "Unknown model."},
-    413: {"description": "Request body too large."},
-    429: {"description": "Over this key's request rate or task limit (see Retry-After)."},
-    503: {"description": "The queue (Redis) is unreachable."},
+    409: {"description": "The task was cancelled."},
+    500: {"description": "The model failed (model_error)."},
     504: {"description": "The task did not finish within VQ_GATEWAY_WAIT_TIMEOUT_S."},
 }
 
@@ -67,7 +65,7 @@ async def get_model(model_id: str, request: Request, who: Authorized) -> dict[st
         200: {
             "description": "The completion, or with `stream: true` server-sent chunks "
             "ending with `data: [DONE]`.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
         },
         **_ERRORS,
     },

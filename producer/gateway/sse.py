@@ -10,6 +10,17 @@ HEADERS = {
     "X-Accel-Buffering": "no",  # nginx would otherwise hold events back
 }
 MEDIA_TYPE = "text/event-stream"
+# One event, as OpenAPI tools read a text/event-stream body: `data` is JSON text (or
+# `[DONE]` at the end of a chat completion stream).
+EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "delta", "end", "error"]},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["data"],
+}
 
 
 def event(data: str, *, name: str | None = None, event_id: str | None = None) -> bytes:

@@ -44,11 +44,9 @@ router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
 # An idle event stream gets a status event this often (progress, and keeps proxies open).
 STATUS_EVERY_S = 10.0
 _UNFINISHED = ("PENDING", "STARTED", "PROGRESS", "RETRY")
+# Beside the errors every /v1 route documents (app._document_errors).
 _COMMON: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key."},
     404: {"description": "No such task for this key (or its result expired)."},
-    429: {"description": "Over this key's request rate (see Retry-After)."},
-    503: {"description": "The queue (Redis) is unreachable."},
 }
 _SUBMIT_BODY = {
     "required": True,
@@ -65,13 +63,7 @@ _SUBMIT_BODY = {
     summary="Queue a task (JSON with image URLs or base64, or multipart files)",
     response_model=TaskAccepted,
     openapi_extra={"requestBody": _SUBMIT_BODY},
-    responses={
-        400: {"description": "Invalid input; nothing was queued."},
-        413: {"description": "Request body too large."},
-        415: {"description": "Not JSON or multipart/form-data."},
-        **_COMMON,
-        429: {"description": "Over this key's request rate or task limit (see Retry-After)."},
-    },
+    responses={415: {"description": "Not JSON or multipart/form-data."}},
 )
 async def create_task(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
@@ -124,7 +116,7 @@ async def get_task(task_id: str, request: Request, who: Authorized) -> JSONRespo
         200: {
             "description": "`event: status` (state, tokens), `event: delta` (seq, text; "
             "`id:` is the cursor for Last-Event-ID), `event: end` (the result object).",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
         },
         **_COMMON,
     },
