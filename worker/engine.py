@@ -76,6 +76,9 @@ class GenerationRequest:
     # Called with each new piece of text as soon as it is final: whole characters, never
     # part of a stop string; the pieces joined are exactly the result's text.
     on_text: Callable[[str], None] | None = None
+    # Told the prompt's token count (text and image) once it is encoded, before any token is
+    # generated: a task stopped midway still reports its usage.
+    on_prompt: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ class Engine:
             num_crops = request.num_crops or self.num_crops
             encoded = self.processor.encode(text, request.images, num_crops)
         self._check_length(encoded, request.max_new_tokens)
+        if request.on_prompt is not None:
+            request.on_prompt(encoded.prompt_tokens)
         with torch.inference_mode():
             with model_errors("preprocessing"):
                 faults.inject(text, self.device)

@@ -17,9 +17,12 @@ Why the `threads` pool with concurrency 1:
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
+from celery import Celery
 from celery.signals import worker_ready
 
 from producer.celery_config import make_celery_app
@@ -27,7 +30,9 @@ from producer.redis_connect import redis_client
 from producer.settings import Settings
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter, default_worker_name, health_file_path
+from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 from worker.metrics import WorkerMetrics
+from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers
 from worker.tasks import WorkerRuntime, register_tasks
 
@@ -63,15 +68,21 @@ def run_worker(settings: Settings) -> int:
     metrics.model_loaded.set(1)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
+    broker = redis_client(settings)
+    book = LeaseBook(name, settings.lease_ttl_s)
+    app = _leased_app(settings, book)
+    keeper = _lease_keeper(app, book, broker, settings)
     runtime = WorkerRuntime(
         settings=settings,
         engine=engine,
         name=name,
         metrics=metrics,
         health=health,
-        redis=redis_client(settings),
+        redis=broker,
+        results=_result_store(settings, broker, name),
+        leases=book,
+        keeper=keeper,
     )
-    app = make_celery_app(settings)
     register_tasks(app, runtime)
     health.model_ready()
     log.info(
@@ -96,11 +107,43 @@ def run_worker(settings: Settings) -> int:
         redirect_stdouts=False,
     )
     _report_lifecycle(worker, health)
+    keeper.start()
     try:
         worker.start()
     finally:
+        keeper.stop()  # also leaves the queues' presence at once
         health.stop()
     return int(worker.exitcode or 0)
+
+
+def _leased_app(settings: Settings, book: LeaseBook) -> Celery:
+    """The worker's Celery app: its consumers hold leases (`worker.leases`) and what Celery
+    stores itself follows the first-writer-wins rule (`worker.result_store`)."""
+    install(book)
+    app = make_celery_app(settings)
+    app.conf.broker_transport = TRANSPORT
+    app.conf.result_backend = backend_url(settings)
+    if urlsplit(settings.effective_broker_url).scheme == "rediss" and not app.conf.broker_use_ssl:
+        # kombu turns TLS on by the URL's scheme only for its own transport names; ours
+        # verifies certificates, as the project's own redis-py connections do.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return app
+
+
+def _lease_keeper(app: Celery, book: LeaseBook, broker: Any, settings: Settings) -> LeaseKeeper:
+    return LeaseKeeper(
+        book,
+        broker,
+        [settings.queue],
+        settings.heartbeat_interval_s,
+        connect=app.connection_for_write,
+    )
+
+
+def _result_store(settings: Settings, broker: Any, name: str) -> ResultStore:
+    same = settings.effective_backend_url == settings.effective_broker_url
+    results = broker if same else redis_client(settings, settings.effective_backend_url)
+    return ResultStore(results, broker, settings, name, same_server=same)
 
 
 def _report_lifecycle(worker: Any, health: HealthReporter) -> None:

@@ -57,8 +57,9 @@ _RETRY_STATUSES = frozenset({408, 429})
 _MAX_PENDING = 1000
 _SENDER_THREADS = 4
 _LONGEST_BACKOFF_S = 300.0
-# Outcomes after which the task runs again (or later): the task has not ended yet.
-_NOT_ENDED = frozenset({"retry", "requeued"})
+# Outcomes of a run that did not end the task (it runs again, or another worker's run
+# did or will), so this run sends nothing.
+_NOT_ENDED = frozenset({"retry", "requeued", "abandoned", "duplicate"})
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -77,7 +78,8 @@ class Delivery:
 def notify_task_end(
     settings: Settings, args: tuple[Any, ...], result: dict[str, Any], outcome: str
 ) -> None:
-    """Called once at the end of every run; queues a webhook if the task asked for one.
+    """Called once at the end of every run, after its result is stored; queues a webhook if
+    the task asked for one.
 
     Never raises: it runs in the task's `finally`, where an error would replace the outcome.
     """

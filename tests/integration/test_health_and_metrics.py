@@ -64,7 +64,17 @@ def test_metrics_count_tasks_tokens_and_load_time(long_client: Client, metered_w
     handle = long_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
     assert long_client.result(handle.id, wait=True, timeout=60)["state"] == "SUCCESS"
     port = metered_worker.env["VQ_METRICS_PORT"]
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    # The worker counts a task right after storing its result, which may wake us first.
+    deadline = time.monotonic() + 30
+    body = scrape()
+    while 'vq_tasks_total{outcome="success",task="describe"}' not in body:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+        body = scrape()
     for metric in (
         'vq_tasks_total{outcome="success",task="describe"}',
         'vq_queue_wait_seconds_count{task="describe"}',

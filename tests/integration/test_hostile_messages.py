@@ -74,7 +74,7 @@ def test_a_message_for_an_unregistered_task_is_not_executed(
     task_id = publish_raw(client, "os.system", body, "json")
     assert_still_serving(client, images)
     # Celery refuses the name before looking at the arguments, and records why.
-    meta = client._app.backend.get_task_meta(task_id)
+    meta = make_celery_app(client.settings).backend.get_task_meta(task_id)
     assert meta["status"] == "FAILURE"
     assert type(meta["result"]).__name__ == "NotRegistered"
     assert "unregistered task" in shared_worker.log().lower()
