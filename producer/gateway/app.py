@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
+from producer.async_client import AsyncClient
 from producer.gateway import health, openai_routes, task_routes
 from producer.gateway.auth import KeyRing
 from producer.gateway.body_limit import BodyLimit
@@ -47,8 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from producer.async_client import AsyncClient  # the gateway's only queue client
-
         connection = async_redis_client(settings)
         async with AsyncClient(settings) as client:
             app.state.gateway = GatewayState(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from producer.gateway.errors import ApiError
 from producer.gateway.limits import Limiter
 from producer.redis_connect import async_redis_client
@@ -72,19 +70,5 @@ def test_concurrent_submissions_never_take_more_slots_than_the_limit(redis_url: 
         await gateways[0].bind_task("key-a", taken[0], "task-1")
         await gateways[1].release("key-a", "task-1")
         assert isinstance(await gateways[2].reserve_task("key-a"), str)
-
-    asyncio.run(scenario())
-
-
-@pytest.mark.parametrize("state", ["SUCCESS", "FAILURE", "REVOKED"])
-def test_a_task_whose_result_is_stored_no_longer_holds_a_slot(redis_url: str, state: str):
-    async def scenario() -> None:
-        (limiter,) = limiters(redis_url, 1, gateway_max_tasks_per_key=1)
-        placeholder = await limiter.reserve_task("key-a")
-        await limiter.bind_task("key-a", placeholder, "task-1")
-        assert await refusal(limiter.reserve_task("key-a")) is not None
-        # The result backend's record of the task's end (as Celery writes it):
-        await limiter.client.set("celery-task-meta-task-1", f'{{"status": "{state}"}}')
-        assert await refusal(limiter.reserve_task("key-a")) is None
 
     asyncio.run(scenario())
