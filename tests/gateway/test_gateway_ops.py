@@ -180,6 +180,14 @@ def test_every_api_route_needs_a_valid_key(gateway: GatewayProcess, method: str,
     assert httpx.get(gateway.url("/v1/models"), headers={"X-API-Key": API_KEY}).status_code == 200
 
 
+def test_unknown_routes_and_methods_answer_in_the_error_shape(gateway: GatewayProcess):
+    missing = httpx.get(gateway.url("/v1/nothing-here"), headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.put(gateway.url("/v1/models"), headers=AUTH)
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
 def test_the_probes_say_whether_the_gateway_can_get_work_done(
     gateway: GatewayProcess, shared_worker: WorkerProcess
 ):
