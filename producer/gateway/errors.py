@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from producer.errors import (
     BrokerUnavailable,
     ErrorCode,
+    TaskFailed,
     UnknownTaskId,
     VisionQueueError,
     WaitTimeout,
@@ -138,6 +139,8 @@ def from_exception(exc: BaseException) -> ApiError:
     """The answer for any exception a request path lets through."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, TaskFailed):  # a stream that ended in a failure
+        return task_error(exc.result.get("error") or {})
     if isinstance(exc, VisionQueueError):
         status = 400 if _TASK_STATUS[exc.code] < 500 else _TASK_STATUS[exc.code]
         return ApiError(status, exc.code.value, exc.message, param=exc.field)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.contract import TaskName
-from producer.errors import ClientError, VisionQueueError, WaitTimeout
+from producer.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
 from producer.gateway import chat, sse
 from producer.gateway.auth import Caller
 from producer.gateway.disconnect import (
@@ -152,7 +152,7 @@ async def _stream(
                 yield sse.json_event(chat.usage_chunk(task_id, model, created, result))
             yield sse.event("[DONE]")
             return
-    except ClientError as exc:  # Redis went away mid-stream
+    except (ClientError, TaskFailed) as exc:  # Redis went away, or the stream broke
         yield sse.json_event(from_exception(exc).body())
     finally:
         # Runs when the caller disconnects too (the response is cancelled): shielded, so

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from producer.errors import ClientError, ImageTooLarge, InvalidInput
+from producer.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
 from producer.gateway import sse
 from producer.gateway.disconnect import close_stream
 from producer.gateway.errors import ApiError, from_exception
@@ -173,7 +173,11 @@ async def _events(
             try:
                 item = await asyncio.wait_for(queue.get(), STATUS_EVERY_S)
             except asyncio.TimeoutError:
-                snapshot = await _snapshot(state, task_id)
+                try:
+                    snapshot = await _snapshot(state, task_id)
+                except ClientError as exc:
+                    yield sse.json_event(from_exception(exc).body(), name="error")
+                    return
                 if snapshot["state"] in ("SUCCESS", "FAILURE") and pump.done():
                     yield sse.json_event(snapshot, name="end")
                     return
@@ -210,7 +214,7 @@ async def _pump(
             if item.kind == "end":
                 return
         await queue.put(None)
-    except (ClientError, OSError) as exc:
+    except (ClientError, TaskFailed, OSError) as exc:
         await queue.put(exc)
     finally:
         with contextlib.suppress(Exception):

@@ -206,6 +206,17 @@ def test_an_image_url_the_worker_cannot_fetch_fails_with_its_code(sdk: openai.Op
     assert caught.value.code == "image_fetch_failed"
 
 
+def test_a_failure_while_streaming_reaches_the_sdk_as_an_error(sdk: openai.OpenAI):
+    with serve({}) as server:  # every path answers 404: the worker's fetch fails
+        stream = sdk.chat.completions.create(
+            model=MODEL, messages=looking_at(server.url("/gone.png")), max_tokens=3, stream=True
+        )
+        with pytest.raises(openai.APIError) as caught:
+            for _ in stream:
+                pass
+    assert caught.value.code == "image_fetch_failed"
+
+
 def test_limits_of_the_contract_answer_with_the_requests_own_names(sdk: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.chat.completions.create(
