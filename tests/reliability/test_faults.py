@@ -35,7 +35,7 @@ SHIPPED_DELIVERY = {
 # The most a dead worker's task may take to be running again with those defaults.
 RECOVERY_LIMIT_S = 30
 # Long enough on the tiny model to be caught running, short enough to finish in time.
-RUNNING_TOKENS = 2500
+RUNNING_TOKENS = 1500
 
 
 def successes(workers: Iterable[WorkerProcess], expected: Iterable[str] = ()) -> Counter[str]:
@@ -77,7 +77,7 @@ def running_elsewhere(client: Client, task_id: str, dead: str, timeout_s: float)
 def test_sigkill_mid_generation_runs_again_within_30_s_and_ends_with_exactly_one_success(
     redis_url: str, fast_client: Client, tmp_path: Path
 ) -> None:
-    rounds = 5
+    rounds = 3
     workers = {
         w.name: w
         for w in (WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start() for _ in range(2))
