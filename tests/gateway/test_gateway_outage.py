@@ -90,3 +90,17 @@ def test_a_wrong_redis_password_is_reported_as_such_to_the_operator(
         answer = httpx.get(gateway.url("/v1/models"), headers=AUTH, timeout=60)
         assert answer.status_code == 503
         assert "not-the-password" not in answer.text + gateway.log()
+
+
+def test_a_callback_url_is_refused_where_webhooks_cannot_be_signed(
+    own_redis: RedisServer, tmp_path: Path
+):
+    with GatewayProcess(own_redis.url, tmp_path, VQ_WEBHOOK_SECRET="") as gateway:
+        answer = httpx.post(
+            gateway.url("/v1/tasks"),
+            headers=AUTH,
+            json={"task": "ask", "prompt": "hi", "callback_url": "https://hooks.example.com/x"},
+        )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "callback_url"
+    assert "VQ_WEBHOOK_SECRET" in answer.json()["error"]["message"]
