@@ -32,6 +32,7 @@ from PIL import Image
 
 from producer.contract import control_token_in
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
+from producer.schemas import ChatMessage
 from worker import faults
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
@@ -60,7 +61,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str  # user prompt text (template applied by the engine)
+    # User prompt text, or an ask conversation's turns (template applied by the engine).
+    prompt: str | Sequence[ChatMessage]
     images: Sequence[Image.Image]  # already RGB
     max_new_tokens: int
     num_crops: int | None = None
@@ -216,7 +218,7 @@ class Engine:
             request.on_prompt(encoded.prompt_tokens)
         with torch.inference_mode():
             with model_errors("preprocessing"):
-                faults.inject(request.prompt, self.device)
+                faults.inject(text, self.device)
                 crops = self.processor.crops(encoded, self._torch_device)
             preprocess_s = time.perf_counter() - began
 
