@@ -241,7 +241,8 @@ class Settings:
     webhook_allowed_private_hosts: str = _setting(
         "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS",
         "",
-        "Comma-separated callback hosts allowed although they resolve to private addresses.",
+        "Comma-separated callback hosts allowed although they resolve to private addresses: "
+        "host:port, or a bare host for ports 80 and 443 only.",
     )
     # HTTP gateway (`producer serve`)
     api_keys: str = _setting(
@@ -304,11 +305,7 @@ class Settings:
     @property
     def private_host_allowlist(self) -> frozenset[str]:
         """Canonical `host:port` and bare `host` entries (`addresses.allowlist_entry`)."""
-        entries: set[str] = set()
-        for item in _split_list(self.allowed_private_hosts, lower=True):
-            with contextlib.suppress(ValueError):  # refused by validate() at start
-                entries.add(allowlist_entry(item))
-        return frozenset(entries)
+        return _allowlist(self.allowed_private_hosts)
 
     @property
     def image_roots(self) -> tuple[str, ...]:
@@ -316,7 +313,8 @@ class Settings:
 
     @property
     def webhook_host_allowlist(self) -> frozenset[str]:
-        return frozenset(_split_list(self.webhook_allowed_private_hosts, lower=True))
+        """The same form as `private_host_allowlist`, for webhook receivers."""
+        return _allowlist(self.webhook_allowed_private_hosts)
 
     @property
     def cors_origins(self) -> tuple[str, ...]:
@@ -360,11 +358,12 @@ class Settings:
             url = getattr(self, name)
             if url:
                 problems.extend(_url_problems(_env_name(name), url))
-        for item in _split_list(self.allowed_private_hosts, lower=True):
-            try:
-                allowlist_entry(item)
-            except ValueError as exc:
-                problems.append(f"VQ_ALLOWED_PRIVATE_HOSTS: {exc}")
+        for name in ("allowed_private_hosts", "webhook_allowed_private_hosts"):
+            for item in _split_list(getattr(self, name), lower=True):
+                try:
+                    allowlist_entry(item)
+                except ValueError as exc:
+                    problems.append(f"{_env_name(name)}: {exc}")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             problems.append(
                 "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
@@ -490,6 +489,14 @@ def _is_bind_address(text: str) -> bool:
     except ValueError:
         return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text))
     return True
+
+
+def _allowlist(raw: str) -> frozenset[str]:
+    entries: set[str] = set()
+    for item in _split_list(raw, lower=True):
+        with contextlib.suppress(ValueError):  # refused by validate() at start
+            entries.add(allowlist_entry(item))
+    return frozenset(entries)
 
 
 def _split_list(raw: str, *, lower: bool = False) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import redis
+from support.http_server import HOOK_HOST, HOOK_PORT, IMAGE_HOST
 from support.redis_server import free_port
 from support.workers import IMAGES, base_env, terminate
 
@@ -29,8 +30,8 @@ ENDLESS = 100_000
 # Shared by the gateways and the worker (the same checks on both sides): webhooks and
 # image URLs may reach the tests' loopback servers; an ask may run (almost) forever.
 STACK_ENV = {
-    "VQ_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",
-    "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",
+    "VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST,
+    "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS": HOOK_HOST,
     "VQ_WEBHOOK_SECRET": WEBHOOK_SECRET,
     "VQ_WEBHOOK_BACKOFF_S": "0.2",
     "VQ_MAX_NEW_TOKENS_CAPS": f"describe=16,ocr=16,compare=16,ask={ENDLESS}",
@@ -184,7 +185,7 @@ class WebhookReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", HOOK_PORT), Handler)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 

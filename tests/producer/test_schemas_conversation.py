@@ -10,7 +10,7 @@ from producer.errors import InvalidInput
 from producer.schemas import ChatMessage, Role, parse_request
 from producer.settings import Settings
 
-SETTINGS = Settings.from_env({}, webhook_allowed_private_hosts="hooks.internal")
+SETTINGS = Settings.from_env({}, webhook_allowed_private_hosts="hooks.internal:9000")
 DIGEST = "b" * 64
 
 

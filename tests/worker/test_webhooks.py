@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.http_server import HOOK_HOST, HOOK_PORT
 
 from producer.settings import Settings
 from worker.webhooks import Delivery, WebhookSender, notify_task_end, sign
@@ -85,7 +86,7 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", HOOK_PORT), Handler)
     state.port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -100,7 +101,7 @@ def receiver() -> Iterator[Receiver]:
 def settings(**changes: Any) -> Settings:
     values: dict[str, Any] = {
         "webhook_secret": SECRET,
-        "webhook_allowed_private_hosts": "127.0.0.1",
+        "webhook_allowed_private_hosts": HOOK_HOST,
         "webhook_max_attempts": 4,
         "webhook_backoff_s": 0.5,
     }
@@ -195,7 +196,10 @@ def test_an_unreachable_receiver_is_retried():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     sleep = RecordedSleep()
-    sender = WebhookSender(settings(webhook_max_attempts=2), sleep=sleep)
+    allowed = f"127.0.0.1:{port}"
+    sender = WebhookSender(
+        settings(webhook_max_attempts=2, webhook_allowed_private_hosts=allowed), sleep=sleep
+    )
 
     assert sender.deliver(Delivery(f"http://127.0.0.1:{port}/hook", TASK_ID, b"{}")) is False
     assert sleep.waits == [0.5]
