@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
 #
-# Light image: the producer package and CLI, and Flower (`monitor` extra). No torch.
+# Light image: the producer package and CLI, Flower (`monitor` extra) and the HTTP gateway
+# (`gateway` extra: `producer serve`). No torch.
 #
 #   docker build -f ops/light.Dockerfile -t vision-queue-light .
 #   docker run --rm -e REDIS_URL=redis://:PASSWORD@redis-host:6379/0 vision-queue-light producer --help
 #
-# docker-compose.yml runs Flower from it: celery -A producer.flower_app:app flower ...
+# docker-compose.yml runs Flower (celery -A producer.flower_app:app flower ...) and the
+# gateway (producer serve ...) from it.
 
 ARG PYTHON_VERSION=3.12
 FROM python:${PYTHON_VERSION}-slim
@@ -22,7 +24,7 @@ RUN python -m venv /opt/venv
 # setuptools write its build files without them landing in a layer.
 RUN --mount=type=bind,source=.,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install "/src[monitor]"
+    pip install "/src[monitor,gateway]"
 
 # /data holds Flower's state (--persistent --db=/data/flower.db); the named volume that
 # docker-compose.yml mounts there starts with this ownership.

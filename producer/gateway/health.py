@@ -3,6 +3,8 @@
 * `/healthz`: the process answers (liveness).
 * `/readyz`: Redis answers and at least one worker is alive on the queue (readiness): a
   gateway that cannot get work done should leave the load balancer's rotation.
+* `/readyz/redis`: Redis answers, workers or not (readiness where workers scale from zero
+  on the queue's length, as with KEDA: requests must be queued to wake them).
 * `/metrics`: Prometheus exposition of this process's request counters.
 """
 
@@ -40,6 +42,20 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
 async def readyz(request: Request) -> JSONResponse:
+    return await _readiness(request, need_worker=True)
+
+
+@router.get(
+    "/readyz/redis",
+    summary="Readiness without workers: Redis reachable, so requests can be queued",
+    response_model=Readiness,
+    responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
+)
+async def readyz_redis(request: Request) -> JSONResponse:
+    return await _readiness(request, need_worker=False)
+
+
+async def _readiness(request: Request, need_worker: bool) -> JSONResponse:
     state = state_of(request)
     queue = state.settings.queue
     body: dict[str, Any] = {"queue": queue}
@@ -49,7 +65,7 @@ async def readyz(request: Request) -> JSONResponse:
     except (redis.RedisError, OSError) as exc:
         reason = "Redis refused the password" if _is_auth(exc) else "Redis is unreachable"
         return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)
-    if not workers:
+    if need_worker and not workers:
         reason = f"no live worker on queue {queue}"
         return JSONResponse(
             {**body, "status": "unready", "reason": reason, "workers": 0}, status_code=503

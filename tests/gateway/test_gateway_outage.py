@@ -57,6 +57,10 @@ def test_without_a_live_worker_the_gateway_is_alive_but_not_ready(
         "reason": "no live worker on queue gpu",
         "workers": 0,
     }
+    # while the probe for deployments that scale workers from zero only needs Redis
+    queueable = httpx.get(lonely_gateway.url("/readyz/redis"))
+    assert queueable.status_code == 200
+    assert queueable.json() == {"queue": "gpu", "status": "ready", "workers": 0}
 
 
 def test_with_redis_down_every_call_answers_503_in_bounded_time_then_recovers(
@@ -73,6 +77,8 @@ def test_with_redis_down_every_call_answers_503_in_bounded_time_then_recovers(
     assert PASSWORD not in " ".join(a.text for a in answers)
     ready = httpx.get(lonely_gateway.url("/readyz"), timeout=60)
     assert ready.status_code == 503 and ready.json()["reason"] == "Redis is unreachable"
+    queueable = httpx.get(lonely_gateway.url("/readyz/redis"), timeout=60)
+    assert queueable.status_code == 503 and queueable.json()["reason"] == "Redis is unreachable"
     assert httpx.get(lonely_gateway.url("/healthz")).status_code == 200
 
     own_redis.start()  # same port: the gateway reconnects on its own

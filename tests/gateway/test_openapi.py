@@ -42,6 +42,7 @@ def test_the_schema_describes_both_apis_with_the_contracts_types():
         "/v1/tasks/{task_id}/events",
         "/healthz",
         "/readyz",
+        "/readyz/redis",
     }
     components = schema["components"]["schemas"]
     # The request takes the contract's own options and conversation turns,

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -575,11 +576,55 @@ def test_worker_image_takes_flash_attn_as_an_optional_build_argument():
     assert any(kw == "FROM" and "${WITH_FLASH_ATTN}" in a for kw, a in instructions)
 
 
-def test_light_image_is_slim_python_with_the_monitor_extra():
+def test_light_image_is_slim_python():
     stage = final_stage(dockerfile_instructions(LIGHT_DOCKERFILE))
     assert stage[0][1].startswith("python:${PYTHON_VERSION}-slim")
     assert "ARG PYTHON_VERSION=3.12" in LIGHT_DOCKERFILE.read_text()
-    assert any(kw == "RUN" and "[monitor]" in args for kw, args in stage)
+
+
+def installed_extras(path: Path) -> set[str]:
+    """The extras of the project (`/src[...]`) that the image's final stage pip-installs."""
+    found: set[str] = set()
+    for keyword, args in final_stage(dockerfile_instructions(path)):
+        if keyword == "RUN" and "pip install" in args:
+            for group in re.findall(r"/src\[([^\]]+)\]", args):
+                found.update(extra.strip() for extra in group.split(","))
+    return found
+
+
+# The extra each command run from the light image needs (pyproject.toml's optional deps).
+EXTRA_FOR_COMMAND = {("celery", "flower"): "monitor", ("producer", "serve"): "gateway"}
+
+
+def test_light_image_installs_what_every_service_run_from_it_needs(compose: dict[str, Any]):
+    # Given the services docker-compose.yml runs from the light image
+    light = {
+        name: service for name, service in compose["services"].items()
+        if service.get("build", {}).get("dockerfile") == "ops/light.Dockerfile"
+    }
+    assert {"flower", "gateway"} <= set(light)
+    extras = installed_extras(LIGHT_DOCKERFILE)
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ])
+    assert extras <= declared, f"the image installs extras pyproject.toml lacks: {extras}"
+    for name, service in light.items():
+        command = service["command"]
+        needed = {extra for (program, word), extra in EXTRA_FOR_COMMAND.items()
+                  if command[0] == program and word in command}
+        # Then the image holds what each service's command imports
+        assert needed, f"{name}: no known extra for {command}"
+        assert needed <= extras, f"{name} runs {command} but the image lacks {needed - extras}"
+
+
+def test_workers_sign_webhooks_with_the_secret_the_operator_sets(env: dict[str, str]):
+    # Given an operator's .env with a webhook secret
+    secret = "whsec-0123456789abcdef0123"
+    services = load_compose({**env, "VQ_WEBHOOK_SECRET": secret})["services"]
+    workers = {name: s for name, s in services.items() if name.startswith("worker-")}
+    # Then every worker (which signs and sends webhooks) and the gateway get it
+    for name, service in [*workers.items(), ("gateway", services["gateway"])]:
+        assert as_dict(service["environment"]).get("VQ_WEBHOOK_SECRET") == secret, name
 
 
 def test_build_context_holds_only_what_pip_install_needs():

@@ -40,6 +40,7 @@ TEST_SECRETS = {
     "FLOWER_USER": "ops",
     "FLOWER_PASSWORD": "flower-test-password",
     "VQ_API_KEYS": "test-key-1",
+    "VQ_WEBHOOK_SECRET": "whsec-0123456789abcdef",
     "HF_TOKEN": "",
 }
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
@@ -258,6 +259,16 @@ def test_each_worker_pod_has_one_gpu_and_valid_settings(objects: list[dict[str, 
     assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
+def test_workers_and_gateway_take_the_webhook_secret_from_the_secret(
+    objects: list[dict[str, Any]],
+):
+    # Workers sign the webhooks they send; the gateway accepts callback_url only when set.
+    for name, box in (("vq-worker", "worker"), ("vq-gateway", "gateway")):
+        spec = container(one(objects, "Deployment", name), box)
+        env = expanded_env(objects, spec)
+        assert env["VQ_WEBHOOK_SECRET"] == TEST_SECRETS["VQ_WEBHOOK_SECRET"], name
+
+
 def test_worker_probes_use_the_health_commands(objects: list[dict[str, Any]]):
     spec = container(one(objects, "Deployment", "vq-worker"), "worker")
     assert spec["livenessProbe"]["exec"]["command"] == ["worker", "health", "--live"]
@@ -388,7 +399,9 @@ def test_the_gateway_serves_http_with_probes_and_api_keys(objects: list[dict[str
     gateway = one(objects, "Deployment", "vq-gateway")
     spec = container(gateway, "gateway")
     assert spec["command"] == ["producer", "serve", "--host", "0.0.0.0", "--port", "8000"]
-    assert spec["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Ready without a live worker: KEDA may have scaled the workers to zero, and only a
+    # queued request brings one back.
+    assert spec["readinessProbe"]["httpGet"] == {"path": "/readyz/redis", "port": "http"}
     assert spec["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {"name": "http", "containerPort": 8000} in spec["ports"]
     env = expanded_env(objects, spec)
