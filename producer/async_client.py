@@ -25,6 +25,7 @@ from producer.contract import SUBMITTED_KEY, TaskName
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import acall, async_client_options
+from producer.presence import live_workers_async
 from producer.redis_connect import async_redis_client
 from producer.results import (
     TaskHandle,
@@ -184,9 +185,10 @@ class AsyncClient:
         finally:
             self._notifier.unsubscribe(channel, inbox)
 
-    async def cancel(self, task_id: str) -> None:
-        """Cancel a task (see `Client.cancel`)."""
-        await self._meta(task_id)
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task (see `Client.cancel`); False if it had already finished."""
+        if is_final(await self._meta(task_id)):
+            return False
 
         async def send() -> None:
             pipe = self._redis.pipeline(transaction=False)
@@ -194,6 +196,12 @@ class AsyncClient:
             await pipe.execute()
 
         await self._call(self._broker_url, send)
+        return True
+
+    async def live_workers(self, queue: str | None = None) -> list[str]:
+        """Names of the workers alive on `queue` (default: this client's VQ_QUEUE)."""
+        name = queue or self.settings.queue
+        return await self._call(self._broker_url, lambda: live_workers_async(self._redis, name))
 
     async def stream(self, task_id: str) -> AsyncIterator[str]:
         """The task's text deltas as generated; ends with the task (TaskFailed if it failed)."""

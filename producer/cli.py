@@ -6,12 +6,22 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from producer.client import Client, TaskStatus
+from producer.cli_output import (
+    WaitReporter,
+    describe_status,
+    status_json,
+    tasks_help,
+    warn,
+)
+from producer.cli_support import add_version_option, quiet_pipe
+from producer.client import Client
 from producer.contract import TaskName
 from producer.errors import (
+    BrokerAuthenticationFailed,
     BrokerUnavailable,
+    InvalidInput,
     TaskFailed,
     UnknownTaskId,
     VisionQueueError,
@@ -24,6 +34,7 @@ EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_WAIT_TIMEOUT = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl+C
 
 _EPILOG = """\
 exit codes:
@@ -33,6 +44,7 @@ exit codes:
   3  Redis unusable: unreachable (after a short bounded retry), refusing the
      password (fix REDIS_URL), or out of memory
   4  timed out waiting for the result
+  130 interrupted (Ctrl+C) while waiting: the task keeps running
 
 environment: REDIS_URL (or VQ_BROKER_URL / VQ_RESULT_BACKEND_URL), VQ_QUEUE, ...
 (see docs/settings.md for every setting)
@@ -47,16 +59,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
+    epilog = tasks_help() + "\n" + _EPILOG  # every command's --help states the task rules
     parser = _Parser(
         prog="producer",
         description="Queue Phi-3-vision jobs and read their results.",
-        epilog=_EPILOG,
+        epilog=epilog,
         formatter_class=formatter,
     )
+    add_version_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     submit = commands.add_parser(
-        "submit", help="queue a job", epilog=_EPILOG, formatter_class=formatter
+        "submit", help="queue a job", epilog=epilog, formatter_class=formatter
     )
     submit.add_argument("--task", required=True, choices=[t.value for t in TaskName])
     submit.add_argument(
@@ -64,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH_OR_URL",
-        help="image file or http(s) URL; repeat for several images",
+        help="image file, http(s) URL, or - for the bytes on stdin; repeat for several images",
     )
-    submit.add_argument("--prompt", help="your question (the ask task only)")
-    submit.add_argument("--max-new-tokens", type=int, help="generation budget (capped per task)")
+    submit.add_argument("--prompt", help="your question (ask needs it; the others refuse it)")
+    submit.add_argument(
+        "--max-new-tokens", type=int, help="generation budget (capped per task, see below)"
+    )
     submit.add_argument("--num-crops", type=int, help="HD crops per image (1..16)")
     submit.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); up to 2 samples"
@@ -84,19 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait_options(submit)
 
     status = commands.add_parser(
-        "status", help="show a task's state", epilog=_EPILOG, formatter_class=formatter
+        "status", help="show a task's state", epilog=epilog, formatter_class=formatter
     )
     status.add_argument("id")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     result = commands.add_parser(
-        "result", help="print a task's result", epilog=_EPILOG, formatter_class=formatter
+        "result", help="print a task's result", epilog=epilog, formatter_class=formatter
     )
     result.add_argument("id")
     _add_wait_options(result)
 
     cancel = commands.add_parser(
-        "cancel", help="cancel a queued or running task", epilog=_EPILOG, formatter_class=formatter
+        "cancel",
+        help="cancel a queued or running task (exit 1 if it had already finished)",
+        epilog=epilog,
+        formatter_class=formatter,
     )
     cancel.add_argument("id")
 
@@ -105,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the HTTP gateway (OpenAI-compatible and task APIs)",
         description="Serve the HTTP gateway; needs the `gateway` extra "
         "(pip install 'vision-queue[gateway]'). API keys: VQ_API_KEYS.",
-        epilog=_EPILOG,
+        epilog=epilog,
         formatter_class=formatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -124,13 +143,35 @@ def _add_wait_options(parser: argparse.ArgumentParser) -> None:
         help="print the text as it is generated (with --json: one JSON object per event)",
     )
     parser.add_argument(
-        "--timeout", type=float, metavar="S", help="give up waiting after S seconds"
+        "--timeout",
+        type=_positive_seconds,
+        metavar="S",
+        help="wait (implies --wait) and give up after S seconds; not with --stream",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return quiet_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "timeout", None) is not None:
+        if args.stream:
+            parser.error("--timeout applies to --wait; a --stream ends when the task does")
+        args.wait = True  # a deadline on a wait nobody asked for would be ignored silently
     if args.command == "serve":
         return _serve(args)
     try:
@@ -141,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VisionQueueError as exc:
         where = f" ({exc.field})" if exc.field else ""
         return _fail(EXIT_USAGE, f"{exc.code.value}{where}: {exc.message}")
+    except BrokerAuthenticationFailed as exc:
+        return _fail(EXIT_UNREACHABLE, f"authentication error: {exc}")
     except BrokerUnavailable as exc:
         return _fail(EXIT_UNREACHABLE, str(exc))
     except UnknownTaskId as exc:
@@ -148,13 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WaitTimeout as exc:
         return _fail(EXIT_WAIT_TIMEOUT, str(exc))
     except KeyboardInterrupt:
-        return _fail(130, "interrupted (the task keeps running; `producer cancel ID` stops it)")
+        return _fail(EXIT_INTERRUPTED, "interrupted")
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     handle = client.submit(
         args.task,
-        args.image,
+        _images(args.image),
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         num_crops=args.num_crops,
@@ -169,21 +212,20 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     return _print_result(client, handle.id, args)
 
 
+def _images(values: Sequence[str]) -> list[str | bytes]:
+    """`--image` values; `-` stands for the bytes on stdin (once: stdin is read once)."""
+    if list(values).count("-") > 1:
+        raise InvalidInput("--image - reads stdin, which holds one image", field="images")
+    return [sys.stdin.buffer.read() if value == "-" else value for value in values]
+
+
 def _status(client: Client, args: argparse.Namespace) -> int:
     status = client.status(args.id)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "id": status.id,
-                    "state": status.state,
-                    "tokens": status.tokens,
-                    "worker": status.worker,
-                }
-            )
-        )
+        print(json.dumps(status_json(status)))
     else:
-        print(_describe(status))
+        result = client.result(args.id) if status.done else None
+        print(describe_status(status, result))
     return EXIT_OK
 
 
@@ -192,7 +234,12 @@ def _result(client: Client, args: argparse.Namespace) -> int:
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
-    client.cancel(args.id)
+    if not client.cancel(args.id):
+        status = client.status(args.id)
+        outcome = "succeeded" if status.state == "SUCCESS" else "failed"
+        return _fail(
+            EXIT_TASK_FAILED, f"task {args.id} had already finished ({outcome}): nothing to cancel"
+        )
     print(f"cancel requested for {args.id}")
     return EXIT_OK
 
@@ -213,16 +260,34 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int:
-    if args.stream:
-        return _print_stream(client, task_id, args)
-    progress = _Progress(enabled=args.wait and sys.stderr.isatty())
-    result = client.result(task_id, wait=args.wait, timeout=args.timeout, on_status=progress)
-    progress.finish()
+    if not (args.wait or args.stream):
+        return _print_outcome(task_id, client.result(task_id), client, args)
+    reporter = WaitReporter(
+        client.live_workers, client.settings.queue, show_progress=sys.stderr.isatty()
+    )
+    try:
+        if args.stream:
+            return _print_stream(client, task_id, args, reporter)
+        result = client.result(task_id, wait=True, timeout=args.timeout, on_status=reporter)
+    except KeyboardInterrupt:
+        reporter.finish()
+        return _fail(
+            EXIT_INTERRUPTED,
+            f"interrupted: task {task_id} keeps running; "
+            f"`producer cancel {task_id}` stops it, `producer result {task_id} --wait` "
+            "waits again",
+        )
+    finally:
+        reporter.finish()
+    return _print_outcome(task_id, result, client, args)
+
+
+def _print_outcome(
+    task_id: str, result: dict[str, Any] | None, client: Client, args: argparse.Namespace
+) -> int:
     if result is None:
         status = client.status(task_id)
-        print(
-            json.dumps({"id": task_id, "state": status.state}) if args.json else _describe(status)
-        )
+        print(json.dumps(status_json(status)) if args.json else describe_status(status))
         return EXIT_OK
     failed = result["state"] != "SUCCESS"
     if args.json:
@@ -237,8 +302,12 @@ def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int
     return EXIT_TASK_FAILED if failed else EXIT_OK
 
 
-def _print_stream(client: Client, task_id: str, args: argparse.Namespace) -> int:
+def _print_stream(
+    client: Client, task_id: str, args: argparse.Namespace, reporter: WaitReporter
+) -> int:
     """Text as it arrives (or NDJSON events with --json); exit code as for --wait."""
+    if client.status(task_id).state == "PENDING":
+        reporter.check_workers()
     if args.json:
         for event in client.stream_events(task_id):
             line = {"cursor": event.cursor, "kind": event.kind, "seq": event.seq}
@@ -262,40 +331,8 @@ def _print_stream(client: Client, task_id: str, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
-class _Progress:
-    """One rewritten status line on a terminal: queued, running (tokens so far), done."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._last = ""
-
-    def __call__(self, status: TaskStatus) -> None:
-        if not self.enabled:
-            return
-        line = _describe(status)
-        if line != self._last:
-            sys.stderr.write("\r\x1b[2K" + line)
-            sys.stderr.flush()
-            self._last = line
-
-    def finish(self) -> None:
-        if self.enabled and self._last:
-            sys.stderr.write("\n")
-
-
-def _describe(status: TaskStatus) -> str:
-    if status.state in ("PENDING", "RECEIVED"):
-        return f"{status.id}: queued"
-    if status.state in ("STARTED", "PROGRESS"):
-        where = f" on {status.worker}" if status.worker else ""
-        return f"{status.id}: running{where}, {status.tokens} tokens so far"
-    if status.state == "RETRY":
-        return f"{status.id}: waiting to retry"
-    return f"{status.id}: done ({status.state})"
-
-
 def _fail(code: int, message: str) -> int:
-    print(f"producer: {message}", file=sys.stderr)
+    warn(message)
     return code
 
 

@@ -21,6 +21,7 @@ from producer.contract import SUBMITTED_KEY, TaskName
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import async_client_options, call, client_options
+from producer.presence import live_workers
 from producer.redis_connect import async_redis_client, redis_client
 from producer.results import (
     TaskHandle,
@@ -177,10 +178,14 @@ class Client:
                 decoded = decode_meta(pushed) if pushed else None
                 meta = decoded if decoded is not None else self._meta(task_id)
 
-    def cancel(self, task_id: str) -> None:
+    def cancel(self, task_id: str) -> bool:
         """Cancel a task: a queued one never runs, a running one stops at its next token
-        and keeps the text generated so far (state FAILURE, code `cancelled`)."""
-        self._meta(task_id)  # raises UnknownTaskId
+        and keeps the text generated so far (state FAILURE, code `cancelled`).
+
+        False if the task had already finished (nothing to cancel; its result stands).
+        """
+        if is_final(self._meta(task_id)):  # raises UnknownTaskId
+            return False
 
         def send() -> None:
             pipe = self._redis.pipeline(transaction=False)
@@ -189,6 +194,12 @@ class Client:
             pipe.execute()
 
         self._call(self._broker_url, send)
+        return True
+
+    def live_workers(self, queue: str | None = None) -> list[str]:
+        """Names of the workers alive on `queue` (default: this client's VQ_QUEUE)."""
+        name = queue or self.settings.queue
+        return self._call(self._broker_url, lambda: live_workers(self._redis, name))
 
     def stream(self, task_id: str) -> Iterator[str]:
         """The task's text as it is generated, delta by delta, from the start; ends when

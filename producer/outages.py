@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 
@@ -36,9 +37,15 @@ def url_setting(settings: Settings, url: str) -> str:
 def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnavailable:
     where = mask_url(url)
     if _is_auth_failure(exc):
+        setting = url_setting(settings, url)
+        if not urlsplit(url).password:
+            return BrokerAuthenticationFailed(
+                f"Redis at {where} requires a password (authentication failed: no password "
+                f"in {setting}); put it in the URL: redis://:PASSWORD@host:port/db"
+            )
         return BrokerAuthenticationFailed(
             f"Redis at {where} refused the credentials (authentication failed: {exc}); "
-            f"set the right password in {url_setting(settings, url)}"
+            f"set the right password in {setting}"
         )
     if isinstance(exc, redis.OutOfMemoryError):
         return BrokerOutOfMemory(

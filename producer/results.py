@@ -29,12 +29,18 @@ class TaskHandle:
 class TaskStatus:
     id: str
     state: str  # PENDING (queued), STARTED, PROGRESS, RETRY, SUCCESS, FAILURE
-    tokens: int = 0  # generated so far, while running
+    tokens: int = 0  # generated so far while running; in all, once finished
     worker: str = ""
 
     @property
     def done(self) -> bool:
         return self.state in ("SUCCESS", "FAILURE")
+
+    @property
+    def shown_state(self) -> str:
+        """The state to show a person: PROGRESS (our custom state while generating) is
+        STARTED; the others are the documented PENDING, STARTED, RETRY, SUCCESS, FAILURE."""
+        return "STARTED" if self.state == PROGRESS_STATE else self.state
 
 
 def result_key(task_id: str) -> str:
@@ -83,10 +89,22 @@ def is_final(meta: dict[str, Any]) -> bool:
 
 def status_of(task_id: str, meta: dict[str, Any]) -> TaskStatus:
     state = str(meta["status"])
-    info = meta.get("result") if state == PROGRESS_STATE else None
-    tokens = int(info.get("tokens", 0)) if isinstance(info, dict) else 0
     worker = str(meta.get("worker") or "")
-    return TaskStatus(task_id, "FAILURE" if state == "REVOKED" else state, tokens, worker)
+    return TaskStatus(task_id, "FAILURE" if state == "REVOKED" else state, _tokens(meta), worker)
+
+
+def _tokens(meta: dict[str, Any]) -> int:
+    """Tokens so far while generating; once finished, those of the result's usage."""
+    value = meta.get("result")
+    if meta.get("status") == PROGRESS_STATE:
+        counted = value.get("tokens", 0) if isinstance(value, dict) else 0
+    elif is_final(meta):
+        result = value if meta.get("status") == "SUCCESS" else failure_carried(value)
+        usage = result.get("usage") if isinstance(result, dict) else None
+        counted = usage.get("completion_tokens", 0) if isinstance(usage, dict) else 0
+    else:
+        counted = 0
+    return counted if isinstance(counted, int) and not isinstance(counted, bool) else 0
 
 
 def final_result(task_id: str, meta: dict[str, Any]) -> dict[str, Any]:

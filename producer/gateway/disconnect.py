@@ -49,7 +49,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise Disconnected()
 
 
-async def cancel_quietly(cancel: Awaitable[None], task_id: str) -> None:
+async def cancel_quietly(cancel: Awaitable[object], task_id: str) -> None:
     """Cancel a task even from a cancelled request scope; failures are only logged."""
     with anyio.CancelScope(shield=True):
         try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from support.redis_server import free_port
+from support.redis_server import PASSWORD, free_port
 from support.workers import base_env, run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,6 +50,7 @@ def test_submit_wait_json_prints_the_result_with_its_state(env, images: Path, ta
         "--json",
     )
     assert done.returncode == 0, done.stderr
+    assert "no worker" not in done.stderr  # the shared worker announces itself on the queue
     result = json.loads(done.stdout)
     assert result["state"] == "SUCCESS"
     assert result["task"] == task
@@ -145,3 +150,131 @@ def test_help_documents_the_exit_codes(env):
     lines = ("0  success", "1  the task failed", "2  usage", "3  Redis unusable", "4  timed out")
     for line in lines:
         assert line in done.stdout
+
+
+# --- The first hour (issue 13, item 3) -----------------------------------------------------
+
+
+def submitted_and_finished(env: dict[str, str], images: Path) -> dict:
+    done = producer(
+        env, "submit", "--task", "describe", "--image", str(images / "small_400x300.jpg"),
+        "--max-new-tokens", "4", "--wait", "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_an_image_on_stdin_is_read_with_image_dash(env, images: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", "--task", "describe", "--image", "-",
+         "--max-new-tokens", "4", "--wait", "--json"],
+        env=env, input=(images / "small_400x300.jpg").read_bytes(), capture_output=True,
+        timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "SUCCESS"
+
+
+def test_status_and_result_of_a_finished_task_show_its_outcome_and_tokens(env, images: Path):
+    result = submitted_and_finished(env, images)
+    tokens = result["usage"]["completion_tokens"]
+    assert tokens > 0
+
+    status = producer(env, "status", result["id"], "--json")
+    shown = json.loads(status.stdout)
+    assert shown["state"] == "SUCCESS" and shown["tokens"] == tokens
+    plain = producer(env, "status", result["id"])
+    assert f"succeeded on {result['worker']}, {tokens} tokens" in plain.stdout
+    assert "PROGRESS" not in plain.stdout + status.stdout
+
+
+def test_cancel_of_a_finished_task_says_it_had_already_finished(env, images: Path):
+    result = submitted_and_finished(env, images)
+    done = producer(env, "cancel", result["id"])
+    assert done.returncode == 1
+    assert "had already finished (succeeded)" in done.stderr
+    assert "cancel requested" not in done.stdout + done.stderr
+    # and its result stands
+    again = producer(env, "result", result["id"], "--json")
+    assert json.loads(again.stdout)["state"] == "SUCCESS"
+
+
+def test_a_closed_pipe_ends_quietly(env, images: Path):
+    result = submitted_and_finished(env, images)
+    reader, writer = os.pipe()
+    os.close(reader)  # like `| head` that has already gone
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "result", result["id"], "--json"],
+            env=env, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 141  # as a shell reports a process ended by SIGPIPE
+    assert done.stderr == ""
+
+
+def test_timeout_implies_waiting_and_is_refused_with_stream(env):
+    nobody = {**env, "VQ_QUEUE": "nobody-listens"}
+    queued = producer(nobody, "submit", "--task", "ask", "--prompt", "Hi")
+    task_id = queued.stdout.strip()
+    # `--timeout` alone waits (and gives up), never returns a queued status as if done
+    waited = producer(nobody, "result", task_id, "--timeout", "1")
+    assert waited.returncode == 4 and "did not finish" in waited.stderr
+    refused = producer(nobody, "result", task_id, "--stream", "--timeout", "1")
+    assert refused.returncode == 2 and "--timeout" in refused.stderr
+
+
+def test_ctrl_c_while_waiting_exits_130_and_says_the_task_keeps_running(env, tmp_path: Path):
+    # Given a wait on a queue that no worker consumes
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "submit", "--task", "ask", "--prompt",
+             "Count to ten.", "--wait"],
+            env={**env, "VQ_QUEUE": "nobody-listens"}, stdout=subprocess.PIPE,
+            stderr=stderr, text=True,
+        )
+        try:
+            # Then it says so once, on stderr, and keeps waiting
+            deadline = time.monotonic() + 120
+            while "no worker is consuming queue nobody-listens" not in stderr_path.read_text():
+                assert child.poll() is None, stderr_path.read_text()
+                assert time.monotonic() < deadline, "no warning about the missing worker"
+                time.sleep(0.05)
+            assert child.poll() is None
+            # When the user presses Ctrl+C
+            child.send_signal(signal.SIGINT)
+            code = child.wait(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    said = stderr_path.read_text()
+    # Then it exits 130, without a traceback, and says how to cancel the task it left running
+    assert code == 130, said
+    assert "Traceback" not in said
+    assert said.count("no worker is consuming queue") == 1
+    task_id = said.split("interrupted: task ")[1].split()[0]
+    assert f"`producer cancel {task_id}`" in said and "keeps running" in said
+
+
+@pytest.mark.parametrize("password", ["", "not-the-password"], ids=["missing", "wrong"])
+def test_a_missing_or_wrong_password_is_an_authentication_error(module_redis, password: str):
+    url = module_redis.url.replace(f":{PASSWORD}@", f":{password}@" if password else "@")
+    began = time.monotonic()
+    done = producer(base_env(url), "status", "00000000-0000-4000-8000-000000000000")
+    assert done.returncode == 3
+    assert "authentication error" in done.stderr and "REDIS_URL" in done.stderr
+    assert "unreachable" not in done.stderr
+    assert "not-the-password" not in done.stderr
+    assert time.monotonic() - began < 30  # refused at once, not after the retries
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "result", "cancel"])
+def test_help_states_the_task_rules(env, command: str):
+    done = producer(env, command, "--help")
+    assert done.returncode == 0
+    assert "describe  1 image; fixed prompt" in done.stdout
+    assert "compare   2-8 images" in done.stdout
+    assert "ask       0-8 images; needs --prompt" in done.stdout
+    assert "up to 16 tokens" in done.stdout  # the caps this client enforces (base_env's)
