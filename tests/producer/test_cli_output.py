@@ -12,7 +12,8 @@ TASK_ID = "5b0e7f3c-2f7a-4d0c-9a51-7d1f3c1e8a10"
 
 
 def test_the_task_rules_follow_the_contract_and_this_clients_caps():
-    rules = tasks_help(Settings.from_env({"VQ_MAX_NEW_TOKENS_CAPS": "ocr=99", "VQ_MAX_IMAGES": "3"}))
+    settings = Settings.from_env({"VQ_MAX_NEW_TOKENS_CAPS": "ocr=99", "VQ_MAX_IMAGES": "3"})
+    rules = tasks_help(settings)
     assert "describe  1 image; fixed prompt, no --prompt; up to 512 tokens" in rules
     assert "ocr       1 image; fixed prompt, no --prompt; up to 99 tokens" in rules
     assert "compare   2-3 images" in rules  # VQ_MAX_IMAGES lowers the contract's 8
@@ -35,7 +36,8 @@ def test_a_finished_task_shows_the_tokens_of_its_result():
 
 
 def test_a_task_that_failed_before_generating_shows_no_token_count():
-    failure = {"id": TASK_ID, "error": {"code": "cancelled", "message": "cancelled before it started"}}
+    error = {"code": "cancelled", "message": "cancelled before it started"}
+    failure = {"id": TASK_ID, "error": error}
     status = status_of(TASK_ID, {"status": "FAILURE", "result": task_failed_json(failure)})
     assert "tokens" not in status_json(status)
     assert describe_status(status, {**failure, "state": "FAILURE"}) == (
