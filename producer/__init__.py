@@ -34,7 +34,7 @@ if TYPE_CHECKING:
         VisionQueueError,
         WaitTimeout,
     )
-    from producer.results import TaskHandle, TaskStatus
+    from producer.results import Result, ResultError, TaskHandle, TaskStatus
     from producer.schemas import ImageRef, ImageSource
     from producer.settings import Settings, SettingsError
     from producer.streams import StreamEvent
@@ -51,6 +51,8 @@ _EXPORTS = {
     "ErrorCode": "producer.errors",
     "ImageRef": "producer.schemas",
     "ImageSource": "producer.schemas",
+    "Result": "producer.results",
+    "ResultError": "producer.results",
     "Settings": "producer.settings",
     "SettingsError": "producer.settings",
     "StreamEvent": "producer.streams",
@@ -74,6 +76,8 @@ __all__ = [
     "ErrorCode",
     "ImageRef",
     "ImageSource",
+    "Result",
+    "ResultError",
     "Settings",
     "SettingsError",
     "StreamEvent",

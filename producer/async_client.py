@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import redis.asyncio
 
@@ -28,6 +28,7 @@ from producer.outages import acall, async_client_options
 from producer.presence import live_workers_async
 from producer.redis_connect import async_redis_client
 from producer.results import (
+    Result,
     TaskHandle,
     TaskStatus,
     check_task_id,
@@ -51,6 +52,7 @@ from producer.submission import (
     batches,
     cancel_commands,
     database_number,
+    image_list,
     prepare,
     queue_commands,
 )
@@ -106,7 +108,7 @@ class AsyncClient:
         """Validate, stage image bytes, enqueue (see `Client.submit`)."""
         request = SubmitRequest(
             task,
-            tuple(images),
+            image_list(images),
             prompt,
             max_new_tokens,
             num_crops,
@@ -147,13 +149,40 @@ class AsyncClient:
     async def status(self, task_id: str) -> TaskStatus:
         return status_of(task_id, await self._meta(task_id))
 
+    @overload
+    async def result(
+        self,
+        task_id: str,
+        wait: Literal[False] = False,
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result | None: ...
+
+    @overload
+    async def result(
+        self,
+        task_id: str,
+        wait: Literal[True],
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result: ...
+
+    @overload
+    async def result(
+        self,
+        task_id: str,
+        wait: bool,
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result | None: ...
+
     async def result(
         self,
         task_id: str,
         wait: bool = False,
         timeout: float | None = None,
         on_status: Callable[[TaskStatus], None] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> Result | None:
         """The result object plus `state`; None if not finished and `wait` is false.
 
         With `wait`, return the moment the result is stored; WaitTimeout after `timeout`.

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from producer.cli_output import (
     WaitReporter,
@@ -27,6 +27,7 @@ from producer.errors import (
     VisionQueueError,
     WaitTimeout,
 )
+from producer.results import Result, ResultError
 from producer.settings import SettingsError
 
 EXIT_OK = 0
@@ -283,7 +284,7 @@ def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int
 
 
 def _print_outcome(
-    task_id: str, result: dict[str, Any] | None, client: Client, args: argparse.Namespace
+    task_id: str, result: Result | None, client: Client, args: argparse.Namespace
 ) -> int:
     if result is None:
         status = client.status(task_id)
@@ -293,10 +294,8 @@ def _print_outcome(
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     elif failed:
-        error = result.get("error", {})
-        print(
-            f"task {task_id} failed: {error.get('code')}: {error.get('message')}", file=sys.stderr
-        )
+        error = result.get("error") or ResultError(code="model_error", message="")
+        print(f"task {task_id} failed: {error['code']}: {error['message']}", file=sys.stderr)
     else:
         print(result.get("text", ""))
     return EXIT_TASK_FAILED if failed else EXIT_OK

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producer.contract import TASK_SPECS, TaskName
-from producer.results import TaskStatus
+from producer.results import Result, TaskStatus
 from producer.settings import Settings, SettingsError
 
 # While a task stays queued, how often a wait looks again for a live worker on its queue.
@@ -40,7 +40,7 @@ def tasks_help(settings: Settings | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_status(status: TaskStatus, result: dict[str, Any] | None = None) -> str:
+def describe_status(status: TaskStatus, result: Result | None = None) -> str:
     """One line for a person; `result` (for a finished task) adds its outcome."""
     where = f" on {status.worker}" if status.worker else ""
     if status.state in ("PENDING", "RECEIVED"):
@@ -52,8 +52,8 @@ def describe_status(status: TaskStatus, result: dict[str, Any] | None = None) ->
     tokens = f", {status.tokens} tokens" if status.tokens else ""
     if status.state == "SUCCESS":
         return f"{status.id}: succeeded{where}{tokens}"
-    error = (result or {}).get("error") or {}
-    reason = f": {error.get('code')}: {error.get('message')}" if error else ""
+    error = result.get("error") if result is not None else None
+    reason = f": {error['code']}: {error['message']}" if error else ""
     return f"{status.id}: failed{where}{tokens}{reason}"
 
 

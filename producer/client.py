@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import redis
 
@@ -24,6 +24,7 @@ from producer.outages import async_client_options, call, client_options
 from producer.presence import live_workers
 from producer.redis_connect import async_redis_client, redis_client
 from producer.results import (
+    Result,
     TaskHandle,
     TaskStatus,
     check_task_id,
@@ -46,6 +47,7 @@ from producer.submission import (
     batches,
     cancel_commands,
     database_number,
+    image_list,
     prepare,
     queue_commands,
 )
@@ -109,7 +111,7 @@ class Client:
         """
         request = SubmitRequest(
             task,
-            tuple(images),
+            image_list(images),
             prompt,
             max_new_tokens,
             num_crops,
@@ -144,13 +146,40 @@ class Client:
     def status(self, task_id: str) -> TaskStatus:
         return status_of(task_id, self._meta(task_id))
 
+    @overload
+    def result(
+        self,
+        task_id: str,
+        wait: Literal[False] = False,
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result | None: ...
+
+    @overload
+    def result(
+        self,
+        task_id: str,
+        wait: Literal[True],
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result: ...
+
+    @overload
+    def result(
+        self,
+        task_id: str,
+        wait: bool,
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> Result | None: ...
+
     def result(
         self,
         task_id: str,
         wait: bool = False,
         timeout: float | None = None,
         on_status: Callable[[TaskStatus], None] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> Result | None:
         """The result object plus `state`; None if not finished and `wait` is false.
 
         With `wait`, block until the task finishes (woken by Redis the moment its result

@@ -22,6 +22,11 @@ class ErrorCode(str, Enum):
     CANCELLED = "cancelled"
 
 
+# Longest message an error carries: a message quoting untrusted input (a path that was
+# really base64, a library's error about it) is cut here, whatever the raiser forgot.
+MAX_MESSAGE_CHARS = 500
+
+
 class VisionQueueError(Exception):
     """Root of every error this project raises on purpose."""
 
@@ -29,6 +34,9 @@ class VisionQueueError(Exception):
     transient: bool = False
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = str(message)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
         self.field = field

@@ -12,11 +12,62 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 from producer.contract import FINAL_STATES, PROGRESS_STATE, RESULT_KEY, SUBMITTED_KEY, TaskName
 from producer.errors import Cancelled, UnknownTaskId
 from producer.schemas import preview
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ResultTimings(TypedDict):
+    """Seconds spent in each phase of the task."""
+
+    queued: float
+    fetch: float
+    preprocess: float
+    generate: float
+    total: float
+
+
+class _ResultErrorFields(TypedDict):
+    code: str  # an ErrorCode value
+    message: str
+
+
+class ResultError(_ResultErrorFields, total=False):
+    field: str  # the request field at fault, when one is
+
+
+class _ResultFields(TypedDict):
+    id: str
+    task: str
+    state: Literal["SUCCESS", "FAILURE"]
+    text: str  # a cancelled task keeps the text generated so far
+    model: str
+    usage: Usage
+    finish_reason: str  # "stop" | "length" | "cancelled"; "" if it failed before generating
+    timings: ResultTimings
+    worker: str
+    device: str
+
+
+class Result(_ResultFields, total=False):
+    """A finished task's result, as `Client.result` returns it (the JSON, typed).
+
+    A failure (`state` FAILURE) adds `error`.
+    """
+
+    error: ResultError
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    """A result as a plain JSON object, for code that adds to it or reads unknown keys."""
+    return cast("dict[str, Any]", result)
 
 
 @dataclass(frozen=True)
@@ -107,19 +158,34 @@ def _tokens(meta: dict[str, Any]) -> int:
     return counted if isinstance(counted, int) and not isinstance(counted, bool) else 0
 
 
-def final_result(task_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+def final_result(task_id: str, meta: dict[str, Any]) -> Result:
     """The result object plus `state` (SUCCESS or FAILURE) of a finished task."""
     state, value = meta["status"], meta.get("result")
     if state == "SUCCESS" and isinstance(value, dict):
-        return {**value, "state": "SUCCESS"}
+        return cast("Result", {**value, "state": "SUCCESS"})
     carried = failure_carried(value)
     if carried is not None:
-        return {**carried, "state": "FAILURE"}
+        return cast("Result", {**carried, "state": "FAILURE"})
+    # Ended without a result of ours (revoked before it started, or not our JSON): the
+    # same shape, nothing generated.
     if state == "REVOKED":
         error = Cancelled("cancelled before it started").to_dict()
     else:
         error = {"code": "model_error", "message": _describe_exception(value)[:500]}
-    return {"id": task_id, "task": _short_name(meta), "error": error, "state": "FAILURE"}
+    empty = ResultTimings(queued=0.0, fetch=0.0, preprocess=0.0, generate=0.0, total=0.0)
+    return Result(
+        id=task_id,
+        task=_short_name(meta),
+        state="FAILURE",
+        text="",
+        model="",
+        usage=Usage(prompt_tokens=0, completion_tokens=0),
+        finish_reason="",
+        timings=empty,
+        worker=str(meta.get("worker") or ""),
+        device="",
+        error=cast("ResultError", error),
+    )
 
 
 def failure_carried(value: Any) -> dict[str, Any] | None:

@@ -182,6 +182,8 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
         )
 
     prompt = request.prompt
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidInput(f"prompt must be a string, got {preview(prompt)}", field="prompt")
     if request.messages is not None:
         if spec.fixed_prompt is not None:
             raise InvalidInput(
@@ -377,7 +379,7 @@ def _check_integer_options(options: TaskOptions) -> None:
     for name in ("max_new_tokens", "num_crops"):
         value = getattr(options, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise InvalidInput(f"{name} must be an integer", field=name)
+            raise InvalidInput(f"{name} must be an integer, got {preview(value)}", field=name)
 
 
 def _parse_images(raw: Any) -> tuple[ImageRef, ...]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from producer.contract import STREAM_KEY
 from producer.errors import TaskFailed
@@ -88,7 +88,7 @@ class StreamFollower:
         if not is_final(meta):
             return None
         self.done = True
-        result = final_result(self.task_id, meta)
+        result = cast("dict[str, Any]", final_result(self.task_id, meta))
         return StreamEvent(self.cursor or "0-0", "end", "", self.next_seq or 0, result)
 
 

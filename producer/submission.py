@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -26,11 +27,13 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
+
+from PIL import Image
 
 from producer.addresses import check_url, check_url_length
 from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName
-from producer.errors import InvalidInput, VisionQueueError
+from producer.errors import ImageTooLarge, InvalidInput, VisionQueueError
 from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
 from producer.results import TaskHandle
 from producer.schemas import (
@@ -47,7 +50,11 @@ from producer.settings import Settings
 
 # What `submit` accepts per image: bytes, an http(s) URL, a `data:` URI, a local file
 # (read and staged by the client), or an explicit ImageRef (e.g. a path on the workers).
-ImageInput = bytes | str | os.PathLike[str] | ImageRef
+# A PIL image (sent as PNG) or a binary file object (read) are accepted too.
+ImageInput = bytes | str | os.PathLike[str] | ImageRef | Image.Image | BinaryIO
+
+# A string this long that is not a URL is base64 text, not a path (PATH_MAX is 4096).
+_LONGEST_PATH = 4096
 
 # Most tasks written by one pipeline: keeps a burst from holding Redis for long.
 BATCH_TASKS = 500
@@ -95,7 +102,7 @@ class Outgoing:
 def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> Draft:
     """Validate and read the images; raise a coded error before anything is queued."""
     name = task_name(request.task)
-    images = list(request.images)
+    images = image_list(request.images)
     seed = request.seed
     if request.temperature and request.temperature > 0 and seed is None:
         # A seed chosen now makes a redelivered task sample the same text again, so a
@@ -124,6 +131,27 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
     return Draft(name, prepared, request.prompt, options, messages, callback_url)
 
 
+def image_list(images: object) -> tuple[ImageInput, ...]:
+    """`images` as given to submit: a list (any iterable) of images, even for one image.
+
+    One image passed on its own (bytes, a path, a URL, a PIL image, a file) is refused
+    with the fix, rather than read as a sequence of bytes or characters.
+    """
+    if isinstance(images, (bytes, bytearray, memoryview, str, os.PathLike, ImageRef)) or (
+        _is_pil_image(images) or _is_file(images)
+    ):
+        raise InvalidInput(
+            f"images takes a list of images, got one {type(images).__name__}: "
+            "pass [image] for a single image",
+            field="images",
+        )
+    if not isinstance(images, Iterable):
+        raise InvalidInput(
+            f"images must be a list of images, got {preview(images)}", field="images"
+        )
+    return tuple(images)
+
+
 def task_name(task: TaskName | str) -> TaskName:
     try:
         return TaskName(task)
@@ -149,7 +177,11 @@ def _prepare_image(
 ) -> ImageRef | bytes:
     if isinstance(image, ImageRef):
         return image
-    if isinstance(image, (bytes, bytearray, memoryview)):
+    if _is_pil_image(image):
+        data = _pil_png(image, field)
+    elif _is_file(image):
+        data = _read_file_object(image, settings.max_image_bytes, field)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
         # Refuse internal addresses now, so the caller hears it before anything is queued;
@@ -161,10 +193,51 @@ def _prepare_image(
         raise InvalidInput("only http(s) URLs are accepted", field=field)
     elif isinstance(image, str) and image.startswith("data:"):
         data = decode_base64_image(image, field=field)
-    else:
+    elif isinstance(image, str) and len(image) > _LONGEST_PATH:
+        raise InvalidInput(
+            f"{preview(image)} ({len(image)} characters) is not a path or URL; for base64 "
+            "text pass the decoded bytes (base64.b64decode) or a data:image/...;base64, URI",
+            field=field,
+        )
+    elif isinstance(image, (str, os.PathLike)):
         data = read_image_path(image, settings.max_image_bytes, field=field)
+    else:
+        raise InvalidInput(
+            f"an image is bytes, a path, an http(s) URL, a data: URI, a PIL image or a "
+            f"binary file; got {preview(image)}",
+            field=field,
+        )
     inspect_image(data, limits)
     return data
+
+
+def _is_pil_image(value: object) -> bool:
+    return isinstance(value, Image.Image)
+
+
+def _is_file(value: object) -> bool:
+    return callable(getattr(value, "read", None)) and not isinstance(value, ImageRef)
+
+
+def _pil_png(image: Any, field: str) -> bytes:
+    """A PIL image as PNG: lossless, so the worker sees exactly these pixels."""
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot encode the PIL image as PNG: {exc}", field=field) from None
+    return buffer.getvalue()
+
+
+def _read_file_object(file: Any, max_bytes: int, field: str) -> bytes:
+    data = file.read(max_bytes + 1)
+    if isinstance(data, str):
+        raise InvalidInput("open image files in binary mode: open(path, 'rb')", field=field)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput(f"the file's read() gave {preview(data)}, not bytes", field=field)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the file has more than the limit of {max_bytes} bytes", field=field)
+    return bytes(data)
 
 
 @dataclass

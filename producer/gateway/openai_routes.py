@@ -30,6 +30,7 @@ from producer.gateway.disconnect import (
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
+from producer.results import result_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -116,7 +117,7 @@ async def _wait(state: GatewayState, request: Request, task_id: str) -> dict[str
     """The result, or None when the caller went away (the task is cancelled then)."""
     waiting = state.client.result(task_id, wait=True, timeout=state.settings.gateway_wait_timeout_s)
     try:
-        result: dict[str, Any] | None = await unless_disconnected(request, waiting)
+        result = result_json(await unless_disconnected(request, waiting))
     except Disconnected:
         await cancel_quietly(state.client.cancel(task_id), task_id)
         return None

@@ -38,6 +38,7 @@ from producer.gateway.wire import (
     submission_images,
     url_image,
 )
+from producer.results import result_json
 
 router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
 
@@ -155,7 +156,7 @@ async def _snapshot(state: GatewayState, task_id: str) -> dict[str, Any]:
     if status.done:
         result = await state.client.result(task_id)
         if result is not None:
-            return TaskResultBody.of(result).to_json()
+            return TaskResultBody.of(result_json(result)).to_json()
     current = cast("Unfinished", status.state if status.state in _UNFINISHED else "PENDING")
     return TaskStatusBody(
         id=task_id, state=current, tokens=status.tokens, worker=status.worker
