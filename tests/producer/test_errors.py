@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer.errors import (
+    MAX_MESSAGE_CHARS,
     Cancelled,
     ErrorCode,
     ImageFetchFailed,
@@ -64,3 +65,11 @@ def test_a_failed_task_carries_the_whole_result():
     assert failed.args == (result,)  # what Celery serialises as JSON
     assert isinstance(failed.error, TaskTimeout)
     assert str(failed) == "timeout: too slow"
+
+
+def test_a_message_never_carries_more_than_a_short_prefix():
+    # Whatever a raiser quotes (a path that was really base64, a library's own message)
+    error = InvalidInput("cannot read " + "A" * 50_000, field="images[0]")
+    assert len(error.message) == MAX_MESSAGE_CHARS and error.message.endswith("…")
+    assert len(str(error)) < MAX_MESSAGE_CHARS + 20
+    assert error_from_dict(error.to_dict()).message == error.message

@@ -171,3 +171,71 @@ def test_one_bad_request_in_a_batch_queues_none(redis_url: str, client):
         client.submit_many(requests)
     assert error.value.field == "prompt"
     assert queued(redis_url, "nobody") == []
+
+
+# --- Common mistakes (issue 13, item 4): a clear InvalidInput naming the field -----------
+
+
+@pytest.fixture
+def photo(images) -> bytes:
+    data: bytes = (images / "small_400x300.jpg").read_bytes()
+    return data
+
+
+def refused(client: Client, redis_url: str, *args: Any, **kwargs: Any) -> InvalidInput:
+    with pytest.raises(InvalidInput) as caught:
+        client.submit(*args, **kwargs)
+    assert queued(redis_url, "nobody") == []  # nothing was queued
+    assert len(caught.value.message) <= 300, "a message echoes only a short prefix"
+    return caught.value
+
+
+def test_one_image_passed_instead_of_a_list_says_how_to_pass_it(
+    redis_url: str, client, images, photo: bytes
+):
+    for single in (photo, str(images / "small_400x300.jpg"), images / "small_400x300.jpg"):
+        error = refused(client, redis_url, "describe", single)
+        assert error.field == "images"
+        assert "pass [image] for a single image" in error.message
+    error = refused(client, redis_url, "describe", 42)
+    assert error.field == "images" and "must be a list of images" in error.message
+
+
+def test_pil_images_and_binary_files_are_accepted(redis_url: str, client, images):
+    from PIL import Image
+
+    with Image.open(images / "small_400x300.jpg") as picture, (
+        images / "small_400x300.jpg"
+    ).open("rb") as file:
+        handles = [client.submit("describe", [picture]), client.submit("describe", [file])]
+    messages = queued(redis_url, "nobody")
+    assert len(messages) == len(handles) == 2
+    staged = [body(m)[0][0]["images"][0] for m in messages]
+    assert all(ref["source"] == "staged" for ref in staged)
+
+
+def test_a_text_mode_file_is_refused_with_the_fix(redis_url: str, client, images):
+    with (images / "small_400x300.jpg").open("r", errors="replace") as text_file:
+        error = refused(client, redis_url, "describe", [text_file])
+    assert error.field == "images[0]" and "open(path, 'rb')" in error.message
+
+
+def test_base64_text_is_refused_with_a_short_message(redis_url: str, client, photo: bytes):
+    # A raw base64 string (not a data: URI) once produced a 48,257-character message
+    text = base64.b64encode(photo * 3).decode()
+    error = refused(client, redis_url, "describe", [text])
+    assert error.field == "images[0]"
+    assert "base64.b64decode" in error.message and "data:" in error.message
+    assert text[:100] not in str(error)
+
+
+@pytest.mark.parametrize("value", [True, 5.0, "5"], ids=["bool", "float", "str"])
+def test_max_new_tokens_must_be_an_integer(redis_url: str, client, photo: bytes, value):
+    error = refused(client, redis_url, "describe", [photo], max_new_tokens=value)
+    assert error.field == "max_new_tokens" and "must be an integer" in error.message
+
+
+@pytest.mark.parametrize("value", [5, b"hello"], ids=["int", "bytes"])
+def test_a_prompt_must_be_a_string(redis_url: str, client, value):
+    error = refused(client, redis_url, "ask", [], prompt=value)
+    assert error.field == "prompt" and "prompt must be a string" in error.message
