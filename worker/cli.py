@@ -2,7 +2,7 @@
 
 worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME]
 worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
-worker health --live | --ready [--name NAME]
+worker health --live | --ready [--name NAME | --health-file PATH]
 worker dead-letters [--limit N]   # messages refused at the door: metadata, never bytes
 worker settings            # every setting, secrets masked
 """
@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", help="bfloat16, float16, float32 or auto (default VQ_DTYPE)")
     run.add_argument("--queues", help="queue to consume (default VQ_QUEUE)")
     run.add_argument(
-        "--name", help="worker node name (default VQ_WORKER_NAME or gpu-<device>@host)"
+        "--name",
+        help="worker node name (default VQ_WORKER_NAME, else gpu-<device>@host; a second "
+        "worker on the same device and host is gpu-<device>-2@host)",
+    )
+    run.add_argument(
+        "--health-file",
+        help="heartbeat file (default VQ_HEALTH_FILE, else named after the worker in the "
+        "temp dir); the log shows it",
     )
     run.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off")
 
@@ -50,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = health.add_mutually_exclusive_group(required=True)
     mode.add_argument("--live", action="store_true", help="process and heartbeat running")
     mode.add_argument("--ready", action="store_true", help="live, model loaded, broker reachable")
-    health.add_argument("--name", help="worker node name (when several share a host)")
+    which = health.add_mutually_exclusive_group()
+    which.add_argument(
+        "--name", help="worker node name (default: every worker running on this host)"
+    )
+    which.add_argument("--health-file", help="the heartbeat file `worker run` logged")
 
     dead = commands.add_parser(
         "dead-letters", help="list messages the workers refused (metadata only, newest first)"
@@ -124,22 +135,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "dtype": getattr(args, "dtype", None),
         "queue": getattr(args, "queues", None),
         "worker_name": getattr(args, "name", None),
+        "health_file": getattr(args, "health_file", None),
         "metrics_port": getattr(args, "metrics_port", None),
     }
     return {key: value for key, value in pairs.items() if value is not None}
 
 
 def _health(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.health import check_live, check_ready, default_worker_name, health_file_path
+    """Check the worker named (--name, --health-file or their settings), else every worker
+    running on this host: one line each, exit 0 only if all pass."""
+    from worker.health import check_live, check_ready, health_file_path, read_health
+    from worker.identity import health_dir, running_health_files
 
-    name = settings.worker_name or default_worker_name(settings.device)
-    path = health_file_path(settings, name)
-    if args.live:
-        ok, reason = check_live(path, settings.heartbeat_interval_s)
+    if settings.worker_name or settings.health_file:
+        paths = [health_file_path(settings, settings.worker_name)]
     else:
-        ok, reason = check_ready(path, settings)
-    print(reason, file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+        paths = running_health_files()
+        if not paths:
+            print(
+                f"no worker running on this host (no live heartbeat file in {health_dir()}); "
+                "start one with `worker run`, or pass --name / --health-file",
+                file=sys.stderr,
+            )
+            return 1
+    failed = 0
+    for path in paths:
+        if args.live:
+            ok, reason = check_live(path, settings.heartbeat_interval_s)
+        else:
+            ok, reason = check_ready(path, settings)
+        worker = (read_health(path) or {}).get("worker") or path
+        who = f"{worker}: " if len(paths) > 1 else ""
+        print(who + reason, file=sys.stdout if ok else sys.stderr)
+        failed += not ok
+    return 1 if failed else 0
 
 
 def _dead_letters(settings: Settings, limit: int) -> int:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,9 @@ import redis
 
 from producer.redis_connect import redis_client
 from producer.settings import Settings
+from worker.identity import default_health_file, default_worker_name
+
+__all__ = ["HealthReporter", "check_live", "check_ready", "default_worker_name", "read_health"]
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -48,15 +49,11 @@ RESTART_LOOP_STARTS = 3
 RESTART_WINDOW_S = 60.0
 
 
-def default_worker_name(device: str) -> str:
-    return f"gpu-{device.replace(':', '')}@{socket.gethostname()}"
-
-
 def health_file_path(settings: Settings, worker_name: str) -> Path:
+    """VQ_HEALTH_FILE, else the default file of `worker_name` (worker.identity's rule)."""
     if settings.health_file:
         return Path(settings.health_file)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker_name)
-    return Path(tempfile.gettempdir()) / f"vision-queue-{safe or 'worker'}.health.json"
+    return default_health_file(worker_name)
 
 
 @dataclass

@@ -40,7 +40,8 @@ from worker.deployment import (
     keep_visibility_timeout_claimed,
 )
 from worker.engine import Engine, EngineConfig
-from worker.health import HealthReporter, default_worker_name, health_file_path
+from worker.health import HealthReporter
+from worker.identity import IdentityTaken, claim_host_identity
 from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 from worker.metrics import WorkerMetrics
 from worker.result_store import ResultStore, backend_url
@@ -61,10 +62,15 @@ def run_worker(settings: Settings) -> int:
     except VisibilityTimeoutConflict as exc:
         log.error("not starting: %s", exc)
         return EXIT_SETTINGS_CONFLICT
-    name = settings.worker_name or default_worker_name(settings.device)
+    try:
+        identity = claim_host_identity(settings)
+    except IdentityTaken as exc:
+        log.error("not starting: %s", exc)
+        return EXIT_SETTINGS_CONFLICT
+    name = identity.name
     stuck_after_s = settings.task_time_limit_s + settings.stuck_task_grace_s
     health = HealthReporter(
-        health_file_path(settings, name), name, settings.heartbeat_interval_s, stuck_after_s
+        identity.health_file, name, settings.heartbeat_interval_s, stuck_after_s
     )
     health.start()
     try:
@@ -83,8 +89,6 @@ def run_worker(settings: Settings) -> int:
         health.stop()
         return 1
 
-    if not settings.worker_name:
-        name = default_worker_name(engine.device)
     metrics = WorkerMetrics(name, engine.device)
     metrics.model_load.set(engine.load_seconds)
     metrics.model_loaded.set(1)
