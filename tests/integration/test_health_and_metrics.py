@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -9,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from support.redis_server import free_port
-from support.workers import WorkerProcess, run_cli
+from support.workers import WorkerProcess, base_env, run_cli, terminate
 
 from producer import Client
 from producer.settings import Settings
 from worker.health import read_health
+from worker.identity import claim_identity, default_health_file
 
 pytestmark = pytest.mark.timeout(300)
 LONG = 20_000
@@ -119,3 +124,44 @@ def test_a_consumer_restart_is_counted_and_one_is_no_loop(
     handle = long_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
     assert long_client.result(handle.id, wait=True, timeout=120)["state"] == "SUCCESS"
     assert health(metered_worker, "--ready").returncode == 0
+
+
+def test_a_worker_without_a_name_is_found_by_health_and_holds_its_name(
+    module_redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Given a worker started with neither VQ_WORKER_NAME nor VQ_HEALTH_FILE, on a host
+    # (its temp dir) of its own
+    env = base_env(module_redis.url, TMPDIR=str(tmp_path), VQ_QUEUE="identity-check")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # that host's temp dir, here too
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            name = f"gpu-cpu@{socket.gethostname()}"
+            health_file = default_health_file(name)
+            assert health_file.parent == tmp_path
+            deadline = time.monotonic() + 120
+            while not (read_health(health_file) or {}).get("consuming"):
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            # Then its log says where its heartbeat is and how to check it,
+            said = log_path.read_text()
+            assert f"worker {name}, health file {health_file}" in said
+            assert f"worker health --ready --health-file {health_file}" in said
+            # `worker health` on the same host finds it without --name or --device,
+            for mode in ("--live", "--ready"):
+                done = run_cli("worker", ["health", mode], env, timeout_s=60)
+                assert done.returncode == 0, done.stderr
+            # and a second worker on this host and device gets a name of its own.
+            second = claim_identity("", "", "cpu")
+            try:
+                assert second.name == f"gpu-cpu-2@{socket.gethostname()}"
+                assert second.health_file != health_file
+            finally:
+                second.release()
+        finally:
+            terminate(process, grace_s=30)
