@@ -201,7 +201,10 @@ class Settings:
     dtype: str = _setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.")
     attention: str = _setting("VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.")
     worker_name: str = _setting(
-        "VQ_WORKER_NAME", "", "Worker node name; default gpu-<device>@host."
+        "VQ_WORKER_NAME",
+        "",
+        "Worker node name; default gpu-<device>@host, gpu-<device>-2@host for a second "
+        "worker on that device and host. Two running workers on one host never share one.",
     )
     metrics_port: int = _setting("VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.")
     metrics_address: str = _setting(
@@ -210,7 +213,10 @@ class Settings:
         "Address the metrics server binds to; 0.0.0.0 (or ::) for a Prometheus on another host.",
     )
     health_file: str = _setting(
-        "VQ_HEALTH_FILE", "", "Heartbeat file for the health commands; default in the temp dir."
+        "VQ_HEALTH_FILE",
+        "",
+        "Heartbeat file for the health commands; default in the temp dir, named after the "
+        "worker (`worker health` without a name finds the running ones there).",
     )
     heartbeat_interval_s: float = _setting(
         "VQ_HEARTBEAT_INTERVAL_S", 2.0, "How often the worker refreshes its health file."
