@@ -177,15 +177,16 @@ def _dead_letters(settings: Settings, limit: int) -> int:
     import redis
 
     from producer.contract import DEAD_LETTER_KEY
+    from producer.outages import broker_error
     from producer.redis_connect import redis_client
-    from producer.settings import mask_url
     from worker.dead_letters import read_dead_letters
 
     try:
         entries = read_dead_letters(redis_client(settings), limit)
     except redis.RedisError as exc:
-        url = mask_url(settings.effective_broker_url)
-        print(f"worker: Redis at {url} is unreachable: {type(exc).__name__}", file=sys.stderr)
+        # The producer's wording: a refused password names the setting to fix.
+        print(f"worker: {broker_error(settings, settings.effective_broker_url, exc)}",
+              file=sys.stderr)
         return 3
     for entry in entries:
         at = entry.get("at")

@@ -19,3 +19,14 @@ def test_worker_run_pauses_the_collector_until_the_consumer_is_up() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert done.stdout.split() == ["True", "True", "True"]
+
+
+def test_a_wrong_redis_password_is_reported_as_an_authentication_error(redis_url: str) -> None:
+    from support.redis_server import PASSWORD
+    from support.workers import base_env, run_cli
+
+    wrong = redis_url.replace(PASSWORD, "not-the-password")
+    done = run_cli("worker", ["dead-letters"], base_env(wrong), timeout_s=60)
+    assert done.returncode == 3
+    assert "authentication failed" in done.stderr and "REDIS_URL" in done.stderr
+    assert "unreachable" not in done.stderr and "not-the-password" not in done.stderr
