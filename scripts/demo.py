@@ -47,7 +47,6 @@ JOBS = [
 # The random checkpoint's answers are noise: the examples ask it for a few tokens only.
 # A request option, not a cap: the worker accepts what any producer accepts.
 TINY_EXAMPLE_TOKENS = 48
-WORKER_NAME = "demo-worker@local"
 FLOWER_USER = "demo"
 LOCK_NAME = "demo.pid"
 
@@ -139,7 +138,6 @@ def stack_env(
         "VQ_MODEL": model,
         "VQ_MAX_NEW_TOKENS_CAPS": shared_caps(base),  # one value, producer and worker
         "VQ_HEALTH_FILE": str(state_dir / "worker.health.json"),
-        "VQ_WORKER_NAME": WORKER_NAME,
         "PYTHONUNBUFFERED": "1",
     }
     if not real:
