@@ -15,6 +15,8 @@ still running: on a host (or in a container) with one worker, that worker.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -59,8 +61,11 @@ class WorkerIdentity:
     _locks: list[IO[str]] = field(default_factory=list, repr=False)
 
     def release(self) -> None:
-        """Let the name and health file go (also done by the kernel when the process ends)."""
+        """Let the name and health file go (the kernel also drops the locks when the
+        process ends; this removes the lock files too, while still holding them)."""
         for lock in self._locks:
+            with contextlib.suppress(OSError):
+                Path(lock.name).unlink()
             lock.close()
         self._locks.clear()
 
@@ -114,6 +119,7 @@ def claim_host_identity(settings: Settings) -> WorkerIdentity:
     except Exception:  # a bad device spec is the engine's to report, with its own message
         device = settings.device
     identity = claim_identity(settings.worker_name, settings.health_file, device)
+    atexit.register(identity.release)
     log.info(
         "worker %s, health file %s (check: worker health --ready --health-file %s)",
         identity.name,
@@ -147,12 +153,21 @@ def _lock_path_for_name(name: str) -> Path:
 def _try_lock(path: Path, name: str) -> IO[str] | None:
     """The open, exclusively locked file; None if another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        # The holder removes the file when it lets go: a lock taken on the removed file
+        # protects nothing, so take it again on the file now at `path`.
+        try:
+            if path.stat().st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        return None
     # Who holds it, for the message another worker gets (the lock itself is the truth).
     handle.seek(0)
     handle.truncate()

@@ -47,12 +47,29 @@ def test_a_second_worker_on_the_same_device_takes_the_next_name_and_file(claims)
     assert first.health_file != second.health_file
 
 
-def test_a_stopped_workers_name_is_free_again(claims):
+def test_a_stopped_workers_name_is_free_again(claims, tmp_path: Path):
     first = claim_identity("", "", "cpu")
-    first.release()  # as the kernel does when the process ends, however it ends
+    first.release()  # a clean stop; the kernel drops the lock of a killed one too
+    assert list(tmp_path.glob("*.lock")) == []  # and no lock file is left behind
     again = claim_identity("", "", "cpu")
     claims.append(again)
     assert again.name == first.name and again.health_file == first.health_file
+
+
+def test_a_killed_workers_name_is_free_again(tmp_path: Path, claims):
+    # Given a worker process that took the default name and was killed (no cleanup ran)
+    code = (
+        "import os, tempfile, sys; tempfile.tempdir = sys.argv[1]\n"
+        "from worker.identity import claim_identity\n"
+        "print(claim_identity('', '', 'cpu').name, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert list(tmp_path.glob("*.lock"))  # its lock file stayed
+    # Then the next worker takes that name
+    claims.append(claim_identity("", "", "cpu"))
+    assert claims[-1].name == killed.stdout.strip()
 
 
 def test_an_explicit_name_in_use_is_refused_with_the_setting_to_change(claims):
