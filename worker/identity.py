@@ -82,13 +82,21 @@ def claim_identity(worker_name: str, health_file: str, device: str) -> WorkerIde
     else:
         candidates = [default_worker_name(device, slot) for slot in range(1, MAX_SLOTS + 1)]
     for name in candidates:
-        name_lock = _try_lock(_lock_path_for_name(name), name)
+        path = Path(health_file) if health_file else default_health_file(name)
+        try:
+            name_lock = _try_lock(_lock_path_for_name(name), name)
+        except OSError as exc:  # a read-only temp dir must not keep a worker from starting
+            log.warning("cannot hold worker name %s on this host (%s): not checked", name, exc)
+            return WorkerIdentity(name, path)
         if name_lock is None:
             continue
-        path = Path(health_file) if health_file else default_health_file(name)
         locks = [name_lock]
         if health_file:
-            file_lock = _try_lock(Path(f"{path}.lock"), name)
+            try:
+                file_lock = _try_lock(Path(f"{path}.lock"), name)
+            except OSError as exc:
+                log.warning("cannot hold health file %s (%s): not checked", path, exc)
+                return WorkerIdentity(name, path, locks)
             if file_lock is None:
                 name_lock.close()
                 holder = _holder(Path(f"{path}.lock"))
