@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 
+from producer.outages import broker_error, is_retryable
 from producer.redis_connect import redis_client
 from producer.settings import Settings
 from worker.identity import default_health_file, default_worker_name
@@ -211,5 +212,9 @@ def check_ready(path: Path, settings: Settings, now: float | None = None) -> tup
         client.ping()
         client.close()
     except redis.RedisError as exc:
-        return False, f"broker unreachable: {type(exc).__name__}"
+        if is_retryable(exc):
+            return False, f"broker unreachable: {type(exc).__name__}"
+        # A refused password is a setting to fix: say which, as the producer does.
+        error = broker_error(settings, settings.effective_broker_url, exc)
+        return False, f"broker unusable: {error}"
     return True, f"ready, state={data.get('state')}"

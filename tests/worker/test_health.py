@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from support.redis_server import PASSWORD
+
 from producer.settings import Settings
 from worker.health import (
     RESTART_WINDOW_S,
@@ -63,6 +65,20 @@ def test_ready_needs_a_reachable_broker(tmp_path: Path):
         reporter.model_ready()
         ready, reason = check_ready(reporter.path, settings)
         assert not ready and "broker unreachable" in reason
+    finally:
+        reporter.stop()
+
+
+def test_ready_reports_a_refused_password_with_the_setting_to_fix(tmp_path: Path, redis_url):
+    wrong = redis_url.replace(PASSWORD, "not-the-password")
+    settings = Settings.from_env({}, redis_url=wrong, heartbeat_interval_s=1.0)
+    reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=1.0)
+    reporter.start()
+    try:
+        reporter.model_ready()
+        ready, reason = check_ready(reporter.path, settings)
+        assert not ready and "authentication failed" in reason and "REDIS_URL" in reason
+        assert "not-the-password" not in reason
     finally:
         reporter.stop()
 
