@@ -1,15 +1,22 @@
-"""The model engine a worker keeps resident: load once, then generate request by request.
+"""The model engine a worker keeps resident: load once, then serve many requests at once.
 
 `Engine.load` resolves the checkpoint (local folder, or Hub id through the Hugging Face
-cache), builds Phi-3-vision from transformers' parts and loads the official weights.
-`Engine.generate` applies the chat template, preprocesses, and decodes greedily until
-`<|end|>`/`<|endoftext|>` or the token budget. Calls are serialised by a lock; nothing
-about a request outlives the call except the static KV caches the engine reuses.
+cache), builds Phi-3-vision from transformers' parts, loads the official weights, and
+sets up continuous batching: a KV pool sized from free memory, a `ModelRunner` (how a
+step runs) and a `Scheduler` (who runs in it) with its own device thread.
+
+`Engine.generate(request)` may be called from many threads at once. Each call
+preprocesses its request on its own thread (chat template, HD transform, tokens, crops
+on the CPU), hands it to the scheduler, and turns the tokens it gets back into text
+(stop strings, `on_text`) and progress (`on_token`), all on its own thread. With one
+caller it behaves as a single-request engine; with N callers their decode steps are
+shared, and each caller still gets exactly the tokens it would get alone (CPU float32:
+bit for bit, see worker/model/model_runner.py).
 
 Errors: bad input found while preprocessing -> InvalidInput (with `field`); out of
 memory -> ResourceExhausted, after the request's memory is freed (the engine keeps
-serving); any other model failure -> ModelError. What `on_token` raises propagates
-unchanged.
+serving); any other model failure -> ModelError. What `on_token`/`on_wait` raise
+propagates unchanged, and the request leaves the batch at once.
 
 Test-only fault injection: with `VQ_FAULT_INJECTION=oom_marker=<TEXT>` in the
 environment, a prompt containing TEXT makes generate() attempt an impossible allocation
@@ -21,29 +28,39 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import threading
+import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from worker import faults
+from worker.model.attention import varlen_available
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
-from worker.model.generation import CACHE_BUCKETS, Generator, model_errors
+from worker.model.errors import model_errors
+from worker.model.kvcache import KVPool
+from worker.model.model_runner import ModelRunner
 from worker.model.modeling import KERNELS, Phi3VForCausalLM, build_model
 from worker.model.processor import MAX_NUM_CROPS, EncodedPrompt, Phi3VProcessor, chat_text
+from worker.model.sampling import SamplingParams
 from worker.model.weights import load_weights, resolve_checkpoint
+from worker.scheduler import Failed, Finished, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Decode steps compiled at warmup: the buckets ordinary requests land in. Larger ones are
-# compiled on first use.
-_WARMUP_BUCKETS = tuple(bucket for bucket in CACHE_BUCKETS if bucket <= 8192)
+# How often a waiting request's `on_wait` hook runs (cancel and deadline checks).
+_POLL_S = 0.1
+# Prompt positions per prefill unit on CUDA: ~10 ms of an H100 per chunk for the full
+# model, so running decodes wait at most about that long for a new request's prompt.
+_CUDA_PREFILL_CHUNK = 1024
+# Memory kept free on CUDA for activations (prefill chunks, the image tower) and graphs.
+_CUDA_RESERVE_FRACTION, _CUDA_RESERVE_MIN = 0.10, 2 << 30
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,11 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
     num_crops: int | None = None  # default from preprocessor_config.json
-    compile: bool | None = None  # torch.compile/static cache for decode; None = on for CUDA only
+    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
+    max_batch: int = 1  # requests decoded together (batch rows)
+    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
+    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
+    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,9 @@ class GenerationRequest:
     # Called with each new piece of text as soon as it is final: whole characters, never
     # part of a stop string; the pieces joined are exactly the result's text.
     on_text: Callable[[str], None] | None = None
+    # Called about every 0.1 s while no token arrives (waiting for a batch row, image
+    # encoding, a long prompt); it may raise like on_token to abandon the request.
+    on_wait: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,7 @@ class GenerationResult:
     preprocess_s: float
     prefill_s: float
     decode_s: float
+    wait_s: float = 0.0  # waiting for a batch row and KV space
 
     @property
     def finish_reason(self) -> str:
@@ -105,9 +130,9 @@ class Engine:
         attention: str,
         model: Phi3VForCausalLM,
         processor: Phi3VProcessor,
-        generator: Generator,
         num_crops: int | None,
         load_seconds: float,
+        batching: Batching,
     ) -> None:
         self.model_id = model_id
         self.device = str(device)
@@ -117,10 +142,21 @@ class Engine:
         self.model = model
         self.processor = processor
         self.vocabulary = Vocabulary(processor.tokenizer)
-        self.generator = generator
         self.num_crops = num_crops
+        self.max_batch = batching.max_rows
+        self.pool = batching.pool
+        self.runner = batching.runner
+        self.scheduler = Scheduler(
+            batching.runner,
+            batching.pool,
+            self._embed_job,
+            stop_ids=processor.stop_token_ids,
+            max_rows=batching.max_rows,
+            max_row_positions=batching.max_row_positions,
+            prefill_chunk_tokens=batching.prefill_chunk_tokens,
+            recover=self._recover,
+        )
         self._torch_device = device
-        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -129,6 +165,8 @@ class Engine:
         try:
             if config.num_crops is not None and not 1 <= config.num_crops <= MAX_NUM_CROPS:
                 raise ModelError(f"num_crops must be between 1 and {MAX_NUM_CROPS}")
+            if config.max_batch < 1:
+                raise ModelError("max_batch must be at least 1")
             device = resolve_device(config.device)
             dtype = resolve_dtype(config.dtype, device)
             attention, reason = choose_attention(config.attention, device, dtype)
@@ -138,10 +176,7 @@ class Engine:
             model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
             load_weights(model, folder, device, dtype)
             model.eval().requires_grad_(False)
-            compile = device.type == "cuda" if config.compile is None else config.compile
-            generator = Generator(
-                model, kernel=attention, device=device, static_cache=compile, compile=compile
-            )
+            batching = build_batching(config, model, device, dtype, attention)
         except VisionQueueError:
             raise
         except Exception as exc:
@@ -153,44 +188,95 @@ class Engine:
             attention=attention,
             model=model,
             processor=processor,
-            generator=generator,
             num_crops=config.num_crops,
             load_seconds=time.perf_counter() - began,
+            batching=batching,
         )
         log.info(
-            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); compiled decode %s",
-            config.model,
-            folder,
-            engine.device,
-            engine.dtype,
-            engine.load_seconds,
-            attention,
-            reason,
-            "on" if compile else "off",
+            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); %s",
+            config.model, folder, engine.device, engine.dtype, engine.load_seconds,
+            attention, reason, batching.describe(),
         )
         return engine
 
     def warmup(self) -> None:
-        """One short generation with a tiny image, and the common decode graphs compiled."""
+        """Record the decode graphs (CUDA), then one short generation with a tiny image."""
         began = time.perf_counter()
+        with model_errors("warmup"), torch.inference_mode():
+            self.runner.capture_graphs()  # before the scheduler thread ever runs
         image = Image.new("RGB", (336, 336), (127, 127, 127))
         self.generate(GenerationRequest("Describe this image.", [image], 2, num_crops=1))
-        if self.generator.compile:
-            self.generator.prepare(_WARMUP_BUCKETS)
         log.info("warmup took %.1fs", time.perf_counter() - began)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Serve one request; safe to call from many threads (their steps are batched)."""
         if request.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1", field="max_new_tokens")
-        with self._lock:
-            try:
-                return self._generate(request)
-            except ResourceExhausted as exc:
-                message = exc.message
-            # The failed request's frames, and the tensors they held, went with the
-            # exception: return the memory before the next request.
-            self._recover()
-            raise ResourceExhausted(message)
+        began = time.perf_counter()
+        job = self._prepare(request)
+        preprocess_s = time.perf_counter() - began
+        self.scheduler.submit(job)
+        stream = TextStream(self.vocabulary, request.stop)
+        tokens: list[int] = []
+        finished: Finished | None = None
+        failure: VisionQueueError | None = None
+        decode_began = 0.0
+        try:
+            while True:
+                try:
+                    event = job.events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if request.on_wait is not None:
+                        request.on_wait()
+                    continue
+                if isinstance(event, Finished):
+                    finished = event
+                    break
+                if isinstance(event, Failed):
+                    failure = event.error
+                    break
+                if not tokens:
+                    decode_began = time.perf_counter()
+                tokens.append(event.token_id)
+                piece = stream.push(event.token_id)
+                if piece and request.on_text is not None:
+                    request.on_text(piece)
+                if stream.stopped:
+                    break
+                if request.on_token is not None:
+                    request.on_token(len(tokens))
+        finally:
+            if finished is None and failure is None:
+                self.scheduler.cancel(job)  # a stop string, or a hook raised
+        if failure is not None:
+            if isinstance(failure, ResourceExhausted):
+                # A fresh error: nothing of the failed request stays referenced.
+                raise ResourceExhausted(failure.message)
+            raise failure
+        rest = stream.finish()
+        if rest and request.on_text is not None:
+            request.on_text(rest)
+        if finished is None:  # ended by a stop string
+            reason, wait_s, prefill_s = "stop_string", 0.0, 0.0
+            decode_s = time.perf_counter() - decode_began
+        else:
+            reason, wait_s = finished.stop_reason, finished.wait_s
+            prefill_s, decode_s = finished.prefill_s, finished.decode_s
+        return GenerationResult(
+            text=stream.text,
+            token_ids=tokens,
+            prompt_tokens=job.encoded.prompt_tokens,
+            completion_tokens=len(tokens),
+            stop_reason=reason,
+            preprocess_s=preprocess_s,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            wait_s=wait_s,
+        )
+
+    def close(self) -> None:
+        """Stop the scheduler's device thread; requests still queued fail with ModelError."""
+        self.scheduler.stop()
 
     def peak_memory_bytes(self) -> int:
         if self._torch_device.type == "cuda":
@@ -199,52 +285,24 @@ class Engine:
 
     # Request path ------------------------------------------------------------------------
 
-    def _generate(self, request: GenerationRequest) -> GenerationResult:
-        began = time.perf_counter()
+    def _prepare(self, request: GenerationRequest) -> Job:
+        """Everything CPU-side, on the caller's thread: template, HD transform, tokens, crops."""
         with model_errors("preprocessing"):
             text = chat_text(request.prompt, len(request.images))
             num_crops = request.num_crops or self.num_crops
             encoded = self.processor.encode(text, request.images, num_crops)
         self._check_length(encoded, request.max_new_tokens)
-        with torch.inference_mode():
-            with model_errors("preprocessing"):
-                faults.inject(request.prompt, self.device)
+        crops = None
+        with torch.inference_mode(), model_errors("preprocessing"):
+            faults.inject(request.prompt, self.device)
+            if self._torch_device.type == "cpu" and encoded.images:
                 crops = self.processor.crops(encoded, self._torch_device)
-            preprocess_s = time.perf_counter() - began
+        sampling = SamplingParams(request.temperature, request.top_p, request.seed)
+        return Job(encoded, crops, request.max_new_tokens, sampling)
 
-            began = time.perf_counter()
-            with model_errors("image encoding"):
-                embeds = self.embed(encoded, crops)
-            del crops
-            embed_s = time.perf_counter() - began
-            stream = TextStream(self.vocabulary, request.stop)
-
-            def on_id(token_id: int) -> bool:
-                piece = stream.push(token_id)
-                if piece and request.on_text is not None:
-                    request.on_text(piece)
-                return stream.stopped
-
-            decoded = self.generator.generate(
-                embeds,
-                request.max_new_tokens,
-                self.processor.stop_token_ids,
-                request.on_token,
-                on_id=on_id,
-            )
-        rest = stream.finish()
-        if rest and request.on_text is not None:
-            request.on_text(rest)
-        return GenerationResult(
-            text=stream.text,
-            token_ids=decoded.token_ids,
-            prompt_tokens=encoded.prompt_tokens,
-            completion_tokens=len(decoded.token_ids),
-            stop_reason=decoded.stop_reason,
-            preprocess_s=preprocess_s,
-            prefill_s=embed_s + decoded.prefill_s,
-            decode_s=decoded.decode_s,
-        )
+    def _embed_job(self, job: Job) -> torch.Tensor:
+        """Device thread: the prompt's embeddings (crops made here when not on the CPU)."""
+        return self.embed(job.encoded, job.crops)
 
     def embed(
         self, encoded: EncodedPrompt, crops: list[torch.Tensor] | None = None
@@ -253,7 +311,7 @@ class Engine:
 
         Call under `torch.inference_mode()`; `crops` defaults to the processor's.
         """
-        if crops is None:
+        if crops is None and encoded.images:
             crops = self.processor.crops(encoded, self._torch_device)
         input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
         embeds: torch.Tensor = self.model.model.vision_embed_tokens(
@@ -274,10 +332,125 @@ class Engine:
             )
 
     def _recover(self) -> None:
-        self.generator.release()
         gc.collect()
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batched engine's parts and sizes, chosen at load."""
+
+    pool: KVPool
+    runner: ModelRunner
+    max_rows: int
+    max_row_positions: int
+    prefill_chunk_tokens: int | None
+
+    def describe(self) -> str:
+        runner = self.runner
+        return (
+            f"batch rows {self.max_rows}, KV pool {self.pool.positions} positions "
+            f"({self.pool.nbytes / 2**20:.0f} MiB), decode attention {runner.decode_kernel}, "
+            f"CUDA graphs {'on' if runner.capture else 'off'}, "
+            f"prefill chunk {self.prefill_chunk_tokens or 'whole prompt'}, "
+            f"rows independent {'on' if runner.row_independent else 'off'}"
+        )
+
+
+def build_batching(
+    config: EngineConfig,
+    model: Phi3VForCausalLM,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+) -> Batching:
+    """Size the KV pool, pick the decode kernel, build the runner."""
+    cuda = device.type == "cuda"
+    text = model.config
+    decode_kernel = "rows"
+    if cuda and dtype in (torch.bfloat16, torch.float16) and varlen_available():
+        from worker.model.gpu_checks import varlen_problem  # CUDA only
+
+        problem = varlen_problem(device, dtype)
+        if problem is None:
+            decode_kernel = "varlen"
+        else:
+            log.warning("%s; decoding with per-row attention", problem)
+    graphs = decode_kernel == "varlen" if config.cuda_graphs is None else config.cuda_graphs
+    if graphs and decode_kernel != "varlen":
+        raise ModelError("CUDA graphs need the varlen attention kernel (CUDA, bf16/fp16)")
+    bytes_per_position = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim
+        * torch.empty((), dtype=dtype).element_size()
+    )
+    positions = kv_pool_positions(config, device, bytes_per_position, text.rope.max_positions)
+    pool = KVPool(
+        num_layers=text.num_hidden_layers,
+        kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        positions=positions,
+        dtype=dtype,
+        device=device,
+        tokens_first=decode_kernel == "varlen" or attention == "flash_attention_2",
+        zeroed=cuda,
+        granularity=256 if cuda else 16,
+    )
+    max_row_positions = min(text.rope.max_positions, positions)
+    compile = cuda if config.compile is None else config.compile
+    runner = ModelRunner(
+        model,
+        pool,
+        device=device,
+        kernel=attention,
+        decode_kernel=decode_kernel,
+        row_independent=device.type == "cpu" and dtype == torch.float32,
+        max_rows=config.max_batch,
+        window=max_row_positions,
+        graphs=graphs,
+        compile=compile and graphs,
+    )
+    chunk = config.prefill_chunk_tokens
+    if chunk is None:
+        chunk = _CUDA_PREFILL_CHUNK if cuda else 0
+    return Batching(pool, runner, config.max_batch, max_row_positions, chunk or None)
+
+
+def kv_pool_positions(
+    config: EngineConfig, device: torch.device, bytes_per_position: int, model_positions: int
+) -> int:
+    """KV positions to preallocate: the setting, else what free memory allows.
+
+    CUDA: free memory after the weights, less a reserve for activations and graphs. CPU:
+    a quarter of the available RAM (slots are only touched when written). Never more
+    than every row at the model's full length.
+    """
+    if config.kv_cache_positions:
+        return config.kv_cache_positions
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - max(_CUDA_RESERVE_MIN, int(total * _CUDA_RESERVE_FRACTION))
+    else:
+        budget = available_ram_bytes() // 4
+    positions = min(config.max_batch * model_positions, budget // bytes_per_position)
+    if positions < 1024:
+        raise ModelError(
+            f"only {max(budget, 0) / 2**20:.0f} MiB left for the KV cache on {device}; "
+            "free memory or set VQ_KV_CACHE_POSITIONS"
+        )
+    return int(positions)
+
+
+def available_ram_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def resolve_device(spec: str) -> torch.device:
