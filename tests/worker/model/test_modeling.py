@@ -4,6 +4,7 @@ row-independent linear maps, the KV pool and its regions."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -233,3 +234,12 @@ def test_the_dynamic_cache_grows_by_concatenation() -> None:
 
     assert keys.shape == values.shape == (1, 2, 4, 4)
     assert cache.keys[0] is None
+
+
+def test_the_decoder_layers_are_called_with_their_current_arguments(cpu_engine: Engine) -> None:
+    # transformers deprecates `past_key_values=` (removed in 5.40) for `cache=`.
+    embeds = torch.randn(1, 5, cpu_engine.model.config.hidden_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            cpu_engine.model(embeds, torch.arange(5).unsqueeze(0), DynamicKVCache(2), causal=True)
