@@ -295,24 +295,24 @@ class Engine:
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
             faults.inject(request.prompt, self.device)
-            if self._torch_device.type == "cpu" and encoded.images:
-                crops = self.processor.crops(encoded, self._torch_device)
+            if encoded.images:
+                # Pinned on CUDA hosts, so the device thread's copy does not wait.
+                crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         return Job(encoded, crops, request.max_new_tokens, sampling)
 
     def _embed_job(self, job: Job) -> torch.Tensor:
-        """Device thread: the prompt's embeddings (crops made here when not on the CPU)."""
+        """Device thread: the prompt's embeddings from the crops its own thread made."""
         return self.embed(job.encoded, job.crops)
 
-    def embed(
-        self, encoded: EncodedPrompt, crops: list[torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def embed(self, encoded: EncodedPrompt, crops: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt's input embeddings, each image's features written into its positions.
 
-        Call under `torch.inference_mode()`; `crops` defaults to the processor's.
+        Call under `torch.inference_mode()`; `crops` (CPU or device) defaults to the
+        processor's.
         """
         if crops is None and encoded.images:
-            crops = self.processor.crops(encoded, self._torch_device)
+            crops = self.processor.crops(encoded)
         input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
         embeds: torch.Tensor = self.model.model.vision_embed_tokens(
             input_ids,

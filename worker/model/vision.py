@@ -83,14 +83,18 @@ class ImageEmbedding(nn.Module):
         self.grid = config.vision.grid
 
     def image_features(
-        self, crops: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+        self, crops: torch.Tensor, grids: Sequence[tuple[int, int]]
     ) -> list[torch.Tensor]:
-        """Projected features per image, [tokens, hidden]; crops[i] is [1 + rows*cols, 3, S, S]."""
-        dtype = self.glb_GN.dtype
-        batch = torch.cat(list(crops)).to(dtype)
+        """Projected features per image, [tokens, hidden].
+
+        `crops` holds every image's crops in order, [sum of (1 + rows*cols), 3, S, S], on
+        any device: moved (and cast) here in one copy, none when already in place.
+        """
+        weight = self.glb_GN
+        batch = crops.to(device=weight.device, dtype=weight.dtype, non_blocking=True)
         # Every crop of every image goes through CLIP in one batch.
         features = self.img_processor.patch_features(batch, self.layer_idx)
-        per_image = torch.split(features, [int(c.shape[0]) for c in crops])
+        per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
         stitched = [
             self._stitch(f, rows, cols) for f, (rows, cols) in zip(per_image, grids, strict=True)
         ]
@@ -100,13 +104,13 @@ class ImageEmbedding(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        crops: Sequence[torch.Tensor] = (),
+        crops: torch.Tensor | None = None,
         grids: Sequence[tuple[int, int]] = (),
         spans: Sequence[tuple[int, int]] = (),
     ) -> torch.Tensor:
         """[1, L, hidden]; image i's features fill spans[i] = (start, length) (negative ids)."""
         embeds: torch.Tensor = self.wte(input_ids.clamp(min=0))
-        if crops:
+        if crops is not None and grids:
             features_per_image = self.image_features(crops, grids)
             for (start, length), features in zip(spans, features_per_image, strict=True):
                 if features.shape[0] != length:
