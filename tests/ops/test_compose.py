@@ -2,8 +2,10 @@
 
 docker-compose.yml is interpolated with the values of .env.example (as `docker compose`
 would with that file as .env), then validated against the Compose Specification schema
-vendored in tests/data (see tests/data/README-compose-spec.md). Where a working
-`docker compose` is installed, its own `config` command is checked too; it needs no daemon.
+vendored in tests/data (see tests/data/README-compose-spec.md). The worker checks run on
+the file as shipped (one GPU) and with the override ops/compose-gpus.py prints for 2 and 4
+GPUs. Where a working `docker compose` is installed, its own `config` command is checked
+too; it needs no daemon.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -31,6 +34,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 WORKER_DOCKERFILE = ROOT / "ops" / "worker.Dockerfile"
 LIGHT_DOCKERFILE = ROOT / "ops" / "light.Dockerfile"
+COMPOSE_GPUS = ROOT / "ops" / "compose-gpus.py"
+PROXY_DIR = ROOT / "ops" / "flower-proxy"
 
 LOOPBACK = {"127.0.0.1", "::1", "[::1]", "localhost"}
 SECRETS = ("REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
@@ -107,6 +112,35 @@ def load_compose(env: Mapping[str, str]) -> dict[str, Any]:
     return interpolate_tree(yaml.safe_load(COMPOSE_FILE.read_text()), env)
 
 
+def compose_gpus(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python3 ops/compose-gpus.py ARGS`, as the README tells operators to run it."""
+    return subprocess.run(
+        [sys.executable, str(COMPOSE_GPUS), *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+
+
+def generated_override(gpus: int) -> dict[str, Any]:
+    done = compose_gpus(str(gpus))
+    assert done.returncode == 0, done.stderr
+    override: dict[str, Any] = yaml.safe_load(done.stdout)
+    return override
+
+
+def merge_new_services(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`docker compose -f base -f override` for an override that only adds services: the
+    one case where Compose's merge rules (lists appended, maps merged) play no part."""
+    clash = set(base["services"]) & set(override["services"])
+    assert not clash, f"the override redefines {sorted(clash)}"
+    assert set(override) == {"services"}, set(override)
+    return {**base, "services": {**base["services"], **override["services"]}}
+
+
+def load_compose_with_gpus(env: Mapping[str, str], gpus: int) -> dict[str, Any]:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    return interpolate_tree(merge_new_services(raw, generated_override(gpus)), env)
+
+
 def compose_duration_s(value: str) -> float:
     """Compose durations: `90s`, `11m`, `1m30s`, `1h`, `500ms`."""
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
@@ -160,10 +194,23 @@ def compose(env: dict[str, str]) -> dict[str, Any]:
     return load_compose(env)
 
 
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}-gpu")
+def gpu_count(request: pytest.FixtureRequest) -> int:
+    count: int = request.param
+    return count
+
+
 @pytest.fixture(scope="module")
-def workers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    found = {name: s for name, s in compose["services"].items() if name.startswith("worker-")}
-    assert len(found) >= 2, "one worker service per GPU, worker-0 and up"
+def compose_n(env: dict[str, str], gpu_count: int) -> dict[str, Any]:
+    """The stack for a host with `gpu_count` GPUs: shipped as is for 1, else with the
+    generated compose.gpus.yml."""
+    return load_compose(env) if gpu_count == 1 else load_compose_with_gpus(env, gpu_count)
+
+
+@pytest.fixture(scope="module")
+def workers(compose_n: dict[str, Any], gpu_count: int) -> dict[str, dict[str, Any]]:
+    found = {name: s for name, s in compose_n["services"].items() if name.startswith("worker-")}
+    assert sorted(found) == [f"worker-{i}" for i in range(gpu_count)], "one worker per GPU"
     return found
 
 
@@ -212,6 +259,51 @@ def test_compose_defaults_agree_with_the_settings_defaults():
 # --- Workers -----------------------------------------------------------------------------
 
 
+def test_the_stack_for_n_gpus_is_valid_against_the_compose_specification(
+    compose_n: dict[str, Any],
+):
+    schema = json.loads(SCHEMA_FILE.read_text())
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(compose_n))
+    assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_a_one_gpu_host_runs_as_shipped(compose: dict[str, Any]):
+    # A reservation of a GPU the host lacks fails at container start: ship GPU 0 only.
+    workers = [name for name in compose["services"] if name.startswith("worker-")]
+    assert workers == ["worker-0"]
+    (device,) = compose["services"]["worker-0"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["0"]
+
+
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_generated_workers_are_worker_0_with_another_name_and_gpu(gpus: int):
+    worker_0 = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["worker-0"]
+    for i, (name, service) in enumerate(generated_override(gpus)["services"].items(), 1):
+        assert name == f"worker-{i}"
+        assert service["environment"]["VQ_WORKER_NAME"] == f"gpu{i}@${{VQ_HOST_LABEL:-gpu-host}}"
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [str(i)]
+        # Everything else is worker-0's: settings, image, health check, grace period.
+        same = json.loads(json.dumps(service))
+        same["environment"]["VQ_WORKER_NAME"] = worker_0["environment"]["VQ_WORKER_NAME"]
+        same["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = ["0"]
+        assert same == worker_0, name
+
+
+def test_the_generator_is_deterministic_and_says_how_to_use_its_output():
+    first, second = compose_gpus("4"), compose_gpus("4")
+    assert first.stdout == second.stdout
+    assert "docker compose -f docker-compose.yml -f compose.gpus.yml up -d" in first.stdout
+    assert generated_override(1) == {"services": {}}
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "two", ""])
+def test_the_generator_refuses_a_bad_gpu_count(bad: str):
+    done = compose_gpus(bad)
+    assert done.returncode == 2, done
+    assert done.stdout == "" and "gpus" in done.stderr
+
+
 def test_each_worker_reserves_its_own_gpu(workers: dict[str, dict[str, Any]]):
     device_ids: list[str] = []
     for name, service in workers.items():
@@ -225,6 +317,7 @@ def test_each_worker_reserves_its_own_gpu(workers: dict[str, dict[str, Any]]):
         # Inside the container the one reserved GPU is always cuda:0.
         assert as_dict(service["environment"])["VQ_DEVICE"] == "cuda:0", name
     assert len(set(device_ids)) == len(device_ids), f"GPU reserved twice: {device_ids}"
+    assert sorted(device_ids, key=int) == [str(i) for i in range(len(workers))], device_ids
 
 
 def test_workers_have_distinct_node_names(workers: dict[str, dict[str, Any]]):
@@ -325,9 +418,40 @@ def test_flower_requires_basic_auth_and_keeps_its_state(
     assert "producer.flower_app:app" in command
 
 
-def test_flower_is_published_on_loopback_only(compose: dict[str, Any]):
-    ports = published_ports(compose["services"]["flower"])
+def test_flower_is_reached_through_its_proxy_on_loopback_only(compose: dict[str, Any]):
+    # Flower itself is not published; the proxy is, on loopback.
+    assert published_ports(compose["services"]["flower"]) == []
+    proxy = compose["services"]["flower-proxy"]
+    ports = published_ports(proxy)
     assert ports and all(host_ip in LOOPBACK for host_ip, _ in ports)
+    assert {target for _, target in ports} == {proxy["environment"]["FLOWER_PROXY_LISTEN"]}
+    assert proxy["environment"]["FLOWER_UPSTREAM"] == "flower:5555"
+    assert proxy["depends_on"]["flower"]["condition"] == "service_healthy"
+    # /metrics: on the compose network only (the metrics listener is exposed, not published).
+    assert proxy["environment"]["FLOWER_METRICS_LISTEN"] in [str(p) for p in proxy["expose"]]
+
+
+def test_the_proxy_lets_dashboard_users_read_and_revoke_only_by_default(
+    compose: dict[str, Any], env: dict[str, str]
+):
+    assert env["FLOWER_ALLOW_CONTROL"] == "0"
+    assert compose["services"]["flower-proxy"]["environment"]["FLOWER_ALLOW_CONTROL"] == "0"
+    without = {k: v for k, v in env.items() if k != "FLOWER_ALLOW_CONTROL"}
+    assert load_compose(without)["services"]["flower-proxy"]["environment"][
+        "FLOWER_ALLOW_CONTROL"
+    ] == "0"
+
+
+def test_the_proxy_image_carries_the_tested_template():
+    # tests/integration/test_flower.py runs this very template in a real nginx.
+    stage = final_stage(dockerfile_instructions(PROXY_DIR / "Dockerfile"))
+    assert stage[0][1].startswith("nginxinc/nginx-unprivileged:")
+    copies = [args for keyword, args in stage if keyword == "COPY"]
+    assert "default.conf.template /etc/nginx/templates/default.conf.template" in copies
+    template = (PROXY_DIR / "default.conf.template").read_text()
+    needed = set(re.findall(r"\$\{([A-Z_]+)\}", template))
+    env_line = next(args for keyword, args in stage if keyword == "ENV")
+    assert needed == set(re.findall(r"([A-Z_]+)=", env_line)), "a default for each variable"
 
 
 # --- docker compose itself, where installed ------------------------------------------------
