@@ -25,6 +25,7 @@ on the engine's device inside its normal request path (see `worker.faults`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import logging
@@ -59,6 +60,9 @@ _POLL_S = 0.1
 # Prompt positions per prefill unit on CUDA: ~10 ms of an H100 per chunk for the full
 # model, so running decodes wait at most about that long for a new request's prompt.
 _CUDA_PREFILL_CHUNK = 1024
+# Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
+# bandwidth argument); on the CPU batching only amortises overheads, so 1.
+CUDA_DEFAULT_MAX_BATCH = 16
 # Memory kept free on CUDA for activations (prefill chunks, the image tower) and graphs.
 _CUDA_RESERVE_FRACTION, _CUDA_RESERVE_MIN = 0.10, 2 << 30
 
@@ -71,7 +75,7 @@ class EngineConfig:
     attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
     num_crops: int | None = None  # default from preprocessor_config.json
     compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
-    max_batch: int = 1  # requests decoded together (batch rows)
+    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
     kv_cache_positions: int | None = None  # KV pool size; None = from free memory
     prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
     cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
@@ -165,9 +169,12 @@ class Engine:
         try:
             if config.num_crops is not None and not 1 <= config.num_crops <= MAX_NUM_CROPS:
                 raise ModelError(f"num_crops must be between 1 and {MAX_NUM_CROPS}")
-            if config.max_batch < 1:
-                raise ModelError("max_batch must be at least 1")
+            if config.max_batch < 0:
+                raise ModelError("max_batch must not be negative")
             device = resolve_device(config.device)
+            if not config.max_batch:
+                default = CUDA_DEFAULT_MAX_BATCH if device.type == "cuda" else 1
+                config = dataclasses.replace(config, max_batch=default)
             dtype = resolve_dtype(config.dtype, device)
             attention, reason = choose_attention(config.attention, device, dtype)
             folder = resolve_checkpoint(config.model)
@@ -299,7 +306,8 @@ class Engine:
                 # Pinned on CUDA hosts, so the device thread's copy does not wait.
                 crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
-        return Job(encoded, crops, request.max_new_tokens, sampling)
+        decode_fault = faults.fault_for(request.prompt) == "decode_oom"
+        return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
 
     def _embed_job(self, job: Job) -> torch.Tensor:
         """Device thread: the prompt's embeddings from the crops its own thread made."""

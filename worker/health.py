@@ -20,7 +20,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,9 @@ class HealthState:
     state: str = "loading"  # loading | ready | busy | stopping
     model_loaded: bool = False
     consuming: bool = False  # the Celery consumer is connected and taking messages
-    current_task: str | None = None
+    current_task: str | None = None  # the oldest of running_tasks
     task_started_at: float | None = None
+    running_tasks: list[str] = field(default_factory=list)  # one per busy slot
     updated_at: float = 0.0
 
 
@@ -86,14 +87,29 @@ class HealthReporter:
         self._update(state="stopping", consuming=False)
 
     def task_started(self, task_id: str) -> None:
-        self._update(state="busy", current_task=task_id, task_started_at=time.time())
-
-    def task_finished(self) -> None:
         with self._lock:
-            if self._state.state == "busy":
-                self._state.state = "ready"
-            self._state.current_task = None
-            self._state.task_started_at = None
+            state = self._state
+            if not state.running_tasks:
+                state.current_task, state.task_started_at = task_id, time.time()
+            state.running_tasks.append(task_id)
+            if state.state == "ready":
+                state.state = "busy"
+        self._write()
+
+    def task_finished(self, task_id: str | None = None) -> None:
+        with self._lock:
+            state = self._state
+            running = state.running_tasks
+            if task_id in running:
+                running.remove(task_id)
+            elif running:
+                running.pop(0)
+            if not running:
+                if state.state == "busy":
+                    state.state = "ready"
+                state.current_task = state.task_started_at = None
+            elif state.current_task not in running:
+                state.current_task, state.task_started_at = running[0], time.time()
             self._write()
 
     def _update(self, **changes: Any) -> None:

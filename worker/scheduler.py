@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from producer.errors import ModelError, ResourceExhausted, VisionQueueError
+from worker import faults
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, RowInput
@@ -75,6 +76,7 @@ class Job:
     crops: Any  # what `embed` needs besides `encoded` (CPU crops, or None)
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    decode_fault: bool = False  # test-only: decode steps with this job run out of memory
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -289,6 +291,8 @@ class Scheduler:
     def _decode_group(self, rows: list[_Row]) -> None:
         try:
             with model_errors("decoding"):
+                if any(row.job.decode_fault for row in rows):
+                    faults.allocate_impossibly(str(self.runner.device))
                 tokens = self.runner.decode([row.as_input() for row in rows])
         except ResourceExhausted as error:
             self.recover()

@@ -120,7 +120,7 @@ def execute(
         internal = ModelError(f"internal error: {type(exc).__name__}")
         raise _failure(result, internal, ctx, task.request.retries) from None
     finally:
-        runtime.health.task_finished()
+        runtime.health.task_finished(task_id)
         _log_and_measure(runtime, result, outcome, ctx, delivery)
 
 
