@@ -6,6 +6,8 @@ queue, and checks that every level produced the same texts as concurrency 1:
     python benchmarks/bench_batching.py                         # CPU, tiny checkpoint
     python benchmarks/bench_batching.py --modes engine --tasks 16 --new-tokens 200
     python benchmarks/bench_batching.py --gpu                   # full-size config, random weights
+    python benchmarks/bench_batching.py --gpu --config small --device cpu --tasks 4 \\
+        --levels 1,2 --new-tokens 8                             # dry run of the GPU mode
 
 * engine: `Engine.generate` from N threads (as N worker slots would), `--tasks` tasks
   all queued at t0; latency = t0 to the task's result (queueing included), service =
@@ -257,22 +259,23 @@ def report(mode: str, level: Level, first: Level) -> None:
 # GPU, full size -------------------------------------------------------------------------
 
 
-def gpu_engine(max_batch: int) -> Engine:
-    """The full-size config with random weights, bfloat16, on the first GPU."""
+def random_engine(args: argparse.Namespace, max_batch: int) -> Engine:
+    """A config (full size by default) with random weights on `--device` (first GPU)."""
     from benchmarks.bench_engine import CONFIGS, TOKENIZER_DIR, random_model
-    from worker.engine import build_batching, choose_attention
+    from worker.engine import build_batching, choose_attention, resolve_device, resolve_dtype
     from worker.model.config import Phi3VConfig
     from worker.model.processor import Phi3VProcessor
 
     global _GPU_MODEL
-    device, dtype = torch.device("cuda", 0), torch.bfloat16
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("bfloat16" if device.type == "cuda" else "float32", device)
     attention, _ = choose_attention("auto", device, dtype)
-    config = Phi3VConfig.from_file(CONFIGS["full"])
+    config = Phi3VConfig.from_file(CONFIGS[args.config])
     if _GPU_MODEL is None:
         torch.manual_seed(0)
         _GPU_MODEL = random_model(config, device, dtype)
     engine = Engine(
-        model_id="phi3v-128k-random",
+        model_id=f"phi3v-{args.config}-random",
         device=device,
         dtype=dtype,
         attention=attention,
@@ -281,7 +284,11 @@ def gpu_engine(max_batch: int) -> Engine:
         num_crops=16,
         load_seconds=0.0,
         batching=build_batching(
-            EngineConfig(model="random", max_batch=max_batch), _GPU_MODEL, device, dtype, attention
+            EngineConfig(model="random", max_batch=max_batch, compile=args.compile),
+            _GPU_MODEL,
+            device,
+            dtype,
+            attention,
         ),
     )
     engine.warmup()
@@ -311,7 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-crops", type=int, default=1)
     parser.add_argument("--text-only", action="store_true", help="ask prompts, no images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--gpu", action="store_true", help="full-size config on CUDA")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="random weights from --config on --device, describe-like requests at 16 crops",
+    )
+    parser.add_argument("--config", default="full", help="full | small (with --gpu)")
+    parser.add_argument("--device", default="cuda", help="with --gpu; cpu for a dry run")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the graphed decode step (default: as a worker, on for CUDA)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     args.levels = [int(level) for level in args.levels.split(",")]
@@ -353,19 +372,28 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     requests = describe_like(args)
     levels = []
+    # One engine for every level (graphs captured, and compiled, once): N threads keep at
+    # most N of its rows busy, as N worker slots would.
+    began = time.perf_counter()
+    engine = random_engine(args, max(args.levels))
+    print(
+        f"engine built and warmed up in {time.perf_counter() - began:.1f} s: "
+        f"{engine.runner.decode_kernel} decode, graphs {sorted(engine.runner._graphs)}",
+        flush=True,
+    )
+
+    def serve(index: int) -> tuple[str, int]:
+        result = engine.generate(requests[index])
+        return result.text, result.completion_tokens
+
+    serve(0)
     for concurrency in args.levels:
-        engine = gpu_engine(concurrency)
-
-        def serve(index: int, engine: Engine = engine) -> tuple[str, int]:
-            result = engine.generate(requests[index])
-            return result.text, result.completion_tokens
-
         levels.append(run_level(serve, args.tasks, concurrency))
         report("gpu engine", levels[-1], levels[0])
-        engine.close()
-    device = torch.device("cuda", 0)
-    bandwidth, flops = measure_bandwidth(device), measure_matmul(device, torch.bfloat16)
+    engine.close()
     model = _GPU_MODEL
+    device = model.lm_head.weight.device
+    bandwidth, flops = measure_bandwidth(device), measure_matmul(device, model.lm_head.weight.dtype)
     config = model.config
     prompt = 2530
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
@@ -386,7 +414,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "gpu": {str(lv.concurrency): lv.summary() for lv in levels},
         "gpu_floor_tasks_per_s": round(floor_tasks_per_s, 2),
-        "gpu_name": torch.cuda.get_device_name(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 

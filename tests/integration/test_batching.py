@@ -160,3 +160,23 @@ def test_each_task_has_its_own_deadline(module_redis, deadline_worker) -> None:
     assert short_result["usage"]["completion_tokens"] == 8
     assert endless_result is not None and endless_result["error"]["code"] == "timeout"
     assert endless_result["timings"]["total"] >= 6
+
+
+def test_a_worker_holds_only_the_messages_its_slots_are_running(batch_client: Client) -> None:
+    # Given more long tasks than the worker has slots,
+    handles = [
+        batch_client.submit("ask", [], f"Tell story {n}.", max_new_tokens=LONG)
+        for n in range(SLOTS + 2)
+    ]
+    running = handles[:SLOTS]
+    for handle in running:
+        wait_until_generating(batch_client, handle.id)
+
+    # then the rest stay in the queue, free for any other worker to take.
+    assert batch_client._redis.llen("gpu") == 2
+    assert all(batch_client.status(h.id).state == "PENDING" for h in handles[SLOTS:])
+    for handle in handles:
+        batch_client.cancel(handle.id)
+    for handle in handles:
+        result = batch_client.result(handle.id, wait=True, timeout=60)
+        assert result is not None and result["error"]["code"] == "cancelled"
