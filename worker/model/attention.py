@@ -1,6 +1,6 @@
 """The attention function the decoder layers call, and the decode kernels over a KV pool.
 
-`phi3v_attention` is registered with transformers' `AttentionInterface` and steered per
+`phi3v_attention` is registered with the layers' `AttentionInterface` and steered per
 call by keyword arguments the decoder layers pass through: `kernel` (sdpa | eager |
 flash_attention_2), `causal`, and, for a batched decode step, `rows` (`DecodeRows`).
 

@@ -1,6 +1,6 @@
-"""Key/value caches with the one method transformers' attention calls: `update`.
+"""Key/value caches with the one method the decoder layers' attention calls: `update`.
 
-`Phi3Attention` rotates the new keys, then calls `cache.update(key, value, layer_idx)` and
+`layers.Phi3Attention` (as transformers' class) rotates the new keys, then calls `cache.update(key, value, layer_idx)` and
 attends over what it returns. The rotation is never redone, which is what the reference
 does at the LongRoPE switch: keys cached under the short factors keep that rotation.
 

@@ -1,13 +1,13 @@
-"""Phi-3-vision's language model from transformers' Phi-3 decoder layers.
+"""Phi-3-vision's language model from Phi-3 decoder layers (`layers`, transformers' design).
 
-The layers (fused `qkv_proj`, `gate_up_proj`, RMSNorm) are transformers' own
-`Phi3DecoderLayer`s; around them this module keeps three things of its own:
+The layers (fused `qkv_proj`, `gate_up_proj`, RMSNorm) are `layers.Phi3DecoderLayer`s,
+drop-ins for transformers' class; around them this module keeps three things of its own:
 
 * `LongRopeRotary`: picks short or long factors per forward call from the positions,
   as a tensor operation. transformers' rotary instead re-registers its `inv_freq` buffer
   on every call (state mutated in the request path, and a data-dependent branch that
   breaks a compiled graph).
-* the attention function (`attention.phi3v_attention`), registered with transformers'
+* the attention function (`attention.phi3v_attention`), registered with the layers'
   `AttentionInterface` under `ATTENTION_NAME` and steered per call by keyword arguments
   that the decoder layers pass through (`kernel`, `causal`, `rows`, `decode_kernel`).
 * the forward loop, which returns only the last position's hidden state or logits: a
@@ -27,11 +27,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, Phi3Config
-from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RMSNorm
 
 from worker.model.attention import phi3v_attention
 from worker.model.config import Phi3VConfig, RopeConfig
+from worker.model.layers import (
+    AttentionInterface,
+    Phi3Config,
+    Phi3DecoderLayer,
+    Phi3RMSNorm,
+    uninitialized_embedding,
+)
 from worker.model.vision import ImageEmbedding
 
 __all__ = ["ATTENTION_NAME", "KERNELS", "LongRopeRotary", "Phi3VForCausalLM", "phi3v_attention"]
@@ -80,7 +85,9 @@ class LongRopeRotary(nn.Module):
         self.attention_scaling = rope.attention_scaling
         self.short_inv_freq: torch.Tensor
         self.long_inv_freq: torch.Tensor
-        self.reset_buffers(None)
+        # Computed on the CPU even inside a meta-device build: arithmetic on meta tensors
+        # runs torch's Python reference kernels, which import torch._dynamo and sympy.
+        self.reset_buffers(torch.device("cpu"))
 
     def reset_buffers(self, device: torch.device | None) -> None:
         rope = self.rope
@@ -141,7 +148,7 @@ class Phi3VModel(nn.Module):
     def __init__(self, config: Phi3VConfig, vision_attention: str) -> None:
         super().__init__()
         text = text_config(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = uninitialized_embedding(config.vocab_size, config.hidden_size)
         self.vision_embed_tokens = ImageEmbedding(config, self.embed_tokens, vision_attention)
         self.layers = nn.ModuleList(
             [Phi3DecoderLayer(text, index) for index in range(config.num_hidden_layers)]

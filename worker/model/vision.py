@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from worker.model.config import Phi3VConfig, VisionTowerConfig
+from worker.model.layers import CLIPVisionConfig, CLIPVisionModel
 
 
 class ClipTower(nn.Module):

@@ -75,7 +75,7 @@ def test_patch_features_are_clip_hidden_states_minus_two_without_cls(cpu_engine:
     tower = cpu_engine.model.model.vision_embed_tokens.img_processor
     pixels = torch.randn(2, 3, 336, 336)
     with torch.inference_mode():
-        reference = tower.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+        reference = tower.vision_model.hidden_states(pixels)[-2]
         features = tower.patch_features(pixels, -2)
 
     assert features.shape == (2, 576, 32)

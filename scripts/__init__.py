@@ -1,0 +1,1 @@
+"""Development scripts: setup, the demo, and the local stack they start (not library code)."""
