@@ -1,8 +1,9 @@
 """Key/value caches with the one method the decoder layers' attention calls: `update`.
 
-`layers.Phi3Attention` (as transformers' class) rotates the new keys, then calls `cache.update(key, value, layer_idx)` and
-attends over what it returns. The rotation is never redone, which is what the reference
-does at the LongRoPE switch: keys cached under the short factors keep that rotation.
+`layers.Phi3Attention` (as transformers' class) rotates the new keys, then calls
+`cache.update(key, value, layer_idx)` and attends over what it returns. The rotation is
+never redone, which is what the reference does at the LongRoPE switch: keys cached under
+the short factors keep that rotation.
 
 * `DynamicKVCache` grows by concatenation: one request, any length. The reference tests
   use it to check a plain forward pass.
