@@ -237,9 +237,11 @@ class ModelRunner:
         if logits is None:
             assert hidden is not None
             logits = self.model.logits(hidden)
-        tokens: list[int] = logits.argmax(dim=-1).tolist()
         samplers = [row.sampler if row is not None else None for row in batch]
-        exact = self._rows_needing_exact_logits(hidden, logits, samplers)
+        if self.row_independent and hidden is not None and logits.shape[0] > 1:
+            tokens, exact = self._greedy_where_sure(hidden, logits, samplers)
+        else:
+            tokens, exact = logits.argmax(dim=-1).tolist(), set()
         for index, sampler in enumerate(samplers):
             row_logits = logits[index]
             if index in exact:
@@ -251,23 +253,24 @@ class ModelRunner:
                 tokens[index] = sampler.choose(row_logits)
         return tokens
 
-    def _rows_needing_exact_logits(
+    def _greedy_where_sure(
         self,
-        hidden: torch.Tensor | None,
+        hidden: torch.Tensor,
         logits: torch.Tensor,
         samplers: Sequence[TokenSampler | None],
-    ) -> set[int]:
-        if not self.row_independent or hidden is None or logits.shape[0] == 1:
-            return set()
-        top2 = logits.topk(2, dim=-1).values
-        margin = top2[:, 0] - top2[:, 1]
+    ) -> tuple[list[int], set[int]]:
+        """Batched argmax per row, and the rows that need their single-row logits."""
+        top2 = logits.topk(2, dim=-1)
+        margin = top2.values[:, 0] - top2.values[:, 1]
         k = hidden.shape[-1]
         gamma = k * self._unit / (1 - k * self._unit)
         # Both products lie within γ_K·S of the exact one; a margin above twice their
-        # distance (with a factor 2 of slack for rounding in S itself) cannot flip.
+        # distance (with a factor 2 of slack for rounding in S itself) cannot flip. An
+        # exact tie has margin 0, so it is always decided on the single-row logits.
         spread = hidden.abs().float() @ self._weight_max
         unsure = (margin <= 8 * gamma * spread).tolist()
-        return {i for i, flag in enumerate(unsure) if flag or samplers[i] is not None}
+        exact = {i for i, flag in enumerate(unsure) if flag or samplers[i] is not None}
+        return top2.indices[:, 0].tolist(), exact
 
 
 class _StepBuffers:
