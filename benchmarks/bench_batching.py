@@ -235,7 +235,7 @@ def bench_queue(args: argparse.Namespace) -> list[Level]:
                         )
                     result = client.result(handle.id, wait=True, timeout=600)
                     assert result is not None
-                    return str(result["text"]), int(result["completion_tokens"])
+                    return str(result["text"]), int(result["usage"]["completion_tokens"])
 
                 serve(0)
                 levels.append(run_level(serve, args.tasks, concurrency))

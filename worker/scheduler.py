@@ -7,9 +7,9 @@ serve them. One device thread owns the model and loops:
 2. admit waiting jobs, first come first served, while a batch row is free and the KV
    pool has a contiguous region for the job's prompt plus its token budget (the region
    is reserved for the job's whole life, so a running request never runs out of cache);
-3. run one prefill unit of the oldest admitted job still prefilling (its image encoding,
-   or one chunk of `prefill_chunk_tokens` prompt positions), so a long prompt delays the
-   running decodes by one unit, not by all of it;
+3. run one prefill unit of the oldest admitted job still prefilling (a group of its
+   image crops through the image tower, or one chunk of `prefill_chunk_tokens` prompt
+   positions), so a long prompt delays the running decodes by one unit, not by all of it;
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,7 @@ class _Row:
     start: int  # the job's region in the KV pool
     sampler: TokenSampler | None
     admitted_at: float
+    embedding: Generator[None, None, torch.Tensor] | None = None  # image tower units left
     embeds: torch.Tensor | None = None
     offset: int = 0  # prompt positions prefilled so far
     position: int = 0  # where the next fed token goes
@@ -117,7 +118,7 @@ class Scheduler:
         self,
         runner: ModelRunner,
         pool: KVPool,
-        embed: Callable[[Job], torch.Tensor],
+        embed: Callable[[Job], Generator[None, None, torch.Tensor]],
         *,
         stop_ids: frozenset[int],
         max_rows: int,
@@ -251,10 +252,13 @@ class Scheduler:
         try:
             if row.embeds is None:
                 with model_errors("image encoding"):
-                    row.embeds = self.embed(row.job)
-                row.job.crops = None
-                if row.job.encoded.images:
-                    return  # the image tower was this step's unit
+                    if row.embedding is None:
+                        row.embedding = self.embed(row.job)
+                    try:
+                        next(row.embedding)
+                        return  # one unit of the image tower was this step's work
+                    except StopIteration as done:
+                        row.embeds, row.embedding = done.value, None
             length = row.prompt_tokens
             end = (
                 length
@@ -343,7 +347,7 @@ class Scheduler:
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)
-        row.embeds = None
+        row.embeds = row.embedding = None
         self.pool.allocator.free(row.start)
 
     def _fail_all(self, error: VisionQueueError) -> None:

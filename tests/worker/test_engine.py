@@ -295,7 +295,7 @@ def test_other_model_failures_are_model_errors(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise IndexError("index 40000 is out of bounds")
 
-    monkeypatch.setattr(engine.model.model.vision_embed_tokens, "forward", broken)
+    monkeypatch.setattr(engine.model.model.vision_embed_tokens, "crop_features", broken)
 
     with pytest.raises(ModelError, match="image encoding failed: IndexError"):
         engine.generate(case_request("wide_800x400_c1"))

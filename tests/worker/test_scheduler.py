@@ -65,7 +65,7 @@ def scheduler_for(
     return Scheduler(
         runner,
         pool,
-        lambda job: engine.embed(job.encoded, job.crops),
+        engine.embed_job,
         stop_ids=engine.processor.stop_token_ids,
         max_rows=max_rows,
         max_row_positions=positions,
@@ -199,6 +199,32 @@ def test_chunked_prefill_gives_the_same_tokens_and_lets_decodes_run(engine: Engi
     run_until(scheduler, outcomes)
     assert_reference(outcomes[long], "long_two_images_c16")
     assert outcomes[short].tokens[:12] == CASES["text_only"]["generated_ids"]
+
+
+def test_the_image_tower_runs_in_units_of_crops_between_decode_steps() -> None:
+    # Given an engine whose prompts are chunked by 256 positions (so 4 crops per tower unit),
+    chunked = Engine.load(
+        EngineConfig(model=str(TINY_MODEL), device="cpu", prefill_chunk_tokens=256)
+    )
+    assert chunked.vision_unit_crops == 4
+    scheduler = scheduler_for(chunked, max_rows=2, chunk=256)
+    scheduler.embed = chunked.embed_job
+    short = case_job(chunked, "text_only", max_new_tokens=80)
+    outcomes = submit(scheduler, [short])
+    run_until(scheduler, outcomes, done=lambda: bool(outcomes[short].tokens))
+    long = case_job(chunked, "long_two_images_c16")  # 2 images, 13 + 13 crops
+    outcomes.update(submit(scheduler, [long]))
+    before = len(outcomes[short].tokens)
+
+    # when it is prefilled: 7 tower units of <= 4 crops, then 16 prompt chunks,
+    steps = run_until(scheduler, outcomes, done=lambda: bool(outcomes[long].tokens))
+
+    # then the running row got a token every step, and the tokens are the reference's.
+    assert steps == 7 + 16
+    assert len(outcomes[short].tokens) == before + steps
+    run_until(scheduler, outcomes)
+    assert_reference(outcomes[long], "long_two_images_c16")
+    chunked.close()
 
 
 # Rows come and go ----------------------------------------------------------------------------
