@@ -202,7 +202,7 @@ def bench_prefill(
 
 def bench_decode(
     model: Phi3VForCausalLM, embeds: torch.Tensor, device: torch.device, kernel: str,
-    tokens: int, bandwidth: float, batch_sizes: list[int], report: Report,
+    tokens: int, bandwidth: float, batch_sizes: list[int], compile: bool, report: Report,
 ) -> None:
     length = int(embeds.shape[1])
     region = length + tokens + 16
@@ -222,7 +222,7 @@ def bench_decode(
     runner = ModelRunner(
         model, pool, device=device, kernel=kernel, decode_kernel="varlen" if varlen else "rows",
         row_independent=not cuda and model.lm_head.weight.dtype == torch.float32,
-        max_rows=rows, window=region, graphs=varlen, compile=varlen,
+        max_rows=rows, window=region, graphs=varlen, compile=varlen and compile,
     )
     with torch.inference_mode():
         for row in range(rows):  # the same prompt in every row's region
@@ -232,7 +232,8 @@ def bench_decode(
         if varlen:
             report.add("graph_capture_s", round(time.perf_counter() - began, 1),
                        f"decode graphs captured for {runner.buckets} in "
-                       f"{time.perf_counter() - began:.1f} s (compiled)")
+                       f"{time.perf_counter() - began:.1f} s"
+                       + (" (compiled)" if runner.compile else ""))
         weights_ms = lm_weight_bytes(model) / bandwidth * 1e3
         path = "varlen attention, CUDA graphs" if varlen else "per-row attention"
         for batch in batch_sizes:
@@ -282,6 +283,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-prefill", action="store_true",
                         help="decode after a short text prompt instead of the ~2,500-token one")
     parser.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, e.g. 1,8,16")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.compile the graphed decode step (CUDA; default on, as a worker)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser.parse_args(argv)
@@ -329,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             embeds = bench_prefill(model, processor, device, kernel, flops, repeats, report)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    bench_decode(model, embeds, device, kernel, tokens, bandwidth, batch_sizes, report)
+    bench_decode(
+        model, embeds, device, kernel, tokens, bandwidth, batch_sizes, args.compile, report
+    )
 
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)

@@ -31,7 +31,7 @@ else
   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/test_engine.py -rA \
     | tee "$OUT/gpu-tests.txt" || status=1
   "$PY" benchmarks/bench_engine.py --batch-sizes 1,4,8,16 --decode-tokens 64 \
-    --json "$OUT/engine.json" || status=1
+    "$compile_flag" --json "$OUT/engine.json" || status=1
   "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 48 --new-tokens 200 \
     "$compile_flag" --json "$OUT/batching.json" || status=1
 fi
