@@ -5,6 +5,10 @@
     handle = client.submit(TaskName.OCR, [open("page.png", "rb").read()])
     result = client.result(handle.id, wait=True, timeout=120)
 
+    async with AsyncClient() as client:     # the same operations, as coroutines
+        async for text in client.stream((await client.submit("ask", [], "Hi")).id):
+            print(text, end="")
+
 No torch or transformers here. Names are imported on first use (PEP 562), so the worker's
 engine can use the contract modules (`producer.errors`, `producer.contract`...) without
 pulling Celery and redis into processes that never touch the queue.
@@ -16,9 +20,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from producer.client import Client, TaskHandle, TaskStatus
+    from producer.async_client import AsyncClient
+    from producer.client import Client
     from producer.contract import TaskName
     from producer.errors import (
+        BrokerAuthenticationFailed,
+        BrokerOutOfMemory,
         BrokerUnavailable,
         ClientError,
         ErrorCode,
@@ -27,11 +34,17 @@ if TYPE_CHECKING:
         VisionQueueError,
         WaitTimeout,
     )
+    from producer.results import TaskHandle, TaskStatus
     from producer.schemas import ImageRef, ImageSource
     from producer.settings import Settings, SettingsError
+    from producer.streams import StreamEvent
+    from producer.submission import SubmitRequest
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    "AsyncClient": "producer.async_client",
+    "BrokerAuthenticationFailed": "producer.errors",
+    "BrokerOutOfMemory": "producer.errors",
     "BrokerUnavailable": "producer.errors",
     "Client": "producer.client",
     "ClientError": "producer.errors",
@@ -40,16 +53,21 @@ _EXPORTS = {
     "ImageSource": "producer.schemas",
     "Settings": "producer.settings",
     "SettingsError": "producer.settings",
+    "StreamEvent": "producer.streams",
+    "SubmitRequest": "producer.submission",
     "TaskFailed": "producer.errors",
-    "TaskHandle": "producer.client",
+    "TaskHandle": "producer.results",
     "TaskName": "producer.contract",
-    "TaskStatus": "producer.client",
+    "TaskStatus": "producer.results",
     "UnknownTaskId": "producer.errors",
     "VisionQueueError": "producer.errors",
     "WaitTimeout": "producer.errors",
 }
 
 __all__ = [
+    "AsyncClient",
+    "BrokerAuthenticationFailed",
+    "BrokerOutOfMemory",
     "BrokerUnavailable",
     "Client",
     "ClientError",
@@ -58,6 +76,8 @@ __all__ = [
     "ImageSource",
     "Settings",
     "SettingsError",
+    "StreamEvent",
+    "SubmitRequest",
     "TaskFailed",
     "TaskHandle",
     "TaskName",

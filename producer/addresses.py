@@ -10,7 +10,10 @@ address it got back (worker/fetch.py). The rules:
 * a host that is an IP literal, in any spelling a resolver or browser accepts (2130706433,
   0x7f.1, 0177.0.0.1, 127.1, [::ffff:127.0.0.1]), must be a public address;
 * names reserved for local use (localhost, *.internal, *.local...) are refused up front;
-* a host named in VQ_ALLOWED_PRIVATE_HOSTS skips the address rules (private deployments).
+* a host and port named in VQ_ALLOWED_PRIVATE_HOSTS skip the address rules (private
+  deployments): an entry `host:port` allows that one port, a bare `host` only the default
+  ports 80 and 443, so allow-listing an internal image server never opens its Redis port;
+* a URL is at most MAX_URL_CHARS characters long.
 
 Every refusal is a permanent ImageFetchFailed: retrying will not make the address public.
 """
@@ -22,7 +25,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from producer.errors import ImageFetchFailed
+from producer.errors import ImageFetchFailed, InvalidInput
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -72,6 +75,11 @@ _LOCAL_NAMES = ("localhost", "localdomain", "internal", "local", "home.arpa")
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _V4_PART = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_ENTRY_WITH_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]+):(?P<port>[0-9]{1,5})")
+
+# Longest image URL accepted (characters). Signed URLs with session tokens run to about
+# 2,000; request lines beyond 8 KB are refused by common servers anyway.
+MAX_URL_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class ParsedUrl:
     port: int
     target: str  # path and query for the request line; "/" when empty; no fragment
     ip: IPAddress | None  # set when the host is an IP literal
-    allowlisted: bool  # the host is in VQ_ALLOWED_PRIVATE_HOSTS
+    allowlisted: bool  # host and port are allowed by VQ_ALLOWED_PRIVATE_HOSTS
 
     @property
     def netloc(self) -> str:
@@ -136,13 +144,50 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     return _parse_ipv4(text)
 
 
+def check_url_length(url: object, field: str | None = None) -> None:
+    """Refuse an over-long URL as the caller's mistake (InvalidInput naming `field`)."""
+    if isinstance(url, str) and len(url) > MAX_URL_CHARS:
+        raise InvalidInput(
+            f"image URL has {len(url)} characters, more than {MAX_URL_CHARS}", field=field
+        )
+
+
+def allowlist_entry(entry: str) -> str:
+    """The canonical form of one VQ_ALLOWED_PRIVATE_HOSTS entry; ValueError if malformed.
+
+    `host:port` -> `host:port`, `[v6]:port` -> `[v6]:port`, a bare `host` or `v6` -> itself;
+    names lower-cased without a trailing dot, IP literals in their canonical spelling, so
+    an entry matches a URL whatever spelling either uses.
+    """
+    text = entry.strip().lower()
+    match = _ENTRY_WITH_PORT.fullmatch(text)
+    host_text, port = (match["host"], int(match["port"])) if match else (text, None)
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    ip = parse_ip_literal(host_text)
+    if ip is not None:
+        host = str(ip)
+    elif ":" in host_text or "[" in host_text:
+        raise ValueError("entries are host, host:port or [ipv6]:port")
+    else:
+        try:
+            host = _normalise_name(host_text)
+        except ImageFetchFailed:
+            raise ValueError("an entry is not a valid host name") from None
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
     """Split and check an image URL; raise a permanent ImageFetchFailed when it is refused.
 
-    `allowlist` holds lower-case host names (or IP literals) exempt from the address rules.
+    `allowlist` holds canonical entries (`allowlist_entry`) exempt from the address rules.
     """
     if not isinstance(url, str) or not url:
         raise _refused("image URL must be a non-empty string")
+    if len(url) > MAX_URL_CHARS:
+        raise _refused(f"image URL is longer than {MAX_URL_CHARS} characters")
     # Request smuggling / header injection: no whitespace or control characters anywhere.
     if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
         raise _refused("image URL must not contain whitespace or control characters")
@@ -175,7 +220,8 @@ def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
         # IDNA maps full-width digits to ASCII: "１２７.０.０.１" is 127.0.0.1 after all.
         ip = parse_ip_literal(host)
         host = str(ip) if ip is not None else host
-    allowlisted = raw_host.lower() in allowlist or host in allowlist
+    effective_port = port or _DEFAULT_PORTS[scheme]
+    allowlisted = _allowlisted(host, effective_port, allowlist)
     if not allowlisted:
         if ip is not None and not is_public_address(ip):
             raise _refused(f"image URL points to a non-public address ({ip})")
@@ -186,7 +232,15 @@ def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
     # http.client sends the request line as ASCII: percent-encode anything else, keep
     # existing escapes and reserved characters as they are.
     target = quote(target, safe="/:@!$&'()*+,;=?%~[]-._")
-    return ParsedUrl(scheme, host, port or _DEFAULT_PORTS[scheme], target, ip, allowlisted)
+    return ParsedUrl(scheme, host, effective_port, target, ip, allowlisted)
+
+
+def _allowlisted(host: str, port: int, allowlist: frozenset[str]) -> bool:
+    """`host:port` listed, or the bare host listed and the port is 80 or 443."""
+    key = f"[{host}]" if ":" in host else host
+    if f"{key}:{port}" in allowlist:
+        return True
+    return port in _DEFAULT_PORTS.values() and host in allowlist
 
 
 def _parse_ipv4(text: str) -> ipaddress.IPv4Address | None:

@@ -12,6 +12,7 @@ from producer.client import Client, TaskStatus
 from producer.contract import TaskName
 from producer.errors import (
     BrokerUnavailable,
+    TaskFailed,
     UnknownTaskId,
     VisionQueueError,
     WaitTimeout,
@@ -29,7 +30,8 @@ exit codes:
   0  success
   1  the task failed (its error code and message are printed)
   2  usage error or invalid input (nothing was queued)
-  3  broker or result backend unreachable (after a short bounded retry)
+  3  Redis unusable: unreachable (after a short bounded retry), refusing the
+     password (fix REDIS_URL), or out of memory
   4  timed out waiting for the result
 
 environment: REDIS_URL (or VQ_BROKER_URL / VQ_RESULT_BACKEND_URL), VQ_QUEUE, ...
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait until the task finishes")
     parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the text as it is generated (with --json: one JSON object per event)",
+    )
+    parser.add_argument(
         "--timeout", type=float, metavar="S", help="give up waiting after S seconds"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -124,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_USAGE, str(exc))
     except WaitTimeout as exc:
         return _fail(EXIT_WAIT_TIMEOUT, str(exc))
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted (the task keeps running; `producer cancel ID` stops it)")
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
@@ -138,7 +147,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    if not args.wait:
+    if not (args.wait or args.stream):
         print(json.dumps({"id": handle.id}) if args.json else handle.id)
         return EXIT_OK
     return _print_result(client, handle.id, args)
@@ -173,6 +182,8 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int:
+    if args.stream:
+        return _print_stream(client, task_id, args)
     progress = _Progress(enabled=args.wait and sys.stderr.isatty())
     result = client.result(task_id, wait=args.wait, timeout=args.timeout, on_status=progress)
     progress.finish()
@@ -193,6 +204,31 @@ def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int
     else:
         print(result.get("text", ""))
     return EXIT_TASK_FAILED if failed else EXIT_OK
+
+
+def _print_stream(client: Client, task_id: str, args: argparse.Namespace) -> int:
+    """Text as it arrives (or NDJSON events with --json); exit code as for --wait."""
+    if args.json:
+        for event in client.stream_events(task_id):
+            line = {"cursor": event.cursor, "kind": event.kind, "seq": event.seq}
+            line.update({"text": event.text} if event.kind == "delta" else {"result": event.result})
+            print(json.dumps(line, ensure_ascii=False), flush=True)
+            if event.failed:
+                return EXIT_TASK_FAILED
+        return EXIT_OK
+    try:
+        for text in client.stream(task_id):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except TaskFailed as failure:
+        print(flush=True)
+        error = failure.result.get("error", {})
+        print(
+            f"task {task_id} failed: {error.get('code')}: {error.get('message')}", file=sys.stderr
+        )
+        return EXIT_TASK_FAILED
+    print(flush=True)
+    return EXIT_OK
 
 
 class _Progress:

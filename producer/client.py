@@ -1,67 +1,60 @@
-"""The client a web backend uses: submit a job, poll its status, read or cancel it."""
+"""The client a web backend uses: submit jobs, follow their status, text and results, cancel.
+
+`Client` is the blocking twin of `producer.AsyncClient`; both share validation, image
+checks, staging and message building (`producer.submission`), state decoding
+(`producer.results`) and stream following (`producer.streams`), and differ only in I/O.
+Waits are pushed, not polled (`producer.waiting`). Every operation gives up within about
+VQ_CONNECT_TIMEOUT_S when Redis is down or refuses the password (`producer.outages`).
+"""
 
 from __future__ import annotations
 
-import os
+import queue
+import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import redis
-from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
 
-from producer.addresses import check_url
-from producer.celery_config import make_celery_app
-from producer.contract import CANCEL_KEY, PROGRESS_STATE, SUBMITTED_KEY, TaskName
-from producer.errors import (
-    BrokerUnavailable,
-    Cancelled,
-    ImageTooLarge,
-    InvalidInput,
-    TaskFailed,
-    UnknownTaskId,
-    WaitTimeout,
+from producer.contract import SUBMITTED_KEY, TaskName
+from producer.errors import WaitTimeout
+from producer.images import ImageLimits
+from producer.outages import async_client_options, call, client_options
+from producer.redis_connect import async_redis_client, redis_client
+from producer.results import (
+    TaskHandle,
+    TaskStatus,
+    check_task_id,
+    decode_meta,
+    final_result,
+    is_final,
+    meta_from_replies,
+    read_commands,
+    result_key,
+    status_of,
 )
-from producer.images import ImageLimits, decode_base64_image, inspect_image
-from producer.redis_connect import redis_client
-from producer.schemas import (
-    ImageRef,
-    ImageSource,
-    TaskOptions,
-    TaskRequest,
-    check_request,
-    stop_strings,
+from producer.settings import Settings
+from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
+from producer.submission import (
+    Envelope,
+    ImageInput,
+    Outgoing,
+    SubmitRequest,
+    batches,
+    cancel_commands,
+    database_number,
+    prepare,
+    queue_commands,
 )
-from producer.settings import Settings, mask_url
-from producer.staging import stage_image
+from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 
-# What `submit` accepts per image: bytes, an http(s) URL, a `data:` URI, a local file
-# (read and staged by the client), or an explicit ImageRef (e.g. a path on the workers).
-ImageInput = bytes | str | os.PathLike[str] | ImageRef
+__all__ = ["Client", "ImageInput", "SubmitRequest", "TaskHandle", "TaskStatus"]
 
-_POLL_INTERVAL_S = 0.2
+T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class TaskHandle:
-    id: str
-    task: TaskName
-
-
-@dataclass(frozen=True)
-class TaskStatus:
-    id: str
-    state: str  # PENDING (queued), STARTED, PROGRESS, RETRY, SUCCESS, FAILURE
-    tokens: int = 0  # generated so far, while running
-    worker: str = ""
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("SUCCESS", "FAILURE")
+# Connections per Redis a client keeps at most; more concurrent calls wait for one.
+POOL_SIZE = 32
 
 
 class Client:
@@ -69,9 +62,23 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings or Settings.from_env(**overrides)
-        self._app = make_celery_app(self.settings)
-        self._redis = redis_client(self.settings)
-        self._limits = ImageLimits.from_settings(self.settings)
+        s = self.settings
+        self._broker_url = s.effective_broker_url
+        self._backend_url = s.effective_backend_url
+        self._redis = redis_client(
+            s, self._broker_url, max_connections=POOL_SIZE, **client_options(s)
+        )
+        self._results = (
+            self._redis
+            if self._backend_url == self._broker_url
+            else redis_client(s, self._backend_url, max_connections=POOL_SIZE, **client_options(s))
+        )
+        self._limits = ImageLimits.from_settings(s)
+        self._envelope = Envelope(s, db=database_number(self._redis))
+        self._envelope_lock = threading.Lock()
+        self._loop: LoopThread | None = None
+        self._notifier: Notifier | None = None
+        self._loop_lock = threading.Lock()
 
     # Submitting ------------------------------------------------------------------------
 
@@ -94,81 +101,32 @@ class Client:
         for repeatable text, a `seed`. The text ends before the first of up to 4 `stop`
         strings.
         """
-        name = _task_name(task)
-        image_list = list(images)
-        options = TaskOptions(
-            max_new_tokens=max_new_tokens,
-            num_crops=num_crops,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop_strings(stop),
+        request = SubmitRequest(
+            task, tuple(images), prompt, max_new_tokens, num_crops, temperature, top_p, seed, stop
         )
-        # Check the cheap rules before reading or uploading any image.
-        placeholder = tuple(ImageRef(ImageSource.URL, "-") for _ in image_list)
-        check_request(TaskRequest(name, placeholder, prompt, options), self.settings)
-        prepared = [
-            self._prepare_image(image, f"images[{i}]") for i, image in enumerate(image_list)
-        ]
+        return self.submit_many([request])[0]
 
-        self._ensure_reachable()
-        refs = tuple(self._stage(ref_or_bytes) for ref_or_bytes in prepared)
-        request = TaskRequest(name, refs, prompt, options)
-        task_id = str(uuid.uuid4())
-        self._guard(
-            lambda: self._redis.set(
-                SUBMITTED_KEY.format(task_id=task_id), name.value, ex=self.settings.result_expires_s
-            )
-        )
-        self._guard(
-            lambda: self._app.send_task(
-                name.celery_name,
-                args=(request.to_message(),),
-                task_id=task_id,
-                queue=self.settings.queue,
-                argsrepr=_safe_repr(request),
-                kwargsrepr="{}",
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-            )
-        )
-        return TaskHandle(task_id, name)
+    def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
+        """Queue many tasks in a few round trips (pipelined staging and sends).
 
-    def _prepare_image(self, image: ImageInput, field: str) -> ImageRef | bytes:
-        if isinstance(image, ImageRef):
-            return image
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            data = bytes(image)
-        elif isinstance(image, str) and image.startswith(("http://", "https://")):
-            # Refuse internal addresses now, so the caller hears it before anything is queued;
-            # the worker checks again after resolving the name.
-            check_url(image, self.settings.private_host_allowlist)
-            return ImageRef(ImageSource.URL, image)
-        elif isinstance(image, str) and "://" in image[:16]:
-            raise InvalidInput("only http(s) URLs are accepted", field=field)
-        elif isinstance(image, str) and image.startswith("data:"):
-            data = decode_base64_image(image, field=field)
-        else:
-            data = _read_local_file(Path(image), field, self.settings.max_image_bytes)
-        inspect_image(data, self._limits)
-        return data
+        Every request is validated first: one bad request raises and queues none of them.
+        """
+        drafts = [prepare(request, self.settings, self._limits) for request in requests]
+        with self._envelope_lock:
+            items = [self._envelope.outgoing(draft) for draft in drafts]
+        for batch in batches(items):
+            self._call(self._broker_url, _bound(self._send, batch))
+        return [item.handle for item in items]
 
-    def _stage(self, image: ImageRef | bytes) -> ImageRef:
-        if isinstance(image, ImageRef):
-            return image
-        data = image
-        digest = self._guard(lambda: stage_image(self._redis, data, self.settings.result_expires_s))
-        return ImageRef(ImageSource.STAGED, digest)
+    def _send(self, batch: Sequence[Outgoing]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        queue_commands(pipe, batch, self._envelope)
+        pipe.execute()
 
     # Following ------------------------------------------------------------------------
 
     def status(self, task_id: str) -> TaskStatus:
-        meta = self._meta(task_id)
-        info = meta.get("result") if meta["status"] == PROGRESS_STATE else None
-        tokens = int(info.get("tokens", 0)) if isinstance(info, dict) else 0
-        worker = str(meta.get("worker") or "")
-        state = "FAILURE" if meta["status"] == "REVOKED" else meta["status"]
-        return TaskStatus(task_id, state, tokens, worker)
+        return status_of(task_id, self._meta(task_id))
 
     def result(
         self,
@@ -179,32 +137,96 @@ class Client:
     ) -> dict[str, Any] | None:
         """The result object plus `state`; None if not finished and `wait` is false.
 
-        With `wait`, poll until done; raise WaitTimeout after `timeout` seconds.
+        With `wait`, block until the task finishes (woken by Redis the moment its result
+        is stored); raise WaitTimeout after `timeout` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status(task_id)
+        if not wait:
+            meta = self._meta(task_id)
             if on_status is not None:
-                on_status(status)
-            if status.done:
-                return self._final_result(task_id)
-            if not wait:
-                return None
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
-            time.sleep(_POLL_INTERVAL_S)
+                on_status(status_of(task_id, meta))
+            return final_result(task_id, meta) if is_final(meta) else None
+        check_task_id(task_id)
+        deadline = None if timeout is None else _now() + timeout
+        with self._subscription(result_key(task_id)) as inbox:
+            meta = self._meta(task_id)
+            while True:
+                if on_status is not None:
+                    on_status(status_of(task_id, meta))
+                if is_final(meta):
+                    return final_result(task_id, meta)
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
+                pause = BACKUP_POLL_S if left is None else min(BACKUP_POLL_S, left)
+                pushed = _next(inbox, pause)
+                decoded = decode_meta(pushed) if pushed else None
+                meta = decoded if decoded is not None else self._meta(task_id)
 
     def cancel(self, task_id: str) -> None:
-        """Cancel a task: a queued one never runs, a running one stops at its next token."""
+        """Cancel a task: a queued one never runs, a running one stops at its next token
+        and keeps the text generated so far (state FAILURE, code `cancelled`)."""
         self._meta(task_id)  # raises UnknownTaskId
-        key = CANCEL_KEY.format(task_id=task_id)
-        self._guard(lambda: self._redis.set(key, "1", ex=self.settings.result_expires_s))
-        # The broadcast reaches running workers at once; the key covers workers that start later.
-        self._guard(lambda: self._app.control.revoke(task_id))
+
+        def send() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            with self._envelope_lock:
+                cancel_commands(pipe, task_id, self._envelope)
+            pipe.execute()
+
+        self._call(self._broker_url, send)
+
+    def stream(self, task_id: str) -> Iterator[str]:
+        """The task's text as it is generated, delta by delta, from the start; ends when
+        the task ends, raising TaskFailed (with the failure result) if it failed."""
+        for event in self.stream_events(task_id):
+            if event.kind == "delta":
+                yield event.text
+            else:
+                raise_if_failed(event)
+
+    def stream_events(self, task_id: str, after: str | None = None) -> Iterator[StreamEvent]:
+        """Every stream entry after cursor `after` (None: from the start), ending with the
+        "end" event that carries the final result. Reconnect by passing the last cursor."""
+        check_task_id(task_id)
+        follower = StreamFollower(task_id, after)
+        key = stream_key(task_id)
+        with self._subscription(key) as inbox:
+            check_state = True  # at the start, and whenever no notification came
+            while True:
+                entries = self._entries(key, follower.range_start(), FETCH_COUNT)
+                yield from follower.accept(entries)
+                if follower.done:
+                    return
+                if len(entries) == FETCH_COUNT:
+                    continue
+                if not entries and check_state:
+                    ended = self._ended_without_stream(follower, key)
+                    if ended is not None:
+                        yield ended
+                        return
+                check_state = _next(inbox, BACKUP_POLL_S) is None
+                _drain(inbox)
+
+    def _ended_without_stream(self, follower: StreamFollower, key: str) -> StreamEvent | None:
+        meta = self._meta(follower.task_id)  # raises UnknownTaskId
+        if not is_final(meta):
+            return None
+        # The end entry is written with the result: if it is not there either, the task
+        # ended without a stream (refused before any worker ran it).
+        if self._entries(key, follower.range_start(), 1):
+            return None
+        return follower.ended_without_stream(meta)
+
+    # Lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        with self._loop_lock:
+            if self._loop is not None and self._notifier is not None:
+                self._loop.close(self._notifier.aclose())
+            self._loop, self._notifier = None, None
+        if self._results is not self._redis:
+            self._results.close()
         self._redis.close()
-        self._app.close()
 
     def __enter__(self) -> Client:
         return self
@@ -215,79 +237,103 @@ class Client:
     # Internals --------------------------------------------------------------------------
 
     def _meta(self, task_id: str) -> dict[str, Any]:
-        _check_task_id(task_id)
-        result = AsyncResult(task_id, app=self._app)
-        meta: dict[str, Any] = self._guard(lambda: result.backend.get_task_meta(task_id))
-        if meta["status"] == "PENDING":
-            known = self._guard(lambda: self._redis.exists(SUBMITTED_KEY.format(task_id=task_id)))
-            if not known:
-                raise UnknownTaskId(f"no task {task_id}: never submitted, or its result expired")
-        return meta
+        check_task_id(task_id)
+        if self._results is self._redis:
 
-    def _final_result(self, task_id: str) -> dict[str, Any]:
-        meta = self._meta(task_id)
-        state, value = meta["status"], meta.get("result")
-        if state == "SUCCESS" and isinstance(value, dict):
-            return {**value, "state": "SUCCESS"}
-        if isinstance(value, TaskFailed):
-            return {**value.result, "state": "FAILURE"}
-        if state == "REVOKED":
-            error = Cancelled("cancelled before it started").to_dict()
-        else:
-            error = {"code": "model_error", "message": f"{type(value).__name__}: {value}"[:500]}
-        return {"id": task_id, "task": meta.get("name") or "", "error": error, "state": "FAILURE"}
+            def read() -> list[Any]:
+                pipe = self._results.pipeline(transaction=False)
+                read_commands(pipe, task_id)
+                return list(pipe.execute())
 
-    def _ensure_reachable(self) -> None:
-        """Fail fast (exit 3 in the CLI) instead of letting a send block on a dead broker."""
-        deadline = time.monotonic() + self.settings.connect_timeout_s
-        while True:
-            try:
-                self._redis.ping()
-                return
-            except redis.RedisError as exc:
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(_unreachable_message(self.settings, exc)) from exc
-                time.sleep(0.5)
+            return meta_from_replies(task_id, self._call(self._backend_url, read))
+        raw = self._call(self._backend_url, lambda: self._results.get(result_key(task_id)))
+        known = raw is not None or self._call(
+            self._broker_url, lambda: self._redis.exists(SUBMITTED_KEY.format(task_id=task_id))
+        )
+        return meta_from_replies(task_id, [raw, known])
 
-    def _guard(self, call: Callable[[], Any]) -> Any:
+    def _entries(self, key: str, start: str, count: int) -> list[tuple[Any, dict[Any, Any]]]:
+        def fetch() -> list[tuple[Any, dict[Any, Any]]]:
+            return cast(
+                "list[tuple[Any, dict[Any, Any]]]",
+                self._results.xrange(key, start, "+", count) or [],
+            )
+
+        return self._call(self._backend_url, fetch)
+
+    def _call(self, url: str, operation: Callable[[], T]) -> T:
+        return call(self.settings, url, operation)
+
+    def _subscription(self, channel: str) -> _Subscription:
+        loop, notifier = self._notification_loop()
+        inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        budget = self.settings.connect_timeout_s
+        self._call(
+            self._backend_url,
+            lambda: loop.run(notifier.subscribe(channel, inbox, budget), budget + 1),
+        )
+        return _Subscription(loop, notifier, channel, inbox)
+
+    def _notification_loop(self) -> tuple[LoopThread, Notifier]:
+        with self._loop_lock:
+            if self._loop is None or self._notifier is None:
+                settings, url = self.settings, self._backend_url
+
+                def connect() -> redis.asyncio.Redis:
+                    return async_redis_client(
+                        settings, url, health_check_interval=0, **async_client_options(settings)
+                    )
+
+                self._loop = LoopThread()
+                self._notifier = Notifier(connect)
+            return self._loop, self._notifier
+
+
+class _Subscription:
+    """A channel subscribed on the client's notifier while a `with` block runs."""
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        notifier: Notifier,
+        channel: str,
+        inbox: queue.SimpleQueue[bytes | None],
+    ) -> None:
+        self.loop, self.notifier, self.channel, self.inbox = loop, notifier, channel, inbox
+
+    def __enter__(self) -> queue.SimpleQueue[bytes | None]:
+        return self.inbox
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon(self.notifier.unsubscribe, self.channel, self.inbox)
+
+
+def _next(inbox: queue.SimpleQueue[bytes | None], timeout: float) -> bytes | None:
+    """The next pushed message, or None after `timeout` (or when the connection was replaced)."""
+    try:
+        return inbox.get(timeout=max(0.0, timeout))
+    except queue.Empty:
+        return None
+
+
+def _bound(
+    function: Callable[[Sequence[Outgoing]], None], batch: Sequence[Outgoing]
+) -> Callable[[], None]:
+    return lambda: function(batch)
+
+
+def _drain(inbox: queue.SimpleQueue[bytes | None]) -> None:
+    """Several entries may have been announced while fetching: one fetch reads them all."""
+    while True:
         try:
-            return call()
-        except (redis.RedisError, OSError, OperationalError) as exc:
-            raise BrokerUnavailable(_unreachable_message(self.settings, exc)) from exc
+            inbox.get_nowait()
+        except queue.Empty:
+            return
 
 
-def _task_name(task: TaskName | str) -> TaskName:
-    try:
-        return TaskName(task)
-    except ValueError:
-        known = ", ".join(t.value for t in TaskName)
-        raise InvalidInput(f"unknown task {task!r} (known: {known})", field="task") from None
+def _now() -> float:
+    return time.monotonic()
 
 
-def _check_task_id(task_id: str) -> None:
-    try:
-        uuid.UUID(task_id)
-    except (ValueError, TypeError, AttributeError):
-        raise UnknownTaskId(f"{task_id!r} is not a task id") from None
-
-
-def _read_local_file(path: Path, field: str, max_bytes: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageTooLarge(f"{path.name} has {size} bytes, more than {max_bytes}", field=field)
-        with path.open("rb") as handle:
-            return handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
-
-
-def _safe_repr(request: TaskRequest) -> str:
-    """What Flower and task events show: image references without URL query strings."""
-    images = ", ".join(image.describe() for image in request.images)
-    prompt = "" if request.prompt is None else f", prompt={request.prompt[:60]!r}"
-    return f"({request.task.value}, images=[{images}]{prompt})"
-
-
-def _unreachable_message(settings: Settings, exc: BaseException) -> str:
-    return f"Redis at {mask_url(settings.effective_broker_url)} is unreachable: {exc}"
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - _now()

@@ -6,6 +6,7 @@ Celery settings live in `producer.celery_config`, request/result shapes in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -55,6 +56,57 @@ SUBMITTED_KEY = KEY_PREFIX + ":submitted:{task_id}"
 # Live workers per queue: a sorted set, member = worker name, score = the Unix time until
 # which that worker counts as alive (refreshed by its heartbeat). See producer.presence.
 WORKER_PRESENCE_KEY = KEY_PREFIX + ":presence:{queue}"
+# Messages refused at a worker's door (worker/intake.py): a list of JSON entries, newest
+# first, at most DEAD_LETTER_MAX_ENTRIES long, gone DEAD_LETTER_TTL_S after the last one.
+DEAD_LETTER_KEY = KEY_PREFIX + ":dead-letters"
+DEAD_LETTER_MAX_ENTRIES = 1000
+DEAD_LETTER_TTL_S = 7 * 24 * 3600
+# The visibility timeout every worker sharing this Redis database must use (worker/deployment.py).
+VISIBILITY_TIMEOUT_KEY = KEY_PREFIX + ":deployment:visibility-timeout-s"
+
+# Leases (worker.leases): a worker holds `LEASE_KEY` (value = its name, expiring a few
+# heartbeats ahead) for every message it has taken; `LEASED_KEY` is a sorted set of the
+# delivery tags that hold one, so a live worker can hand back those whose lease expired.
+LEASE_KEY = KEY_PREFIX + ":lease:{tag}"
+LEASED_KEY = KEY_PREFIX + ":leased"
+LEASE_SWEEP_LOCK_KEY = KEY_PREFIX + ":lease-sweep"
+# Text deltas of one task: a Redis Stream (entries `seq`, `kind` = delta|end, `text`, and
+# on the end entry `result`, the final result JSON). Expires with the result. Writers also
+# PUBLISH each new entry id on a channel of the same name, so readers wait without polling.
+STREAM_KEY = KEY_PREFIX + ":stream:{task_id}"
+# Most entries one task's stream holds; writers coalesce deltas so they never reach it.
+STREAM_MAX_ENTRIES = 2048
+# Celery's result key (and the channel it PUBLISHes every state change on).
+RESULT_KEY = "celery-task-meta-{task_id}"
+FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 # Custom Celery state reported while a task generates (tokens so far).
 PROGRESS_STATE = "PROGRESS"
+
+# Text the tokenizer turns into control tokens: every added token of Phi-3-vision's
+# tokenizer.json. A prompt containing one is refused (producer.schemas.check_request);
+# the worker's engine checks at load that its checkpoint adds no token outside this list
+# and PROMPT_TAG_PATTERN, so another checkpoint cannot slip one through.
+PROMPT_CONTROL_TOKENS: tuple[str, ...] = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+    "<|user|>",
+    "<|image|>",
+    *(f"<|placeholder{n}|>" for n in range(1, 40)),
+)
+# Chat-template and image tags in general (`<|image_1|>`, `<|im_start|>`...): also refused.
+PROMPT_TAG_PATTERN = r"<\|[A-Za-z0-9_]{1,64}\|>"
+
+
+def control_token_in(text: str) -> str | None:
+    """The first control token or chat tag `text` contains, else None."""
+    for token in PROMPT_CONTROL_TOKENS:
+        if token in text:
+            return token
+    match = re.search(PROMPT_TAG_PATTERN, text)
+    return match.group(0) if match else None

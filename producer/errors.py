@@ -115,7 +115,16 @@ class ClientError(Exception):
 
 
 class BrokerUnavailable(ClientError):
-    """Redis (broker or result backend) could not be reached after a short bounded retry."""
+    """Redis (broker or result backend) could not be used: unreachable after a short bounded
+    retry, refusing the password, or refusing writes. The message says which and what to fix."""
+
+
+class BrokerAuthenticationFailed(BrokerUnavailable):
+    """Redis refused the password (or user) in the configured URL: a setting to fix, not retried."""
+
+
+class BrokerOutOfMemory(BrokerUnavailable):
+    """Redis reached its `maxmemory` and refuses writes (the shipped policy never evicts)."""
 
 
 class UnknownTaskId(ClientError):

@@ -9,6 +9,9 @@ the worker decodes it into the RGB picture the model sees. Both treat the bytes 
 * the byte cap is checked before anything is parsed, the pixel cap from the header before
   any pixel is decoded (decompression bombs), and Pillow's own bomb threshold is a hard
   limit here too;
+* the work of walking the file's structure is bounded before Pillow walks it
+  (`producer.image_bounds`: JPEG segments and fill bytes, PNG chunks, GIF sub-blocks),
+  and the worker's decode stops at the task's deadline;
 * truncated or corrupt files are refused rather than padded with grey;
 * every failure leaves as one of the documented coded errors: InvalidInput (bad base64),
   ImageTooLarge, UnsupportedImage. A fuzz test holds the decoder to that.
@@ -23,15 +26,26 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
+import stat
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from producer.errors import ImageTooLarge, InvalidInput, UnsupportedImage, VisionQueueError
+from producer.errors import (
+    ImageTooLarge,
+    InvalidInput,
+    TaskTimeout,
+    UnsupportedImage,
+    VisionQueueError,
+)
+from producer.image_bounds import MAX_GIF_FRAMES_WALKED, check_structure, gif_frames
 from producer.settings import Settings
 
 # Pillow format names, in the order the error message lists them.
@@ -62,7 +76,7 @@ _DECODER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # Animated images: counting stops here (only the first frame is ever decoded).
-MAX_COUNTED_FRAMES = 1000
+MAX_COUNTED_FRAMES = MAX_GIF_FRAMES_WALKED
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _DATA_URI = re.compile(
@@ -131,17 +145,21 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
         return ImageInfo(format=fmt, width=image.width, height=image.height, frames=frames)
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, limits: ImageLimits | None = None, *, deadline: float | None = None
+) -> Image.Image:
     """Decode the first frame into an oriented RGB image, the way the model expects it.
 
-    Raises ImageTooLarge or UnsupportedImage, nothing else.
+    `deadline` (a `time.time()` value) stops the decode with TaskTimeout once passed: the
+    decoder pulls its input in 64 KB reads, and each read checks the clock.
+    Raises ImageTooLarge, UnsupportedImage or (with a deadline) TaskTimeout, nothing else.
     """
     if limits is None:
         limits = ImageLimits.from_settings(Settings())
     # Truncation attack / corrupt upload: with this flag on, Pillow pads a cut-off file
     # with grey and reports success. It is process-global, so assert it on every call.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with _open(data, limits) as (image, fmt), _decoder_errors(fmt):
+    with _open(data, limits, deadline) as (image, fmt), _decoder_errors(fmt):
         image.load()  # first frame only: `_open` never seeks
         oriented = ImageOps.exif_transpose(image)
         if oriented is None:  # only returned with in_place=True; keeps the types honest
@@ -190,12 +208,83 @@ def decode_base64_image(text: str, *, field: str = "images", max_bytes: int | No
     return data
 
 
+def read_image_file(
+    path: str | os.PathLike[str],
+    max_bytes: int,
+    *,
+    nofollow: bool = False,
+    field: str | None = None,
+) -> bytes:
+    """The bytes of a regular file, at most `max_bytes`; shared by the client and the worker.
+
+    Opened with O_NONBLOCK, then checked with fstat, so a FIFO, a device, a socket or a
+    directory is refused without blocking in open() or read() (a FIFO with no writer
+    blocks a plain open forever; /dev/zero never ends). `nofollow` refuses a symlink as
+    the last component. Raises ImageTooLarge, or OSError (missing, unreadable, not a
+    regular file: strerror says which) for the caller to word as its own error.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if nofollow:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(0, "not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageTooLarge(
+                f"{Path(path).name} has {info.st_size} bytes, more than the limit of {max_bytes}",
+                field=field,
+            )
+        chunks: list[bytes] = []
+        left = max_bytes + 1  # the file may grow after fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"{Path(path).name} is more than the limit of {max_bytes} bytes", field=field
+        )
+    return data
+
+
+def read_image_path(path: str | os.PathLike[str], max_bytes: int, *, field: str) -> bytes:
+    """`read_image_file` for a producer: a file it cannot read is InvalidInput naming `field`."""
+    try:
+        return read_image_file(path, max_bytes, field=field)
+    except OSError as exc:
+        reason = exc.strerror or "unreadable"
+        raise InvalidInput(f"cannot read {Path(path).name[:80]}: {reason}", field=field) from None
+
+
 # Internals ------------------------------------------------------------------------------
 
 
+class _DeadlineReader(io.BytesIO):
+    """In-memory bytes whose every read first checks the task's deadline."""
+
+    def __init__(self, data: bytes, deadline: float) -> None:
+        super().__init__(data)
+        self._deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.time() > self._deadline:
+            raise TaskTimeout("decoding the image ran past the task's VQ_TASK_TIME_LIMIT_S")
+        return super().read(size)
+
+
 @contextmanager
-def _open(data: bytes, limits: ImageLimits) -> Iterator[tuple[ImageFile.ImageFile, str]]:
-    """Open (header only) after the byte cap and the sniff; enforce the pixel cap."""
+def _open(
+    data: bytes, limits: ImageLimits, deadline: float | None = None
+) -> Iterator[tuple[ImageFile.ImageFile, str]]:
+    """Open (header only) after the byte cap, the sniff and the structure bounds; enforce
+    the pixel cap."""
     size = len(data)
     if size > limits.max_bytes:
         raise ImageTooLarge(f"image is {size} bytes, more than the limit of {limits.max_bytes}")
@@ -204,9 +293,11 @@ def _open(data: bytes, limits: ImageLimits) -> Iterator[tuple[ImageFile.ImageFil
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedImage("not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+    check_structure(data, fmt)
+    stream = io.BytesIO(data) if deadline is None else _DeadlineReader(data, deadline)
     with _decoder_errors(fmt):
         # Plugin confusion: only the sniffed format's parser may look at the bytes.
-        image = Image.open(io.BytesIO(data), formats=[fmt])
+        image = Image.open(stream, formats=[fmt])
     with image:
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -250,40 +341,10 @@ def _count_frames(data: bytes, fmt: str, image: Image.Image) -> int:
     Those two are walked here instead, linearly and with a cap.
     """
     if fmt == "GIF":
-        return _gif_frames(data)
+        return gif_frames(data, MAX_COUNTED_FRAMES)
     if fmt == "TIFF":
         return _tiff_frames(data)
     return max(1, min(int(getattr(image, "n_frames", 1)), MAX_COUNTED_FRAMES))
-
-
-def _gif_frames(data: bytes) -> int:
-    pos = 13  # "GIF89a" and the logical screen descriptor
-    if len(data) > 10 and data[10] & 0x80:
-        pos += 3 << ((data[10] & 7) + 1)  # global colour table
-    frames = 0
-    while pos < len(data) and frames < MAX_COUNTED_FRAMES:
-        block = data[pos]
-        if block == 0x2C:  # image descriptor: one frame
-            frames += 1
-            flags = data[pos + 9] if pos + 9 < len(data) else 0
-            pos += 10
-            if flags & 0x80:
-                pos += 3 << ((flags & 7) + 1)  # local colour table
-            pos = _skip_gif_sub_blocks(data, pos + 1)  # +1: LZW minimum code size
-        elif block == 0x21:  # extension: label, then sub-blocks
-            pos = _skip_gif_sub_blocks(data, pos + 2)
-        else:  # trailer, or garbage Pillow would stop at too
-            break
-    return max(frames, 1)
-
-
-def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
-    while pos < len(data):
-        size = data[pos]
-        pos += 1 + size
-        if size == 0:
-            break
-    return pos
 
 
 def _tiff_frames(data: bytes) -> int:

@@ -27,15 +27,41 @@ def _options(settings: Settings, overrides: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def redis_client(settings: Settings, url: str | None = None, **overrides: Any) -> redis.Redis:
-    """A client for `url` (default: the broker's Redis) with the project's timeouts."""
+def redis_client(
+    settings: Settings,
+    url: str | None = None,
+    *,
+    max_connections: int | None = None,
+    **overrides: Any,
+) -> redis.Redis:
+    """A client for `url` (default: the broker's Redis) with the project's timeouts.
+
+    With `max_connections`, callers beyond that many wait (up to the connect timeout) for a
+    free connection instead of opening more.
+    """
     target = url or settings.effective_broker_url
-    return redis.Redis.from_url(target, **_options(settings, overrides))
+    options = _options(settings, overrides)
+    if max_connections is None:
+        return redis.Redis.from_url(target, **options)
+    pool = redis.BlockingConnectionPool.from_url(
+        target, max_connections=max_connections, timeout=settings.connect_timeout_s, **options
+    )
+    return redis.Redis.from_pool(pool)
 
 
 def async_redis_client(
-    settings: Settings, url: str | None = None, **overrides: Any
+    settings: Settings,
+    url: str | None = None,
+    *,
+    max_connections: int | None = None,
+    **overrides: Any,
 ) -> redis.asyncio.Redis:
     """The asyncio twin of `redis_client`: same URL rules, same timeouts."""
     target = url or settings.effective_broker_url
-    return redis.asyncio.Redis.from_url(target, **_options(settings, overrides))
+    options = _options(settings, overrides)
+    if max_connections is None:
+        return redis.asyncio.Redis.from_url(target, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        target, max_connections=max_connections, timeout=settings.connect_timeout_s, **options
+    )
+    return redis.asyncio.Redis.from_pool(pool)

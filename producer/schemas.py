@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from producer.contract import TASK_SPECS, TaskName
+from producer.addresses import check_url_length
+from producer.contract import TASK_SPECS, TaskName, control_token_in
 from producer.errors import InvalidInput
 from producer.settings import Settings
 
@@ -64,7 +65,8 @@ class TaskOptions:
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "stop": list(self.stop)}
+        # Field by field, not dataclasses.asdict (which deep-copies): built once per submit.
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"stop": list(self.stop)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def parse_request(message: Any, settings: Settings) -> TaskRequest:
     except ValueError:
         known = ", ".join(t.value for t in TaskName)
         raise InvalidInput(
-            f"unknown task {message.get('task')!r} (known: {known})", field="task"
+            f"unknown task {preview(message.get('task'))} (known: {known})", field="task"
         ) from None
 
     images = _parse_images(message.get("images", []))
@@ -112,7 +114,11 @@ def parse_request(message: Any, settings: Settings) -> TaskRequest:
     submitted_at = message.get("submitted_at", time.time())
     if not isinstance(submitted_at, (int, float)) or isinstance(submitted_at, bool):
         raise InvalidInput("submitted_at must be a number", field="submitted_at")
-    request = TaskRequest(task, images, prompt, options, float(submitted_at))
+    try:
+        submitted_at = float(submitted_at)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidInput("submitted_at must be a finite number", field="submitted_at") from None
+    request = TaskRequest(task, images, prompt, options, submitted_at)
     check_request(request, settings)
     return request
 
@@ -143,13 +149,19 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
                 f"prompt has {len(prompt)} characters, more than {settings.max_prompt_chars}",
                 field="prompt",
             )
-        if re.search(r"<\|[a-z_]*\d*\|>", prompt):
-            # The prompt is user text: chat-control and image tags are the template's alone.
-            raise InvalidInput(
-                "prompt must not contain special tokens like <|image_1|>", field="prompt"
-            )
-        if "\x00" in prompt:
-            raise InvalidInput("prompt must not contain NUL characters", field="prompt")
+        _check_prompt_text(prompt)
+
+    for index, image in enumerate(request.images):
+        if image.source is ImageSource.URL:
+            check_url_length(image.ref, field=f"images[{index}]")
+    _check_integer_options(request.options)
+    submitted_at = request.submitted_at
+    if (
+        not isinstance(submitted_at, (int, float))
+        or isinstance(submitted_at, bool)
+        or not math.isfinite(submitted_at)
+    ):
+        raise InvalidInput("submitted_at must be a finite number", field="submitted_at")
 
     cap = settings.token_caps[request.task]
     max_new = request.options.max_new_tokens
@@ -206,6 +218,65 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def redact_message(message: Any) -> Any:
+    """A request's wire form with every URL's query string and fragment removed.
+
+    What may be kept where the request is stored for show (Celery's extended result meta):
+    signed URLs carry their credentials in the query string.
+    """
+    if not isinstance(message, dict) or not isinstance(message.get("images"), list):
+        return message
+    images = []
+    for image in message["images"]:
+        if (
+            isinstance(image, dict)
+            and image.get("source") == "url"
+            and isinstance(image.get("ref"), str)
+        ):
+            image = {**image, "ref": image["ref"].split("#", 1)[0].split("?", 1)[0]}
+        images.append(image)
+    return {**message, "images": images}
+
+
+def preview(value: Any, limit: int = 40) -> str:
+    """A short, safe echo of untrusted input for an error message.
+
+    Strings show at most `limit` characters; anything else only its type, never its repr
+    (which could be huge, or carry an object's address).
+    """
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "…")
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int) and abs(value) < 10**12:
+        return str(value)
+    return f"a {type(value).__name__}"
+
+
+def _check_prompt_text(prompt: str) -> None:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates: from invalid UTF-8 read with surrogateescape, or a broken client.
+        raise InvalidInput("prompt is not valid UTF-8 text", field="prompt") from None
+    if "\x00" in prompt:
+        raise InvalidInput("prompt must not contain NUL characters", field="prompt")
+    token = control_token_in(prompt)
+    if token is not None:
+        # The prompt is user text: control tokens and image tags are the template's alone.
+        raise InvalidInput(
+            f"prompt must not contain the control token {token[:24]}", field="prompt"
+        )
+
+
+def _check_integer_options(options: TaskOptions) -> None:
+    """Booleans are ints to Python and floats compare like ints: refuse both by type."""
+    for name in ("max_new_tokens", "num_crops"):
+        value = getattr(options, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidInput(f"{name} must be an integer", field=name)
+
+
 def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
     if not isinstance(raw, list):
         raise InvalidInput("images must be a list", field="images")
@@ -219,8 +290,13 @@ def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
         except ValueError:
             raise InvalidInput("image source must be url, staged or path", field=where) from None
         ref = item.get("ref")
+        if source is ImageSource.URL:
+            check_url_length(ref, field=where)
         if not isinstance(ref, str) or not ref or len(ref) > _MAX_REF_CHARS:
-            raise InvalidInput("image ref must be a non-empty string", field=where)
+            raise InvalidInput(
+                f"image ref must be a non-empty string of at most {_MAX_REF_CHARS} characters",
+                field=where,
+            )
         if source is ImageSource.STAGED and not _DIGEST.fullmatch(ref):
             raise InvalidInput("staged image ref must be a SHA-256 hex digest", field=where)
         refs.append(ImageRef(source, ref))
@@ -234,9 +310,9 @@ def _parse_options(raw: Any) -> TaskOptions:
     """Types only; the ranges are check_request's (the same rules on both sides)."""
     if not isinstance(raw, dict):
         raise InvalidInput("options must be an object", field="options")
-    unknown = sorted(str(name)[:40] for name in set(raw) - _OPTION_NAMES)
+    unknown = sorted(str(key) for key in set(raw) - _OPTION_NAMES)
     if unknown:
-        raise InvalidInput(f"unknown option {unknown[0]!r}", field=unknown[0])
+        raise InvalidInput(f"unknown option {preview(unknown[0])}", field=unknown[0][:40])
     values: dict[str, Any] = {}
     for name in ("max_new_tokens", "num_crops", "seed"):
         value = raw.get(name)

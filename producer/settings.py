@@ -8,13 +8,17 @@ object is printed or logged.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
+from producer.addresses import allowlist_entry
 from producer.contract import TaskName
 
 
@@ -26,19 +30,64 @@ def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
 
 
+_QUERY_PASSWORD = re.compile(r"([?&])password=([^&]*)", re.IGNORECASE)
+_REDIS_SCHEMES = ("redis", "rediss")
+
+
 def mask_url(url: str) -> str:
-    """`redis://:hunter2@host:6379/0` -> `redis://:****@host:6379/0`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    """`redis://:hunter2@host:6379/0` -> `redis://:****@host:6379/0`; never fails.
+
+    Errs on the side of hiding: everything between `://` and the last `@` is credentials
+    (so a password with a raw `#`, `/`, `?` or `@` is masked whole, even though no URL
+    parser would read it as intended), the user name alone stays visible, and so does
+    nothing of a `?password=` value.
+    """
+    if not isinstance(url, str):
         return "****"
-    if parts.password is None:
+    text = _QUERY_PASSWORD.sub(r"\1password=****", url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "****" if "@" in text else text
+    at = rest.rfind("@")
+    if at < 0:
+        return text
+    user, colon, _password = rest[:at].partition(":")
+    userinfo = f"{user}:****" if colon else "****"
+    return f"{scheme}://{userinfo}{rest[at:]}"
+
+
+def normalize_redis_url(url: str) -> str:
+    """The same Redis URL in the one form every client library reads alike.
+
+    kombu refuses `?password=` (a TypeError while the worker starts) although redis-py and
+    Celery's result backend accept it, and a raw `#` or `/` in a password makes every URL
+    parser read a different host. So a `password` query parameter moves into the userinfo,
+    and the userinfo (everything up to the last `@`) is percent-encoded. unix:// URLs keep
+    their query: redis-py reads `?password=` there, and kombu does not serve them.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _REDIS_SCHEMES:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+    query_password: str | None = None
+    match = _QUERY_PASSWORD.search(rest)
+    if match is not None:
+        query_password = unquote(match.group(2))
+        start = match.start()
+        rest = rest[:start] + rest[match.end() :]
+        if match.group(1) == "?" and rest[start : start + 1] == "&":
+            rest = rest[:start] + "?" + rest[start + 1 :]  # the next parameter leads now
+    at = rest.rfind("@")
+    userinfo, host = (rest[:at], rest[at + 1 :]) if at >= 0 else ("", rest)
+    user, colon, password = userinfo.partition(":")
+    if query_password is not None:
+        password, colon = query_password, ":"
+    elif colon:
+        password = unquote(password)
+    if not user and not colon:
+        return f"{scheme}://{host}"
+    encoded_user = quote(unquote(user), safe="")
+    encoded = f"{encoded_user}:{quote(password, safe='')}" if colon else encoded_user
+    return f"{scheme}://{encoded}@{host}"
 
 
 _DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 (not a secret)
@@ -96,6 +145,12 @@ class Settings:
         "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry."
     )
     retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
+    lease_ttl_s: float = _setting(
+        "VQ_LEASE_TTL_S",
+        10.0,
+        "A worker's lease on each message it runs, renewed every heartbeat; once it lapses "
+        "(the worker died or froze) a live worker hands the message back to the queue.",
+    )
     max_deliveries: int = _setting(
         "VQ_MAX_DELIVERIES",
         3,
@@ -124,8 +179,9 @@ class Settings:
     allowed_private_hosts: str = _setting(
         "VQ_ALLOWED_PRIVATE_HOSTS",
         "",
-        "Comma-separated host names a worker may fetch from even though they resolve to "
-        "private addresses (private deployments only).",
+        "Comma-separated `host:port` entries a worker may fetch from even though they resolve "
+        "to private addresses (private deployments only); a bare `host` allows ports 80 and "
+        "443 only.",
     )
     local_image_roots: str = _setting(
         "VQ_LOCAL_IMAGE_ROOTS",
@@ -161,11 +217,22 @@ class Settings:
         "VQ_WORKER_NAME", "", "Worker node name; default gpu-<device>@host."
     )
     metrics_port: int = _setting("VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.")
+    metrics_address: str = _setting(
+        "VQ_METRICS_ADDRESS",
+        "127.0.0.1",
+        "Address the metrics server binds to; 0.0.0.0 (or ::) for a Prometheus on another host.",
+    )
     health_file: str = _setting(
         "VQ_HEALTH_FILE", "", "Heartbeat file for the health commands; default in the temp dir."
     )
     heartbeat_interval_s: float = _setting(
         "VQ_HEARTBEAT_INTERVAL_S", 2.0, "How often the worker refreshes its health file."
+    )
+    stuck_task_grace_s: float = _setting(
+        "VQ_STUCK_TASK_GRACE_S",
+        120.0,
+        "A task busy longer than VQ_TASK_TIME_LIMIT_S plus this is stuck: readiness fails; "
+        "after as long again the worker hands the message back and exits (code 4).",
     )
     log_level: str = _setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.")
 
@@ -173,19 +240,25 @@ class Settings:
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or self.redis_url
+        return normalize_redis_url(self.broker_url or self.redis_url)
 
     @property
     def effective_backend_url(self) -> str:
-        return self.result_backend_url or self.redis_url
+        return normalize_redis_url(self.result_backend_url or self.redis_url)
 
-    @property
+    @cached_property
     def token_caps(self) -> dict[TaskName, int]:
+        # Cached: every request is checked against it, and submit_many checks thousands.
         return _parse_caps(self.max_new_tokens_caps)
 
     @property
     def private_host_allowlist(self) -> frozenset[str]:
-        return frozenset(_split_list(self.allowed_private_hosts, lower=True))
+        """Canonical `host:port` and bare `host` entries (`addresses.allowlist_entry`)."""
+        entries: set[str] = set()
+        for item in _split_list(self.allowed_private_hosts, lower=True):
+            with contextlib.suppress(ValueError):  # refused by validate() at start
+                entries.add(allowlist_entry(item))
+        return frozenset(entries)
 
     @property
     def image_roots(self) -> tuple[str, ...]:
@@ -222,8 +295,13 @@ class Settings:
         problems: list[str] = []
         for name in ("redis_url", "broker_url", "result_backend_url"):
             url = getattr(self, name)
-            if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-                problems.append(f"{_env_name(name)} must be a redis://, rediss:// or unix:// URL")
+            if url:
+                problems.extend(_url_problems(_env_name(name), url))
+        for item in _split_list(self.allowed_private_hosts, lower=True):
+            try:
+                allowlist_entry(item)
+            except ValueError as exc:
+                problems.append(f"VQ_ALLOWED_PRIVATE_HOSTS: {exc}")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             problems.append(
                 "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
@@ -241,6 +319,8 @@ class Settings:
             "fetch_timeout_s",
             "heartbeat_interval_s",
             "restore_interval_s",
+            "stuck_task_grace_s",
+            "lease_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")
@@ -255,6 +335,15 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{_env_name(name)} must not be negative")
+        if self.metrics_port > 65535:
+            problems.append("VQ_METRICS_PORT must be at most 65535")
+        if not _is_bind_address(self.metrics_address):
+            problems.append("VQ_METRICS_ADDRESS must be an IP address or a host name")
+        if self.lease_ttl_s < 2 * self.heartbeat_interval_s:
+            problems.append(
+                "VQ_LEASE_TTL_S must be at least twice VQ_HEARTBEAT_INTERVAL_S, or a late "
+                "heartbeat would lose a healthy worker's lease"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
             problems.append("VQ_QUEUE must be a plain name")
         try:
@@ -300,6 +389,33 @@ _CONVERTERS: dict[type, Callable[[str], Any]] = {
 
 def _env_name(field_name: str) -> str:
     return str(next(f.metadata["env"] for f in fields(Settings) if f.name == field_name))
+
+
+def _url_problems(env: str, url: str) -> list[str]:
+    """What is wrong with a Redis URL, without quoting it (it may hold a password)."""
+    try:
+        parts = urlsplit(normalize_redis_url(url))
+    except ValueError:
+        return [f"{env} is not a valid URL"]
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return [f"{env} must be a redis://, rediss:// or unix:// URL"]
+    try:
+        port = parts.port
+    except ValueError:
+        return [f"{env} has an invalid port (a number from 1 to 65535)"]
+    if port == 0:
+        return [f"{env} has an invalid port (a number from 1 to 65535)"]
+    if parts.scheme != "unix" and not parts.hostname:
+        return [f"{env} has no host"]
+    return []
+
+
+def _is_bind_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text))
+    return True
 
 
 def _split_list(raw: str, *, lower: bool = False) -> list[str]:

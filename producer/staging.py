@@ -26,7 +26,16 @@ def stage_image(client: redis.Redis, data: bytes, ttl_s: int) -> str:
 
 
 def load_staged_image(client: redis.Redis, digest: str) -> bytes:
-    data = client.get(STAGED_IMAGE_KEY.format(digest=digest))
+    try:
+        data = client.get(STAGED_IMAGE_KEY.format(digest=digest))
+    except redis.ResponseError as exc:
+        # Someone stored a hash or list under the key: the request's fault, not Redis's.
+        # Any other ResponseError (out of memory, read-only replica) is about Redis itself.
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        raise ImageFetchFailed(
+            f"staged image {digest[:12]}… is not an image (wrong Redis type)", field="images"
+        ) from None
     if not isinstance(data, bytes):
         raise ImageFetchFailed(
             f"staged image {digest[:12]}… is gone (expired or never staged)", field="images"

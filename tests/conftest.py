@@ -6,16 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.http_server import IMAGE_HOST
 from support.redis_server import RedisServer
 from support.workers import IMAGES, WorkerProcess
 
 from producer.client import Client
 from producer.settings import Settings
 
-# The module worker may fetch from the tests' loopback server, and runs out of memory on
-# purpose when a prompt carries the marker (VQ_FAULT_INJECTION, test-only).
+# The module worker may fetch from the tests' loopback server (its one port), and runs out
+# of memory on purpose when a prompt carries the marker (VQ_FAULT_INJECTION, test-only).
 SHARED_WORKER_ENV = {
-    "VQ_ALLOWED_PRIVATE_HOSTS": "127.0.0.1",
+    "VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST,
     "VQ_FAULT_INJECTION": "oom_marker=__OOM__",
 }
 

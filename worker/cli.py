@@ -3,6 +3,7 @@
 worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME] [--max-batch N]
 worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
 worker health --live | --ready [--name NAME]
+worker dead-letters [--limit N]   # messages refused at the door: metadata, never bytes
 worker settings            # every setting, secrets masked
 """
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--ready", action="store_true", help="live, model loaded, broker reachable")
     health.add_argument("--name", help="worker node name (when several share a host)")
 
+    dead = commands.add_parser(
+        "dead-letters", help="list messages the workers refused (metadata only, newest first)"
+    )
+    dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+
     commands.add_parser("settings", help="print every setting (secrets masked)")
     return parser
 
@@ -82,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker(settings)
     if args.command == "health":
         return _health(settings, args)
+    if args.command == "dead-letters":
+        return _dead_letters(settings, args.limit)
     for name, value in settings.masked().items():
         print(f"{name}={value}")
     return 0
@@ -131,6 +139,40 @@ def _health(settings: Settings, args: argparse.Namespace) -> int:
         ok, reason = check_ready(path, settings)
     print(reason, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
+
+
+def _dead_letters(settings: Settings, limit: int) -> int:
+    import time
+
+    import redis
+
+    from producer.contract import DEAD_LETTER_KEY
+    from producer.redis_connect import redis_client
+    from producer.settings import mask_url
+    from worker.dead_letters import read_dead_letters
+
+    try:
+        entries = read_dead_letters(redis_client(settings), limit)
+    except redis.RedisError as exc:
+        url = mask_url(settings.effective_broker_url)
+        print(f"worker: Redis at {url} is unreachable: {type(exc).__name__}", file=sys.stderr)
+        return 3
+    for entry in entries:
+        at = entry.get("at")
+        when = (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+            if isinstance(at, (int, float))
+            else "?"
+        )
+        print(
+            f"{when} worker={entry.get('worker')} queue={entry.get('queue')} "
+            f"code={entry.get('code')} id={entry.get('task_id') or '-'} "
+            f"task={entry.get('task') or '-'} size={entry.get('size')} "
+            f"content_type={entry.get('content_type')!r}: {entry.get('reason')}"
+        )
+    noun = "entry" if len(entries) == 1 else "entries"
+    print(f"{len(entries)} {noun} (newest first) in {DEAD_LETTER_KEY}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,10 +34,12 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
+from producer.contract import control_token_in
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from worker import faults
 from worker.model.attention import varlen_available
@@ -102,6 +104,9 @@ class GenerationRequest:
     # Called about every 0.1 s while no token arrives (waiting for a batch row, image
     # encoding, a long prompt); it may raise like on_token to abandon the request.
     on_wait: Callable[[], None] | None = None
+    # Told the prompt's token count (text and image) once it is encoded, before any token is
+    # generated: a task stopped midway still reports its usage.
+    on_prompt: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ class Engine:
             folder = resolve_checkpoint(config.model)
             model_config = Phi3VConfig.from_file(folder / "config.json")
             processor = Phi3VProcessor.from_dir(folder, model_config)
+            check_prompt_guard(processor.tokenizer)
             model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
             load_weights(model, folder, device, dtype)
             model.eval().requires_grad_(False)
@@ -303,6 +309,8 @@ class Engine:
             num_crops = request.num_crops or self.num_crops
             encoded = self.processor.encode(text, request.images, num_crops)
         self._check_length(encoded, request.max_new_tokens)
+        if request.on_prompt is not None:
+            request.on_prompt(encoded.prompt_tokens)
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
             faults.inject(request.prompt, self.device)
@@ -482,6 +490,24 @@ def available_ram_bytes() -> int:
     import os
 
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def check_prompt_guard(tokenizer: Any) -> None:
+    """Refuse a checkpoint whose tokenizer adds a token prompts are not checked for.
+
+    `producer.schemas.check_request` refuses prompts holding any of the contract's control
+    tokens; a tokenizer with one more added token would let user text become that token.
+    """
+    uncovered = sorted(
+        str(token.content)
+        for token in tokenizer.get_added_tokens_decoder().values()
+        if control_token_in(str(token.content)) is None
+    )
+    if uncovered:
+        raise ModelError(
+            f"the tokenizer adds control tokens prompts are not checked for: "
+            f"{', '.join(uncovered[:5])}; add them to producer.contract.PROMPT_CONTROL_TOKENS"
+        )
 
 
 def resolve_device(spec: str) -> torch.device:

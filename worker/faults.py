@@ -11,6 +11,8 @@ Kinds the engine acts on:
 * `decode_oom`: every batched decode step that includes this request makes the same
   impossible allocation, so the batch's out-of-memory handling runs for real (the
   other requests of the batch must go on; this one must fail alone).
+* `hang`: the request blocks forever, as a kernel that never returns or a deadlock
+  would, so the stuck-task health check and watchdog can be tested.
 
 Without the variable nothing here does anything. Never set it in production.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Mapping
 
 ENV_VAR = "VQ_FAULT_INJECTION"
@@ -53,6 +56,8 @@ def inject(prompt: str, device: str) -> None:
     kind = fault_for(prompt)
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        threading.Event().wait()  # never set: only the watchdog or a signal ends this
     if kind == "oom":
         allocate_impossibly(device)
 

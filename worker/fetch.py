@@ -26,10 +26,8 @@ import functools
 import http.client
 import ipaddress
 import logging
-import os
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +37,7 @@ from urllib.parse import urljoin
 
 from producer.addresses import ParsedUrl, check_url, is_public_address
 from producer.errors import ImageFetchFailed, ImageTooLarge, InvalidInput, VisionQueueError
+from producer.images import read_image_file
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,45 +116,15 @@ def read_local_image(path: str, settings: Settings) -> bytes:
     if not any(real.is_relative_to(root) for root in roots):
         raise InvalidInput("local image path is outside VQ_LOCAL_IMAGE_ROOTS", field="images")
     try:
-        # O_NOFOLLOW: a symlink swapped in after the check is not followed; O_NONBLOCK: a
-        # FIFO planted under a root cannot block the worker in open().
-        fd = os.open(
-            real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        )
+        # O_NOFOLLOW: a symlink swapped in after the check is not followed; O_NONBLOCK and
+        # fstat (in read_image_file): a FIFO, device or socket under a root never blocks.
+        return read_image_file(real, settings.max_image_bytes, nofollow=True, field="images")
     except OSError as exc:
-        raise ImageFetchFailed(f"cannot read local image {real.name}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # /dev/zero, FIFOs, sockets, directories
-            raise ImageFetchFailed(f"local image {real.name} is not a regular file")
-        if info.st_size > settings.max_image_bytes:
-            raise ImageTooLarge(
-                f"local image is {info.st_size} bytes, more than the limit of "
-                f"{settings.max_image_bytes}"
-            )
-        data = _read_up_to(fd, settings.max_image_bytes + 1)  # it may grow after fstat
-    finally:
-        os.close(fd)
-    if len(data) > settings.max_image_bytes:
-        raise ImageTooLarge(
-            f"local image is more than the limit of {settings.max_image_bytes} bytes"
-        )
-    return data
+        reason = exc.strerror or "unreadable"
+        raise ImageFetchFailed(f"cannot read local image {real.name[:80]}: {reason}") from None
 
 
 # Internals ------------------------------------------------------------------------------
-
-
-def _read_up_to(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 class _Deadline:

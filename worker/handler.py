@@ -2,7 +2,8 @@
 
 It knows nothing of Celery: `tasks.py` binds it to the queue and decides what an
 outcome means for retries. Everything a request needs arrives through `TaskContext`,
-so no global state sits on this path.
+so no global state sits on this path. A task stopped while generating (cancelled, out of
+time) keeps the text it generated so far and its usage in `result`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class TaskContext:
     is_cancelled: Callable[[], bool] = lambda: False
     # Told the number of tokens generated so far (progress for clients).
     on_progress: Callable[[int], None] = lambda tokens: None
+    # Given each new piece of text as soon as it is final (the task's stream).
+    on_text: Callable[[str], None] = lambda text: None
+    # Polled between tokens; False once this worker no longer holds the task's lease.
+    still_ours: Callable[[], bool] = lambda: True
+
+
+class LeaseLost(Exception):
+    """This worker lost the task to another (it froze or was cut off): stop, store nothing."""
 
 
 def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
@@ -55,10 +64,17 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     limits = ImageLimits.from_settings(ctx.settings)
     began = time.perf_counter()
-    images = [decode_image(blob, limits) for blob in blobs]
+    images = [decode_image(blob, limits, deadline=deadline) for blob in blobs]
     decode_s = time.perf_counter() - began
 
-    output = ctx.engine.generate(_generation_request(request, images, ctx, deadline))
+    so_far = _SoFar()
+    try:
+        output = ctx.engine.generate(_generation_request(request, images, ctx, deadline, so_far))
+    except (Cancelled, TaskTimeout) as stopped:
+        so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
+        result.timings.preprocess = decode_s
+        result.timings.total = time.time() - ctx.started_at
+        raise
 
     result.text = output.text
     result.finish_reason = output.finish_reason
@@ -69,12 +85,39 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     result.timings.total = time.time() - ctx.started_at
 
 
+@dataclass
+class _SoFar:
+    """What generation produced until now, for a task that is stopped midway."""
+
+    pieces: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def fill(self, result: TaskResult, finish_reason: str) -> None:
+        result.text = "".join(self.pieces)
+        result.prompt_tokens = self.prompt_tokens
+        result.completion_tokens = self.completion_tokens
+        result.finish_reason = finish_reason if self.prompt_tokens else ""
+
+
 def _generation_request(
-    request: TaskRequest, images: list[Image.Image], ctx: TaskContext, deadline: float
+    request: TaskRequest,
+    images: list[Image.Image],
+    ctx: TaskContext,
+    deadline: float,
+    so_far: _SoFar,
 ) -> GenerationRequest:
     def on_token(count: int) -> None:
+        so_far.completion_tokens = count
         _stop_if_needed(ctx, deadline)
         ctx.on_progress(count)
+
+    def on_text(piece: str) -> None:
+        so_far.pieces.append(piece)
+        ctx.on_text(piece)
+
+    def on_prompt(tokens: int) -> None:
+        so_far.prompt_tokens = tokens
 
     return GenerationRequest(
         prompt=request.effective_prompt(),
@@ -88,10 +131,14 @@ def _generation_request(
         top_p=request.options.top_p,
         seed=request.options.seed,
         stop=request.options.stop,
+        on_text=on_text,
+        on_prompt=on_prompt,
     )
 
 
 def _stop_if_needed(ctx: TaskContext, deadline: float) -> None:
+    if not ctx.still_ours():
+        raise LeaseLost(f"task {ctx.task_id} is another worker's now")
     if ctx.is_cancelled():
         raise Cancelled("cancelled by the client")
     if time.time() > deadline:

@@ -5,10 +5,19 @@ not depend on the queue at all. Instead a heartbeat thread rewrites a small JSON
 every VQ_HEARTBEAT_INTERVAL_S; the `worker health` command reads it:
 
 - live: the file is fresh (the process and its heartbeat thread are running);
-- ready: live, the model is loaded and warmed up, and the broker answers a ping.
+- ready: live, the model is loaded and warmed up, the broker answers a ping, the Celery
+  consumer is not restart-looping (RESTART_LOOP_STARTS starts within RESTART_WINDOW_S),
+  and no task has been running longer than its `stuck_after_s` (VQ_TASK_TIME_LIMIT_S +
+  VQ_STUCK_TASK_GRACE_S).
 
 Generation releases the GIL inside torch, so the heartbeat keeps its pace while a
-task runs; a stuck process stops refreshing the file and fails liveness.
+task runs; a stuck process stops refreshing the file and fails liveness. A process that
+still beats but whose task thread is stuck fails readiness, and its watchdog
+(worker/shutdown.py) hands the message back and exits after as long again.
+
+The file holds one JSON object: worker, pid, state (loading | ready | busy | stopping),
+model_loaded, consuming, running ({task id: started_at} for every busy slot),
+stuck_after_s, consumer_starts (recent consumer start times), updated_at.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ log = logging.getLogger("vision_queue.worker")
 
 # A file older than this many heartbeats means the process is dead or stuck.
 _STALE_AFTER_BEATS = 5
+# This many consumer starts within the window (the first start included) is a loop:
+# Celery restarts its consumer after every connection error, about once a second.
+RESTART_LOOP_STARTS = 3
+RESTART_WINDOW_S = 60.0
 
 
 def default_worker_name(device: str) -> str:
@@ -53,17 +66,23 @@ class HealthState:
     state: str = "loading"  # loading | ready | busy | stopping
     model_loaded: bool = False
     consuming: bool = False  # the Celery consumer is connected and taking messages
-    current_task: str | None = None  # the oldest of running_tasks
-    task_started_at: float | None = None
-    running_tasks: list[str] = field(default_factory=list)  # one per busy slot
+    running: dict[str, float] = field(default_factory=dict)  # task id -> started_at
+    stuck_after_s: float | None = None  # a task running longer than this is stuck
+    consumer_starts: list[float] = field(default_factory=list)  # the recent ones
     updated_at: float = 0.0
 
 
 class HealthReporter:
-    def __init__(self, path: Path, worker_name: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        worker_name: str,
+        interval_s: float,
+        stuck_after_s: float | None = None,
+    ) -> None:
         self.path = path
         self.interval_s = interval_s
-        self._state = HealthState(worker=worker_name, pid=os.getpid())
+        self._state = HealthState(worker=worker_name, pid=os.getpid(), stuck_after_s=stuck_after_s)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="health-heartbeat", daemon=True)
@@ -86,31 +105,31 @@ class HealthReporter:
     def shutting_down(self) -> None:
         self._update(state="stopping", consuming=False)
 
+    def consumer_started(self) -> None:
+        """Called on every (re)start of the Celery consumer."""
+        with self._lock:
+            starts = [*self._state.consumer_starts, time.time()]
+            self._state.consumer_starts = starts[-RESTART_LOOP_STARTS * 2 :]
+            self._write()
+
     def task_started(self, task_id: str) -> None:
         with self._lock:
-            state = self._state
-            if not state.running_tasks:
-                state.current_task, state.task_started_at = task_id, time.time()
-            state.running_tasks.append(task_id)
-            if state.state == "ready":
-                state.state = "busy"
-        self._write()
-
-    def task_finished(self, task_id: str | None = None) -> None:
-        with self._lock:
-            state = self._state
-            running = state.running_tasks
-            if task_id in running:
-                running.remove(task_id)
-            elif running:
-                running.pop(0)
-            if not running:
-                if state.state == "busy":
-                    state.state = "ready"
-                state.current_task = state.task_started_at = None
-            elif state.current_task not in running:
-                state.current_task, state.task_started_at = running[0], time.time()
+            self._state.running[task_id] = time.time()
+            if self._state.state != "stopping":
+                self._state.state = "busy"
             self._write()
+
+    def task_finished(self, task_id: str) -> None:
+        with self._lock:
+            self._state.running.pop(task_id, None)
+            if self._state.state == "busy" and not self._state.running:
+                self._state.state = "ready"
+            self._write()
+
+    def running(self) -> dict[str, float]:
+        """A copy of {task id: started_at} for every busy slot."""
+        with self._lock:
+            return dict(self._state.running)
 
     def _update(self, **changes: Any) -> None:
         with self._lock:
@@ -126,7 +145,7 @@ class HealthReporter:
         # One writer at a time (heartbeat thread, task thread): they share the temp file.
         with self._lock:
             self._state.updated_at = time.time()
-            payload = json.dumps(asdict(self._state))
+            payload = json.dumps(asdict(self._state))  # asdict copies: safe under the lock
             # Write then rename, so a reader never sees half a file.
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             try:
@@ -145,6 +164,20 @@ def read_health(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def stuck_tasks(data: dict[str, Any], now: float) -> list[tuple[str, float]]:
+    """(task id, seconds busy) of every task past the file's `stuck_after_s`, oldest first."""
+    limit = data.get("stuck_after_s")
+    running = data.get("running")
+    if not isinstance(limit, (int, float)) or not isinstance(running, dict):
+        return []
+    busy = [
+        (str(task_id), now - float(started))
+        for task_id, started in running.items()
+        if isinstance(started, (int, float)) and now - started > limit
+    ]
+    return sorted(busy, key=lambda item: -item[1])
+
+
 def check_live(path: Path, interval_s: float, now: float | None = None) -> tuple[bool, str]:
     data = read_health(path)
     if data is None:
@@ -155,8 +188,9 @@ def check_live(path: Path, interval_s: float, now: float | None = None) -> tuple
     return True, f"alive, state={data.get('state')}, heartbeat {age:.1f}s ago"
 
 
-def check_ready(path: Path, settings: Settings) -> tuple[bool, str]:
-    live, reason = check_live(path, settings.heartbeat_interval_s)
+def check_ready(path: Path, settings: Settings, now: float | None = None) -> tuple[bool, str]:
+    now = time.time() if now is None else now
+    live, reason = check_live(path, settings.heartbeat_interval_s, now)
     if not live:
         return False, reason
     data = read_health(path) or {}
@@ -164,6 +198,17 @@ def check_ready(path: Path, settings: Settings) -> tuple[bool, str]:
         return False, "model not loaded yet"
     if data.get("state") == "stopping":
         return False, "worker is shutting down"
+    stuck = stuck_tasks(data, now)
+    if stuck:
+        task_id, busy_s = stuck[0]
+        return False, f"task {task_id} stuck: running for {busy_s:.0f}s, past its time limit"
+    starts = [t for t in data.get("consumer_starts") or [] if isinstance(t, (int, float))]
+    recent = [t for t in starts if now - t <= RESTART_WINDOW_S]
+    if len(recent) >= RESTART_LOOP_STARTS:
+        return False, (
+            f"consumer restart-looping: {len(recent)} starts in the last "
+            f"{RESTART_WINDOW_S:.0f}s (see the worker log for why)"
+        )
     try:
         client = redis_client(settings, socket_connect_timeout=2, socket_timeout=2)
         client.ping()

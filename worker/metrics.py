@@ -1,4 +1,7 @@
-"""Prometheus metrics a worker exports on VQ_METRICS_PORT (off when 0).
+"""Prometheus metrics a worker exports on VQ_METRICS_ADDRESS:VQ_METRICS_PORT (off when 0).
+
+The address defaults to loopback: the endpoint has no authentication, so exposing it to
+a network (compose sets 0.0.0.0 for its Prometheus) is a deliberate choice.
 
 Each worker owns a registry of its own rather than the process-global default, so
 several engines in one process (tests, a future multi-GPU process) never collide.
@@ -56,6 +59,12 @@ class WorkerMetrics:
             list(labels),
             registry=self.registry,
         ).labels(**labels)
+        self.refused = Counter(
+            "vq_messages_refused",
+            "Messages refused at the worker's door (worker/intake.py), by rule.",
+            ["code"],
+            registry=self.registry,
+        )
         self.model_loaded = Gauge(
             "vq_model_loaded",
             "1 once the model is resident and warmed up.",
@@ -63,8 +72,8 @@ class WorkerMetrics:
             registry=self.registry,
         ).labels(**labels)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
 
     def record(
         self,

@@ -14,34 +14,62 @@ Why the `threads` pool with one thread per batch row (VQ_MAX_BATCH, default 1 on
   remote control and event heartbeats going, so Flower shows the worker online during a
   long generation (torch releases the GIL inside its kernels). `solo` would block them.
 - Cancellation is cooperative (checked between tokens), and time limits are enforced by
-  the engine's deadline, since thread pools cannot kill a running task.
+  the engine's deadline, since thread pools cannot kill a running task; a task stuck
+  past it anyway is the stuck-task watchdog's (worker/shutdown.py).
+
+Before anything is loaded, the worker checks that its visibility timeout is the one the
+deployment runs with (worker/deployment.py). Messages reach Celery only through the
+consumer's door (worker/consumer.py, rules in worker/intake.py).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
+from celery import Celery
 from celery.signals import worker_ready
 
 from producer.celery_config import make_celery_app
 from producer.redis_connect import redis_client
 from producer.settings import Settings
+from worker.consumer import Door, consumer_class
+from worker.deployment import (
+    VisibilityTimeoutConflict,
+    claim_visibility_timeout,
+    keep_visibility_timeout_claimed,
+)
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter, default_worker_name, health_file_path
+from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 from worker.metrics import WorkerMetrics
-from worker.shutdown import install_shutdown_handlers
+from worker.redaction import install_result_redaction
+from worker.result_store import ResultStore, backend_url
+from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
 from worker.tasks import WorkerRuntime, register_tasks
 
 log = logging.getLogger("vision_queue.worker")
+
+EXIT_SETTINGS_CONFLICT = 2
 
 
 def run_worker(settings: Settings) -> int:
     """Load and warm the model, then consume until shut down. Returns the exit code."""
     log.info("settings: %s", settings)
+    redis = redis_client(settings)
+    try:
+        claim_visibility_timeout(redis, settings)
+    except VisibilityTimeoutConflict as exc:
+        log.error("not starting: %s", exc)
+        return EXIT_SETTINGS_CONFLICT
     name = settings.worker_name or default_worker_name(settings.device)
-    health = HealthReporter(health_file_path(settings, name), name, settings.heartbeat_interval_s)
+    stuck_after_s = settings.task_time_limit_s + settings.stuck_task_grace_s
+    health = HealthReporter(
+        health_file_path(settings, name), name, settings.heartbeat_interval_s, stuck_after_s
+    )
     health.start()
     try:
         engine = Engine.load(
@@ -68,17 +96,25 @@ def run_worker(settings: Settings) -> int:
     metrics.model_load.set(engine.load_seconds)
     metrics.model_loaded.set(1)
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_port, settings.metrics_address)
+    book = LeaseBook(name, settings.lease_ttl_s)
+    app = _leased_app(settings, book)
+    keeper = _lease_keeper(app, book, redis, settings)
     runtime = WorkerRuntime(
         settings=settings,
         engine=engine,
         name=name,
         metrics=metrics,
         health=health,
-        redis=redis_client(settings),
+        redis=redis,
+        results=_result_store(settings, redis, name),
+        leases=book,
+        keeper=keeper,
     )
-    app = make_celery_app(settings)
     register_tasks(app, runtime)
+    install_result_redaction(app)
+    keep_visibility_timeout_claimed(redis, settings)
+    door = Door(settings, name, redis, app.backend, metrics, health)
     health.model_ready()
     log.info(
         "model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s "
@@ -102,21 +138,60 @@ def run_worker(settings: Settings) -> int:
         loglevel=settings.log_level,
         optimization="fair",
         redirect_stdouts=False,
+        consumer_cls=consumer_class(door),
     )
-    _report_lifecycle(worker, health)
+    _report_lifecycle(worker, health, settings)
+    keeper.start()
     try:
         worker.start()
     finally:
+        keeper.stop()  # also leaves the queues' presence at once
         engine.close()
         health.stop()
     return int(worker.exitcode or 0)
 
 
-def _report_lifecycle(worker: Any, health: HealthReporter) -> None:
+def _leased_app(settings: Settings, book: LeaseBook) -> Celery:
+    """The worker's Celery app: its consumers hold leases (`worker.leases`) and what Celery
+    stores itself follows the first-writer-wins rule (`worker.result_store`)."""
+    install(book)
+    app = make_celery_app(settings)
+    app.conf.broker_transport = TRANSPORT
+    app.conf.result_backend = backend_url(settings)
+    if urlsplit(settings.effective_broker_url).scheme == "rediss" and not app.conf.broker_use_ssl:
+        # kombu turns TLS on by the URL's scheme only for its own transport names; ours
+        # verifies certificates, as the project's own redis-py connections do.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return app
+
+
+def _lease_keeper(app: Celery, book: LeaseBook, broker: Any, settings: Settings) -> LeaseKeeper:
+    return LeaseKeeper(
+        book,
+        broker,
+        [settings.queue],
+        settings.heartbeat_interval_s,
+        connect=app.connection_for_write,
+    )
+
+
+def _result_store(settings: Settings, broker: Any, name: str) -> ResultStore:
+    same = settings.effective_backend_url == settings.effective_broker_url
+    results = broker if same else redis_client(settings, settings.effective_backend_url)
+    return ResultStore(results, broker, settings, name, same_server=same)
+
+
+def _report_lifecycle(worker: Any, health: HealthReporter, settings: Settings) -> None:
     """Report consuming once the consumer is up; from then on our signal handlers apply."""
 
     def on_ready(**_: object) -> None:
         install_shutdown_handlers(worker, health)
+        start_stuck_task_watchdog(
+            worker,
+            health,
+            settings.task_time_limit_s + settings.stuck_task_grace_s,
+            settings.stuck_task_grace_s,
+        )
         health.consumer_ready()
 
     worker_ready.connect(on_ready, weak=False)

@@ -1,33 +1,53 @@
 """Binds the request path to Celery: one place maps every outcome to retry, result or failure.
 
 An outcome is one of: success; a coded error that is transient and has retries left
-(retried with exponential backoff); any other coded error (stored as a failure with its
-code); an unexpected exception (stored as `model_error`). Every run logs exactly one line.
+(retried with exponential backoff); cancelled (stored as Celery's REVOKED, with the text
+so far, so Flower and the metrics count it apart from failures); any other coded error
+(stored as a failure with its code); an unexpected exception (stored as `model_error`).
+Every run logs exactly one line; only an unexpected exception logs a traceback.
+
+Results are stored here, not by Celery (the tasks ignore Celery's result handling), so
+that storing is bounded and conditional (`worker.result_store`): a task whose worker lost
+its lease, or whose result someone else stored first, stores nothing (outcome
+`abandoned` / `duplicate`); a result Redis keeps refusing is handed back to the queue
+(outcome `requeued`) instead of leaving the worker stuck.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Terminated
+from celery.signals import task_revoked
 from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
 from producer.contract import CANCEL_KEY, DELIVERIES_KEY, PROGRESS_STATE, TaskName
-from producer.errors import InvalidInput, ModelError, TaskFailed, VisionQueueError
+from producer.errors import (
+    Cancelled,
+    InvalidInput,
+    ModelError,
+    TaskFailed,
+    VisionQueueError,
+)
+from producer.results import task_failed_json
 from producer.schemas import TaskResult, Timings
 from producer.settings import Settings
-from worker.handler import TaskContext, handle
+from worker.handler import LeaseLost, TaskContext, handle
+from worker.result_store import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
+from worker.streaming import StreamWriter
 
 if TYPE_CHECKING:
     from worker.engine import Engine
     from worker.health import HealthReporter
+    from worker.leases import Lease, LeaseBook, LeaseKeeper
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("vision_queue.task")
@@ -46,11 +66,23 @@ class WorkerRuntime:
     name: str
     metrics: WorkerMetrics
     health: HealthReporter
+    results: ResultStore
+    leases: LeaseBook | None = None
+    keeper: LeaseKeeper | None = None
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     for name in TaskName:
-        app.task(bind=True, name=name.celery_name, max_retries=None)(_task_function(runtime, name))
+        app.task(
+            bind=True,
+            name=name.celery_name,
+            max_retries=None,
+            # States are stored by `execute`, bounded and first-writer-wins.
+            ignore_result=True,
+            # Coded outcomes, not crashes: Celery logs them without a traceback.
+            throws=(TaskFailed, Terminated),
+        )(_task_function(runtime, name))
+    task_revoked.connect(_revoked_handler(runtime), weak=False, dispatch_uid="vq-revoked")
 
 
 def _task_function(runtime: WorkerRuntime, name: TaskName) -> Any:
@@ -61,6 +93,25 @@ def _task_function(runtime: WorkerRuntime, name: TaskName) -> Any:
     return run
 
 
+@dataclass
+class _Run:
+    """One delivery of one task on this worker."""
+
+    task: Task
+    runtime: WorkerRuntime
+    name: TaskName
+    result: TaskResult
+    ctx: TaskContext
+    lease: Lease | None
+    stream: StreamWriter
+    outcome: str = "success"
+    delivery: int = 0
+
+    @property
+    def retries(self) -> int:
+        return int(self.task.request.retries or 0)
+
+
 def execute(
     task: Task,
     runtime: WorkerRuntime,
@@ -68,16 +119,38 @@ def execute(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    settings = runtime.settings
+    run = _start(task, runtime, name)
+    runtime.health.task_started(run.result.id)
+    try:
+        state = _run_request(run, args, kwargs)
+        return _store_outcome(run, state)
+    finally:
+        runtime.health.task_finished(run.result.id)
+        _log_and_measure(runtime, run.result, run.outcome, run.ctx, run.delivery)
+
+
+def _start(task: Task, runtime: WorkerRuntime, name: TaskName) -> _Run:
     task_id: str = task.request.id
+    lease = runtime.leases.for_task(task_id) if runtime.leases is not None else None
+    results = runtime.results
+    stream = StreamWriter(
+        results.results,
+        task_id,
+        lease,
+        runtime.settings.result_expires_s,
+        same_server=results.same_server,
+    )
+    retries = int(task.request.retries or 0)
     ctx = TaskContext(
         task_id=task_id,
-        settings=settings,
+        settings=runtime.settings,
         engine=runtime.engine,
         redis=runtime.redis,
         worker_name=runtime.name,
         is_cancelled=_CancelWatch(task_id, runtime.redis),
-        on_progress=_ProgressReporter(task),
+        on_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
+        on_text=stream.write,
+        still_ours=lease.valid if lease is not None else (lambda: True),
     )
     result = TaskResult(
         id=task_id,
@@ -86,58 +159,148 @@ def execute(
         worker=runtime.name,
         device=runtime.engine.device,
     )
-    outcome = "success"
-    delivery = 0
-    runtime.health.task_started(task_id)
+    return _Run(task, runtime, name, result, ctx, lease, stream)
+
+
+def _run_request(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Run the request; return the final state to store, or raise Celery's Retry / Ignore."""
+    runtime, settings, task_id = run.runtime, run.runtime.settings, run.result.id
     try:
-        delivery = _count_delivery(runtime.redis, task_id, task.request.retries, settings)
+        if runtime.results.final_state(task_id) is not None:
+            # Redelivered after its result was stored (the ack was lost): done already.
+            run.outcome = "duplicate"
+            raise Ignore()
+        run.delivery = _count_delivery(runtime.redis, task_id, run.retries, settings)
+        started = {"pid": os.getpid(), "hostname": runtime.name}
+        runtime.results.update(
+            task_id, run.name.celery_name, "STARTED", started, run.lease, run.retries
+        )
+        run.stream.begin()
         if len(args) != 1 or kwargs:
             raise InvalidInput("a task takes exactly one request object", field="request")
         message = args[0]
-        if isinstance(message, dict) and message.get("task") != name.value:
+        if isinstance(message, dict) and message.get("task") != run.name.value:
             raise InvalidInput("the request's task does not match the task name", field="task")
-        handle(message, ctx, result)
-        _forget_deliveries(runtime.redis, task_id, task.request.retries)
-        return result.to_dict()
+        handle(message, run.ctx, run.result)
+        _forget_deliveries(runtime.redis, task_id, run.retries)
+        return "SUCCESS"
+    except Ignore:
+        raise
+    except LeaseLost:
+        run.outcome = "abandoned"
+        raise Ignore() from None
     except (redis.RedisError, OperationalError) as exc:
-        # Redis itself is unreachable (restart, failover): not the request's fault. Hand the
-        # message back; if even that fails, it returns after the visibility timeout.
-        outcome = "requeued"
-        log.warning("task id=%s: Redis unavailable (%s); requeueing", task_id, type(exc).__name__)
-        raise Reject(exc, requeue=True) from None
+        # Redis itself failed (restart, failover, full): not the request's fault. Hand the
+        # message back; a live worker restores it as soon as Redis takes writes again.
+        run.outcome = "requeued"
+        log.warning("task id=%s: Redis failed (%s); handing it back", task_id, type(exc).__name__)
+        _hand_back(run)
+        raise Ignore() from None
+    except Cancelled as error:
+        run.outcome = error.code.value
+        _record_error(run, error)
+        return "REVOKED"
     except VisionQueueError as error:
-        outcome = error.code.value
-        if error.transient and task.request.retries < settings.max_retries:
-            outcome = "retry"
-            _forget_deliveries(runtime.redis, task_id, task.request.retries)
-            raise task.retry(
-                exc=error, countdown=_backoff_s(settings, task.request.retries)
-            ) from None
-        raise _failure(result, error, ctx, task.request.retries) from None
+        run.outcome = error.code.value
+        if error.transient and run.retries < settings.max_retries:
+            run.outcome = "retry"
+            _forget_deliveries(runtime.redis, task_id, run.retries)
+            _record_error(run, error)
+            runtime.results.update(
+                task_id,
+                run.name.celery_name,
+                "RETRY",
+                task_failed_json(run.result.to_dict()),
+                run.lease,
+                run.retries,
+            )
+            raise run.task.retry(exc=error, countdown=_backoff_s(settings, run.retries)) from None
+        _record_error(run, error)
+        return "FAILURE"
     except Exception as exc:
-        outcome = "model_error"
-        log.exception("task id=%s task=%s crashed", task_id, name.value)
-        internal = ModelError(f"internal error: {type(exc).__name__}")
-        raise _failure(result, internal, ctx, task.request.retries) from None
-    finally:
-        runtime.health.task_finished(task_id)
-        _log_and_measure(runtime, result, outcome, ctx, delivery)
+        run.outcome = "model_error"
+        log.exception("task id=%s task=%s crashed", task_id, run.name.value)
+        _record_error(run, ModelError(f"internal error: {type(exc).__name__}"))
+        return "FAILURE"
 
 
-def _failure(
-    result: TaskResult, error: VisionQueueError, ctx: TaskContext, retries: int
-) -> TaskFailed:
-    _forget_deliveries(ctx.redis, result.id, retries)
-    result.error = error.to_dict()
-    result.timings.total = time.time() - ctx.started_at
-    return TaskFailed(result.to_dict())
+def _store_outcome(run: _Run, state: str) -> dict[str, Any]:
+    """Store the final state, then tell Celery the outcome (events, ack) that matches it."""
+    runtime = run.runtime
+    payload = run.result.to_dict()
+    try:
+        stored = runtime.results.finish(
+            run.result.id,
+            run.name.celery_name,
+            state,
+            payload,
+            run.lease,
+            run.retries,
+            run.stream.tail(),
+        )
+    except StoreGaveUp as exc:
+        run.outcome = "requeued"
+        log.warning("task id=%s: result not stored (%s); handing it back", run.result.id, exc)
+        _hand_back(run)
+        raise Ignore() from None
+    if stored == LOST:
+        run.outcome = "abandoned"
+        raise Ignore()
+    if stored == EXISTS:
+        run.outcome = "duplicate"
+        raise Ignore()
+    if state == "SUCCESS":
+        return payload
+    if state == "REVOKED":
+        # Celery then sends task-revoked (Flower's REVOKED) and acknowledges the message.
+        raise Terminated("cancelled")
+    raise TaskFailed(payload)
+
+
+def _record_error(run: _Run, error: VisionQueueError) -> None:
+    _forget_deliveries(run.runtime.redis, run.result.id, run.retries)
+    run.result.error = error.to_dict()
+    run.result.timings.total = run.result.timings.total or (time.time() - run.ctx.started_at)
+
+
+def _hand_back(run: _Run) -> None:
+    """Give up the lease; the next sweep of a live worker puts the message back."""
+    if run.lease is not None and run.runtime.keeper is not None:
+        run.runtime.keeper.release(run.lease)
+
+
+def _revoked_handler(runtime: WorkerRuntime) -> Any:
+    """A task revoked before it ran (Celery skipped it): store it as cancelled."""
+
+    def on_revoked(request: Any = None, **_: Any) -> None:
+        task_id = getattr(request, "id", None)
+        task_name = str(getattr(request, "task_name", "") or getattr(request, "name", ""))
+        if not task_id:
+            return
+        short = task_name.removeprefix("vision_queue.")
+        result = TaskResult(id=task_id, task=short, worker=runtime.name)
+        result.error = Cancelled("cancelled before it started").to_dict()
+        try:
+            stored = runtime.results.finish(
+                task_id, task_name, "REVOKED", result.to_dict(), None, 0, StreamTail()
+            )
+        except StoreGaveUp as exc:
+            log.warning("task id=%s: cancellation not stored (%s)", task_id, exc)
+            return
+        if stored == STORED:
+            ctx = TaskContext(
+                task_id, runtime.settings, runtime.engine, runtime.redis, runtime.name
+            )
+            _log_and_measure(runtime, result, "cancelled", ctx, 0)
+
+    return on_revoked
 
 
 def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: Settings) -> int:
     """Count deliveries of this message; fail a task that keeps killing its workers.
 
     A worker that dies mid-task (SIGKILL, OOM killer, a segfault in a kernel) leaves the
-    message unacknowledged, and Redis delivers it again after the visibility timeout.
+    message unacknowledged, and a live worker hands it back once the lease lapses.
     Without a bound, an input that crashes every worker would loop forever.
     """
     key = DELIVERIES_KEY.format(task_id=task_id) + f":{retries}"
@@ -154,7 +317,8 @@ def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: S
 
 
 def _forget_deliveries(client: redis.Redis, task_id: str, retries: int) -> None:
-    client.delete(DELIVERIES_KEY.format(task_id=task_id) + f":{retries}")
+    with contextlib.suppress(redis.RedisError):
+        client.delete(DELIVERIES_KEY.format(task_id=task_id) + f":{retries}")
 
 
 def _backoff_s(settings: Settings, retries: int) -> float:
@@ -185,17 +349,31 @@ class _CancelWatch:
 
 
 class _ProgressReporter:
-    def __init__(self, task: Task) -> None:
-        self.task = task
+    """Tokens so far, stored as the PROGRESS state (which wakes waiting clients)."""
+
+    def __init__(
+        self, store: ResultStore, task_id: str, name: str, lease: Lease | None, retries: int
+    ) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.name = name
+        self.lease = lease
+        self.retries = retries
         self._next = 0.0
 
     def __call__(self, tokens: int) -> None:
         now = time.monotonic()
         if now >= self._next:
             self._next = now + _PROGRESS_INTERVAL_S
-            # Progress is best effort; the result itself is stored with retries.
-            with contextlib.suppress(redis.RedisError, OperationalError):
-                self.task.update_state(state=PROGRESS_STATE, meta={"tokens": tokens})
+            # Best effort; the result itself is stored with retries.
+            self.store.update(
+                self.task_id,
+                self.name,
+                PROGRESS_STATE,
+                {"tokens": tokens},
+                self.lease,
+                self.retries,
+            )
 
 
 def _log_and_measure(

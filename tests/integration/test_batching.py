@@ -59,8 +59,8 @@ def most_running(worker: WorkerProcess, until: Callable[[], bool], timeout_s: fl
     """The most tasks the worker's health file showed running at once, until `until()`."""
     most, deadline = 0, time.monotonic() + timeout_s
     while not until() and time.monotonic() < deadline:
-        running = worker._health().get("running_tasks") or []
-        most = max(most, len(running) if isinstance(running, list) else 0)
+        running = worker._health().get("running") or {}
+        most = max(most, len(running) if isinstance(running, dict) else 0)
         time.sleep(0.02)
     return most
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from producer import Client, TaskName, UnknownTaskId
 from producer.contract import TASK_SPECS
 from producer.errors import InvalidInput
+from producer.presence import live_workers
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,3 +96,10 @@ def test_fixed_prompts_are_the_contracts(client: Client, images: Path) -> None:
     with pytest.raises(InvalidInput) as error:
         client.submit("ocr", [(images / "doc_900x600.png").read_bytes()], "my own prompt")
     assert error.value.field == "prompt"
+
+
+def test_a_running_worker_is_announced_live_on_its_queue(client: Client, shared_worker) -> None:
+    deadline = time.monotonic() + 30  # announced by the first beat of its lease keeper
+    while shared_worker.name not in live_workers(client._redis, "gpu"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

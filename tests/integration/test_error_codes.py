@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
-from support.http_server import Route, serve
+from support.http_server import IMAGE_HOST, Route, serve
 from support.images import png_header_only
 
 from producer import Client, TaskName
@@ -23,7 +24,7 @@ def loopback_client(client_settings: Settings, shared_worker):
     settings = Settings.from_env(
         {},
         redis_url=client_settings.redis_url,
-        allowed_private_hosts="127.0.0.1",
+        allowed_private_hosts=IMAGE_HOST,
         max_new_tokens_caps=client_settings.max_new_tokens_caps,
     )
     with Client(settings) as client:
@@ -72,6 +73,17 @@ def test_url_images_fail_with_their_code(loopback_client: Client, route: Route, 
         result = failure_of(loopback_client, handle.id)
     assert result["error"]["code"] == code
     assert "secret" not in result["error"]["message"]
+    # Nor anywhere in what Celery stored about the task (its extended meta holds the args)
+    stored = loopback_client._redis.get(f"celery-task-meta-{handle.id}")
+    assert b"/image" in stored and b"secret" not in stored
+
+
+def test_a_staged_key_of_the_wrong_type_is_a_fetch_failure_at_once(loopback_client: Client):
+    digest = "cd" * 32
+    loopback_client._redis.hset(f"vq:img:{digest}", "not", "an image")
+    handle = loopback_client.submit("describe", [ImageRef(ImageSource.STAGED, digest)])
+    error = failure_of(loopback_client, handle.id)["error"]
+    assert error["code"] == "image_fetch_failed" and "wrong Redis type" in error["message"]
 
 
 def test_a_staged_image_that_expired_is_a_fetch_failure(loopback_client: Client):
@@ -101,3 +113,13 @@ def test_a_task_whose_deliveries_are_spent_fails_as_model_error(loopback_client:
     error = failure_of(loopback_client, task_id)["error"]
     assert error["code"] == "model_error"
     assert "died" in error["message"]
+
+
+def test_coded_failures_are_logged_one_line_each_without_a_traceback(shared_worker) -> None:
+    # Runs last in this module: the worker has failed with invalid_input, image_fetch_failed,
+    # unsupported_image, image_too_large, resource_exhausted and model_error by now.
+    log = shared_worker.log()
+    outcomes = re.findall(r"task id=\S+ task=\S+ outcome=(\S+)", log)
+    assert {"invalid_input", "image_fetch_failed", "resource_exhausted"} <= set(outcomes)
+    assert "Traceback" not in log
+    assert not [line for line in log.splitlines() if " ERROR " in line]

@@ -627,7 +627,7 @@ def test_terminate_from_the_dashboard_stops_a_running_task(
     # Given a worker of its own (queue "long", so the shared worker's tasks stay apart)
     # running a generation that would go on for minutes
     env = {"VQ_QUEUE": "long", "VQ_MAX_NEW_TOKENS_CAPS": f"ask={LONG}",
-           "VQ_TASK_TIME_LIMIT_S": "120", "VQ_VISIBILITY_TIMEOUT_S": "300"}
+           "VQ_TASK_TIME_LIMIT_S": "120"}
     settings = Settings.from_env({}, redis_url=module_redis.url, queue="long",
                                  max_new_tokens_caps=f"ask={LONG}", connect_timeout_s=3.0)
     with WorkerProcess(module_redis.url, tmp_path_factory.mktemp("long-worker"), **env) as worker:

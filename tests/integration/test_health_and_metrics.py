@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.redis_server import free_port
@@ -12,6 +13,7 @@ from support.workers import WorkerProcess, run_cli
 
 from producer import Client
 from producer.settings import Settings
+from worker.health import read_health
 
 pytestmark = pytest.mark.timeout(300)
 LONG = 20_000
@@ -64,7 +66,18 @@ def test_metrics_count_tasks_tokens_and_load_time(long_client: Client, metered_w
     handle = long_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
     assert long_client.result(handle.id, wait=True, timeout=60)["state"] == "SUCCESS"
     port = metered_worker.env["VQ_METRICS_PORT"]
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
+
+    # The worker counts a task right after storing its result, which may wake us first.
+    deadline = time.monotonic() + 30
+    body = scrape()
+    while 'vq_tasks_total{outcome="success",task="describe"}' not in body:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+        body = scrape()
     for metric in (
         'vq_tasks_total{outcome="success",task="describe"}',
         'vq_queue_wait_seconds_count{task="describe"}',
@@ -76,3 +89,33 @@ def test_metrics_count_tasks_tokens_and_load_time(long_client: Client, metered_w
         "vq_model_loaded{",
     ):
         assert metric in body, metric
+
+
+def test_the_metrics_server_listens_on_loopback_only(metered_worker):
+    port = int(metered_worker.env["VQ_METRICS_PORT"])
+    listening = [
+        line.split()[1]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
+    ]
+    assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1, not 0.0.0.0
+
+
+def test_a_consumer_restart_is_counted_and_one_is_no_loop(
+    module_redis, metered_worker, long_client: Client, images
+):
+    # Given a worker that has started its consumer once
+    before = len(read_health(metered_worker.health_file)["consumer_starts"])
+    # When Redis restarts under it (the consumer reconnects: one more start)
+    module_redis.restart()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        starts = (read_health(metered_worker.health_file) or {}).get("consumer_starts") or []
+        if len(starts) > before:
+            break
+        time.sleep(0.1)
+    assert len(starts) == before + 1
+    # Then the worker is ready and serves again
+    handle = long_client.submit("describe", [(images / "small_400x300.jpg").read_bytes()])
+    assert long_client.result(handle.id, wait=True, timeout=120)["state"] == "SUCCESS"
+    assert health(metered_worker, "--ready").returncode == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support.http_server import Route, serve
+from support.http_server import IMAGE_HOST, Route, serve
 from support.workers import WorkerProcess
 
 from producer import Client
@@ -39,8 +39,8 @@ def test_a_transient_fetch_failure_is_retried_until_it_succeeds(redis_url: str, 
             attempts.append(1)
             return Route(503, b"busy") if len(attempts) == 1 else Route(200, image, "image/jpeg")
 
-    env = {"VQ_ALLOWED_PRIVATE_HOSTS": "127.0.0.1", "VQ_RETRY_BACKOFF_S": "0.2"}
-    settings = Settings.from_env({}, redis_url=redis_url, allowed_private_hosts="127.0.0.1")
+    env = {"VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST, "VQ_RETRY_BACKOFF_S": "0.2"}
+    settings = Settings.from_env({}, redis_url=redis_url, allowed_private_hosts=IMAGE_HOST)
     with (
         serve(Flaky()) as server,
         WorkerProcess(redis_url, tmp_path, **env) as worker,

@@ -12,10 +12,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.addresses import ParsedUrl, check_url, is_public_address, parse_ip_literal
-from producer.errors import ErrorCode, ImageFetchFailed
+from producer.addresses import (
+    MAX_URL_CHARS,
+    ParsedUrl,
+    allowlist_entry,
+    check_url,
+    check_url_length,
+    is_public_address,
+    parse_ip_literal,
+)
+from producer.errors import ErrorCode, ImageFetchFailed, InvalidInput
 
 NO_ALLOWLIST: frozenset[str] = frozenset()
+
+
+def allowlist(*entries: str) -> frozenset[str]:
+    """VQ_ALLOWED_PRIVATE_HOSTS entries as Settings hands them to check_url."""
+    return frozenset(allowlist_entry(entry) for entry in entries)
+
 
 NON_PUBLIC = [
     # IPv4
@@ -356,15 +370,66 @@ def test_ports_ipv6_idn_and_non_ascii_paths_are_normalised() -> None:
     assert check_url("http://8.8.8.8/", NO_ALLOWLIST).ip == ipaddress.ip_address("8.8.8.8")
 
 
-def test_allowlisted_hosts_skip_the_address_rules() -> None:
-    allow = frozenset({"127.0.0.1", "localhost", "minio.internal"})
+def test_allowlisted_host_and_port_skip_the_address_rules() -> None:
+    allow = allowlist("127.0.0.1:9000", "localhost:9000", "minio.internal")
     assert check_url("http://127.0.0.1:9000/a.png", allow).allowlisted
     assert check_url("http://localhost:9000/a.png", allow).allowlisted
     assert check_url("http://minio.internal/bucket/a.png", allow).allowlisted
+    assert check_url("https://minio.internal/bucket/a.png", allow).allowlisted
     # The canonical address matches too: 2130706433 is 127.0.0.1.
-    assert check_url("http://2130706433/", allow).host == "127.0.0.1"
+    assert check_url("http://2130706433:9000/", allow).host == "127.0.0.1"
     refused("http://10.0.0.1/", allow)  # other private addresses stay refused
     refused("http://metadata.google.internal/", allow)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:6379/",  # Redis on the allow-listed image host
+        "http://127.0.0.1/",  # its default port was not listed either
+        "http://0x7f000001:22/",
+        "http://[::ffff:127.0.0.1]:6379/",
+    ],
+)
+def test_an_allowlisted_host_opens_no_other_port(url: str) -> None:
+    refused(url, allowlist("127.0.0.1:9000"))
+
+
+def test_a_bare_allowlisted_name_allows_only_ports_80_and_443() -> None:
+    allow = allowlist("images.corp.test")
+    assert check_url("http://images.corp.test/a.png", allow).allowlisted
+    assert check_url("https://images.corp.test:443/a.png", allow).allowlisted
+    assert not check_url("http://images.corp.test:6379/a.png", allow).allowlisted
+
+
+@pytest.mark.parametrize(
+    ("entry", "canonical"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0x7f.1:8080", "127.0.0.1:8080"),
+        ("[::1]:9000", "[::1]:9000"),
+        ("[::1]", "::1"),
+        ("Images.Corp.Test.", "images.corp.test"),
+    ],
+)
+def test_allowlist_entries_have_one_canonical_form(entry: str, canonical: str) -> None:
+    assert allowlist_entry(entry) == canonical
+
+
+@pytest.mark.parametrize("entry", ["host:0", "host:70000", "a b", "[nonsense]:80", "h:1:2"])
+def test_malformed_allowlist_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ValueError):
+        allowlist_entry(entry)
+
+
+def test_urls_longer_than_the_limit_are_refused() -> None:
+    long_url = "https://example.com/" + "a" * MAX_URL_CHARS
+    refused(long_url)
+    with pytest.raises(InvalidInput) as caught:
+        check_url_length(long_url, field="images[2]")
+    assert caught.value.field == "images[2]"
+    assert str(MAX_URL_CHARS) in caught.value.message and "aaaa" not in caught.value.message
+    check_url_length("https://example.com/" + "a" * (MAX_URL_CHARS - 20))
 
 
 def test_public_urls_are_not_flagged_as_allowlisted() -> None:

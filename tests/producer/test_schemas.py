@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from producer.addresses import MAX_URL_CHARS
+from producer.contract import PROMPT_CONTROL_TOKENS, TaskName, control_token_in
 from producer.errors import InvalidInput
-from producer.schemas import ImageRef, ImageSource, TaskOptions, TaskRequest, parse_request
+from producer.schemas import (
+    ImageRef,
+    ImageSource,
+    TaskOptions,
+    TaskRequest,
+    check_request,
+    parse_request,
+    redact_message,
+)
 from producer.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SETTINGS = Settings.from_env({})
 DIGEST = "a" * 64
@@ -104,3 +117,85 @@ def test_generation_options_round_trip_through_the_message():
 def test_the_defaults_decode_greedily_without_stop_strings():
     options = parse_request(message(), SETTINGS).options
     assert (options.temperature, options.top_p, options.seed, options.stop) == (0.0, 1.0, None, ())
+
+
+# Hostile text and numbers: refused on both sides, naming the field, echoing little ----------
+
+
+def ask(prompt, **options) -> TaskRequest:
+    return TaskRequest(TaskName.ASK, (), prompt, TaskOptions(**options))
+
+
+def refused_by_check(request: TaskRequest) -> InvalidInput:
+    with pytest.raises(InvalidInput) as error:
+        check_request(request, SETTINGS)
+    return error.value
+
+
+@pytest.mark.parametrize("token", [*PROMPT_CONTROL_TOKENS, "<|image_3|>", "<|im_start|>"])
+def test_every_control_token_of_the_tokenizer_is_refused_in_a_prompt(token: str):
+    error = refused_by_check(ask(f"Tell me {token} a story"))
+    assert error.field == "prompt" and token[:24] in error.message
+
+
+def test_the_contract_covers_every_added_token_of_the_reference_tokenizer():
+    tokenizer = json.loads((ROOT / "tests/data/phi3v-reference/model/tokenizer.json").read_text())
+    assert all(control_token_in(t["content"]) for t in tokenizer["added_tokens"])
+
+
+def test_ordinary_angle_brackets_are_fine():
+    check_request(ask("Is 3 < 4 and 5 > 2? Reply in <b>bold</b>, a|b."), SETTINGS)
+
+
+@pytest.mark.parametrize("prompt", ["broken \ud800 text", "b\udcffad bytes"])
+def test_prompts_that_are_not_valid_utf8_are_refused(prompt: str):
+    # Lone surrogates: what invalid UTF-8 becomes when read with surrogateescape.
+    assert refused_by_check(ask(prompt)).field == "prompt"
+    assert refused_field(message(task="ask", prompt=prompt, images=[])) == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("max_new_tokens", True), ("max_new_tokens", 8.0), ("num_crops", 2.5)]
+)
+def test_integer_options_are_refused_unless_integers_on_the_producer_side_too(name, value):
+    assert refused_by_check(ask("hi", **{name: value})).field == name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**400])
+def test_submitted_at_must_be_finite(value):
+    assert refused_field(message(submitted_at=value)) == "submitted_at"
+    if isinstance(value, float):
+        request = TaskRequest(TaskName.ASK, (), "hi", submitted_at=value)
+        assert refused_by_check(request).field == "submitted_at"
+
+
+def test_a_url_longer_than_the_limit_is_invalid_input_naming_the_image():
+    url = "https://example.com/" + "x" * MAX_URL_CHARS
+    request = TaskRequest(TaskName.DESCRIBE, (ImageRef(ImageSource.URL, url),))
+    assert refused_by_check(request).field == "images[0]"
+    assert refused_field(message(images=[{"source": "url", "ref": url}])) == "images[0]"
+
+
+@pytest.mark.parametrize("task", ["x" * 10_000, {"nested": ["object"]}, object(), 10**100])
+def test_error_messages_echo_at_most_a_short_prefix_and_never_a_repr(task):
+    with pytest.raises(InvalidInput) as error:
+        parse_request(message(task=task), SETTINGS)
+    text = error.value.message
+    assert len(text) < 200
+    assert "0x" not in text and "nested" not in text and "x" * 50 not in text
+
+
+def test_redacted_messages_lose_url_query_strings_only():
+    raw = message(
+        task="compare",
+        images=[
+            {"source": "url", "ref": "https://bucket.example/a.jpg?X-Amz-Signature=SECRET#f"},
+            {"source": "staged", "ref": DIGEST},
+        ],
+    )
+    redacted = redact_message(raw)
+    assert redacted["images"] == [
+        {"source": "url", "ref": "https://bucket.example/a.jpg"},
+        {"source": "staged", "ref": DIGEST},
+    ]
+    assert "SECRET" in json.dumps(raw)  # the original is left alone

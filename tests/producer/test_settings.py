@@ -82,3 +82,55 @@ def test_passwords_never_appear_when_settings_are_printed():
 def test_the_docs_list_every_setting_with_its_default():
     docs = (ROOT / "docs" / "settings.md").read_text()
     assert settings_table() in docs
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:p#ss@h:6379/0",
+        "redis://:pa/ss@h:6379/0",
+        "redis://:p@ss@h:6379/0",
+        "redis://user:s3cr?t@h:6379/0",
+        "redis://h:6379/0?password=s3cret",
+        "redis://h:6379/0?db=0&password=s3cret&ssl_cert_reqs=none",
+        "unix:///run/redis.sock?password=s3cret&db=0",
+    ],
+)
+def test_a_password_is_masked_whole_wherever_it_is_written(url: str):
+    secret = url.split("password=")[1].split("&")[0] if "password=" in url else None
+    settings = Settings.from_env({"REDIS_URL": url})
+    for text in (mask_url(url), repr(settings), str(settings.masked())):
+        assert "****" in text
+        for part in ("p#ss", "ss@h", "pa/ss", "p@ss", "s3cr?t", secret or "p#ss"):
+            assert part not in text
+
+
+def test_a_query_password_becomes_the_userinfo_kombu_and_redis_py_both_read():
+    settings = Settings.from_env({"REDIS_URL": "redis://h:6379/0?password=p%40ss&db=0"})
+    assert settings.effective_broker_url == "redis://:p%40ss@h:6379/0?db=0"
+    assert settings.effective_backend_url == settings.effective_broker_url
+    raw = "redis://:pa#ss@h:6379/0"  # not percent-encoded: every parser misreads the host
+    assert Settings.from_env({"REDIS_URL": raw}).effective_broker_url == "redis://:pa%23ss@h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:99999/0", "redis://h:port/0", "redis://:pw@h:0/0", "redis://:pw@:6379/0"]
+)
+def test_a_bad_port_or_host_is_a_clean_settings_error_without_the_password(url: str):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": url})
+    assert "REDIS_URL" in str(caught.value) and "pw" not in str(caught.value)
+
+
+def test_private_host_entries_are_validated_and_canonical():
+    settings = Settings.from_env({"VQ_ALLOWED_PRIVATE_HOSTS": "MinIO.corp:9000, 0x7f.1:8080, img"})
+    assert settings.private_host_allowlist == {"minio.corp:9000", "127.0.0.1:8080", "img"}
+    with pytest.raises(SettingsError, match="VQ_ALLOWED_PRIVATE_HOSTS"):
+        Settings.from_env({"VQ_ALLOWED_PRIVATE_HOSTS": "minio:70000"})
+
+
+def test_the_metrics_server_binds_to_loopback_unless_told():
+    assert Settings.from_env({}).metrics_address == "127.0.0.1"
+    assert Settings.from_env({"VQ_METRICS_ADDRESS": "0.0.0.0"}).metrics_address == "0.0.0.0"
+    with pytest.raises(SettingsError, match="VQ_METRICS_ADDRESS"):
+        Settings.from_env({"VQ_METRICS_ADDRESS": "not an address!"})

@@ -1,6 +1,10 @@
 """Faults of workers and Redis: an accepted job ends with exactly one result.
 
-Figures printed here (rounds, run times) are recorded in docs/reliability.md.
+Every worker here runs with the shipped delivery settings (visibility timeout 3,600 s,
+task limit 600 s, lease 10 s, heartbeat 2 s): a dead worker's task comes back through its
+lapsed lease, not through a short visibility timeout, so the tests hold on a loaded
+machine. Figures printed here (rounds, recovery and run times) are recorded in
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -19,26 +24,37 @@ from support.redis_server import RedisServer
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client
+from producer.presence import live_workers
 from producer.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# A short visibility timeout so a message whose worker died comes back within seconds.
-FAST_REDELIVERY = {
-    "VQ_VISIBILITY_TIMEOUT_S": "10",
-    "VQ_TASK_TIME_LIMIT_S": "8",
-    "VQ_RESTORE_INTERVAL_S": "1",
+# The shipped defaults for everything about delivery; only the token caps are the tests'.
+SHIPPED_DELIVERY = {
+    "VQ_HEARTBEAT_INTERVAL_S": "2.0",
     "VQ_MAX_NEW_TOKENS_CAPS": "ask=4000,describe=16,ocr=16,compare=16",
 }
+# The most a dead worker's task may take to be running again with those defaults.
+RECOVERY_LIMIT_S = 30
 # Long enough on the tiny model to be caught running, short enough to finish in time.
-RUNNING_TOKENS = 2500
+RUNNING_TOKENS = 1500
 
 
-def successes(workers: Iterable[WorkerProcess]) -> Counter[str]:
-    found: Counter[str] = Counter()
-    for worker in workers:
-        found.update(re.findall(r"task id=(\S+) task=\S+ outcome=success", worker.log()))
-    return found
+def successes(workers: Iterable[WorkerProcess], expected: Iterable[str] = ()) -> Counter[str]:
+    """Success lines per task id in the workers' logs.
+
+    A worker logs its line just after storing the result, which may wake the client first:
+    wait (bounded) until every id in `expected` has its line before counting.
+    """
+    wanted = set(expected)
+    deadline = time.monotonic() + 30
+    while True:
+        found: Counter[str] = Counter()
+        for worker in workers:
+            found.update(re.findall(r"task id=(\S+) task=\S+ outcome=success", worker.log()))
+        if all(found[task_id] for task_id in wanted) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -48,54 +64,155 @@ def fast_client(redis_url: str) -> Iterator[Client]:
         yield client
 
 
-def test_sigkill_mid_generation_redelivers_and_ends_with_exactly_one_success(
+def running_elsewhere(client: Client, task_id: str, dead: str, timeout_s: float) -> str:
+    """Wait until a worker other than `dead` generates the task; return its name."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.status(task_id)
+        if status.state == "PROGRESS" and status.worker and status.worker != dead:
+            return status.worker
+        assert not status.done, status
+        time.sleep(0.05)
+    raise AssertionError(f"{task_id} was not running again within {timeout_s}s")
+
+
+def test_sigkill_mid_generation_runs_again_within_30_s_and_ends_with_exactly_one_success(
     redis_url: str, fast_client: Client, tmp_path: Path
 ) -> None:
-    rounds = 5
+    rounds = 3
     workers = {
         w.name: w
-        for w in (WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start() for _ in range(2))
+        for w in (WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start() for _ in range(2))
     }
     everyone = list(workers.values())
+    recoveries: list[float] = []
     try:
         ids = []
-        for _ in range(rounds):
+        for round_ in range(rounds):
             handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
             victim = workers[wait_until_generating(fast_client, handle.id).worker]
+            reader = None
+            if round_ == 0:
+                # A reader following the text across the worker's death: the rerun continues
+                # the stream where the dead worker left it, without a gap or a repeat.
+                deltas: list[str] = []
+                reader = threading.Thread(
+                    target=deltas.extend, args=(fast_client.stream(handle.id),)
+                )
+                reader.start()
+                time.sleep(0.5)
             victim.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
             victim.wait()
-            replacement = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start(
+            del workers[victim.name]
+            # The survivor takes the task over through the lapsed lease: no supervisor needed.
+            running_elsewhere(fast_client, handle.id, victim.name, RECOVERY_LIMIT_S)
+            recoveries.append(time.monotonic() - killed_at)
+            replacement = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start(
                 wait_ready=False
             )
-            del workers[victim.name]
             workers[replacement.name] = replacement
             everyone.append(replacement)
-            result = fast_client.result(handle.id, wait=True, timeout=120)
+            result = fast_client.result(handle.id, wait=True, timeout=300)
             assert result is not None and result["state"] == "SUCCESS", result
+            if reader is not None:
+                reader.join(timeout=120)
+                assert "".join(deltas) == result["text"]
             ids.append(handle.id)
-        counts = successes(everyone)
+        counts = successes(everyone, ids)
         assert all(counts[task_id] == 1 for task_id in ids), counts
-        print(f"\nreliability: sigkill rounds={rounds} lost=0 duplicated=0")
+        print(
+            f"\nreliability: sigkill rounds={rounds} lost=0 duplicated=0 "
+            f"running again after {min(recoveries):.1f}-{max(recoveries):.1f}s "
+            f"(median {sorted(recoveries)[len(recoveries) // 2]:.1f}s)"
+        )
     finally:
         for worker in workers.values():
             worker.stop()
 
 
+def test_a_frozen_worker_that_resumes_stores_nothing_and_the_task_succeeds_once(
+    redis_url: str, fast_client: Client, tmp_path: Path
+) -> None:
+    frozen = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start()
+    live = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start()
+    try:
+        handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
+        first = wait_until_generating(fast_client, handle.id).worker
+        if first != frozen.name:
+            frozen, live = live, frozen
+        frozen.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            running_elsewhere(fast_client, handle.id, frozen.name, RECOVERY_LIMIT_S)
+            result = fast_client.result(handle.id, wait=True, timeout=300)
+            time.sleep(max(0.0, 60 - (time.monotonic() - stopped_at)))
+        finally:
+            frozen.signal(signal.SIGCONT)
+        # It resumes mid-generation, finds its lease gone, and gives the task up.
+        deadline = time.monotonic() + 60
+        while f"task id={handle.id} task=ask outcome=abandoned" not in frozen.log():
+            assert time.monotonic() < deadline, frozen.log()[-3000:]
+            time.sleep(0.2)
+        assert result is not None and result["state"] == "SUCCESS", result
+        assert result["worker"] == live.name
+        assert fast_client.result(handle.id) == result  # never replaced
+        assert successes([frozen, live], [handle.id])[handle.id] == 1
+        # The resumed worker serves again.
+        again = [fast_client.submit("ask", [], f"Say {i}.", max_new_tokens=1) for i in range(4)]
+        assert all(
+            (fast_client.result(h.id, wait=True, timeout=120) or {}).get("state") == "SUCCESS"
+            for h in again
+        )
+        print("\nreliability: SIGSTOP 60 s then SIGCONT: 1 stored result, 1 success line")
+    finally:
+        frozen.stop()
+        live.stop()
+
+
+def test_redis_out_of_memory_while_storing_hands_the_task_back_and_it_succeeds_once(
+    redis_server: RedisServer, redis_url: str, fast_client: Client, tmp_path: Path
+) -> None:
+    admin = redis_server.client()
+    with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY) as worker:
+        handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
+        wait_until_generating(fast_client, handle.id)
+        admin.config_set("maxmemory", "1")  # every write that needs memory is refused now
+        try:
+            deadline = time.monotonic() + 180
+            while f"task id={handle.id} task=ask outcome=requeued" not in worker.log():
+                assert time.monotonic() < deadline, worker.log()[-3000:]
+                time.sleep(0.2)
+            assert fast_client.result(handle.id) is None  # nothing stored, nothing lost
+        finally:
+            admin.config_set("maxmemory", "0")
+        result = fast_client.result(handle.id, wait=True, timeout=300)
+        assert result is not None and result["state"] == "SUCCESS", result
+        assert successes([worker], [handle.id])[handle.id] == 1
+        after = fast_client.submit("ask", [], "Say hi.", max_new_tokens=1)
+        assert (fast_client.result(after.id, wait=True, timeout=120) or {})["state"] == "SUCCESS"
+    log = worker.log()
+    assert "Traceback" not in log, log[-3000:]
+    print("\nreliability: maxmemory lowered while storing: handed back, 1 success once raised")
+
+
 def test_sigterm_lets_the_running_task_finish(redis_url, fast_client: Client, tmp_path: Path):
-    with WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY) as worker:
+    with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY) as worker:
         handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
         wait_until_generating(fast_client, handle.id)
         worker.signal(signal.SIGTERM)
         assert worker.wait(timeout_s=60) == 0
+    # A clean exit leaves the queue's live workers at once (no waiting for expiry).
+    assert worker.name not in live_workers(fast_client._redis, "gpu")
     result = fast_client.result(handle.id)
     assert result is not None and result["state"] == "SUCCESS"
-    assert successes([worker])[handle.id] == 1
+    assert successes([worker], [handle.id])[handle.id] == 1
 
 
 def test_a_second_signal_stops_at_once_and_the_task_is_redelivered(
     redis_url, fast_client: Client, tmp_path: Path
 ):
-    first = WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY).start()
+    first = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY).start()
     handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
     wait_until_generating(fast_client, handle.id)
     first.signal(signal.SIGTERM)
@@ -103,10 +220,10 @@ def test_a_second_signal_stops_at_once_and_the_task_is_redelivered(
     first.signal(signal.SIGQUIT)  # cold shutdown: do not wait for the task
     first.wait(timeout_s=30)
     assert successes([first])[handle.id] == 0
-    with WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY) as second:
+    with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY) as second:
         result = fast_client.result(handle.id, wait=True, timeout=120)
     assert result is not None and result["state"] == "SUCCESS"
-    assert successes([first, second])[handle.id] == 1
+    assert successes([first, second], [handle.id])[handle.id] == 1
 
 
 def test_redis_restart_with_100_queued_tasks_loses_none(
@@ -115,7 +232,7 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
     image = (images / "small_400x300.jpg").read_bytes()
     handles = [fast_client.submit("describe", [image], max_new_tokens=1) for _ in range(100)]
     began = time.monotonic()
-    with WorkerProcess(redis_url, tmp_path, **FAST_REDELIVERY) as worker:
+    with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY) as worker:
         while fast_client._redis.llen("gpu") > 90:  # a few done, most still queued
             time.sleep(0.05)
         redis_server.restart()  # AOF on: queued messages and results survive
@@ -125,7 +242,7 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
     print(
         f"\nreliability: redis restart with 100 queued: 100/100 in {time.monotonic() - began:.1f}s"
     )
-    assert successes([worker]).total() >= 100
+    assert successes([worker], [h.id for h in handles]).total() >= 100
 
 
 def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
@@ -139,11 +256,11 @@ def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
         submitted = time.monotonic() - began
         results = [fast_client.result(h.id, wait=True, timeout=600) for h in handles]
         elapsed = time.monotonic() - began
+        counts = successes([a, b], [h.id for h in handles])
         per_worker = [successes([w]).total() for w in (a, b)]
     failed = [r for r in results if r is None or r["state"] != "SUCCESS"]
     assert not failed, failed[:3]
     assert len({r["id"] for r in results if r}) == 1000
-    counts = successes([a, b])
     assert all(counts[h.id] == 1 for h in handles)
     print(
         f"\nreliability: burst 1000 on 2 workers: submitted in {submitted:.1f}s, "
@@ -155,7 +272,7 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_bounded_deliveries(
     redis_url: str, fast_client: Client, tmp_path: Path
 ):
     env = {
-        **FAST_REDELIVERY,
+        **SHIPPED_DELIVERY,
         "VQ_MAX_DELIVERIES": "2",
         "VQ_FAULT_INJECTION": "crash_marker=__CRASH__",
     }

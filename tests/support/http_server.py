@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The one loopback port a long-lived test worker is allowed to fetch from
+# (VQ_ALLOWED_PRIVATE_HOSTS takes host:port): chosen once per test session.
+IMAGE_PORT = _free_port()
+IMAGE_HOST = f"127.0.0.1:{IMAGE_PORT}"
 
 
 @dataclass
@@ -27,8 +40,9 @@ class LocalServer:
 
 
 @contextmanager
-def serve(routes: dict[str, Route]) -> Iterator[LocalServer]:
-    state = LocalServer(0, routes)
+def serve(routes: dict[str, Route], port: int = IMAGE_PORT) -> Iterator[LocalServer]:
+    """Serve `routes` on 127.0.0.1:`port` (IMAGE_PORT unless told; 0 picks a free one)."""
+    state = LocalServer(port, routes)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -43,7 +57,7 @@ def serve(routes: dict[str, Route]) -> Iterator[LocalServer]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     state.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

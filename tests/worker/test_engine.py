@@ -97,6 +97,22 @@ def test_load_failures_are_model_errors_that_say_why(config: EngineConfig, messa
         Engine.load(config)
 
 
+def test_a_checkpoint_adding_an_unchecked_control_token_is_refused(tmp_path: Path) -> None:
+    # Given the reference checkpoint whose tokenizer adds one token the contract does not list
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in Path(TINY_MODEL).iterdir():
+        (folder / item.name).symlink_to(item)
+    tokenizer = json.loads((Path(TINY_MODEL) / "tokenizer.json").read_text())
+    extra = {**tokenizer["added_tokens"][-1], "id": 32045, "content": "<tool_call>"}
+    tokenizer["added_tokens"].append(extra)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    # Then loading fails, naming it: prompts containing it would reach the model as a token
+    with pytest.raises(ModelError, match="<tool_call>"):
+        Engine.load(EngineConfig(model=str(folder), device="cpu"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="CUDA is not available"):

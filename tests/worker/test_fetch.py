@@ -40,7 +40,18 @@ def png_bytes() -> bytes:
 
 
 PNG = png_bytes()
-LOOPBACK_ALLOWED = "127.0.0.1,localhost"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# VQ_ALLOWED_PRIVATE_HOSTS entries name a port: the test servers listen on these two.
+LOOPBACK_PORT = _free_port()
+TLS_PORT = _free_port()
+LOOPBACK_ALLOWED = f"127.0.0.1:{LOOPBACK_PORT},localhost:{LOOPBACK_PORT}"
 
 
 def loopback_settings(**overrides: Any) -> Settings:
@@ -123,7 +134,8 @@ def serve(routes: dict[str, Handler], tls: ssl.SSLContext | None = None) -> Iter
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
+    port = TLS_PORT if tls is not None else LOOPBACK_PORT
+    server = ThreadingHTTPServer(("127.0.0.1", port), RequestHandler)
     server.daemon_threads = True
     if tls is not None:
         tls.sni_callback = lambda sock, name, ctx: state.sni.append(name)
@@ -250,7 +262,7 @@ def test_the_checked_address_is_dialled_and_the_name_is_sent_as_host(
 ) -> None:
     # Given a private host name that the operator allowlisted, resolving to loopback
     server.routes["/a.png"] = respond(200, PNG)
-    settings = Settings(allowed_private_hosts="images.corp.test")
+    settings = Settings(allowed_private_hosts=f"images.corp.test:{LOOPBACK_PORT}")
     resolve = resolver({"images.corp.test": ["127.0.0.1"]})
     # When it is fetched
     data = fetch_image_bytes(
@@ -397,7 +409,7 @@ def test_a_redirect_to_a_private_address_is_refused_before_connecting(
 ) -> None:
     # Given an allowlisted server whose image redirects into the internal network
     server.routes["/img"] = redirect(location)
-    settings = Settings(allowed_private_hosts="images.corp.test")
+    settings = Settings(allowed_private_hosts=f"images.corp.test:{LOOPBACK_PORT}")
     resolve = resolver({"images.corp.test": ["127.0.0.1"], "internal.example.test": ["10.1.2.3"]})
     # When it is fetched
     error = refuse(server.url("/img", host="images.corp.test"), settings, resolve=resolve)
@@ -539,10 +551,9 @@ def test_http_status_decides_whether_a_retry_can_help(
 
 
 def test_a_refused_connection_is_transient() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # closed again before the fetch: nobody listens
-    assert refuse(f"http://127.0.0.1:{port}/a.png", loopback_settings()).transient is True
+    # Nobody listens on the allowed port outside the `server` fixture.
+    url = f"http://127.0.0.1:{LOOPBACK_PORT}/a.png"
+    assert refuse(url, loopback_settings()).transient is True
 
 
 def test_a_body_cut_short_is_transient(server: LocalServer) -> None:
@@ -559,7 +570,8 @@ def test_a_body_cut_short_is_transient(server: LocalServer) -> None:
 
 def test_a_server_that_does_not_speak_http_is_permanent() -> None:
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", LOOPBACK_PORT))
         listener.listen()
 
         def answer() -> None:
@@ -686,7 +698,7 @@ def test_https_sends_sni_and_verifies_the_certificate_for_the_name(
     tls_server: LocalServer, certificates: Certificates, connections: Connections
 ) -> None:
     trusting = ssl.create_default_context(cafile=str(certificates.ca))
-    settings = Settings(allowed_private_hosts="images.example.test")
+    settings = Settings(allowed_private_hosts=f"images.example.test:{TLS_PORT}")
     resolve = resolver({"images.example.test": ["127.0.0.1"]})
     url = tls_server.url("/a.png", host="images.example.test")
     assert fetch_image_bytes(url, settings, resolve=resolve, ssl_context=trusting) == PNG
@@ -698,7 +710,9 @@ def test_https_sends_sni_and_verifies_the_certificate_for_the_name(
 def test_https_with_an_untrusted_or_mismatched_certificate_is_permanent(
     tls_server: LocalServer, certificates: Certificates
 ) -> None:
-    settings = Settings(allowed_private_hosts="images.example.test,other.example.test")
+    settings = Settings(
+        allowed_private_hosts=f"images.example.test:{TLS_PORT},other.example.test:{TLS_PORT}"
+    )
     resolve = resolver({"images.example.test": ["127.0.0.1"], "other.example.test": ["127.0.0.1"]})
     # Untrusted CA (system store only)
     error = refuse(tls_server.url("/a.png", host="images.example.test"), settings, resolve=resolve)

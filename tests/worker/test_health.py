@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 
 from producer.settings import Settings
-from worker.health import HealthReporter, check_live, check_ready, read_health
+from worker.health import (
+    RESTART_WINDOW_S,
+    HealthReporter,
+    check_live,
+    check_ready,
+    read_health,
+)
 
 
 def test_a_fresh_heartbeat_is_live_and_a_stale_one_is_not(tmp_path: Path):
@@ -41,7 +47,7 @@ def test_not_ready_until_the_model_is_loaded_then_not_ready_while_stopping(
         reporter.model_ready()
         assert check_ready(reporter.path, settings)[0]
         reporter.task_started("t1")
-        assert read_health(reporter.path)["current_task"] == "t1"
+        assert set(read_health(reporter.path)["running"]) == {"t1"}
         assert check_ready(reporter.path, settings)[0]  # busy is still ready
         reporter.shutting_down()
         assert not check_ready(reporter.path, settings)[0]
@@ -57,5 +63,65 @@ def test_ready_needs_a_reachable_broker(tmp_path: Path):
         reporter.model_ready()
         ready, reason = check_ready(reporter.path, settings)
         assert not ready and "broker unreachable" in reason
+    finally:
+        reporter.stop()
+
+
+def test_every_busy_slot_is_listed_with_its_start(tmp_path: Path):
+    reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=1.0)
+    reporter.start()
+    try:
+        reporter.model_ready()
+        reporter.task_started("a")
+        reporter.task_started("b")
+        data = read_health(reporter.path)
+        assert data is not None and set(data["running"]) == {"a", "b"}
+        assert data["state"] == "busy"
+        reporter.task_finished("a")
+        assert set(read_health(reporter.path)["running"]) == {"b"}
+        reporter.task_finished("b")
+        data = read_health(reporter.path)
+        assert data["running"] == {} and data["state"] == "ready"
+    finally:
+        reporter.stop()
+
+
+def test_a_task_busy_past_its_limit_fails_readiness(tmp_path: Path, redis_url):
+    # Given a worker whose tasks count as stuck after 10 s, running one task
+    # (heartbeats every 10 s: the file stays live at both instants asked about below)
+    settings = Settings.from_env({}, redis_url=redis_url, heartbeat_interval_s=10.0)
+    reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=10.0, stuck_after_s=10.0)
+    reporter.start()
+    try:
+        reporter.model_ready()
+        reporter.task_started("slow-one")
+        started = reporter.running()["slow-one"]
+        # When readiness is asked within the limit, and past it (the file is fresh both times)
+        within = check_ready(reporter.path, settings, now=started + 9.0)
+        past = check_ready(reporter.path, settings, now=started + 11.0)
+    finally:
+        reporter.stop()
+    # Then only the second answer is "not ready", naming the task
+    assert within[0], within
+    assert not past[0] and "slow-one" in past[1] and "stuck" in past[1]
+
+
+def test_a_restart_looping_consumer_fails_readiness(tmp_path: Path, redis_url):
+    settings = Settings.from_env({}, redis_url=redis_url, heartbeat_interval_s=1.0)
+    reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=1.0)
+    reporter.start()
+    try:
+        reporter.model_ready()
+        reporter.consumer_started()
+        reporter.consumer_started()  # one reconnect (a Redis restart) is no loop
+        assert check_ready(reporter.path, settings)[0]
+        reporter.consumer_started()
+        ready, reason = check_ready(reporter.path, settings)
+        assert not ready and "restart-looping" in reason
+        # A minute later the loop, if it stopped, no longer counts
+        assert (
+            check_ready(reporter.path, settings, now=time.time() + RESTART_WINDOW_S + 1)[1]
+            != reason
+        )
     finally:
         reporter.stop()

@@ -1,0 +1,351 @@
+"""`AsyncClient`: the asyncio twin of `producer.Client`, on `redis.asyncio`.
+
+    async with AsyncClient() as client:
+        handle = await client.submit("describe", [image_bytes])
+        async for text in client.stream(handle.id):
+            print(text, end="", flush=True)
+        result = await client.result(handle.id, wait=True, timeout=120)
+
+Same operations, arguments, results and errors as `Client`; validation, image checks,
+staging and message building are the same functions (`producer.submission`), so only
+the I/O differs. Reading and checking image files runs in a worker thread, so a large
+image never stalls the event loop; all waits share one pub/sub connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
+
+import redis.asyncio
+
+from producer.contract import SUBMITTED_KEY, TaskName
+from producer.errors import WaitTimeout
+from producer.images import ImageLimits
+from producer.outages import acall, async_client_options
+from producer.redis_connect import async_redis_client
+from producer.results import (
+    TaskHandle,
+    TaskStatus,
+    check_task_id,
+    decode_meta,
+    final_result,
+    is_final,
+    meta_from_replies,
+    read_commands,
+    result_key,
+    status_of,
+)
+from producer.settings import Settings
+from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
+from producer.submission import (
+    Draft,
+    Envelope,
+    ImageInput,
+    Outgoing,
+    SubmitRequest,
+    batches,
+    cancel_commands,
+    database_number,
+    prepare,
+    queue_commands,
+)
+from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
+
+T = TypeVar("T")
+
+POOL_SIZE = 32
+# Reads per pipeline when many are coalesced.
+_READ_SLICE = 64
+
+
+class AsyncClient:
+    """Submit and follow vision jobs from asyncio code. One per event loop; reuse it."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = settings or Settings.from_env(**overrides)
+        s = self.settings
+        self._broker_url = s.effective_broker_url
+        self._backend_url = s.effective_backend_url
+        self._redis = async_redis_client(
+            s, self._broker_url, max_connections=POOL_SIZE, **async_client_options(s)
+        )
+        self._results = (
+            self._redis
+            if self._backend_url == self._broker_url
+            else async_redis_client(
+                s, self._backend_url, max_connections=POOL_SIZE, **async_client_options(s)
+            )
+        )
+        self._limits = ImageLimits.from_settings(s)
+        self._envelope = Envelope(s, db=database_number(self._redis))
+        self._notifier = Notifier(self._notification_connection)
+        self._reads = _Coalescer(self._results)
+
+    # Submitting ------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: TaskName | str,
+        images: Iterable[ImageInput] = (),
+        prompt: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        num_crops: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+    ) -> TaskHandle:
+        """Validate, stage image bytes, enqueue (see `Client.submit`)."""
+        request = SubmitRequest(
+            task, tuple(images), prompt, max_new_tokens, num_crops, temperature, top_p, seed, stop
+        )
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
+        """Queue many tasks in a few round trips; one bad request queues none of them."""
+        pending = list(requests)
+        if any(request.images for request in pending) or len(pending) > 50:
+            # File reads, image header checks and building many messages are CPU and disk
+            # work: done in a thread, the loop keeps serving other coroutines meanwhile.
+            drafts, items = await asyncio.to_thread(self._build, pending)
+        else:
+            drafts, items = self._build(pending)
+        del drafts
+        for batch in batches(items):
+            await self._call(self._broker_url, _bound(self._send, batch))
+        return [item.handle for item in items]
+
+    def _build(self, requests: list[SubmitRequest]) -> tuple[list[Draft], list[Outgoing]]:
+        drafts = [prepare(request, self.settings, self._limits) for request in requests]
+        return drafts, [self._envelope.outgoing(draft) for draft in drafts]
+
+    async def _send(self, batch: Sequence[Outgoing]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        queue_commands(pipe, batch, self._envelope)
+        await pipe.execute()
+
+    # Following ------------------------------------------------------------------------
+
+    async def status(self, task_id: str) -> TaskStatus:
+        return status_of(task_id, await self._meta(task_id))
+
+    async def result(
+        self,
+        task_id: str,
+        wait: bool = False,
+        timeout: float | None = None,
+        on_status: Callable[[TaskStatus], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """The result object plus `state`; None if not finished and `wait` is false.
+
+        With `wait`, return the moment the result is stored; WaitTimeout after `timeout`.
+        """
+        if not wait:
+            meta = await self._meta(task_id)
+            if on_status is not None:
+                on_status(status_of(task_id, meta))
+            return final_result(task_id, meta) if is_final(meta) else None
+        check_task_id(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = result_key(task_id)
+        inbox = AsyncInbox()
+        await self._subscribe(channel, inbox)
+        try:
+            meta = await self._meta(task_id)
+            while True:
+                if on_status is not None:
+                    on_status(status_of(task_id, meta))
+                if is_final(meta):
+                    return final_result(task_id, meta)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
+                pause = BACKUP_POLL_S if left is None else min(BACKUP_POLL_S, left)
+                pushed = await inbox.get(pause)
+                decoded = decode_meta(pushed) if pushed else None
+                meta = decoded if decoded is not None else await self._meta(task_id)
+        finally:
+            self._notifier.unsubscribe(channel, inbox)
+
+    async def cancel(self, task_id: str) -> None:
+        """Cancel a task (see `Client.cancel`)."""
+        await self._meta(task_id)
+
+        async def send() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            cancel_commands(pipe, task_id, self._envelope)
+            await pipe.execute()
+
+        await self._call(self._broker_url, send)
+
+    async def stream(self, task_id: str) -> AsyncIterator[str]:
+        """The task's text deltas as generated; ends with the task (TaskFailed if it failed)."""
+        async for event in self.stream_events(task_id):
+            if event.kind == "delta":
+                yield event.text
+            else:
+                raise_if_failed(event)
+
+    async def stream_events(
+        self, task_id: str, after: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream entries after cursor `after` (None: from the start), ending with "end"."""
+        check_task_id(task_id)
+        follower = StreamFollower(task_id, after)
+        key = stream_key(task_id)
+        inbox = AsyncInbox()
+        await self._subscribe(key, inbox)
+        try:
+            check_state = True
+            while True:
+                entries = await self._entries(key, follower.range_start(), FETCH_COUNT)
+                for event in follower.accept(entries):
+                    yield event
+                if follower.done:
+                    return
+                if len(entries) == FETCH_COUNT:
+                    continue
+                if not entries and check_state:
+                    ended = await self._ended_without_stream(follower, key)
+                    if ended is not None:
+                        yield ended
+                        return
+                check_state = await inbox.get(BACKUP_POLL_S) is None
+                inbox.clear()
+        finally:
+            self._notifier.unsubscribe(key, inbox)
+
+    async def _ended_without_stream(self, follower: StreamFollower, key: str) -> StreamEvent | None:
+        meta = await self._meta(follower.task_id)
+        if not is_final(meta):
+            return None
+        more = await self._entries(key, follower.range_start(), 1)
+        return None if more else follower.ended_without_stream(meta)
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._notifier.aclose()
+        if self._results is not self._redis:
+            await self._results.aclose()
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # Internals --------------------------------------------------------------------------
+
+    async def _meta(self, task_id: str) -> dict[str, Any]:
+        check_task_id(task_id)
+        if self._results is self._redis:
+
+            def read() -> Awaitable[list[Any]]:
+                return self._reads.run(lambda pipe: read_commands(pipe, task_id), 2)
+
+            return meta_from_replies(task_id, await self._call(self._backend_url, read))
+        raw = await self._call(self._backend_url, lambda: self._results.get(result_key(task_id)))
+        known: Any = raw is not None or await self._call(
+            self._broker_url, lambda: self._redis.exists(SUBMITTED_KEY.format(task_id=task_id))
+        )
+        return meta_from_replies(task_id, [raw, known])
+
+    async def _entries(self, key: str, start: str, count: int) -> list[tuple[Any, dict[Any, Any]]]:
+        async def fetch() -> list[tuple[Any, dict[Any, Any]]]:
+            [found] = await self._reads.run(lambda pipe: pipe.xrange(key, start, "+", count), 1)
+            return cast("list[tuple[Any, dict[Any, Any]]]", found or [])
+
+        return await self._call(self._backend_url, fetch)
+
+    async def _call(self, url: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await acall(self.settings, url, operation)
+
+    async def _subscribe(self, channel: str, inbox: AsyncInbox) -> None:
+        budget = self.settings.connect_timeout_s
+        await self._call(
+            self._backend_url, lambda: self._notifier.subscribe(channel, inbox, budget)
+        )
+
+    def _notification_connection(self) -> redis.asyncio.Redis:
+        return async_redis_client(
+            self.settings,
+            self._backend_url,
+            health_check_interval=0,
+            **async_client_options(self.settings),
+        )
+
+
+class _Coalescer:
+    """Reads issued during one turn of the event loop go to Redis as one pipeline.
+
+    A thousand waits starting together then cost one round trip instead of a thousand
+    connections taking turns on the pool (whose lock hands over once per loop turn)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._queued: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, add: Callable[[Any], object], replies: int) -> list[Any]:
+        """Queue commands (`add(pipeline)`, `replies` of them); return their replies."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((add, replies, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(
+        self, batch: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]]
+    ) -> None:
+        # In slices, each one round trip: replies are parsed without yielding to the loop,
+        # and every caller served wakes on the next turn, so a slice bounds that turn.
+        for start in range(0, len(batch), _READ_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            await self._execute_slice(batch[start : start + _READ_SLICE])
+
+    async def _execute_slice(
+        self, batch: list[tuple[Callable[[Any], object], int, asyncio.Future[list[Any]]]]
+    ) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for add, _, _ in batch:
+            add(pipe)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        start = 0
+        for _, count, future in batch:
+            mine = list(replies[start : start + count])
+            start += count
+            if future.done():
+                continue
+            error = next((reply for reply in mine if isinstance(reply, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
+
+
+def _bound(
+    function: Callable[[Sequence[Outgoing]], Awaitable[None]], batch: Sequence[Outgoing]
+) -> Callable[[], Awaitable[None]]:
+    return lambda: function(batch)

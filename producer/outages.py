@@ -1,0 +1,119 @@
+"""What a client does when Redis cannot serve it: retry briefly, then one clear error.
+
+Every client operation (submit, status, result, cancel, stream; sync and async) runs its
+Redis calls through `call` / `acall`: connection failures are retried until
+VQ_CONNECT_TIMEOUT_S has passed, then `BrokerUnavailable` is raised. A refused password
+and a full Redis are not retried: they are settings or capacity to fix, and the message
+says which. No call waits for more than the connect timeout plus one socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis
+
+from producer.errors import BrokerAuthenticationFailed, BrokerOutOfMemory, BrokerUnavailable
+from producer.settings import Settings, mask_url
+
+T = TypeVar("T")
+
+_RETRY_PAUSE_S = 0.25
+
+
+def url_setting(settings: Settings, url: str) -> str:
+    """The environment variable that holds `url`, so an error names what to fix."""
+    if url == settings.broker_url:
+        return "VQ_BROKER_URL"
+    if url == settings.result_backend_url:
+        return "VQ_RESULT_BACKEND_URL"
+    return "REDIS_URL"
+
+
+def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnavailable:
+    where = mask_url(url)
+    if _is_auth_failure(exc):
+        return BrokerAuthenticationFailed(
+            f"Redis at {where} refused the credentials (authentication failed: {exc}); "
+            f"set the right password in {url_setting(settings, url)}"
+        )
+    if isinstance(exc, redis.OutOfMemoryError):
+        return BrokerOutOfMemory(
+            f"Redis is out of memory at {where}: it refuses writes (maxmemory reached); "
+            "free memory or raise maxmemory, then try again"
+        )
+    if isinstance(exc, redis.ReadOnlyError):
+        return BrokerUnavailable(
+            f"Redis at {where} is a read-only replica; point {url_setting(settings, url)} "
+            "at the primary"
+        )
+    return BrokerUnavailable(f"Redis at {where} is unreachable: {exc}")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if _is_auth_failure(exc):
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return True
+    refused = (
+        redis.exceptions.NoPermissionError,
+        redis.exceptions.AuthenticationWrongNumberOfArgsError,
+    )
+    if isinstance(exc, refused):
+        return True
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+
+
+def call(settings: Settings, url: str, operation: Callable[[], T]) -> T:
+    """Run `operation`, retrying connection failures until the connect timeout has passed."""
+    deadline = time.monotonic() + settings.connect_timeout_s
+    while True:
+        try:
+            return operation()
+        except (redis.RedisError, OSError) as exc:
+            if not is_retryable(exc) or time.monotonic() >= deadline:
+                raise broker_error(settings, url, exc) from exc
+        time.sleep(_RETRY_PAUSE_S)
+
+
+async def acall(settings: Settings, url: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """The asyncio twin of `call`."""
+    deadline = time.monotonic() + settings.connect_timeout_s
+    while True:
+        try:
+            return await operation()
+        except (redis.RedisError, OSError) as exc:
+            if not is_retryable(exc) or time.monotonic() >= deadline:
+                raise broker_error(settings, url, exc) from exc
+        await asyncio.sleep(_RETRY_PAUSE_S)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options for a client's own Redis connections: our retry loop bounds the
+    time, so redis-py's own retries (ten by default, with backoff) are switched off, and a
+    hung server answers within the connect timeout rather than a longer socket timeout."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": settings.connect_timeout_s,
+    }
+
+
+def async_client_options(settings: Settings) -> dict[str, Any]:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": settings.connect_timeout_s,
+    }

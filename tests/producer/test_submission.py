@@ -1,0 +1,173 @@
+"""The messages both clients write are the ones Celery writes, and a batch is pipelined.
+
+Against a real redis-server: Celery's own `send_task` and `control.revoke` write into it
+side by side with ours, and the two are compared field by field.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from producer import Client, SubmitRequest
+from producer.celery_config import make_celery_app
+from producer.errors import InvalidInput
+from producer.settings import Settings
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings.from_env({}, redis_url=redis_url, queue="nobody")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings) as c:
+        yield c
+
+
+def queued(redis_url: str, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in redis.Redis.from_url(redis_url).lrange(queue, 0, -1)]
+
+
+def body(message: dict[str, Any]) -> Any:
+    return json.loads(base64.b64decode(message["body"]))
+
+
+class Published:
+    """Everything PUBLISHed on the server while the block runs (a real subscriber)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.pubsub = redis.Redis.from_url(redis_url).pubsub()
+        self.pubsub.psubscribe("*")
+        self.pubsub.get_message(timeout=5)  # the psubscribe confirmation
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+
+    def collect(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + 10
+        while len(self.messages) < count and time.monotonic() < deadline:
+            message = self.pubsub.get_message(timeout=0.5)
+            if message and message["type"] == "pmessage":
+                self.messages.append((message["channel"].decode(), json.loads(message["data"])))
+        return self.messages
+
+
+def test_a_task_message_is_the_one_celery_writes(redis_url: str, settings: Settings, client):
+    # Given Celery's own message for the same request, on another queue
+    app = make_celery_app(settings)
+    handle = client.submit("ask", [], "Où est le chat ? 猫", max_new_tokens=5, stop=["\n"])
+    [ours] = queued(redis_url, "nobody")
+    request = body(ours)[0][0]
+    app.send_task(
+        "vision_queue.ask",
+        args=(request,),
+        task_id=handle.id,
+        queue="celery-made",
+        argsrepr=ours["headers"]["argsrepr"],
+        kwargsrepr="{}",
+    )
+    [celerys] = queued(redis_url, "celery-made")
+    # Then the envelope is the same: JSON, utf-8, no compression, the same headers
+    assert ours["content-type"] == celerys["content-type"] == "application/json"
+    assert ours["content-encoding"] == celerys["content-encoding"] == "utf-8"
+    assert "compression" not in ours["headers"]
+    assert set(ours) == set(celerys)
+    assert set(ours["headers"]) == set(celerys["headers"])
+    for name, value in celerys["headers"].items():
+        if name != "origin":
+            assert ours["headers"][name] == value, name
+    assert ours["headers"]["origin"].startswith("gen")
+    assert set(ours["properties"]) == set(celerys["properties"])
+    for name in ("correlation_id", "delivery_mode", "priority", "body_encoding", "argsrepr"):
+        assert ours["properties"][name] == celerys["properties"][name], name
+    assert ours["properties"]["delivery_info"] == {"exchange": "", "routing_key": "nobody"}
+    # and the body is [args, kwargs, embed] exactly as Celery encodes it
+    assert body(ours) == body(celerys)
+    assert base64.b64decode(ours["body"]) == base64.b64decode(celerys["body"])
+
+
+def test_the_task_sent_event_and_the_revoke_broadcast_are_celerys(
+    redis_url: str, settings: Settings, client
+):
+    app = make_celery_app(settings)
+    published = Published(redis_url)
+    handle = client.submit("ask", [], "Hello")
+    app.send_task("vision_queue.ask", args=({},), task_id=handle.id, queue="nobody")
+    client.cancel(handle.id)
+    app.control.revoke(handle.id)
+    messages = published.collect(4)
+    channels = [channel for channel, _ in messages]
+    assert channels == ["/0.celeryev/task.sent"] * 2 + ["/0.celery.pidbox"] * 2
+    (_, our_event), (_, celery_event), (_, our_revoke), (_, celery_revoke) = messages
+    assert set(body(our_event)) == set(body(celery_event))
+    assert body(our_event)["type"] == "task-sent"
+    assert body(our_event)["uuid"] == handle.id
+    assert our_event["properties"]["delivery_info"] == celery_event["properties"]["delivery_info"]
+    assert body(our_revoke) == body(celery_revoke)
+    assert set(our_revoke["headers"]) == set(celery_revoke["headers"]) == {"clock", "expires"}
+
+
+def test_sampling_without_a_seed_gets_one_so_a_rerun_repeats_the_text(redis_url, client):
+    client.submit("ask", [], "Tell me", temperature=0.7)
+    client.submit("ask", [], "Tell me")
+    sampled, greedy = (body(m)[0][0]["options"] for m in reversed(queued(redis_url, "nobody")))
+    assert isinstance(sampled["seed"], int)
+    assert greedy["seed"] is None
+
+
+class CountingPool:
+    """Counts connections taken from a client's pool: one per round trip."""
+
+    def __init__(self, client: Client) -> None:
+        self.pool = client._redis.connection_pool
+        self.taken = 0
+        self._get = self.pool.get_connection
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> CountingPool:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.taken += 1
+            return self._get(*args, **kwargs)
+
+        self.pool.get_connection = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.get_connection = self._get  # type: ignore[method-assign]
+
+
+def test_submit_many_queues_a_thousand_tasks_in_two_round_trips(redis_url: str, client, images):
+    image = (images / "small_400x300.jpg").read_bytes()
+    requests = [
+        SubmitRequest("describe", [image]) if i % 2 else SubmitRequest("ask", [], f"Say {i}.")
+        for i in range(1000)
+    ]
+    with CountingPool(client) as pool:
+        handles = client.submit_many(requests)
+    assert pool.taken == 2  # 500 tasks per pipeline
+    messages = queued(redis_url, "nobody")
+    assert len(messages) == 1000
+    # Queued in order (LPUSH: the first submitted is at the right end, taken first).
+    assert [m["headers"]["id"] for m in reversed(messages)] == [h.id for h in handles]
+    # The shared image is staged once.
+    assert len(redis.Redis.from_url(redis_url).keys("vq:img:*")) == 1
+    with CountingPool(client) as pool:
+        for request in requests[:10]:
+            client.submit_many([request])
+    assert pool.taken == 10
+
+
+def test_one_bad_request_in_a_batch_queues_none(redis_url: str, client):
+    requests = [SubmitRequest("ask", [], "fine"), SubmitRequest("ask", [], "")]
+    with pytest.raises(InvalidInput) as error:
+        client.submit_many(requests)
+    assert error.value.field == "prompt"
+    assert queued(redis_url, "nobody") == []

@@ -1,0 +1,164 @@
+"""Leases on kombu's own Redis channels, against a real redis-server.
+
+Two "workers" live in this process (each a lease book and a kombu connection on the
+leased transport); the message is one our client queued. The lease TTL is short so a
+lapse happens within the test; nothing else is faked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from producer import Client
+from producer.contract import LEASE_KEY, LEASED_KEY
+from producer.settings import Settings
+from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
+
+QUEUE = "leases-test"
+TTL_S = 0.6
+
+
+@pytest.fixture
+def queued_id(redis_url: str) -> str:
+    settings = Settings.from_env({}, redis_url=redis_url, queue=QUEUE)
+    with Client(settings) as client:
+        return client.submit("ask", [], "Hello").id
+
+
+class Worker:
+    def __init__(self, redis_url: str, name: str, **transport_options: Any) -> None:
+        self.book = LeaseBook(name, TTL_S)
+        self.connection = Connection(
+            redis_url, transport=TRANSPORT, transport_options=transport_options
+        )
+        self.channel = self.connection.default_channel
+        self.client = redis.Redis.from_url(redis_url)
+        self.keeper = LeaseKeeper(
+            self.book,
+            self.client,
+            [QUEUE],
+            0.1,
+            connect=lambda: Connection(redis_url, transport=TRANSPORT),
+        )
+
+    def take(self) -> Any:
+        install(self.book)
+        message = self.channel.basic_get(QUEUE)
+        assert message is not None
+        return message
+
+    def ack(self, message: Any) -> None:
+        install(self.book)
+        message.ack()
+
+    def sweep(self) -> int:
+        install(self.book)
+        return self.keeper.sweep()
+
+    def close(self) -> None:
+        self.connection.release()
+        self.client.close()
+
+
+@pytest.fixture
+def workers(redis_url: str) -> Iterator[tuple[Worker, Worker]]:
+    pair = (Worker(redis_url, "worker-a"), Worker(redis_url, "worker-b"))
+    yield pair
+    for worker in pair:
+        worker.close()
+
+
+def holder(admin: redis.Redis, tag: str) -> bytes | None:
+    return admin.get(LEASE_KEY.format(tag=tag))
+
+
+def test_a_lapsed_lease_is_handed_back_and_the_old_holder_cannot_ack_it_away(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    a, b = workers
+    # Given worker A took the message: it holds the lease, the message is in `unacked`
+    taken = a.take()
+    tag = taken.delivery_tag
+    assert taken.headers["id"] == queued_id
+    assert holder(admin, tag) == b"worker-a"
+    assert admin.hexists("unacked", tag) and admin.zscore(LEASED_KEY, tag) is not None
+    assert b.sweep() == 0  # a live lease is left alone
+    # When A stops renewing (dead or frozen) and the lease lapses
+    time.sleep(TTL_S + 0.3)
+    assert holder(admin, tag) is None
+    # Then a live worker's sweep puts the message back at the front of the queue
+    assert b.sweep() == 1
+    assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", tag)
+    again = b.take()
+    assert again.headers["id"] == queued_id and again.delivery_tag == tag  # same tag
+    assert holder(admin, tag) == b"worker-b"
+    # And A, resuming, learns from its next renewal that the lease is lost
+    stale = a.book.get(tag)
+    assert stale is not None
+    a.keeper.renew()
+    assert not stale.valid()
+    # and its ack of the stale delivery leaves B's message where it is
+    a.ack(taken)
+    assert admin.hexists("unacked", tag) and holder(admin, tag) == b"worker-b"
+    b.ack(again)
+    assert not admin.hexists("unacked", tag) and holder(admin, tag) is None
+    assert admin.zscore(LEASED_KEY, tag) is None
+
+
+def test_renewing_keeps_a_lease_and_reports_one_lost(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    a, _ = workers
+    taken = a.take()
+    lease = a.book.get(taken.delivery_tag)
+    assert lease is not None
+    for _ in range(4):  # longer than the TTL, renewed all along
+        time.sleep(TTL_S / 3)
+        a.keeper.renew()
+    assert lease.valid() and holder(admin, taken.delivery_tag) == b"worker-a"
+    admin.set(LEASE_KEY.format(tag=taken.delivery_tag), "someone-else")
+    a.keeper.renew()
+    assert not lease.valid()
+
+
+def test_messages_without_a_lease_are_left_to_the_visibility_timeout(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    _, b = workers
+    # A worker of an older version takes the message through kombu's own transport.
+    with Connection(redis_url) as old:
+        message = old.default_channel.basic_get(QUEUE)
+        assert message is not None
+        tag = message.delivery_tag
+        assert admin.hexists("unacked", tag) and holder(admin, tag) is None
+        assert b.sweep() == 0
+        assert admin.hexists("unacked", tag)  # still the old worker's
+        message.ack()
+
+
+def test_the_visibility_timeout_never_restores_a_message_a_live_worker_holds(
+    redis_url: str, queued_id: str
+) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    # A worker configured with a far too short visibility timeout (issue 8, item 4).
+    impatient = Worker(redis_url, "impatient", visibility_timeout=0)
+    patient = Worker(redis_url, "patient")
+    try:
+        taken = patient.take()
+        install(impatient.book)
+        impatient.channel.qos.restore_visible(num=100, interval=1)
+        assert admin.hexists("unacked", taken.delivery_tag)
+        assert admin.llen(QUEUE) == 0
+        patient.ack(taken)
+    finally:
+        impatient.close()
+        patient.close()

@@ -1,0 +1,399 @@
+"""Leases: a dead or frozen worker's message is back on the queue within seconds.
+
+kombu's Redis transport keeps every message a worker has taken in the `unacked` hash
+until it is acknowledged, and restores one only after the visibility timeout (an hour by
+default), because it cannot tell a dead worker from a slow one. A lease tells them apart:
+
+- when a message is delivered, the worker sets `vq:lease:<delivery tag>` to its own name,
+  expiring VQ_LEASE_TTL_S ahead, in the same transaction that records the message in
+  `unacked`, and adds the tag to the sorted set `vq:leased`;
+- every heartbeat (`LeaseKeeper`) renews the leases it holds; a lease found gone or
+  someone else's is lost: the task is abandoned (no more stream writes, no result);
+- every heartbeat, the one worker holding the sweep lock looks for tags in `vq:leased`
+  whose lease has lapsed while their message is still in `unacked`, and restores those
+  messages to the front of their queue at once (kombu's restore by delivery tag);
+- acknowledging and restoring are conditional: a worker that lost a lease never removes
+  or restores the message another worker now holds (the tag stays the same across
+  redeliveries), and kombu's visibility-timeout sweep never restores a message whose
+  lease a live worker holds. The visibility timeout remains for messages without a lease
+  (for example taken by a worker of an older version).
+
+Renewing needs only GET and PEXPIRE, which Redis allows even when it is out of memory, so
+a full Redis does not cost running tasks their leases. All expiry is Redis' own clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from producer.contract import LEASE_KEY, LEASE_SWEEP_LOCK_KEY, LEASED_KEY
+from producer.presence import announce, withdraw
+
+log = logging.getLogger("vision_queue.worker")
+
+# KEYS: lease keys. ARGV: owner, ttl ms. Returns 1 (renewed) or 0 (lost) per key.
+_RENEW = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[i] = 1
+  else
+    held[i] = 0
+  end
+end
+return held
+"""
+# KEYS: lease, unacked_index, unacked, leased. ARGV: owner, tag.
+_ACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+"""
+# KEYS: lease. ARGV: owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_UNLOCK = _RELEASE
+
+
+def lease_key(tag: str) -> str:
+    return LEASE_KEY.format(tag=tag)
+
+
+@dataclass
+class Lease:
+    """This worker's lease on one delivered message."""
+
+    tag: str
+    task_id: str
+    owner: str
+    ttl_s: float
+    renewed_at: float = field(default_factory=time.monotonic)  # before the last renewal
+    _lost: threading.Event = field(default_factory=threading.Event)
+
+    def mark_lost(self) -> None:
+        self._lost.set()
+
+    def valid(self) -> bool:
+        """Still ours by our own reckoning: not seen lost, and renewed within the TTL
+        (measured from before the renewal was sent, so never later than Redis expires it)."""
+        return not self._lost.is_set() and time.monotonic() - self.renewed_at < self.ttl_s
+
+
+class LeaseBook:
+    """The leases this worker holds, by delivery tag and by task id. Thread-safe."""
+
+    def __init__(self, owner: str, ttl_s: float) -> None:
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self._by_tag: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+
+    def add(self, tag: str, task_id: str, taken_at: float) -> Lease:
+        lease = Lease(tag, task_id, self.owner, self.ttl_s, renewed_at=taken_at)
+        with self._lock:
+            self._by_tag[tag] = lease
+        return lease
+
+    def get(self, tag: str) -> Lease | None:
+        with self._lock:
+            return self._by_tag.get(tag)
+
+    def pop(self, tag: str) -> Lease | None:
+        with self._lock:
+            return self._by_tag.pop(tag, None)
+
+    def for_task(self, task_id: str) -> Lease | None:
+        with self._lock:
+            found = [lease for lease in self._by_tag.values() if lease.task_id == task_id]
+        return found[-1] if found else None
+
+    def held(self) -> list[Lease]:
+        with self._lock:
+            return list(self._by_tag.values())
+
+
+_installed: LeaseBook | None = None
+
+
+def install(book: LeaseBook) -> None:
+    """Make this process's kombu channels (`LeasedTransport`) take leases for `book`."""
+    global _installed
+    _installed = book
+
+
+def installed() -> LeaseBook | None:
+    return _installed
+
+
+class LeasedQoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with a lease taken, renewed and honoured per message."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        book = _installed
+        if book is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        taken_at = time.monotonic()
+        now = time.time()
+        with self.pipe_or_acquire() as pipe:
+            # One transaction: a message is never in `unacked` without its lease.
+            pipe.set(lease_key(delivery_tag), book.owner, px=int(book.ttl_s * 1000))
+            pipe.zadd(LEASED_KEY, {delivery_tag: now})
+            pipe.zadd(self.unacked_index_key, {delivery_tag: now})
+            pipe.hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+            )
+            pipe.execute()
+        book.add(delivery_tag, str(headers.get("id") or ""), taken_at)
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        book = _installed
+        lease = book.pop(delivery_tag) if book is not None else None
+        if lease is None:
+            super().ack(delivery_tag)
+            return
+        try:
+            with self.channel.conn_or_acquire() as client:
+                removed = client.register_script(_ACK)(
+                    keys=[
+                        lease_key(delivery_tag),
+                        self.unacked_index_key,
+                        self.unacked_key,
+                        LEASED_KEY,
+                    ],
+                    args=[lease.owner, delivery_tag],
+                )
+            if not removed:
+                log.info(
+                    "task id=%s: lease lost before the ack; the message is another "
+                    "worker's now and stays where it is",
+                    lease.task_id,
+                )
+        except (redis.RedisError, OSError) as exc:
+            # The slot is freed anyway; the message, still in `unacked`, comes back when the
+            # lease lapses, and a stored result keeps it from running twice.
+            log.warning("task id=%s: ack not recorded (%s)", lease.task_id, type(exc).__name__)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            self.ack(delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.ResponseError as exc:
+            # Out of memory or a read-only replica: the next sweep tries again.
+            log.warning("visibility timeout sweep skipped (%s)", exc)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> str | None:
+        """Put the message back on its queue, unless another worker holds its lease.
+
+        Returns the task id of the message restored, or None if nothing was restored.
+        """
+        tag = bytes_to_str(tag)  # kombu's own sweep passes tags as read from Redis
+        book = _installed
+        owner = book.owner if book is not None else None
+        key = lease_key(tag)
+        restored: list[str] = []
+
+        def restore_transaction(pipe: Any) -> None:
+            restored.clear()
+            holder = pipe.get(key)
+            if holder is not None and bytes_to_str(holder) != owner:
+                return  # a live worker runs it (possibly redelivered under the same tag)
+            payload = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            pipe.delete(key)
+            pipe.zrem(LEASED_KEY, tag)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                headers = message.get("headers") if isinstance(message, dict) else None
+                restored.append(str((headers or {}).get("id") or tag))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as conn:
+            conn.transaction(restore_transaction, self.unacked_key, key)
+        if book is not None:
+            book.pop(tag)
+        return restored[0] if restored else None
+
+
+class LeasedChannel(kombu_redis.Channel):
+    QoS = LeasedQoS
+
+
+class LeasedTransport(kombu_redis.Transport):
+    """kombu's Redis transport whose consumers hold leases (`broker_transport` setting)."""
+
+    Channel = LeasedChannel
+
+
+TRANSPORT = f"{__name__}:LeasedTransport"
+
+
+class LeaseKeeper:
+    """The heartbeat of leases: renew ours, announce presence, hand back lapsed ones."""
+
+    def __init__(
+        self,
+        book: LeaseBook,
+        client: redis.Redis,
+        queues: list[str],
+        interval_s: float,
+        connect: Callable[[], Any],
+    ) -> None:
+        self.book = book
+        self.client = client
+        self.queues = queues
+        self.interval_s = interval_s
+        self._connect = connect  # a kombu Connection on LeasedTransport, for restores
+        self._connection: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._renew = client.register_script(_RENEW)
+        self._unlock = client.register_script(_UNLOCK)
+        self._release = client.register_script(_RELEASE)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s * 3)
+        self._drop_connection()
+        try:
+            withdraw(self.client, self.queues, self.book.owner)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not withdraw from the queues' presence (%s)", exc)
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease up now (the task is handed back): the next sweep restores it."""
+        lease.mark_lost()
+        try:
+            self._release(keys=[lease_key(lease.tag)], args=[lease.owner])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("task id=%s: lease not released (%s)", lease.task_id, exc)
+
+    def _run(self) -> None:
+        failing: set[str] = set()  # steps that failed last time: logged once per outage
+        while not self._stop.wait(self.interval_s):
+            for step in (self.renew, self.announce, self.sweep):
+                name = step.__name__
+                try:
+                    step()
+                except (redis.RedisError, OSError) as exc:
+                    if name not in failing:
+                        log.warning("lease keeper: %s failed (%s); retrying each beat", name, exc)
+                    failing.add(name)
+                    continue
+                except Exception:  # the keeper must outlive any single failure
+                    log.exception("lease keeper: %s crashed", name)
+                    continue
+                if name in failing:
+                    failing.discard(name)
+                    log.info("lease keeper: %s works again", name)
+
+    def renew(self) -> None:
+        leases = self.book.held()
+        if not leases:
+            return
+        sent_at = time.monotonic()
+        held = self._renew(
+            keys=[lease_key(lease.tag) for lease in leases],
+            args=[self.book.owner, int(self.book.ttl_s * 1000)],
+        )
+        for lease, still in zip(leases, held, strict=True):
+            if still:
+                lease.renewed_at = max(lease.renewed_at, sent_at)
+            elif self.book.get(lease.tag) is lease:  # not acked meanwhile
+                if lease.valid():
+                    log.warning("task id=%s: lease lost; abandoning the task", lease.task_id)
+                lease.mark_lost()
+
+    def announce(self) -> None:
+        announce(self.client, self.queues, self.book.owner, self.book.ttl_s)
+
+    def sweep(self) -> int:
+        """Restore messages whose lease lapsed; one worker at a time. Returns how many."""
+        lock_ms = int(self.interval_s * 3000)
+        if not self.client.set(LEASE_SWEEP_LOCK_KEY, self.book.owner, nx=True, px=lock_ms):
+            return 0
+        try:
+            return self._sweep()
+        except Exception:
+            self._drop_connection()
+            raise
+        finally:
+            self._unlock(keys=[LEASE_SWEEP_LOCK_KEY], args=[self.book.owner])
+
+    def _sweep(self) -> int:
+        tags = [bytes_to_str(tag) for tag in self.client.zrange(LEASED_KEY, 0, -1)]
+        if not tags:
+            return 0
+        channel = self._channel_for_restore()
+        pipe = self.client.pipeline(transaction=False)
+        for tag in tags:
+            pipe.exists(lease_key(tag))
+            pipe.hexists(channel.unacked_key, tag)
+        replies = pipe.execute()
+        restored = 0
+        for index, tag in enumerate(tags):
+            has_lease, unacked = replies[2 * index], replies[2 * index + 1]
+            if has_lease:
+                continue
+            if not unacked:
+                self.client.zrem(LEASED_KEY, tag)  # acknowledged or restored already
+                continue
+            task_id = channel.qos.restore_by_tag(tag, leftmost=False)
+            if task_id is not None:
+                restored += 1
+                log.warning(
+                    "task id=%s: its worker's lease lapsed (dead or frozen); handed back "
+                    "to the queue",
+                    task_id,
+                )
+        return restored
+
+    def _channel_for_restore(self) -> Any:
+        if self._connection is None:
+            self._connection = self._connect()
+        return self._connection.default_channel
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception as exc:  # a broken connection may fail to close: forget it
+                log.debug("restore connection not closed cleanly: %s", exc)
