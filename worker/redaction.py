@@ -33,6 +33,8 @@ def install_result_redaction(app: Celery) -> None:
                 meta["kwargs"] = {}
             return meta
 
-    backend = RedactingBackend(app=app, url=app.conf.result_backend)
+    # The app's backend already resolved its URL: the setting may name a backend class
+    # ("module:Class+redis://...", worker.result_store), which is not a URL to parse.
+    backend = RedactingBackend(app=app, url=getattr(app.backend, "url", None))
     for name in TaskName:
         app.tasks[name.celery_name].backend = backend
