@@ -38,6 +38,7 @@ from producer.results import (
     result_key,
     status_of,
 )
+from producer.schemas import ChatMessage
 from producer.settings import Settings
 from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
 from producer.submission import (
@@ -98,10 +99,22 @@ class AsyncClient:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        messages: Sequence[ChatMessage] | None = None,
+        callback_url: str | None = None,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue (see `Client.submit`)."""
         request = SubmitRequest(
-            task, tuple(images), prompt, max_new_tokens, num_crops, temperature, top_p, seed, stop
+            task,
+            tuple(images),
+            prompt,
+            max_new_tokens,
+            num_crops,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            None if messages is None else tuple(messages),
+            callback_url,
         )
         return (await self.submit_many([request]))[0]
 

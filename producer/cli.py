@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel", help="cancel a queued or running task", epilog=_EPILOG, formatter_class=formatter
     )
     cancel.add_argument("id")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP gateway (OpenAI-compatible and task APIs)",
+        description="Serve the HTTP gateway; needs the `gateway` extra "
+        "(pip install 'vision-queue[gateway]'). API keys: VQ_API_KEYS.",
+        epilog=_EPILOG,
+        formatter_class=formatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="gateway processes (they share only Redis)"
+    )
     return parser
 
 
@@ -117,6 +131,8 @@ def _add_wait_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         with Client() as client:
             return _COMMANDS[args.command](client, args)
@@ -178,6 +194,21 @@ def _result(client: Client, args: argparse.Namespace) -> int:
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     client.cancel(args.id)
     print(f"cancel requested for {args.id}")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from producer.gateway.server import serve
+    except ImportError as exc:
+        return _fail(
+            EXIT_USAGE,
+            f"the gateway needs the gateway extra (pip install 'vision-queue[gateway]'): {exc}",
+        )
+    try:
+        serve(args.host, args.port, workers=args.workers)
+    except SettingsError as exc:
+        return _fail(EXIT_USAGE, f"invalid settings: {exc}")
     return EXIT_OK
 
 

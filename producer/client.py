@@ -34,6 +34,7 @@ from producer.results import (
     result_key,
     status_of,
 )
+from producer.schemas import ChatMessage
 from producer.settings import Settings
 from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
 from producer.submission import (
@@ -94,15 +95,29 @@ class Client:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
+        messages: Sequence[ChatMessage] | None = None,
+        callback_url: str | None = None,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
 
         `temperature` 0 (the default) decodes greedily; above 0 samples, with `top_p` and,
         for repeatable text, a `seed`. The text ends before the first of up to 4 `stop`
-        strings.
+        strings. `ask` takes a conversation (`messages`: system message, earlier turns,
+        images numbered in order) instead of a `prompt`; with a `callback_url` the worker
+        POSTs the signed result there when the task ends.
         """
         request = SubmitRequest(
-            task, tuple(images), prompt, max_new_tokens, num_crops, temperature, top_p, seed, stop
+            task,
+            tuple(images),
+            prompt,
+            max_new_tokens,
+            num_crops,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            None if messages is None else tuple(messages),
+            callback_url,
         )
         return self.submit_many([request])[0]
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from producer.addresses import check_url_length
+from producer.addresses import check_url, check_url_length
 from producer.contract import TASK_SPECS, TaskName, control_token_in
-from producer.errors import InvalidInput
+from producer.errors import ImageFetchFailed, InvalidInput
 from producer.settings import Settings
 
 SCHEMA_VERSION = 1
@@ -47,6 +47,34 @@ class ImageRef:
         return "path:" + self.ref[-200:]
 
 
+class Role(str, Enum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of an `ask` conversation.
+
+    `images` is how many of the request's images this turn shows, placed before its text;
+    images are numbered in order across the whole conversation (the first turn's come
+    first). Only user turns show images. The worker renders the turns in Phi-3's chat
+    format (`worker.model.processor.chat_text`).
+    """
+
+    role: Role
+    text: str
+    images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role.value, "text": self.text, "images": self.images}
+
+
+MAX_MESSAGES = 64
+MAX_CALLBACK_URL_CHARS = 2048
+# Chat-control and image tags (<|user|>, <|end|>, <|image_1|>...) are the template's alone.
+
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
@@ -76,9 +104,14 @@ class TaskRequest:
     prompt: str | None = None
     options: TaskOptions = field(default_factory=TaskOptions)
     submitted_at: float = field(default_factory=time.time)
+    # `ask` only, instead of `prompt`: a system message and earlier turns, ending with the
+    # user's question.
+    messages: tuple[ChatMessage, ...] | None = None
+    # When the task ends, the worker POSTs the result here, signed (worker/webhooks.py).
+    callback_url: str | None = None
 
     def to_message(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "task": self.task.value,
             "prompt": self.prompt,
@@ -86,10 +119,21 @@ class TaskRequest:
             "options": self.options.to_dict(),
             "submitted_at": self.submitted_at,
         }
+        # Only when set, so a message without them reads the same to an older worker.
+        if self.messages is not None:
+            message["messages"] = [turn.to_dict() for turn in self.messages]
+        if self.callback_url is not None:
+            message["callback_url"] = self.callback_url
+        return message
 
-    def effective_prompt(self) -> str:
+    def effective_prompt(self) -> str | tuple[ChatMessage, ...]:
+        """What the template renders: the fixed prompt, the user's prompt, or the turns."""
         spec = TASK_SPECS[self.task]
-        return spec.fixed_prompt if spec.fixed_prompt is not None else (self.prompt or "")
+        if spec.fixed_prompt is not None:
+            return spec.fixed_prompt
+        if self.messages is not None:
+            return self.messages
+        return self.prompt or ""
 
     def max_new_tokens(self, settings: Settings) -> int:
         cap = settings.token_caps[self.task]
@@ -118,7 +162,10 @@ def parse_request(message: Any, settings: Settings) -> TaskRequest:
         submitted_at = float(submitted_at)
     except OverflowError:  # an integer beyond any float
         raise InvalidInput("submitted_at must be a finite number", field="submitted_at") from None
-    request = TaskRequest(task, images, prompt, options, submitted_at)
+    raw_messages = message.get("messages")
+    messages = None if raw_messages is None else _parse_messages(raw_messages)
+    callback_url = message.get("callback_url")
+    request = TaskRequest(task, images, prompt, options, submitted_at, messages, callback_url)
     check_request(request, settings)
     return request
 
@@ -135,7 +182,16 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
         )
 
     prompt = request.prompt
-    if spec.fixed_prompt is None:
+    if request.messages is not None:
+        if spec.fixed_prompt is not None:
+            raise InvalidInput(
+                f"{request.task.value} uses a fixed prompt; use the ask task for a conversation",
+                field="messages",
+            )
+        if prompt is not None:
+            raise InvalidInput("give either a prompt or messages, not both", field="prompt")
+        check_conversation(request.messages, count, settings)
+    elif spec.fixed_prompt is None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput(f"{request.task.value} needs a prompt", field="prompt")
     elif prompt is not None:
@@ -149,12 +205,14 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
                 f"prompt has {len(prompt)} characters, more than {settings.max_prompt_chars}",
                 field="prompt",
             )
-        _check_prompt_text(prompt)
+        _check_user_text(prompt, "prompt", "prompt")
 
     for index, image in enumerate(request.images):
         if image.source is ImageSource.URL:
             check_url_length(image.ref, field=f"images[{index}]")
     _check_integer_options(request.options)
+    if request.callback_url is not None:
+        check_callback_url(request.callback_url, settings.webhook_host_allowlist)
     submitted_at = request.submitted_at
     if (
         not isinstance(submitted_at, (int, float))
@@ -174,6 +232,67 @@ def check_request(request: TaskRequest, settings: Settings) -> None:
     if crops is not None and not 1 <= crops <= 16:
         raise InvalidInput("num_crops must be between 1 and 16", field="num_crops")
     check_generation_options(request.options)
+
+
+def check_conversation(
+    messages: tuple[ChatMessage, ...], num_images: int, settings: Settings
+) -> None:
+    """The rules for an `ask` conversation; each fault names the turn (`messages[i]`)."""
+    if not 1 <= len(messages) <= MAX_MESSAGES:
+        raise InvalidInput(f"messages must hold 1 to {MAX_MESSAGES} turns", field="messages")
+    if messages[-1].role is not Role.USER:
+        raise InvalidInput("the last message must be the user's", field="messages")
+    total = 0
+    for index, turn in enumerate(messages):
+        where = f"messages[{index}]"
+        if turn.images and turn.role is not Role.USER:
+            raise InvalidInput("only user messages may show images", field=where)
+        if turn.role is Role.USER and not turn.images and not turn.text.strip():
+            raise InvalidInput("a user message needs text or an image", field=where)
+        _check_user_text(turn.text, where, "message text")
+        total += len(turn.text)
+    if total > settings.max_conversation_chars:
+        raise InvalidInput(
+            f"messages hold {total} characters, more than {settings.max_conversation_chars}",
+            field="messages",
+        )
+    shown = sum(turn.images for turn in messages)
+    if shown != num_images:
+        raise InvalidInput(
+            f"the messages show {shown} image(s) but the request has {num_images}",
+            field="messages",
+        )
+
+
+def check_callback_url(url: Any, allowlist: frozenset[str]) -> None:
+    """A webhook target: the fetched-URL rules (public addresses unless allow-listed)."""
+    if not isinstance(url, str) or not url or len(url) > MAX_CALLBACK_URL_CHARS:
+        raise InvalidInput(
+            f"callback_url must be a URL of at most {MAX_CALLBACK_URL_CHARS} characters",
+            field="callback_url",
+        )
+    try:
+        check_url(url, allowlist)
+    except ImageFetchFailed as exc:
+        reason = exc.message.replace("image URL", "callback URL")
+        raise InvalidInput(reason, field="callback_url") from None
+
+
+def _check_user_text(text: str, where: str, label: str) -> None:
+    """User text (a prompt, a conversation turn) as the model will read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates: from invalid UTF-8 read with surrogateescape, or a broken client.
+        raise InvalidInput(f"{label} is not valid UTF-8 text", field=where) from None
+    if "\x00" in text:
+        raise InvalidInput(f"{label} must not contain NUL characters", field=where)
+    token = control_token_in(text)
+    if token is not None:
+        # User text: control tokens and image tags are the template's alone.
+        raise InvalidInput(
+            f"{label} must not contain the control token {token[:24]}", field=where
+        )
 
 
 def check_generation_options(options: TaskOptions) -> None:
@@ -253,22 +372,6 @@ def preview(value: Any, limit: int = 40) -> str:
     return f"a {type(value).__name__}"
 
 
-def _check_prompt_text(prompt: str) -> None:
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        # Lone surrogates: from invalid UTF-8 read with surrogateescape, or a broken client.
-        raise InvalidInput("prompt is not valid UTF-8 text", field="prompt") from None
-    if "\x00" in prompt:
-        raise InvalidInput("prompt must not contain NUL characters", field="prompt")
-    token = control_token_in(prompt)
-    if token is not None:
-        # The prompt is user text: control tokens and image tags are the template's alone.
-        raise InvalidInput(
-            f"prompt must not contain the control token {token[:24]}", field="prompt"
-        )
-
-
 def _check_integer_options(options: TaskOptions) -> None:
     """Booleans are ints to Python and floats compare like ints: refuse both by type."""
     for name in ("max_new_tokens", "num_crops"):
@@ -301,6 +404,28 @@ def _parse_images(raw: Any) -> tuple[ImageRef, ...]:
             raise InvalidInput("staged image ref must be a SHA-256 hex digest", field=where)
         refs.append(ImageRef(source, ref))
     return tuple(refs)
+
+
+def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
+    """Types only; the rules are check_conversation's."""
+    if not isinstance(raw, list) or len(raw) > MAX_MESSAGES:
+        raise InvalidInput(f"messages must be a list of at most {MAX_MESSAGES}", field="messages")
+    turns: list[ChatMessage] = []
+    for index, item in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict) or set(item) - {"role", "text", "images"}:
+            raise InvalidInput("each message is an object of role, text, images", field=where)
+        try:
+            role = Role(item.get("role"))
+        except ValueError:
+            raise InvalidInput("role must be system, user or assistant", field=where) from None
+        text, images = item.get("text", ""), item.get("images", 0)
+        if not isinstance(text, str):
+            raise InvalidInput("message text must be a string", field=where)
+        if not _is_integer(images) or images < 0:
+            raise InvalidInput("message images must be a count (0 or more)", field=where)
+        turns.append(ChatMessage(role, text, images))
+    return tuple(turns)
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(TaskOptions))

@@ -9,6 +9,7 @@ object is printed or logged.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
 import re
@@ -163,6 +164,11 @@ class Settings:
     )
     max_images: int = _setting("VQ_MAX_IMAGES", 8, "Most images in one request.")
     max_prompt_chars: int = _setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.")
+    max_conversation_chars: int = _setting(
+        "VQ_MAX_CONVERSATION_CHARS",
+        32000,
+        "Most characters in all the messages of one conversation (ask with messages).",
+    )
     max_new_tokens_caps: str = _setting(
         "VQ_MAX_NEW_TOKENS_CAPS",
         _DEFAULT_TOKEN_CAPS,
@@ -235,6 +241,70 @@ class Settings:
         "after as long again the worker hands the message back and exits (code 4).",
     )
     log_level: str = _setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.")
+    # Webhooks (sent by workers)
+    webhook_secret: str = _setting(
+        "VQ_WEBHOOK_SECRET",
+        "",
+        "HMAC-SHA256 key that signs webhook bodies; empty: callback_url is refused.",
+        secret=True,
+    )
+    webhook_max_attempts: int = _setting(
+        "VQ_WEBHOOK_MAX_ATTEMPTS", 5, "Deliveries tried per webhook before it is dropped."
+    )
+    webhook_backoff_s: float = _setting(
+        "VQ_WEBHOOK_BACKOFF_S", 1.0, "Delay before the second webhook attempt; doubles each time."
+    )
+    webhook_timeout_s: float = _setting(
+        "VQ_WEBHOOK_TIMEOUT_S", 10.0, "Deadline of one webhook attempt (connect, send, answer)."
+    )
+    webhook_allowed_private_hosts: str = _setting(
+        "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS",
+        "",
+        "Comma-separated callback hosts allowed although they resolve to private addresses: "
+        "host:port, or a bare host for ports 80 and 443 only.",
+    )
+    # HTTP gateway (`producer serve`)
+    api_keys: str = _setting(
+        "VQ_API_KEYS",
+        "",
+        "Comma-separated gateway API keys (at least 20 characters each), or their SHA-256 "
+        "as sha256:<hex>. Only hashes are kept in memory.",
+        secret=True,
+    )
+    gateway_allow_anonymous: bool = _setting(
+        "VQ_GATEWAY_ALLOW_ANONYMOUS",
+        False,
+        "Serve without API keys (all callers share one limit). Off: no keys, no start.",
+    )
+    gateway_model_name: str = _setting(
+        "VQ_GATEWAY_MODEL_NAME",
+        "phi-3-vision-128k-instruct",
+        "Model id the OpenAI API lists and answers with.",
+    )
+    gateway_max_body_bytes: int = _setting(
+        "VQ_GATEWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, "Largest request body the gateway reads."
+    )
+    gateway_cors_origins: str = _setting(
+        "VQ_GATEWAY_CORS_ORIGINS",
+        "",
+        "Comma-separated origins browsers may call the gateway from; empty: CORS off.",
+    )
+    gateway_requests_per_minute: int = _setting(
+        "VQ_GATEWAY_REQUESTS_PER_MINUTE", 600, "Requests per API key per minute; 0: no limit."
+    )
+    gateway_request_burst: int = _setting(
+        "VQ_GATEWAY_REQUEST_BURST", 60, "Requests an API key may send at once above the rate."
+    )
+    gateway_max_tasks_per_key: int = _setting(
+        "VQ_GATEWAY_MAX_TASKS_PER_KEY",
+        32,
+        "Unfinished tasks (queued or running) per API key; 0: no limit.",
+    )
+    gateway_wait_timeout_s: float = _setting(
+        "VQ_GATEWAY_WAIT_TIMEOUT_S",
+        900.0,
+        "Longest a chat completion waits for its task before answering 504 (and cancelling).",
+    )
 
     # Derived values -----------------------------------------------------------------
 
@@ -254,15 +324,25 @@ class Settings:
     @property
     def private_host_allowlist(self) -> frozenset[str]:
         """Canonical `host:port` and bare `host` entries (`addresses.allowlist_entry`)."""
-        entries: set[str] = set()
-        for item in _split_list(self.allowed_private_hosts, lower=True):
-            with contextlib.suppress(ValueError):  # refused by validate() at start
-                entries.add(allowlist_entry(item))
-        return frozenset(entries)
+        return _allowlist(self.allowed_private_hosts)
 
     @property
     def image_roots(self) -> tuple[str, ...]:
         return tuple(_split_list(self.local_image_roots))
+
+    @property
+    def webhook_host_allowlist(self) -> frozenset[str]:
+        """The same form as `private_host_allowlist`, for webhook receivers."""
+        return _allowlist(self.webhook_allowed_private_hosts)
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(_split_list(self.gateway_cors_origins))
+
+    @property
+    def api_key_digests(self) -> frozenset[str]:
+        """SHA-256 (hex) of every configured API key; the keys themselves are not kept."""
+        return frozenset(_key_digest(entry) for entry in _split_list(self.api_keys))
 
     # Construction -------------------------------------------------------------------
 
@@ -297,11 +377,12 @@ class Settings:
             url = getattr(self, name)
             if url:
                 problems.extend(_url_problems(_env_name(name), url))
-        for item in _split_list(self.allowed_private_hosts, lower=True):
-            try:
-                allowlist_entry(item)
-            except ValueError as exc:
-                problems.append(f"VQ_ALLOWED_PRIVATE_HOSTS: {exc}")
+        for name in ("allowed_private_hosts", "webhook_allowed_private_hosts"):
+            for item in _split_list(getattr(self, name), lower=True):
+                try:
+                    allowlist_entry(item)
+                except ValueError as exc:
+                    problems.append(f"{_env_name(name)}: {exc}")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             problems.append(
                 "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
@@ -320,6 +401,11 @@ class Settings:
             "heartbeat_interval_s",
             "restore_interval_s",
             "stuck_task_grace_s",
+            "max_conversation_chars",
+            "webhook_max_attempts",
+            "webhook_timeout_s",
+            "gateway_max_body_bytes",
+            "gateway_wait_timeout_s",
             "lease_ttl_s",
         ):
             if getattr(self, name) <= 0:
@@ -332,6 +418,10 @@ class Settings:
             "max_batch",
             "kv_cache_positions",
             "prefill_chunk_tokens",
+            "webhook_backoff_s",
+            "gateway_requests_per_minute",
+            "gateway_request_burst",
+            "gateway_max_tasks_per_key",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{_env_name(name)} must not be negative")
@@ -350,6 +440,10 @@ class Settings:
             _parse_caps(self.max_new_tokens_caps)
         except ValueError as exc:
             problems.append(f"VQ_MAX_NEW_TOKENS_CAPS: {exc}")
+        try:
+            self.api_key_digests  # noqa: B018 (validates every entry)
+        except ValueError as exc:
+            problems.append(f"VQ_API_KEYS: {exc}")
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -359,7 +453,8 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.metadata["secret"] and isinstance(value, str):
-                value = mask_url(value)
+                # URLs keep their host (useful in logs); other secrets show nothing at all.
+                value = mask_url(value) if "://" in value else ("****" if value else "")
             out[f.metadata["env"]] = value
         return out
 
@@ -418,9 +513,33 @@ def _is_bind_address(text: str) -> bool:
     return True
 
 
+def _allowlist(raw: str) -> frozenset[str]:
+    entries: set[str] = set()
+    for item in _split_list(raw, lower=True):
+        with contextlib.suppress(ValueError):  # refused by validate() at start
+            entries.add(allowlist_entry(item))
+    return frozenset(entries)
+
+
 def _split_list(raw: str, *, lower: bool = False) -> list[str]:
     items = [item.strip() for item in raw.split(",") if item.strip()]
     return [item.lower() for item in items] if lower else items
+
+
+_MIN_API_KEY_CHARS = 20
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _key_digest(entry: str) -> str:
+    """`sha256:<hex>` as given, a raw key hashed; never echoes a key in an error."""
+    if entry.lower().startswith("sha256:"):
+        digest = entry[7:].lower()
+        if not _HEX_DIGEST.fullmatch(digest):
+            raise ValueError("a sha256: entry must hold 64 hex digits")
+        return digest
+    if len(entry) < _MIN_API_KEY_CHARS:
+        raise ValueError(f"every key needs at least {_MIN_API_KEY_CHARS} characters")
+    return hashlib.sha256(entry.encode()).hexdigest()
 
 
 def _parse_caps(raw: str) -> dict[TaskName, int]:

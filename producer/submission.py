@@ -30,10 +30,11 @@ from typing import Any
 
 from producer.addresses import check_url, check_url_length
 from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName
-from producer.errors import InvalidInput
+from producer.errors import InvalidInput, VisionQueueError
 from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
 from producer.results import TaskHandle
 from producer.schemas import (
+    ChatMessage,
     ImageRef,
     ImageSource,
     TaskOptions,
@@ -65,6 +66,8 @@ class SubmitRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: str | Sequence[str] = ()
+    messages: tuple[ChatMessage, ...] | None = None  # ask: a conversation instead of prompt
+    callback_url: str | None = None  # webhook for the result
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Draft:
     images: tuple[ImageRef | bytes, ...]
     prompt: str | None
     options: TaskOptions
+    messages: tuple[ChatMessage, ...] | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,17 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
     )
     # The cheap rules first, before reading or uploading any image.
     placeholder = tuple(ImageRef(ImageSource.URL, "-") for _ in images)
-    check_request(TaskRequest(name, placeholder, request.prompt, options), settings)
-    prepared = tuple(
-        _prepare_image(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
+    messages, callback_url = request.messages, request.callback_url
+    check_request(
+        TaskRequest(
+            name, placeholder, request.prompt, options, messages=messages, callback_url=callback_url
+        ),
+        settings,
     )
-    return Draft(name, prepared, request.prompt, options)
+    prepared = tuple(
+        _image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
+    )
+    return Draft(name, prepared, request.prompt, options, messages, callback_url)
 
 
 def task_name(task: TaskName | str) -> TaskName:
@@ -119,6 +130,18 @@ def task_name(task: TaskName | str) -> TaskName:
     except ValueError:
         known = ", ".join(t.value for t in TaskName)
         raise InvalidInput(f"unknown task {preview(task)} (known: {known})", field="task") from None
+
+
+def _image_named(
+    image: ImageInput, field: str, settings: Settings, limits: ImageLimits
+) -> ImageRef | bytes:
+    """`_prepare_image`, its errors naming the image (`images[i]`) when they name nothing."""
+    try:
+        return _prepare_image(image, field, settings, limits)
+    except VisionQueueError as exc:
+        if exc.field is None:
+            exc.field = field
+        raise
 
 
 def _prepare_image(
@@ -164,7 +187,14 @@ class Envelope:
             digest = hashlib.sha256(image).hexdigest()
             staged.append((STAGED_IMAGE_KEY.format(digest=digest), image))
             refs.append(ImageRef(ImageSource.STAGED, digest))
-        request = TaskRequest(draft.task, tuple(refs), draft.prompt, draft.options)
+        request = TaskRequest(
+            draft.task,
+            tuple(refs),
+            draft.prompt,
+            draft.options,
+            messages=draft.messages,
+            callback_url=draft.callback_url,
+        )
         task_id = str(uuid.uuid4())
         argsrepr = safe_repr(request)
         return Outgoing(

@@ -41,6 +41,7 @@ from PIL import Image
 
 from producer.contract import control_token_in
 from producer.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
+from producer.schemas import ChatMessage
 from worker import faults
 from worker.model.attention import varlen_available
 from worker.model.config import Phi3VConfig
@@ -85,7 +86,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str  # user prompt text (template applied by the engine)
+    # User prompt text, or an ask conversation's turns (template applied by the engine).
+    prompt: str | Sequence[ChatMessage]
     images: Sequence[Image.Image]  # already RGB
     max_new_tokens: int
     num_crops: int | None = None
@@ -313,12 +315,12 @@ class Engine:
             request.on_prompt(encoded.prompt_tokens)
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
-            faults.inject(request.prompt, self.device)
+            faults.inject(text, self.device)
             if encoded.images:
                 # Pinned on CUDA hosts, so the device thread's copy does not wait.
                 crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
-        decode_fault = faults.fault_for(request.prompt) == "decode_oom"
+        decode_fault = faults.fault_for(text) == "decode_oom"
         return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
 
     def embed_job(self, job: Job) -> Generator[None, None, torch.Tensor]:

@@ -123,7 +123,9 @@ _HEADER_RULES: dict[str, Callable[[Any], bool]] = {
     "argsrepr": _short_text(4096),
     "kwargsrepr": _short_text(4096),
     "origin": _short_text(256),
-    "ignore_result": lambda value: value is None or value is False,  # True: no result, ever
+    # Our tasks store their outcome themselves (worker.result_store) whatever this says;
+    # Celery's own retry messages carry the tasks' ignore_result=True.
+    "ignore_result": lambda value: value is None or isinstance(value, bool),
     "replaced_task_nesting": _small_int,
     "stamped_headers": lambda value: value is None or value == [],
     "stamps": lambda value: value is None or value == {},

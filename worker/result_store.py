@@ -31,6 +31,7 @@ from celery.backends.redis import RedisBackend
 
 from producer.contract import FINAL_STATES, LEASE_KEY, STREAM_MAX_ENTRIES
 from producer.results import result_key, task_failed_json
+from producer.schemas import redact_message
 from producer.settings import Settings
 from producer.streams import stream_key
 
@@ -221,7 +222,18 @@ def _text(value: Any) -> str:
 
 class FirstWriterRedisBackend(RedisBackend):
     """Celery's Redis backend for what Celery itself stores on a worker (a refused,
-    unregistered task; a revoked one): the same first-writer-wins rule as our own states."""
+    unregistered task; a revoked one): the same first-writer-wins rule as our own states,
+    and no signed URL kept: with `result_extended`, Celery writes the task's arguments into
+    the meta, and those hold image URLs whole, so their query strings are removed
+    (`producer.schemas.redact_message`). The message on the queue keeps the full URLs."""
+
+    def _get_result_meta(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        meta: dict[str, Any] = super()._get_result_meta(*args, **kwargs)
+        if isinstance(meta.get("args"), (list, tuple)):
+            meta["args"] = [redact_message(arg) for arg in meta["args"]]
+        if meta.get("kwargs"):
+            meta["kwargs"] = {}
+        return meta
 
     def _set(self, key: str, value: str, expires: int | None = None) -> None:
         if expires is None:

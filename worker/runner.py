@@ -46,7 +46,6 @@ from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter, default_worker_name, health_file_path
 from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 from worker.metrics import WorkerMetrics
-from worker.redaction import install_result_redaction
 from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
 from worker.tasks import WorkerRuntime, register_tasks
@@ -112,7 +111,6 @@ def run_worker(settings: Settings) -> int:
         keeper=keeper,
     )
     register_tasks(app, runtime)
-    install_result_redaction(app)
     keep_visibility_timeout_claimed(redis, settings)
     door = Door(settings, name, redis, app.backend, metrics, health)
     health.model_ready()

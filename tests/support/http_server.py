@@ -20,6 +20,9 @@ def _free_port() -> int:
 # (VQ_ALLOWED_PRIVATE_HOSTS takes host:port): chosen once per test session.
 IMAGE_PORT = _free_port()
 IMAGE_HOST = f"127.0.0.1:{IMAGE_PORT}"
+# Likewise the one loopback port webhook receivers listen on (VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS).
+HOOK_PORT = _free_port()
+HOOK_HOST = f"127.0.0.1:{HOOK_PORT}"
 
 
 @dataclass

@@ -89,7 +89,9 @@ def test_every_busy_slot_is_listed_with_its_start(tmp_path: Path):
 def test_a_task_busy_past_its_limit_fails_readiness(tmp_path: Path, redis_url):
     # Given a worker whose tasks count as stuck after 10 s, running one task
     # (heartbeats every 10 s: the file stays live at both instants asked about below)
-    settings = Settings.from_env({}, redis_url=redis_url, heartbeat_interval_s=10.0)
+    settings = Settings.from_env(
+        {}, redis_url=redis_url, heartbeat_interval_s=10.0, lease_ttl_s=20.0
+    )
     reporter = HealthReporter(tmp_path / "h.json", "w1", interval_s=10.0, stuck_after_s=10.0)
     reporter.start()
     try:

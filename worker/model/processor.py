@@ -37,6 +37,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from producer.errors import InvalidInput, ModelError
+from producer.schemas import ChatMessage, Role
 from worker.model.config import (
     END_TOKEN_ID,
     ENDOFTEXT_TOKEN_ID,
@@ -49,14 +50,32 @@ _IMAGE_TAG_SPLIT = re.compile(r"<\|image_\d+\|>")
 MAX_NUM_CROPS = 16
 
 
-def chat_text(prompt: str, num_images: int) -> str:
-    """The model card's single-turn chat format, with one tag per image before the prompt."""
-    if IMAGE_TAG.search(prompt):
+def chat_text(prompt: str | Sequence[ChatMessage], num_images: int) -> str:
+    """Phi-3's chat format: `<|role|>\n` + image tags + text + `<|end|>\n` per turn.
+
+    A plain prompt is one user turn showing every image (the model card's single-turn
+    form). A conversation renders each turn in order, its images (tagged `<|image_N|>`,
+    numbered across the whole conversation) before its text, and ends with the
+    `<|assistant|>\n` the model answers after, as the checkpoint's chat template does.
+    """
+    turns = [ChatMessage(Role.USER, prompt, num_images)] if isinstance(prompt, str) else prompt
+    shown = sum(turn.images for turn in turns)
+    if shown != num_images:
         raise InvalidInput(
-            "prompt must not contain image tags; the template places them", field="prompt"
+            f"the messages show {shown} image(s) but there are {num_images}", field="messages"
         )
-    tags = "".join(f"<|image_{number}|>\n" for number in range(1, num_images + 1))
-    return f"<|user|>\n{tags}{prompt}<|end|>\n<|assistant|>\n"
+    parts: list[str] = []
+    number = 0
+    for index, turn in enumerate(turns):
+        if IMAGE_TAG.search(turn.text):
+            raise InvalidInput(
+                "prompt must not contain image tags; the template places them",
+                field="prompt" if isinstance(prompt, str) else f"messages[{index}]",
+            )
+        tags = "".join(f"<|image_{number + i}|>\n" for i in range(1, turn.images + 1))
+        number += turn.images
+        parts.append(f"<|{turn.role.value}|>\n{tags}{turn.text}<|end|>\n")
+    return "".join(parts) + "<|assistant|>\n"
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@ original processor's, tokenisation, decoding."""
 
 from __future__ import annotations
 
+import json
+
+import jinja2
 import numpy as np
 import pytest
 import torch
@@ -10,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phi3v_reference import IMAGES_DIR
 from PIL import Image
+from support.workers import TINY_MODEL
 
 from benchmarks.original_preprocess import preprocess as original_preprocess
 from producer.errors import InvalidInput
 from producer.images import decode_image
+from producer.schemas import ChatMessage, Role
 from worker.engine import Engine
 from worker.model.processor import chat_text, crops_of, hd_transform
 
@@ -27,6 +32,41 @@ def test_chat_text_is_the_model_card_format() -> None:
         "<|user|>\n<|image_1|>\n<|image_2|>\nCompare.<|end|>\n<|assistant|>\n"
     )
     assert chat_text("Hi", 0) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_a_conversation_renders_as_the_checkpoints_chat_template() -> None:
+    # Given a system message, an earlier exchange with one image and a follow-up with two,
+    conversation = (
+        ChatMessage(Role.SYSTEM, "Answer briefly."),
+        ChatMessage(Role.USER, "What is this?", 1),
+        ChatMessage(Role.ASSISTANT, "A red square."),
+        ChatMessage(Role.USER, "Which of these match it?", 2),
+    )
+    # when rendered, it equals the checkpoint's own Jinja template over the same turns, with
+    # the images numbered across the conversation and placed before each turn's text.
+    template = json.loads((TINY_MODEL / "tokenizer_config.json").read_text())["chat_template"]
+    environment = jinja2.Environment(autoescape=False)  # noqa: S701 (plain text, not HTML)
+    reference = environment.from_string(template).render(
+        messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "<|image_1|>\nWhat is this?"},
+            {"role": "assistant", "content": "A red square."},
+            {"role": "user", "content": "<|image_2|>\n<|image_3|>\nWhich of these match it?"},
+        ],
+        add_generation_prompt=True,
+    )
+    assert chat_text(conversation, 3) == reference
+    assert reference.endswith("<|end|>\n<|assistant|>\n")
+
+
+def test_a_single_user_turn_renders_like_a_plain_prompt() -> None:
+    assert chat_text((ChatMessage(Role.USER, "Compare.", 2),), 2) == chat_text("Compare.", 2)
+
+
+def test_a_conversation_must_show_every_image_once() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        chat_text((ChatMessage(Role.USER, "Compare.", 1),), 2)
+    assert caught.value.field == "messages"
 
 
 def test_a_prompt_carrying_an_image_tag_is_refused() -> None:

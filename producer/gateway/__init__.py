@@ -1,0 +1,18 @@
+"""The HTTP gateway: an OpenAI-compatible API and a native task API over the queue.
+
+    producer serve --host 0.0.0.0 --port 8000          # needs the `gateway` extra
+
+Stateless: every process holds only connections, so any number of them can run behind a
+load balancer and share nothing but Redis (tasks, results, streams, limits). Modules:
+
+* `app`: builds the FastAPI application (lifespan, middleware, routers);
+* `openai_routes` / `chat`: `POST /v1/chat/completions`, `GET /v1/models`, and the
+  translation of OpenAI messages into the contract's conversation;
+* `task_routes` / `wire`: the native task API and its request/result schemas;
+* `auth`, `limits`, `body_limit`: API keys, per-key limits in Redis, the body cap;
+* `errors`: every failure as one error shape, in one place;
+* `sse`, `disconnect`: event-stream framing, and cancelling when a caller goes away;
+* `health`, `metrics`, `server`.
+
+It imports nothing from `worker`.
+"""

@@ -1,0 +1,133 @@
+"""Builds the gateway's FastAPI application. `create_app()` reads the settings from the
+environment, which is how `producer serve` (and `uvicorn --factory`) starts each process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+
+from producer.async_client import AsyncClient
+from producer.gateway import health, openai_routes, task_routes
+from producer.gateway.auth import KeyRing
+from producer.gateway.body_limit import BodyLimit
+from producer.gateway.errors import COMMON_ERRORS, ErrorBody, install_error_handlers
+from producer.gateway.limits import Limiter
+from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from producer.gateway.state import GatewayState
+from producer.gateway.wire import TaskSubmission, TaskUpload
+from producer.redis_connect import async_redis_client
+from producer.settings import Settings, SettingsError
+
+_DESCRIPTION = """\
+Phi-3-vision over a durable task queue. Two APIs:
+
+* **OpenAI-compatible** `POST /v1/chat/completions` (text and `image_url` parts, streaming)
+  and `GET /v1/models`: any OpenAI SDK works with `base_url=<gateway>/v1`.
+* **Native tasks** `/v1/tasks`: queue describe / ocr / compare / ask jobs, follow them as
+  server-sent events, fetch or cancel them, or have the result POSTed to a webhook.
+
+Authenticate with `Authorization: Bearer <API key>`. Errors have OpenAI's shape, with
+`error.code` one of the codes in the README.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    keys = KeyRing(settings.api_key_digests, allow_anonymous=settings.gateway_allow_anonymous)
+    if not settings.api_key_digests and not keys.allow_anonymous:
+        raise SettingsError(
+            "VQ_API_KEYS is empty: set API keys, or VQ_GATEWAY_ALLOW_ANONYMOUS=true to serve "
+            "without them"
+        )
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connection = async_redis_client(settings)
+        async with AsyncClient(settings) as client:
+            app.state.gateway = GatewayState(
+                settings=settings,
+                client=client,
+                redis=connection,
+                keys=keys,
+                limiter=Limiter(connection, settings),
+                metrics=metrics,
+            )
+            try:
+                yield
+            finally:
+                await connection.aclose()
+
+    app = FastAPI(
+        title="vision-queue gateway",
+        version="1",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.model_name = settings.gateway_model_name
+    app.include_router(openai_routes.router)
+    app.include_router(task_routes.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
+            expose_headers=["X-Task-Id", "Retry-After", "Location"],
+            max_age=600,
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the two body schemas of POST /v1/tasks (read by hand)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (TaskSubmission, TaskUpload, ErrorBody):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        _document_errors(schema)
+        # The served model as the example, so generated requests (and readers) use it.
+        chat = components.get("ChatCompletionRequest", {}).get("properties", {})
+        if "model" in chat:
+            chat["model"]["examples"] = [app.state.model_name]
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _document_errors(schema: dict[str, Any]) -> None:
+    """Every /v1 operation: the common error answers, in the error shape; never 422
+    (validation failures are 400 here, in the same shape as every other error)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            if not path.startswith("/v1"):
+                continue
+            for status, description in COMMON_ERRORS.items():
+                responses.setdefault(str(status), {"description": description})
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    response["content"] = error
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)

@@ -1,0 +1,232 @@
+"""OpenAI chat completions in terms of the contract: an `ask` task with a conversation.
+
+Messages become `ChatMessage` turns (system and developer messages as system turns); the
+`image_url` parts of user messages become the request's images in order of appearance,
+each turn showing its own images before its text, so the worker numbers them
+`<|image_1|>`... across the conversation. Text parts of one message are joined by new
+lines. Sampling fields map one to one; `temperature` left out means greedy decoding
+(OpenAI's default is 1). Features the model does not have (tools, several choices,
+log probabilities, JSON mode) are refused with 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.errors import InvalidInput
+from producer.gateway.wire import url_image
+from producer.schemas import ChatMessage, Role, TaskOptions, stop_strings
+
+_REQUEST = ConfigDict(strict=True, extra="allow")
+_PART = ConfigDict(strict=True, extra="ignore")
+_ROLES = {
+    "system": Role.SYSTEM,
+    "developer": Role.SYSTEM,
+    "user": Role.USER,
+    "assistant": Role.ASSISTANT,
+}
+# Fields whose presence asks for something this model does not do.
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+
+
+class TextPart(BaseModel):
+    model_config = _PART
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(BaseModel):
+    model_config = _PART
+    url: str = Field(description="https://... or data:image/png;base64,...")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = _PART
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatCompletionMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = _PART
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's request this gateway acts on; others are accepted and unused."""
+
+    model_config = _REQUEST
+    model: str
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, description="Older name of max_completion_tokens.")
+    temperature: float | None = Field(None, description="0..2; left out: 0 (greedy).")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What the gateway submits for one chat completion."""
+
+    turns: tuple[ChatMessage, ...]
+    images: list[str]
+    image_params: list[str]  # where each image came from: messages[i].content[j]
+    options: TaskOptions
+    budget_param: str = "max_completion_tokens"  # the request's name for max_new_tokens
+
+    def param_of(self, field: str | None) -> str | None:
+        """The request's own name for a field the client names in the contract's terms."""
+        if field == "max_new_tokens":
+            return self.budget_param
+        if field and field.startswith("images[") and field.endswith("]"):
+            index = field[7:-1]
+            if index.isdigit() and int(index) < len(self.image_params):
+                return self.image_params[int(index)]
+        return field
+
+
+def conversation(
+    request: ChatCompletionRequest, allowlist: frozenset[str] = frozenset()
+) -> Conversation:
+    """The turns, images and options for `request`; InvalidInput naming the field if not."""
+    extra = request.model_extra or {}
+    for name in _UNSUPPORTED:
+        if extra.get(name):
+            raise InvalidInput(f"{name} is not supported by this model", field=name)
+    if request.n not in (None, 1):
+        raise InvalidInput("n must be 1", field="n")
+    if request.logprobs:
+        raise InvalidInput("logprobs are not supported", field="logprobs")
+    if request.response_format and request.response_format.get("type") not in (None, "text"):
+        raise InvalidInput("only the text response format is supported", field="response_format")
+
+    turns: list[ChatMessage] = []
+    images: list[str] = []
+    params: list[str] = []
+    for index, message in enumerate(request.messages):
+        role = _ROLES[message.role]
+        content = message.content
+        texts: list[str] = []
+        shown = 0
+        if isinstance(content, str):
+            texts.append(content)
+        elif content is not None:
+            for position, part in enumerate(content):
+                where = f"messages[{index}].content[{position}]"
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                    continue
+                if role is not Role.USER:
+                    raise InvalidInput("only user messages may carry images", field=where)
+                images.append(_image(part.image_url.url, where, allowlist))
+                params.append(where)
+                shown += 1
+        turns.append(ChatMessage(role, "\n".join(texts), shown))
+    budget = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+    return Conversation(tuple(turns), images, params, _options(request), budget)
+
+
+def _image(url: str, where: str, allowlist: frozenset[str]) -> str:
+    if url[:5].lower() == "data:":
+        return url  # decoded and checked by the client
+    return url_image(url, where, allowlist)
+
+
+def _options(request: ChatCompletionRequest) -> TaskOptions:
+    budget = request.max_completion_tokens
+    if budget is None:
+        budget = request.max_tokens
+    return TaskOptions(
+        max_new_tokens=budget,
+        temperature=0.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        stop=() if request.stop is None else stop_strings(request.stop),
+    )
+
+
+# Responses --------------------------------------------------------------------------------
+
+
+def completion_id(task_id: str) -> str:
+    return f"chatcmpl-{task_id}"
+
+
+def usage(result: dict[str, Any]) -> dict[str, int]:
+    counts = result.get("usage") or {}
+    prompt = int(counts.get("prompt_tokens", 0))
+    completion = int(counts.get("completion_tokens", 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def completion(task_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": completion_id(task_id),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.get("text", "")},
+                "finish_reason": result.get("finish_reason") or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+    }
+
+
+def chunk(
+    task_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": completion_id(task_id),
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def usage_chunk(task_id: str, model: str, created: int, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": completion_id(task_id),
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(result),
+    }
+
+
+def model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "vision-queue"}

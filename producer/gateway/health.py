@@ -1,0 +1,71 @@
+"""Probes and metrics, without an API key: they reveal no task and no caller.
+
+* `/healthz`: the process answers (liveness).
+* `/readyz`: Redis answers and at least one worker is alive on the queue (readiness): a
+  gateway that cannot get work done should leave the load balancer's rotation.
+* `/metrics`: Prometheus exposition of this process's request counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from producer.gateway.state import state_of
+from producer.presence import live_workers_async
+
+router = APIRouter(tags=["Operations"])
+
+
+class Readiness(BaseModel):
+    queue: str
+    status: Literal["ready", "unready"]
+    workers: int | None = Field(None, description="Live workers on the queue.")
+    reason: str | None = Field(None, description="Why not ready.")
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: Redis reachable and a worker alive on the queue",
+    response_model=Readiness,
+    responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    state = state_of(request)
+    queue = state.settings.queue
+    body: dict[str, Any] = {"queue": queue}
+    try:
+        await state.redis.ping()
+        workers = await live_workers_async(state.redis, queue)
+    except (redis.RedisError, OSError) as exc:
+        reason = "Redis refused the password" if _is_auth(exc) else "Redis is unreachable"
+        return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)
+    if not workers:
+        reason = f"no live worker on queue {queue}"
+        return JSONResponse(
+            {**body, "status": "unready", "reason": reason, "workers": 0}, status_code=503
+        )
+    return JSONResponse({**body, "status": "ready", "workers": len(workers)})
+
+
+@router.get("/metrics", summary="Prometheus metrics of this process", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    exposition = state_of(request).metrics.exposition()
+    return Response(exposition, media_type="text/plain; version=0.0.4")
+
+
+def _is_auth(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, redis.AuthenticationError)
+        or "NOAUTH" in str(exc)
+        or ("WRONGPASS" in str(exc))
+    )

@@ -1,0 +1,174 @@
+"""OpenAI-compatible routes: `POST /v1/chat/completions`, `GET /v1/models`.
+
+A completion is an `ask` task: queued like any other (durable, fair, cancellable), then
+waited for (non-streaming) or followed on the task's stream (streaming). A caller that
+disconnects before the end cancels its task, since nobody else will read the answer; so
+does a wait past VQ_GATEWAY_WAIT_TIMEOUT_S (504).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from producer.contract import TaskName
+from producer.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
+from producer.gateway import chat, sse
+from producer.gateway.auth import Caller
+from producer.gateway.disconnect import (
+    Disconnected,
+    cancel_quietly,
+    close_stream,
+    unless_disconnected,
+)
+from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
+from producer.gateway.state import Authorized, GatewayState, state_of
+from producer.gateway.submission import submit_task
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+# nginx's convention for "the client closed the request": only metrics ever see it.
+CLIENT_CLOSED = 499
+# Beside the errors every /v1 route documents (app._document_errors).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown model."},
+    409: {"description": "The task was cancelled."},
+    500: {"description": "The model failed (model_error)."},
+    504: {"description": "The task did not finish within VQ_GATEWAY_WAIT_TIMEOUT_S."},
+}
+
+
+@router.get("/models", summary="The served model")
+async def list_models(request: Request, who: Authorized) -> dict[str, Any]:
+    name = state_of(request).settings.gateway_model_name
+    return {"object": "list", "data": [chat.model_card(name)]}
+
+
+@router.get("/models/{model_id}", summary="One model", responses={404: _ERRORS[404]})
+async def get_model(model_id: str, request: Request, who: Authorized) -> dict[str, Any]:
+    name = state_of(request).settings.gateway_model_name
+    if model_id != name:
+        raise _unknown_model(model_id, name)
+    return chat.model_card(name)
+
+
+@router.post(
+    "/chat/completions",
+    summary="Chat completion (text and image_url parts; stream or not)",
+    responses={
+        200: {
+            "description": "The completion, or with `stream: true` server-sent chunks "
+            "ending with `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
+        },
+        **_ERRORS,
+    },
+)
+async def chat_completions(
+    body: chat.ChatCompletionRequest, request: Request, who: Authorized
+) -> Response:
+    state = state_of(request)
+    model = state.settings.gateway_model_name
+    if body.model != model:
+        raise _unknown_model(body.model, model)
+    convo = chat.conversation(body, state.settings.private_host_allowlist)
+    try:
+        handle = await submit_task(
+            state, who, TaskName.ASK, convo.images, messages=convo.turns, options=convo.options
+        )
+    except VisionQueueError as exc:
+        exc.field = convo.param_of(exc.field)
+        raise
+    headers = {"X-Task-Id": handle.id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(state, who, handle.id, model, include_usage),
+            media_type=sse.MEDIA_TYPE,
+            headers={**sse.HEADERS, **headers},
+        )
+    try:
+        result = await _wait(state, request, handle.id)
+    except WaitTimeout as exc:
+        error = from_exception(exc)
+        error.headers = headers
+        raise error from None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await state.limiter.release(who.key_id, handle.id)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    if result.get("state") != "SUCCESS":
+        error = task_error(result.get("error") or {})
+        error.param = convo.param_of(error.param)
+        error.headers = headers
+        raise error
+    return JSONResponse(chat.completion(handle.id, model, result), headers=headers)
+
+
+async def _wait(state: GatewayState, request: Request, task_id: str) -> dict[str, Any] | None:
+    """The result, or None when the caller went away (the task is cancelled then)."""
+    waiting = state.client.result(task_id, wait=True, timeout=state.settings.gateway_wait_timeout_s)
+    try:
+        result: dict[str, Any] | None = await unless_disconnected(request, waiting)
+    except Disconnected:
+        await cancel_quietly(state.client.cancel(task_id), task_id)
+        return None
+    except WaitTimeout:
+        await cancel_quietly(state.client.cancel(task_id), task_id)
+        raise
+    return result
+
+
+async def _stream(
+    state: GatewayState, who: Caller, task_id: str, model: str, include_usage: bool
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    ended = False
+    events = state.client.stream_events(task_id)
+    try:
+        yield sse.json_event(chat.chunk(task_id, model, created, {"role": "assistant"}))
+        async for item in events:
+            if item.kind == "delta":
+                if item.text:
+                    delta = {"content": item.text}
+                    yield sse.json_event(chat.chunk(task_id, model, created, delta))
+                continue
+            ended = True
+            result = item.result or {}
+            if result.get("error") or result.get("state") == "FAILURE":
+                # OpenAI's streamed error: SDKs raise it as an APIError.
+                yield sse.json_event(task_error(result.get("error") or {}).body())
+                return
+            reason = result.get("finish_reason") or "stop"
+            yield sse.json_event(chat.chunk(task_id, model, created, {}, reason))
+            if include_usage:
+                yield sse.json_event(chat.usage_chunk(task_id, model, created, result))
+            yield sse.event("[DONE]")
+            return
+    except (ClientError, TaskFailed) as exc:  # Redis went away, or the stream broke
+        yield sse.json_event(from_exception(exc).body())
+    finally:
+        # Runs when the caller disconnects too (the response is cancelled): shielded, so
+        # the cancel and the slot's release still happen.
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await close_stream(events)
+            if not ended:
+                await cancel_quietly(state.client.cancel(task_id), task_id)
+            await state.limiter.release(who.key_id, task_id)
+
+
+def _unknown_model(asked: str, served: str) -> ApiError:
+    return ApiError(
+        404,
+        GatewayCode.MODEL_NOT_FOUND.value,
+        f"the model {asked[:100]!r} does not exist here; this gateway serves {served!r}",
+        param="model",
+    )

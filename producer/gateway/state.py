@@ -1,0 +1,44 @@
+"""What every request of one gateway process shares: connections, keys, limits, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from producer.gateway.auth import Caller, KeyRing
+from producer.gateway.limits import Limiter
+from producer.gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+    from producer.async_client import AsyncClient
+    from producer.settings import Settings
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    client: AsyncClient
+    redis: redis.asyncio.Redis
+    keys: KeyRing
+    limiter: Limiter
+    metrics: GatewayMetrics
+
+
+def state_of(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency of every /v1 route: a valid key, within its request rate."""
+    state = state_of(request)
+    who = state.keys.authenticate(request)
+    await state.limiter.check_rate(who.key_id)
+    return who
+
+
+Authorized = Annotated[Caller, Depends(caller)]

@@ -1,0 +1,269 @@
+"""The native task API, for long jobs and for callers that want the queue's own model.
+
+    POST   /v1/tasks              JSON or multipart -> 202 {"id": ...}
+    GET    /v1/tasks/{id}         status while unfinished, then the result object
+    GET    /v1/tasks/{id}/events  server-sent events: status, delta..., end (Last-Event-ID)
+    DELETE /v1/tasks/{id}         cancel
+
+Unlike a chat completion, a caller that leaves never cancels a task here: the task is
+the caller's to follow later, from any gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from producer.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
+from producer.gateway import sse
+from producer.gateway.disconnect import close_stream
+from producer.gateway.errors import ApiError, from_exception
+from producer.gateway.state import Authorized, GatewayState, state_of
+from producer.gateway.submission import check_owner, submit_task
+from producer.gateway.wire import (
+    CancelAccepted,
+    TaskAccepted,
+    TaskResultBody,
+    TaskStatusBody,
+    TaskSubmission,
+    Unfinished,
+    submission_images,
+    url_image,
+)
+
+router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
+
+# An idle event stream gets a status event this often (progress, and keeps proxies open).
+STATUS_EVERY_S = 10.0
+_UNFINISHED = ("PENDING", "STARTED", "PROGRESS", "RETRY")
+# Beside the errors every /v1 route documents (app._document_errors).
+_COMMON: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such task for this key (or its result expired)."},
+}
+_SUBMIT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/TaskSubmission"}},
+        "multipart/form-data": {"schema": {"$ref": "#/components/schemas/TaskUpload"}},
+    },
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Queue a task (JSON with image URLs or base64, or multipart files)",
+    response_model=TaskAccepted,
+    openapi_extra={"requestBody": _SUBMIT_BODY},
+    responses={415: {"description": "Not JSON or multipart/form-data."}},
+)
+async def create_task(request: Request, who: Authorized) -> JSONResponse:
+    state = state_of(request)
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        submission, images = await _from_form(request, state)
+    elif kind == "application/json" or kind.endswith("+json"):
+        submission = TaskSubmission.model_validate_json(await request.body())
+        images = submission_images(
+            submission.images,
+            state.settings.max_image_bytes,
+            state.settings.private_host_allowlist,
+        )
+    else:
+        raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
+    handle = await submit_task(
+        state,
+        who,
+        submission.task,
+        images,
+        prompt=submission.prompt,
+        messages=None if submission.messages is None else tuple(submission.messages),
+        options=submission.options,
+        callback_url=submission.callback_url,
+    )
+    accepted = TaskAccepted(id=handle.id, task=handle.task)
+    return JSONResponse(
+        accepted.model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/v1/tasks/{handle.id}"},
+    )
+
+
+@router.get(
+    "/{task_id}",
+    summary="A task's status, or its result once it has ended",
+    response_model=TaskStatusBody | TaskResultBody,
+    responses=_COMMON,
+)
+async def get_task(task_id: str, request: Request, who: Authorized) -> JSONResponse:
+    state = state_of(request)
+    await check_owner(state, who, task_id)
+    return JSONResponse(await _snapshot(state, task_id))
+
+
+@router.get(
+    "/{task_id}/events",
+    summary="Server-sent events: status, text deltas, the result; resumable",
+    responses={
+        200: {
+            "description": "`event: status` (state, tokens), `event: delta` (seq, text; "
+            "`id:` is the cursor for Last-Event-ID), `event: end` (the result object).",
+            "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
+        },
+        **_COMMON,
+    },
+)
+async def task_events(task_id: str, request: Request, who: Authorized) -> StreamingResponse:
+    state = state_of(request)
+    await check_owner(state, who, task_id)
+    first = await _snapshot(state, task_id)  # 404 before the stream starts
+    after = request.headers.get("last-event-id") or request.query_params.get("after") or None
+    return StreamingResponse(
+        _events(state, task_id, first, after), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
+    )
+
+
+@router.delete(
+    "/{task_id}",
+    status_code=202,
+    summary="Cancel a task: a queued one never runs, a running one stops at its next token",
+    response_model=CancelAccepted,
+    responses=_COMMON,
+)
+async def cancel_task(task_id: str, request: Request, who: Authorized) -> JSONResponse:
+    state = state_of(request)
+    await check_owner(state, who, task_id)
+    await state.client.cancel(task_id)
+    await state.limiter.release(who.key_id, task_id)
+    accepted = CancelAccepted(id=task_id, status="cancel_requested")
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+
+
+# Internals --------------------------------------------------------------------------------
+
+
+async def _snapshot(state: GatewayState, task_id: str) -> dict[str, Any]:
+    status = await state.client.status(task_id)
+    if status.done:
+        result = await state.client.result(task_id)
+        if result is not None:
+            return TaskResultBody.of(result).to_json()
+    current = cast("Unfinished", status.state if status.state in _UNFINISHED else "PENDING")
+    return TaskStatusBody(
+        id=task_id, state=current, tokens=status.tokens, worker=status.worker
+    ).model_dump(mode="json")
+
+
+async def _events(
+    state: GatewayState, task_id: str, first: dict[str, Any], after: str | None
+) -> AsyncIterator[bytes]:
+    yield sse.json_event(_status_of(first), name="status")
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+    pump = asyncio.ensure_future(_pump(state, task_id, after, queue))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), STATUS_EVERY_S)
+            except asyncio.TimeoutError:
+                try:
+                    snapshot = await _snapshot(state, task_id)
+                except ClientError as exc:
+                    yield sse.json_event(from_exception(exc).body(), name="error")
+                    return
+                if snapshot["state"] in ("SUCCESS", "FAILURE") and pump.done():
+                    yield sse.json_event(snapshot, name="end")
+                    return
+                yield sse.json_event(_status_of(snapshot), name="status")
+                continue
+            if isinstance(item, BaseException):
+                yield sse.json_event(from_exception(item).body(), name="error")
+                return
+            if item is None:  # the stream ended without an end entry (expired)
+                yield sse.json_event(await _snapshot(state, task_id), name="end")
+                return
+            if item.kind == "delta":
+                data = {"seq": item.seq, "text": item.text}
+                yield sse.json_event(data, name="delta", event_id=item.cursor)
+                continue
+            result = TaskResultBody.of({"id": task_id, **(item.result or {})}).to_json()
+            yield sse.json_event(result, name="end", event_id=item.cursor)
+            return
+    finally:
+        with anyio.CancelScope(shield=True):
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+
+
+async def _pump(
+    state: GatewayState, task_id: str, after: str | None, queue: asyncio.Queue[Any]
+) -> None:
+    """Stream entries into `queue`, then None; an error is put there instead."""
+    events = state.client.stream_events(task_id, after=after)
+    try:
+        async for item in events:
+            await queue.put(item)
+            if item.kind == "end":
+                return
+        await queue.put(None)
+    except (ClientError, TaskFailed, OSError) as exc:
+        await queue.put(exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await close_stream(events)
+
+
+def _status_of(snapshot: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": snapshot["id"],
+        "state": snapshot["state"],
+        "tokens": snapshot.get("tokens", snapshot.get("usage", {}).get("completion_tokens", 0)),
+    }
+
+
+async def _from_form(
+    request: Request, state: GatewayState
+) -> tuple[TaskSubmission, list[str | bytes]]:
+    """Multipart: files (or URL text) under `images`, JSON text under messages/options."""
+    settings = state.settings
+    form = await request.form(max_files=settings.max_images, max_fields=32)
+    try:
+        fields: dict[str, Any] = {}
+        for name in ("task", "prompt", "callback_url", "messages", "options"):
+            value = form.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InvalidInput(f"{name} must be a text field, not a file", field=name)
+            if name in ("messages", "options"):
+                try:
+                    fields[name] = json.loads(value)
+                except ValueError:
+                    raise InvalidInput(f"{name} must be JSON", field=name) from None
+            else:
+                fields[name] = value
+        submission = TaskSubmission.model_validate_json(json.dumps(fields))
+        images: list[str | bytes] = []
+        for index, item in enumerate(form.getlist("images")):
+            where = f"images[{index}]"
+            if isinstance(item, UploadFile):
+                data = await item.read(settings.max_image_bytes + 1)
+                if len(data) > settings.max_image_bytes:
+                    raise ImageTooLarge(
+                        f"image is more than the limit of {settings.max_image_bytes} bytes",
+                        field=where,
+                    )
+                images.append(data)
+            else:
+                images.append(url_image(item, where, settings.private_host_allowlist))
+        return submission, images
+    finally:
+        await form.close()

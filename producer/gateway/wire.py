@@ -1,0 +1,174 @@
+"""The native task API's request and result schemas, built from the contract's own types.
+
+`TaskOptions` and `ChatMessage` are the dataclasses of `producer.schemas`, used as they
+are; the result mirrors `TaskResult.to_dict()` (tests hold the two field for field). Types
+and shapes are checked here; the rules (ranges, image counts, special tokens, URL
+addresses) are the contract's `check_request`, run by the client when the gateway submits,
+so an HTTP caller meets exactly the checks a Python caller does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from producer.addresses import check_url
+from producer.contract import TaskName
+from producer.errors import ImageFetchFailed, InvalidInput
+from producer.images import decode_base64_image
+from producer.schemas import ChatMessage, TaskOptions, Timings
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+_OUTPUT = ConfigDict(extra="ignore")
+
+
+class ImageInput(BaseModel):
+    """One image: exactly one of `url` and `data`."""
+
+    model_config = _STRICT
+    url: str | None = Field(None, description="http(s) URL a worker fetches (public hosts).")
+    data: str | None = Field(
+        None, description="The file as base64, or a data:image/...;base64, URI."
+    )
+
+
+class TaskSubmission(BaseModel):
+    """`POST /v1/tasks` as JSON. Multipart uploads carry the same fields (see TaskUpload)."""
+
+    model_config = _STRICT
+    task: TaskName
+    images: list[ImageInput] = Field(
+        default_factory=list, description="describe/ocr: 1, compare: 2..8, ask: 0..8."
+    )
+    prompt: str | None = Field(None, description="ask only: the question.")
+    messages: list[ChatMessage] | None = Field(
+        None,
+        description="ask only, instead of prompt: system message and earlier turns, ending "
+        "with the user's; `images` counts the request's images each user turn shows, in order.",
+    )
+    options: TaskOptions = Field(
+        default_factory=TaskOptions,
+        description="max_new_tokens (capped per task), num_crops 1..16, temperature 0..2 "
+        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings.",
+    )
+    callback_url: str | None = Field(
+        None, description="When the task ends, its result is POSTed here, signed."
+    )
+
+
+class TaskUpload(BaseModel):
+    """`POST /v1/tasks` as multipart/form-data: files under `images`, JSON in text fields."""
+
+    task: TaskName
+    images: list[bytes] = Field(default_factory=list, json_schema_extra={"format": "binary"})
+    prompt: str | None = None
+    messages: str | None = Field(None, description="JSON array, as in the JSON form.")
+    options: str | None = Field(None, description="JSON object, as in the JSON form.")
+    callback_url: str | None = None
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    task: TaskName
+    state: Literal["PENDING"] = "PENDING"
+
+
+class Usage(BaseModel):
+    model_config = _OUTPUT
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TaskError(BaseModel):
+    model_config = _OUTPUT
+    code: str = Field(description="One of the error codes in the README.")
+    message: str
+    field: str | None = None
+
+
+class TaskResultBody(BaseModel):
+    """A finished task: `TaskResult.to_dict()` plus `state`. Failures carry `error`."""
+
+    model_config = _OUTPUT
+    id: str
+    task: str
+    state: Literal["SUCCESS", "FAILURE"]
+    text: str = ""
+    model: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str = Field("", description='"stop", "length", "cancelled", or "".')
+    timings: Timings = Field(default_factory=Timings)
+    worker: str = ""
+    device: str = ""
+    error: TaskError | None = None
+
+    @classmethod
+    def of(cls, result: dict[str, Any]) -> TaskResultBody:
+        return cls.model_validate(result)
+
+    def to_json(self) -> dict[str, Any]:
+        body = self.model_dump(mode="json")
+        # As TaskResult.to_dict: `error` only on failure, its `field` only when named.
+        if body["error"] is None:
+            del body["error"]
+        elif body["error"]["field"] is None:
+            del body["error"]["field"]
+        return body
+
+
+class CancelAccepted(BaseModel):
+    id: str
+    status: Literal["cancel_requested"] = Field(
+        "cancel_requested", description="The task then ends with error code cancelled."
+    )
+
+
+Unfinished = Literal["PENDING", "STARTED", "PROGRESS", "RETRY"]
+
+
+class TaskStatusBody(BaseModel):
+    """A task not finished yet."""
+
+    id: str
+    state: Unfinished
+    tokens: int = Field(0, description="Tokens generated so far, while running.")
+    worker: str = ""
+
+
+def url_image(url: str, field: str, allowlist: frozenset[str]) -> str:
+    """A URL for the client to queue; never a path (the client would read the file).
+
+    The address rules run here too, only so that a refusal names the image's field.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        raise InvalidInput("image URLs must be http(s)", field=field)
+    try:
+        check_url(url, allowlist)
+    except ImageFetchFailed as exc:
+        exc.field = field
+        raise
+    return url
+
+
+def data_image(data: str, field: str, max_bytes: int) -> str | bytes:
+    """base64 or a data: URI; strict decoding, the byte cap before expanding."""
+    if data[:5].lower() == "data:":
+        return data  # the client decodes and checks it
+    return decode_base64_image(data, field=field, max_bytes=max_bytes)
+
+
+def submission_images(
+    images: list[ImageInput], max_bytes: int, allowlist: frozenset[str]
+) -> list[str | bytes]:
+    out: list[str | bytes] = []
+    for index, image in enumerate(images):
+        field = f"images[{index}]"
+        if (image.url is None) == (image.data is None):
+            raise InvalidInput("give an image as exactly one of url and data", field=field)
+        if image.url is not None:
+            out.append(url_image(image.url, field, allowlist))
+        else:
+            assert image.data is not None
+            out.append(data_image(image.data, field, max_bytes))
+    return out
