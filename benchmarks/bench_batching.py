@@ -262,7 +262,7 @@ def report(mode: str, level: Level, first: Level) -> None:
 def random_engine(args: argparse.Namespace, max_batch: int) -> Engine:
     """A config (full size by default) with random weights on `--device` (first GPU)."""
     from benchmarks.bench_engine import CONFIGS, TOKENIZER_DIR, random_model
-    from worker.engine import build_batching, choose_attention, resolve_device, resolve_dtype
+    from worker.engine_setup import build_batching, choose_attention, resolve_device, resolve_dtype
     from worker.model.config import Phi3VConfig
     from worker.model.processor import Phi3VProcessor
 

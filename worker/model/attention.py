@@ -54,7 +54,7 @@ def phi3v_attention(
     if rows is not None:
         return decode_attention(query, key, value, rows, scaling, kernel, decode_kernel), None
     if kernel == "flash_attention_2":
-        # Optional dependency, checked at load (engine.flash_attention_support).
+        # Optional dependency, checked at load (engine_setup.flash_attention_support).
         flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
         out = flash_attn_func(
             query.transpose(1, 2),
