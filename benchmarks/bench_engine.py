@@ -1,16 +1,20 @@
-"""Engine benchmark: preprocessing, prefill, decode (eager vs static cache + compiled), memory.
+"""Engine benchmark: preprocessing, prefill, batched decode steps, memory.
 
 Builds Phi-3-vision with random weights from a config (no download) and the reference
 tokenizer, on whatever device it finds, and prints each figure next to a floor:
 
-* decode floor = bytes read per token (language-model weights, plus the KV cache at the
-  benchmark's context) / memory bandwidth measured with a large device copy;
+* decode floor = bytes read per step (language-model weights, plus every row's KV cache
+  at the benchmark's context) / memory bandwidth measured with a large device copy;
 * prefill floor = FLOPs of the prompt / matmul throughput measured on the device.
+
+Decode runs through the engine's `ModelRunner` as a worker would: on CUDA the varlen
+kernel in CUDA graphs (bfloat16/float16), elsewhere per-row attention; one step per
+batch size in `--batch-sizes`, each row with the same prompt in its own KV region.
 
     python benchmarks/bench_engine.py                      # full config, first GPU
     python benchmarks/bench_engine.py --config small       # tiny config on CPU, < 1 min
     python benchmarks/bench_engine.py --config full --device cpu --skip-prefill \\
-        --skip-compiled --decode-tokens 3                  # bounded full-size run on CPU
+        --batch-sizes 1 --decode-tokens 3                  # bounded full-size run on CPU
 
 Targets (H100/H200, bfloat16, batch 1): decode <= 2.5 ms/token, prefill of ~2,500 tokens
 <= 60 ms. Not a timed test: numbers go to docs/benchmarks.md by hand.
@@ -19,8 +23,6 @@ Targets (H100/H200, bfloat16, batch 1): decode <= 2.5 ms/token, prefill of ~2,50
 from __future__ import annotations
 
 import argparse
-import io
-import itertools
 import json
 import platform
 import resource
@@ -36,13 +38,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from producer.images import decode_image
-from worker.engine import choose_attention, resolve_device, resolve_dtype
-from worker.model.config import Phi3VConfig
-from worker.model.generation import Generator
-from worker.model.kvcache import DynamicKVCache
-from worker.model.modeling import Phi3VForCausalLM, build_model
-from worker.model.processor import EncodedPrompt, Phi3VProcessor, chat_text
+# Run as a script: this checkout's packages first (not another installed copy).
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+from benchmarks.inputs import test_jpeg  # noqa: E402
+from producer.images import decode_image  # noqa: E402
+from worker.engine_setup import choose_attention, resolve_device, resolve_dtype  # noqa: E402
+from worker.model.attention import varlen_available  # noqa: E402
+from worker.model.config import Phi3VConfig  # noqa: E402
+from worker.model.kvcache import DynamicKVCache, KVPool  # noqa: E402
+from worker.model.model_runner import ModelRunner, RowInput  # noqa: E402
+from worker.model.modeling import Phi3VForCausalLM, build_model  # noqa: E402
+from worker.model.processor import EncodedPrompt, Phi3VProcessor, chat_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "tests" / "data" / "phi3v-reference" / "model"
@@ -121,18 +128,6 @@ def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / seconds
 
 
-def test_jpeg(width: int, height: int) -> bytes:
-    """A photo-like JPEG: gradients, noise and blocks (compresses like a real picture)."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1)
-    rgb = rgb + rng.integers(-20, 20, size=rgb.shape)
-    rgb[height // 4 : height // 2, width // 4 : width // 2] = (250, 240, 30)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def bench_preprocess(
     processor: Phi3VProcessor, device: torch.device, repeats: int, report: Report
 ) -> None:
@@ -140,13 +135,13 @@ def bench_preprocess(
     text = chat_text("Describe this image in detail.", 1)
     decode_s, image = timed(lambda: decode_image(data), device, repeats)
     encode_s, encoded = timed(lambda: processor.encode(text, [image]), device, repeats)
-    crops_s, _ = timed(lambda: processor.crops(encoded, device), device, repeats)
+    crops_s, _ = timed(lambda: processor.crops(encoded), device, repeats)
     total_ms = (decode_s + encode_s + crops_s) * 1e3
     report.add(
         "preprocess_ms", round(total_ms, 1),
         f"preprocess 4000x3000 JPEG ({len(data) / 1e6:.1f} MB, {encoded.prompt_tokens} tokens): "
         f"{total_ms:.1f} ms = decode {decode_s * 1e3:.1f} + HD transform & tokens "
-        f"{encode_s * 1e3:.1f} + crops to {device.type} {crops_s * 1e3:.1f}",
+        f"{encode_s * 1e3:.1f} + crops {crops_s * 1e3:.1f}",
     )
 
 
@@ -156,7 +151,7 @@ def prompt_embeddings(
 ) -> torch.Tensor:
     return model.model.vision_embed_tokens(  # type: ignore[no-any-return]
         torch.tensor([encoded.input_ids], device=device),
-        processor.crops(encoded, device),
+        processor.crops(encoded) if encoded.images else None,
         [(hd.rows, hd.cols) for hd in encoded.images],
         [(span.start, span.length) for span in encoded.spans],
     )
@@ -205,57 +200,64 @@ def bench_prefill(
     return embeds
 
 
-def decode_times(
-    generator: Generator, embeds: torch.Tensor, tokens: int
-) -> tuple[list[float], float]:
-    """Seconds between consecutive tokens (the first interval dropped), and the total time."""
-    stamps: list[float] = []
-    began = time.perf_counter()
-    with torch.inference_mode():
-        generator.generate(embeds, tokens + 1, (), lambda _: stamps.append(time.perf_counter()))
-    intervals = [b - a for a, b in itertools.pairwise(stamps[1:])]
-    return intervals, time.perf_counter() - began
-
-
 def bench_decode(
     model: Phi3VForCausalLM, embeds: torch.Tensor, device: torch.device, kernel: str,
-    tokens: int, bandwidth: float, skip_compiled: bool, report: Report,
+    tokens: int, bandwidth: float, batch_sizes: list[int], compile: bool, report: Report,
 ) -> None:
-    context = int(embeds.shape[1]) + tokens // 2
+    length = int(embeds.shape[1])
+    region = length + tokens + 16
     config = model.config
-    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context
-    kv_bytes *= model.lm_head.weight.element_size()
-    weights_ms = lm_weight_bytes(model) / bandwidth * 1e3
-    with_kv_ms = weights_ms + kv_bytes / bandwidth * 1e3
+    kv_per_position = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        * model.lm_head.weight.element_size()
+    )
+    cuda = device.type == "cuda"
+    varlen = cuda and model.lm_head.weight.dtype != torch.float32 and varlen_available()
+    rows = max(batch_sizes)
+    pool = KVPool(
+        num_layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, positions=rows * region, dtype=model.lm_head.weight.dtype,
+        device=device, tokens_first=varlen, zeroed=cuda,
+    )
+    runner = ModelRunner(
+        model, pool, device=device, kernel=kernel, decode_kernel="varlen" if varlen else "rows",
+        row_independent=not cuda and model.lm_head.weight.dtype == torch.float32,
+        max_rows=rows, window=region, graphs=varlen, compile=varlen and compile,
+    )
+    with torch.inference_mode():
+        for row in range(rows):  # the same prompt in every row's region
+            runner.prefill(row * region, embeds, 0, length)
+        began = time.perf_counter()
+        runner.capture_graphs()
+        if varlen:
+            report.add("graph_capture_s", round(time.perf_counter() - began, 1),
+                       f"decode graphs captured for {runner.buckets} in "
+                       f"{time.perf_counter() - began:.1f} s"
+                       + (" (compiled)" if runner.compile else ""))
+        weights_ms = lm_weight_bytes(model) / bandwidth * 1e3
+        path = "varlen attention, CUDA graphs" if varlen else "per-row attention"
+        for batch in batch_sizes:
+            def step(position: int, batch: int = batch) -> None:
+                runner.decode([RowInput(7, position, row * region) for row in range(batch)])
 
-    eager = Generator(model, kernel=kernel, device=device, static_cache=False, compile=False)
-    decode_times(eager, embeds, 2)  # warm-up
-    intervals, _ = decode_times(eager, embeds, tokens)
-    eager_ms = statistics.median(intervals) * 1e3
-    report.add(
-        "decode_eager_ms", round(eager_ms, 3),
-        f"decode, eager (growing cache, {kernel}): {eager_ms:.2f} ms/token median of "
-        f"{len(intervals)}, context ~{context}",
-    )
-    if not skip_compiled:
-        compiled = Generator(model, kernel=kernel, device=device, static_cache=True, compile=True)
-        _, first_s = decode_times(compiled, embeds, 3)  # compiles, records CUDA graphs
-        intervals, _ = decode_times(compiled, embeds, tokens)
-        compiled_ms = statistics.median(intervals) * 1e3
-        mode = "CUDA graphs" if device.type == "cuda" else "no CUDA graphs on CPU"
-        report.add(
-            "decode_compiled_ms", round(compiled_ms, 3),
-            f"decode, static cache + torch.compile ({mode}): {compiled_ms:.2f} ms/token median "
-            f"of {len(intervals)}; first run incl. compilation {first_s:.1f} s; "
-            f"eager/compiled = {eager_ms / compiled_ms:.2f}x"
-            + _target(compiled_ms, TARGET_DECODE_MS, device),
-        )
-    report.add(
-        "decode_floor_ms", round(weights_ms, 3),
-        f"decode floor: {weights_ms:.2f} ms/token for {lm_weight_bytes(model) / 1e9:.2f} GB of "
-        f"weights, {with_kv_ms:.2f} ms with the KV cache at context {context}"
-        + _target(eager_ms, TARGET_DECODE_MS, device, label=" (eager)"),
-    )
+            for position in range(length, length + 2):
+                step(position)
+            sync(device)
+            began = time.perf_counter()
+            for position in range(length + 2, length + tokens):
+                step(position)
+            sync(device)
+            step_ms = (time.perf_counter() - began) / (tokens - 2) * 1e3
+            context = length + tokens // 2
+            floor_ms = weights_ms + batch * context * kv_per_position / bandwidth * 1e3
+            report.add(
+                f"decode_step_ms_b{batch}", round(step_ms, 3),
+                f"decode, batch {batch} ({path}): {step_ms:.2f} ms/step = "
+                f"{step_ms / batch:.2f} ms/token, {batch * 1e3 / step_ms:.0f} tokens/s; "
+                f"floor {floor_ms:.2f} ms/step (weights {weights_ms:.2f} + KV of {batch} rows "
+                f"at context {context})"
+                + (_target(step_ms, TARGET_DECODE_MS, device) if batch == 1 else ""),
+            )
 
 
 def _target(value_ms: float, target_ms: float, device: torch.device, label: str = "") -> str:
@@ -280,7 +282,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-preprocess", action="store_true")
     parser.add_argument("--skip-prefill", action="store_true",
                         help="decode after a short text prompt instead of the ~2,500-token one")
-    parser.add_argument("--skip-compiled", action="store_true", help="eager decode only")
+    parser.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, e.g. 1,8,16")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.compile the graphed decode step (CUDA; default on, as a worker)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser.parse_args(argv)
@@ -327,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             embeds = prompt_embeddings(model, processor, short, device)
         else:
             embeds = bench_prefill(model, processor, device, kernel, flops, repeats, report)
-    bench_decode(model, embeds, device, kernel, tokens, bandwidth, args.skip_compiled, report)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    bench_decode(
+        model, embeds, device, kernel, tokens, bandwidth, batch_sizes, args.compile, report
+    )
 
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)

@@ -39,6 +39,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         # One GPU runs one generation: never hold a second message that another worker could run.
         "worker_prefetch_multiplier": 1,
+        # With N slots (VQ_MAX_BATCH), take a message only while a slot is free (Redis
+        # brokers, Celery 5.6+): a message never waits in a busy worker.
+        "worker_disable_prefetch": True,
         "broker_transport_options": transport_options,
         "result_backend_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,

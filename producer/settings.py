@@ -128,7 +128,8 @@ class Settings:
         "VQ_VISIBILITY_TIMEOUT_S",
         3600,
         "Seconds before a message taken by a worker that died is delivered again. "
-        "Must exceed VQ_TASK_TIME_LIMIT_S.",
+        "Must exceed VQ_TASK_TIME_LIMIT_S, which also bounds a task's wait for a free "
+        "batch row (its deadline starts when a worker slot takes the message).",
     )
     restore_interval_s: int = _setting(
         "VQ_RESTORE_INTERVAL_S",
@@ -200,6 +201,24 @@ class Settings:
     device: str = _setting("VQ_DEVICE", "auto", "cuda:N, cpu, or auto (first GPU, else CPU).")
     dtype: str = _setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.")
     attention: str = _setting("VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.")
+    max_batch: int = _setting(
+        "VQ_MAX_BATCH",
+        0,
+        "Requests a worker runs at once (its slots, decoded together in one batch); "
+        "0 = 1 on CPU, 16 on CUDA (see docs/benchmarks.md).",
+    )
+    kv_cache_positions: int = _setting(
+        "VQ_KV_CACHE_POSITIONS",
+        0,
+        "KV cache positions the worker preallocates for all its requests together; "
+        "0 = what free device memory allows (CUDA) or a quarter of free RAM (CPU).",
+    )
+    prefill_chunk_tokens: int = _setting(
+        "VQ_PREFILL_CHUNK_TOKENS",
+        0,
+        "Prompt positions prefilled per step while other requests decode; 0 = 1024 on "
+        "CUDA, whole prompts on CPU.",
+    )
     worker_name: str = _setting(
         "VQ_WORKER_NAME",
         "",
@@ -402,6 +421,9 @@ class Settings:
             "fetch_max_redirects",
             "metrics_port",
             "default_num_crops",
+            "max_batch",
+            "kv_cache_positions",
+            "prefill_chunk_tokens",
             "webhook_backoff_s",
             "gateway_requests_per_minute",
             "gateway_request_burst",

@@ -1,6 +1,6 @@
 """`worker`: run a GPU worker, answer one request without the queue, or check health.
 
-worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME]
+worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME] [--max-batch N]
 worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
 worker health --live | --ready [--name NAME | --health-file PATH]
 worker dead-letters [--limit N]   # messages refused at the door: metadata, never bytes
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "temp dir); the log shows it",
     )
     run.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off")
+    run.add_argument(
+        "--max-batch", type=int,
+        help="requests run at once, decoded together (default VQ_MAX_BATCH: 1 on CPU, 16 on CUDA)",
+    )
 
     infer = commands.add_parser(
         "infer", help="answer one request without the queue", add_help=False
@@ -137,6 +141,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "worker_name": getattr(args, "name", None),
         "health_file": getattr(args, "health_file", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "max_batch": getattr(args, "max_batch", None),
     }
     return {key: value for key, value in pairs.items() if value is not None}
 

@@ -8,6 +8,9 @@ Kinds the engine acts on:
   device inside the normal request path, so the real out-of-memory handling runs.
 * `crash`: the worker process SIGKILLs itself mid-request, as a segfault in a kernel or
   the kernel's OOM killer would, so redelivery and the delivery bound can be tested.
+* `decode_oom`: every batched decode step that includes this request makes the same
+  impossible allocation, so the batch's out-of-memory handling runs for real (the
+  other requests of the batch must go on; this one must fail alone).
 * `hang`: the request blocks forever, as a kernel that never returns or a deadlock
   would, so the stuck-task health check and watchdog can be tested.
 
@@ -56,6 +59,11 @@ def inject(prompt: str, device: str) -> None:
     if kind == "hang":
         threading.Event().wait()  # never set: only the watchdog or a signal ends this
     if kind == "oom":
-        import torch  # only when the fault is armed: this module stays light
+        allocate_impossibly(device)
 
-        torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8, device=device)
+
+def allocate_impossibly(device: str) -> None:
+    """A genuine out-of-memory on `device`."""
+    import torch  # only when a fault is armed: this module stays light
+
+    torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8, device=device)

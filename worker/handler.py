@@ -125,6 +125,8 @@ def _generation_request(
         max_new_tokens=request.max_new_tokens(ctx.settings),
         num_crops=request.options.num_crops or ctx.settings.default_num_crops or None,
         on_token=on_token,
+        # Waiting for a batch row, or prefilling: cancel and deadline still apply.
+        on_wait=lambda: _stop_if_needed(ctx, deadline),
         temperature=request.options.temperature,
         top_p=request.options.top_p,
         seed=request.options.seed,

@@ -121,7 +121,7 @@ def claim_host_identity(settings: Settings) -> WorkerIdentity:
     """`claim_identity` for `worker run`: the default name uses the device the engine will
     load on (`auto` resolved), and the log says how to check this worker's health."""
     try:
-        from worker.engine import resolve_device
+        from worker.engine_setup import resolve_device
 
         device = str(resolve_device(settings.device))
     except Exception:  # a bad device spec is the engine's to report, with its own message

@@ -1,12 +1,15 @@
 """`worker run`: load the model, then start a Celery worker bound to one device.
 
-Why the `threads` pool with concurrency 1:
+Why the `threads` pool with one thread per batch row (VQ_MAX_BATCH, default 1 on CPU):
 - The model is loaded once, in this process, before the worker connects to take
   messages; prefork would need the model in a child (CUDA does not survive fork) and
   would start consuming before the child finished loading. A failed load exits
   non-zero having consumed nothing.
-- One GPU runs one generation at a time: concurrency 1 with prefetch multiplier 1 and
-  late acks means a worker holds at most the message it is running.
+- Each slot runs one task top-down and hands its request to the engine's one
+  scheduler, which decodes the slots' requests together; each message is acked when
+  its own result is stored. Prefetch multiplier 1, `worker_disable_prefetch` and late
+  acks mean a worker holds only messages it is running. With one slot this is exactly
+  one generation at a time.
 - The task runs in a pool thread while the main thread keeps the broker connection,
   remote control and event heartbeats going, so Flower shows the worker online during a
   long generation (torch releases the GIL inside its kernels). `solo` would block them.
@@ -81,6 +84,9 @@ def run_worker(settings: Settings) -> int:
                 dtype=settings.dtype,
                 attention=settings.attention,
                 num_crops=settings.default_num_crops or None,
+                max_batch=settings.max_batch,
+                kv_cache_positions=settings.kv_cache_positions or None,
+                prefill_chunk_tokens=settings.prefill_chunk_tokens or None,
             )
         )
         engine.warmup()
@@ -113,7 +119,8 @@ def run_worker(settings: Settings) -> int:
     door = Door(settings, name, redis, app.backend, metrics, health)
     health.model_ready()
     log.info(
-        "model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s",
+        "model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s "
+        "with %d slot(s)",
         engine.model_id,
         engine.device,
         engine.dtype,
@@ -121,12 +128,13 @@ def run_worker(settings: Settings) -> int:
         engine.load_seconds,
         settings.queue,
         name,
+        engine.max_batch,
     )
 
     worker = app.Worker(
         hostname=name,
         pool="threads",
-        concurrency=1,
+        concurrency=engine.max_batch,  # one slot per batch row
         prefetch_multiplier=1,
         queues=[settings.queue],
         loglevel=settings.log_level,
@@ -140,6 +148,7 @@ def run_worker(settings: Settings) -> int:
         worker.start()
     finally:
         keeper.stop()  # also leaves the queues' presence at once
+        engine.close()
         health.stop()
     return int(worker.exitcode or 0)
 

@@ -3,6 +3,7 @@
 `config` reads the official checkpoint files, `processor` turns a prompt and images into
 token ids and pixel crops, `layers` (the Phi-3 decoder layer and CLIP, drop-ins for
 transformers' classes), `vision` and `modeling` hold the network, `weights` finds and
-loads the checkpoint, `kvcache` and `generation` run greedy decoding. Nothing here loads a
+loads the checkpoint; `kvcache`, `attention`, `model_runner` and `sampling` run batched
+decoding steps (the scheduler that drives them is `worker.scheduler`). Nothing here loads a
 model or touches a device at import time. See docs/model.md.
 """

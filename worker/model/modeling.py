@@ -1,27 +1,34 @@
-"""Phi-3-vision's language model from transformers' Phi-3 decoder layers.
+"""Phi-3-vision's language model from Phi-3 decoder layers (`layers`, transformers' design).
 
-The layers (fused `qkv_proj`, `gate_up_proj`, RMSNorm) are transformers' own
-`Phi3DecoderLayer`s; around them this module keeps three things of its own:
+The layers (fused `qkv_proj`, `gate_up_proj`, RMSNorm) are `layers.Phi3DecoderLayer`s,
+drop-ins for transformers' class; around them this module keeps three things of its own:
 
 * `LongRopeRotary`: picks short or long factors per forward call from the positions,
   as a tensor operation. transformers' rotary instead re-registers its `inv_freq` buffer
   on every call (state mutated in the request path, and a data-dependent branch that
   breaks a compiled graph).
-* the attention function, registered with transformers' `AttentionInterface` under
-  `ATTENTION_NAME` and steered per call by two keyword arguments that the decoder layers
-  pass through: `kernel` (sdpa | eager | flash_attention_2) and `causal`.
-* the forward loop, which returns only the last position's logits: a 4,000-token prompt
-  never materialises 4,000 x 32,064 logits.
+* the attention function (`attention.phi3v_attention`), registered with the layers'
+  `AttentionInterface` under `ATTENTION_NAME` and steered per call by keyword arguments
+  that the decoder layers pass through (`kernel`, `causal`, `rows`, `decode_kernel`).
+* the forward loop, which returns only the last position's hidden state or logits: a
+  4,000-token prompt never materialises 4,000 x 32,064 logits.
+
+The decoder layers' linear maps are `RowIndependentLinear`s: with `row_independent` on,
+a decode step of B rows computes each row with the kernel a single row uses (one batched
+matrix-vector product per row), so a row's numbers never depend on its batch neighbours.
+On the CPU, batched float32 GEMMs round differently from the single-row GEMV (measured:
+rows differ in the last bits depending on batch size and position), which could flip a
+greedy token where two logits nearly tie.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from worker.model.attention import phi3v_attention
 from worker.model.config import Phi3VConfig, RopeConfig
 from worker.model.layers import (
     AttentionInterface,
@@ -32,57 +39,40 @@ from worker.model.layers import (
 )
 from worker.model.vision import ImageEmbedding
 
+__all__ = ["ATTENTION_NAME", "KERNELS", "LongRopeRotary", "Phi3VForCausalLM", "phi3v_attention"]
+
 ATTENTION_NAME = "vision_queue_phi3v"
 KERNELS = ("sdpa", "eager", "flash_attention_2")
 
 
-def phi3v_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    *,
-    kernel: str = "sdpa",
-    causal: bool = False,
-    **_: Any,
-) -> tuple[torch.Tensor, None]:
-    """[B, H, q, D] x [B, Hkv, k, D] -> [B, q, H, D].
+class RowIndependentLinear(nn.Linear):
+    """nn.Linear that can compute the rows of a [B, 1, in] decode batch one by one."""
 
-    `causal` is only used when q == k (a prompt from an empty cache); a boolean
-    `attention_mask` (True = attend) covers decoding over a static cache.
-    """
-    if kernel == "flash_attention_2":
-        # Optional dependency, checked at load (engine.flash_attention_support).
-        flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
-        out = flash_attn_func(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            softmax_scale=scaling, causal=causal,
-        )
-        return out, None
-    groups = query.shape[1] // key.shape[1]
-    if kernel == "eager":
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.matmul(query, key.transpose(2, 3)) * scale
-        if causal:
-            q_len, k_len = scores.shape[-2:]
-            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device)
-            scores = scores.masked_fill(~allowed.tril(k_len - q_len), float("-inf"))
-        if attention_mask is not None:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value)
-    else:
-        out = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask,
-            is_causal=causal and attention_mask is None, scale=scaling, enable_gqa=groups > 1,
-        )
-    return out.transpose(1, 2).contiguous(), None
+    row_independent = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_independent and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1:
+            # bmm of [1, in] x [in, out] per row: the same kernel, and so the same bits, as
+            # the single-row F.linear (checked in tests/worker/model/test_modeling.py).
+            weight = self.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)
+            out = torch.bmm(x, weight)
+            return out if self.bias is None else out + self.bias
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _row_independent_linears(layer: nn.Module) -> list[RowIndependentLinear]:
+    """Swap the layer's nn.Linear children for RowIndependentLinear (same names, same shapes)."""
+    swapped = []
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                replacement = RowIndependentLinear(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    device=child.weight.device, dtype=child.weight.dtype,
+                )
+                setattr(parent, name, replacement)
+                swapped.append(replacement)
+    return swapped
 
 
 class LongRopeRotary(nn.Module):
@@ -111,12 +101,19 @@ class LongRopeRotary(nn.Module):
             self.register_buffer(name, 1.0 / (ext * base), persistent=False)
 
     def forward(
-        self, position_ids: torch.Tensor, dtype: torch.dtype
+        self, position_ids: torch.Tensor, dtype: torch.dtype, extent: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Long factors iff the furthest position in this call lies beyond the original
-        # context; decided per call, so a decode step past the limit switches while the
-        # keys already cached keep their short-factor rotation (as the reference does).
-        use_long = position_ids.max() + 1 > self.original_max_positions
+        """cos/sin for [B, S] positions; row b uses long factors iff extent[b] > original.
+
+        `extent` is the length of the sequence row b's forward call covers in the
+        reference: the furthest position + 1 (the default), or the whole prompt's length
+        for a chunk of a prompt that the reference prefilled in one call. Decided per row
+        and per call, so a row past the limit switches while its cached keys keep their
+        short-factor rotation, as the reference does, whatever the other rows do.
+        """
+        if extent is None:
+            extent = position_ids.amax(dim=-1) + 1
+        use_long = (extent > self.original_max_positions).view(-1, 1, 1)
         inv_freq = torch.where(use_long, self.long_inv_freq, self.short_inv_freq)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -156,6 +153,7 @@ class Phi3VModel(nn.Module):
         self.layers = nn.ModuleList(
             [Phi3DecoderLayer(text, index) for index in range(config.num_hidden_layers)]
         )
+        self.row_linears = [lin for layer in self.layers for lin in _row_independent_linears(layer)]
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = LongRopeRotary(config.rope)
 
@@ -172,27 +170,53 @@ class Phi3VForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         cache: Any,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Logits of the last position, [B, vocab] float32. See `last_hidden` for options."""
+        return self.logits(self.last_hidden(inputs_embeds, position_ids, cache, **options))
+
+    def last_hidden(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
         *,
         attention_mask: torch.Tensor | None = None,
         kernel: str = "sdpa",
         causal: bool = False,
+        rope_extent: torch.Tensor | None = None,
+        rows: Any = None,
+        decode_kernel: str = "rows",
     ) -> torch.Tensor:
-        """Logits of the last position, [B, vocab] float32. `cache` has `update()` (kvcache)."""
-        cos_sin = self.model.rotary(position_ids, inputs_embeds.dtype)
+        """Final-norm hidden state of the last position, [B, hidden].
+
+        `cache` has `update()` (kvcache); `rows` (kvcache.DecodeRows) marks a batched
+        decode step over a KV pool, read with `decode_kernel`.
+        """
+        cos_sin = self.model.rotary(position_ids, inputs_embeds.dtype, rope_extent)
         hidden = inputs_embeds
         for layer in self.model.layers:
             out = layer(
                 hidden,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                cache=cache,
                 position_embeddings=cos_sin,
                 kernel=kernel,
                 causal=causal,
+                rows=rows,
+                decode_kernel=decode_kernel,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        last = self.model.norm(hidden[:, -1:])
-        logits: torch.Tensor = self.lm_head(last)[:, -1].float()
+        last: torch.Tensor = self.model.norm(hidden[:, -1])
+        return last
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm_head(hidden).float()
         return logits
+
+    def set_row_independent(self, enabled: bool) -> None:
+        for linear in self.model.row_linears:
+            linear.row_independent = enabled
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         embeds: torch.Tensor = self.model.embed_tokens(token_ids)

@@ -83,14 +83,27 @@ class ImageEmbedding(nn.Module):
         self.grid = config.vision.grid
 
     def image_features(
-        self, crops: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]]
+        self, crops: torch.Tensor, grids: Sequence[tuple[int, int]]
     ) -> list[torch.Tensor]:
-        """Projected features per image, [tokens, hidden]; crops[i] is [1 + rows*cols, 3, S, S]."""
-        dtype = self.glb_GN.dtype
-        batch = torch.cat(list(crops)).to(dtype)
-        # Every crop of every image goes through CLIP in one batch.
-        features = self.img_processor.patch_features(batch, self.layer_idx)
-        per_image = torch.split(features, [int(c.shape[0]) for c in crops])
+        """Projected features per image, [tokens, hidden].
+
+        `crops` holds every image's crops in order, [sum of (1 + rows*cols), 3, S, S], on
+        any device: moved (and cast) here in one copy, none when already in place. Every
+        crop of every image goes through CLIP in one batch.
+        """
+        return self.project(self.crop_features(crops), grids)
+
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLIP patch features of crops, [n, patches, C]; any split of the crops works."""
+        weight = self.glb_GN
+        batch = crops.to(device=weight.device, dtype=weight.dtype, non_blocking=True)
+        return self.img_processor.patch_features(batch, self.layer_idx)
+
+    def project(
+        self, features: torch.Tensor, grids: Sequence[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Every image's crop features stitched in the original's layout and projected."""
+        per_image = torch.split(features, [1 + rows * cols for rows, cols in grids])
         stitched = [
             self._stitch(f, rows, cols) for f, (rows, cols) in zip(per_image, grids, strict=True)
         ]
@@ -100,18 +113,26 @@ class ImageEmbedding(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        crops: Sequence[torch.Tensor] = (),
+        crops: torch.Tensor | None = None,
         grids: Sequence[tuple[int, int]] = (),
         spans: Sequence[tuple[int, int]] = (),
     ) -> torch.Tensor:
         """[1, L, hidden]; image i's features fill spans[i] = (start, length) (negative ids)."""
+        features = self.image_features(crops, grids) if crops is not None and grids else []
+        return self.place(input_ids, features, spans)
+
+    def place(
+        self,
+        input_ids: torch.Tensor,
+        features_per_image: Sequence[torch.Tensor],
+        spans: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """Text embeddings [1, L, hidden] with image i's features written into spans[i]."""
         embeds: torch.Tensor = self.wte(input_ids.clamp(min=0))
-        if crops:
-            features_per_image = self.image_features(crops, grids)
-            for (start, length), features in zip(spans, features_per_image, strict=True):
-                if features.shape[0] != length:
-                    raise ValueError(f"image gives {features.shape[0]} features for {length} slots")
-                embeds[0, start : start + length] = features.to(embeds.dtype)
+        for (start, length), features in zip(spans, features_per_image, strict=True):
+            if features.shape[0] != length:
+                raise ValueError(f"image gives {features.shape[0]} features for {length} slots")
+            embeds[0, start : start + length] = features.to(embeds.dtype)
         return embeds
 
     def _merge(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,26 @@
-"""The processor: chat template, image tags, HD transform sizes, tokenisation, decoding."""
+"""The processor: chat template, image tags, HD transform sizes, crops bit-identical to the
+original processor's, tokenisation, decoding."""
 
 from __future__ import annotations
 
 import json
 
 import jinja2
+import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from phi3v_reference import IMAGES_DIR
 from PIL import Image
 from support.workers import TINY_MODEL
 
+from benchmarks.original_preprocess import preprocess as original_preprocess
 from producer.errors import InvalidInput
+from producer.images import decode_image
 from producer.schemas import ChatMessage, Role
 from worker.engine import Engine
-from worker.model.processor import chat_text, hd_transform
+from worker.model.processor import chat_text, crops_of, hd_transform
 
 
 def image(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:
@@ -177,3 +185,45 @@ def test_decoding_drops_special_tokens_and_unknown_ids(cpu_engine: Engine) -> No
 
     assert processor.decode([*hello, 32007]) == "Hello world"
     assert processor.decode([*hello, 32050]) == "Hello world"  # rows with no tokenizer entry
+
+
+# Crops: bit-identical to the original processor ------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def assert_same_crops_as_the_original(images: list[Image.Image], num_crops: int) -> None:
+    pixel_values, used = original_preprocess(images, num_crops, CLIP_MEAN, CLIP_STD)
+    hd_images = [hd_transform(im, num_crops, 336) for im in images]
+
+    crops = crops_of(hd_images, CLIP_MEAN, CLIP_STD).split([hd.num_crops_used for hd in hd_images])
+
+    for index, image_crops in enumerate(crops):
+        assert used[index] == image_crops.shape[0]
+        assert torch.equal(image_crops, pixel_values[index, : used[index]])  # every bit
+
+
+@pytest.mark.parametrize("num_crops", [1, 4, 16])
+def test_the_reference_images_give_the_original_crops_exactly(num_crops: int) -> None:
+    images = [decode_image(path.read_bytes()) for path in sorted(IMAGES_DIR.iterdir())]
+
+    assert_same_crops_as_the_original(images, num_crops)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 1400),
+    st.integers(1, 1400),
+    st.integers(1, 16),
+    st.sampled_from(["RGB", "L", "RGBA", "P"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_any_image_gives_the_original_crops_exactly(
+    width: int, height: int, num_crops: int, mode: str, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).convert(mode)
+
+    assert_same_crops_as_the_original([image.convert("RGB")], num_crops)

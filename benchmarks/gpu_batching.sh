@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The batched CUDA path on one GPU, in one run (issue 9 items 6 and 8; prepared, not yet run):
+#   1. the `gpu` tests of the engine: float32 batched = reference, bf16 varlen + CUDA graphs
+#      batched = alone where margins are clear, the varlen self-check, OOM recovery;
+#   2. decode step time at batch 1, 4, 8, 16 on the full-size config (random weights),
+#      next to the bandwidth floor;
+#   3. describe-like tasks/s (one image at 16 crops, 200 new tokens) at concurrency
+#      1, 8, 16, 32 and the floor.
+# Writes $OUT/{gpu-tests.txt,engine.json,batching.json}.
+#
+#   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 6-8 minutes
+#   DRY_RUN=1 bash benchmarks/gpu_batching.sh [OUT]   # the same steps, tiny, on the CPU
+#   COMPILE=0 ...                                     # skip torch.compile (faster warmup)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu-batching-out}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+compile_flag=--compile
+[ "${COMPILE:-1}" = 0 ] && compile_flag=--no-compile
+status=0
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/test_engine.py -rA \
+    | tee "$OUT/gpu-tests.txt" || status=1
+  "$PY" benchmarks/bench_engine.py --config small --device cpu --batch-sizes 1,4 \
+    --decode-tokens 8 --repeats 1 --skip-preprocess --json "$OUT/engine.json" || status=1
+  "$PY" benchmarks/bench_batching.py --gpu --config small --device cpu --levels 1,2 \
+    --tasks 4 --new-tokens 8 --no-compile --json "$OUT/batching.json" || status=1
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/test_engine.py -rA \
+    | tee "$OUT/gpu-tests.txt" || status=1
+  "$PY" benchmarks/bench_engine.py --batch-sizes 1,4,8,16 --decode-tokens 64 \
+    "$compile_flag" --json "$OUT/engine.json" || status=1
+  "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 48 --new-tokens 200 \
+    "$compile_flag" --json "$OUT/batching.json" || status=1
+fi
+echo "gpu_batching: results in $OUT (status $status)"
+exit $status

@@ -1,0 +1,304 @@
+"""How one step runs: a prompt chunk into a KV region, or one decode step over many rows.
+
+The runner knows regions of a `KVPool`, positions and tokens, nothing of requests (that is
+`worker.scheduler`). Two decode paths share the model code:
+
+* host path (CPU, and CUDA without flash): the rows' starts and lengths are host lists,
+  attention runs per row over exactly its region ("rows" kernel).
+* graph path (CUDA + flash): rows are written into static device buffers, padded to a
+  batch-size bucket (1, 2, 4, 8, 16) with idle rows that write to and read from the pool's
+  scratch slot, and the step is replayed as a CUDA graph captured per bucket. Attention
+  is PyTorch's varlen flash kernel reading only each row's live slots. The same step also
+  runs uncaptured on the CPU with the "gather" kernel, which is how its shared logic
+  (bucketing, padding, buffers) is tested without a GPU.
+
+Token choice (`choose`): greedy rows take the argmax; sampled rows use their own
+`TokenSampler`. With `row_independent` (CPU float32) every row's hidden state is computed
+exactly as at batch 1, and the batched lm_head product, whose rounding differs from the
+single-row one by at most 2·γ_K·Σ|h||w| per logit, is trusted only where the top-2 margin
+exceeds twice that bound; other rows, and sampled rows, get their logits recomputed
+alone. So a request's tokens never depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.model.errors import is_out_of_memory
+from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
+from worker.model.modeling import Phi3VForCausalLM
+from worker.model.sampling import TokenSampler
+
+log = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16)
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One row of a decode step: feed `token` at `position` of the region at `start`."""
+
+    token: int
+    position: int
+    start: int
+    sampler: TokenSampler | None = None
+
+
+def graph_buckets(max_rows: int) -> tuple[int, ...]:
+    """The batch sizes captured as graphs: the standard buckets up to max_rows, and max_rows."""
+    chosen = [b for b in GRAPH_BUCKETS if b < max_rows]
+    return (*chosen, max_rows)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= rows)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Phi3VForCausalLM,
+        pool: KVPool,
+        *,
+        device: torch.device,
+        kernel: str,
+        decode_kernel: str,
+        row_independent: bool,
+        max_rows: int,
+        window: int,
+        graphs: bool,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.kernel = kernel
+        self.decode_kernel = decode_kernel
+        self.row_independent = row_independent
+        self.max_rows = max_rows
+        self.window = window  # longest region a row may have: the graph's key length
+        # The graph path needs a kernel without host lengths.
+        self.graph_path = graphs or decode_kernel != "rows"
+        self.capture = graphs and device.type == "cuda"
+        self.compile = compile and self.graph_path
+        self.compile_backend = compile_backend
+        model.set_row_independent(row_independent)
+        weight = model.lm_head.weight
+        self._unit = _UNIT_ROUNDOFF.get(weight.dtype, 2.0**-8)
+        # max |w| per input feature: Σ_k |h_k| · max_n |w_nk| bounds Σ_k |h_k w_nk| for all n.
+        self._weight_max = weight.detach().abs().amax(dim=0).float()
+        self.buckets = graph_buckets(max_rows)
+        self._buffers = _StepBuffers(max_rows, pool.scratch_slot, device)
+        self._step: Callable[[int], torch.Tensor] = self._graph_step
+        if self.compile:
+            self._step = torch.compile(
+                self._graph_step, fullgraph=True, dynamic=False, backend=compile_backend
+            )
+        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    # Prefill ------------------------------------------------------------------------------
+
+    def prefill(self, start: int, embeds: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+        """Run prompt positions [offset, offset + n) of a `total`-token prompt; [1, hidden].
+
+        LongRoPE's choice for every chunk is that of the whole prompt (`total`), which the
+        reference prefilled in one forward call.
+        """
+        n = int(embeds.shape[1])
+        positions = torch.arange(offset, offset + n, device=self.device).unsqueeze(0)
+        extent = torch.tensor([total], device=self.device)
+        mask, causal = None, True
+        if offset and self.kernel != "flash_attention_2":
+            # Bottom-right causal: query i sees the offset cached keys and keys <= i.
+            allowed = torch.ones(n, offset + n, dtype=torch.bool, device=self.device)
+            mask, causal = allowed.tril(offset).view(1, 1, n, offset + n), False
+        return self.model.last_hidden(
+            embeds,
+            positions,
+            PrefillWriter(self.pool, start, offset),
+            attention_mask=mask,
+            kernel=self.kernel,
+            causal=causal,
+            rope_extent=extent,
+        )
+
+    # Decode -------------------------------------------------------------------------------
+
+    def decode(self, batch: Sequence[RowInput]) -> list[int]:
+        """One step for every row; returns each row's next token."""
+        if self.graph_path:
+            logits = self._decode_graphed(batch)
+            return self.choose(None, batch, logits)
+        hidden = self._decode_host(batch)
+        return self.choose(hidden, batch)
+
+    def _decode_host(self, batch: Sequence[RowInput]) -> torch.Tensor:
+        size = len(batch)
+        tokens = torch.tensor([r.token for r in batch], device=self.device).view(size, 1)
+        positions = torch.tensor([r.position for r in batch], device=self.device).view(size, 1)
+        slots = torch.tensor([r.start + r.position for r in batch], device=self.device)
+        rows = DecodeRows(
+            tokens_first=self.pool.tokens_first,
+            window=self.window,
+            starts=[r.start for r in batch],
+            used=[r.position + 1 for r in batch],
+        )
+        return self.model.last_hidden(
+            self.model.embed_tokens(tokens),
+            positions,
+            DecodeWriter(self.pool, slots),
+            kernel=self.kernel,
+            rows=rows,
+            decode_kernel=self.decode_kernel,
+        )
+
+    def _decode_graphed(self, batch: Sequence[RowInput]) -> torch.Tensor:
+        bucket = bucket_for(len(batch), self.buckets)
+        self._buffers.fill(batch, bucket)
+        captured = self._graphs.get(bucket)
+        if captured is not None:
+            graph, logits = captured
+            graph.replay()
+        else:
+            logits = self._run_step(bucket)
+        return logits[: len(batch)]
+
+    def _graph_step(self, bucket: int) -> torch.Tensor:
+        """The decode step over the static buffers' first `bucket` rows: logits [bucket, V]."""
+        b = self._buffers
+        rows = DecodeRows(
+            tokens_first=self.pool.tokens_first,
+            window=self.window,
+            starts_t=b.starts[:bucket],
+            used_t=b.used[:bucket],
+        )
+        hidden = self.model.last_hidden(
+            self.model.embed_tokens(b.tokens[:bucket].view(bucket, 1)),
+            b.positions[:bucket].view(bucket, 1),
+            DecodeWriter(self.pool, b.slots[:bucket]),
+            kernel=self.kernel,
+            rows=rows,
+            decode_kernel=self.decode_kernel,
+        )
+        return self.model.logits(hidden)
+
+    def _run_step(self, bucket: int) -> torch.Tensor:
+        try:
+            return self._step(bucket)
+        except Exception as exc:
+            if not self.compile or is_out_of_memory(exc):
+                raise
+            # A compiler that cannot handle this platform must not take the worker
+            # down: fall back to the same step, uncompiled, for good.
+            log.warning(
+                "compiled decode failed (%s: %s); decoding uncompiled from now on",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            self.compile = False
+            self._step = self._graph_step
+            return self._step(bucket)
+
+    def capture_graphs(self) -> None:
+        """CUDA: record the decode step of every bucket (worker warmup), largest first."""
+        if not self.capture or self._graphs:
+            return
+        memory_pool = torch.cuda.graph_pool_handle()
+        for bucket in sorted(self.buckets, reverse=True):
+            self._buffers.fill((), bucket)  # all rows idle: scratch slot only
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles, and lets lazy initialisation happen
+                    self._run_step(bucket)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=memory_pool):
+                logits = self._step(bucket)
+            self._graphs[bucket] = (graph, logits)
+        log.info("decode CUDA graphs captured for batch sizes %s", self.buckets)
+
+    # Token choice --------------------------------------------------------------------------
+
+    def choose(
+        self,
+        hidden: torch.Tensor | None,
+        batch: Sequence[RowInput | None],
+        logits: torch.Tensor | None = None,
+    ) -> list[int]:
+        """Next token per row from hidden states [B, hidden] (or logits [B, V] given)."""
+        if logits is None:
+            assert hidden is not None
+            logits = self.model.logits(hidden)
+        samplers = [row.sampler if row is not None else None for row in batch]
+        if self.row_independent and hidden is not None and logits.shape[0] > 1:
+            tokens, exact = self._greedy_where_sure(hidden, logits, samplers)
+        else:
+            tokens, exact = logits.argmax(dim=-1).tolist(), set()
+        for index, sampler in enumerate(samplers):
+            row_logits = logits[index]
+            if index in exact:
+                assert hidden is not None
+                row_logits = self.model.logits(hidden[index : index + 1])[0]
+                if sampler is None:
+                    tokens[index] = int(row_logits.argmax())
+            if sampler is not None:
+                tokens[index] = sampler.choose(row_logits)
+        return tokens
+
+    def _greedy_where_sure(
+        self,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        samplers: Sequence[TokenSampler | None],
+    ) -> tuple[list[int], set[int]]:
+        """Batched argmax per row, and the rows that need their single-row logits."""
+        top2 = logits.topk(2, dim=-1)
+        margin = top2.values[:, 0] - top2.values[:, 1]
+        k = hidden.shape[-1]
+        gamma = k * self._unit / (1 - k * self._unit)
+        # Both products lie within γ_K·S of the exact one; a margin above twice their
+        # distance (with a factor 2 of slack for rounding in S itself) cannot flip. An
+        # exact tie has margin 0, so it is always decided on the single-row logits.
+        spread = hidden.abs().float() @ self._weight_max
+        unsure = (margin <= 8 * gamma * spread).tolist()
+        exact = {i for i, flag in enumerate(unsure) if flag or samplers[i] is not None}
+        return top2.indices[:, 0].tolist(), exact
+
+
+class _StepBuffers:
+    """Static device inputs of the graph path; idle rows point at the pool's scratch slot."""
+
+    def __init__(self, max_rows: int, scratch_slot: int, device: torch.device) -> None:
+        self.scratch = scratch_slot
+        self.device = device
+        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.slots = torch.full((max_rows,), scratch_slot, dtype=torch.long, device=device)
+        self.starts = torch.full((max_rows,), scratch_slot, dtype=torch.int32, device=device)
+        self.used = torch.ones(max_rows, dtype=torch.int32, device=device)
+
+    def fill(self, batch: Sequence[RowInput], bucket: int) -> None:
+        idle = bucket - len(batch)
+        values = torch.tensor(
+            [
+                [r.token for r in batch] + [0] * idle,
+                [r.position for r in batch] + [0] * idle,
+                [r.start + r.position for r in batch] + [self.scratch] * idle,
+                [r.start for r in batch] + [self.scratch] * idle,
+                [r.position + 1 for r in batch] + [1] * idle,
+            ],
+            dtype=torch.long,
+        ).to(self.device, non_blocking=True)
+        self.tokens[:bucket].copy_(values[0])
+        self.positions[:bucket].copy_(values[1])
+        self.slots[:bucket].copy_(values[2])
+        self.starts[:bucket].copy_(values[3])
+        self.used[:bucket].copy_(values[4])

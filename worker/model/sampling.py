@@ -1,0 +1,64 @@
+"""Choosing the next token: greedy, or sampled with temperature and top-p from a row's own stream.
+
+Each sampled request owns a `TokenSampler`, a random stream seeded from its `seed` (or
+from the OS when it has none) that draws one uniform number per generated token. What a
+request samples therefore depends on its own logits and its own draws only, never on
+which other requests share its batch, and the same seed and inputs give the same text.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class TokenSampler:
+    """One request's random stream."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        if params.greedy:
+            raise ValueError("a greedy request needs no sampler")
+        self.params = params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # Reproducible draws are the point here, not secrecy.
+        self._random = random.Random(seed)  # noqa: S311
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """A token from one row's logits, [vocab]."""
+        params = self.params
+        return sample_token(logits, params.temperature, params.top_p, self._random.random())
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, uniform: float) -> int:
+    """Inverse-CDF sampling of softmax(logits / temperature), restricted to the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches
+    `top_p` (the token that crosses it included). Float64, and a stable sort, so equal
+    inputs give equal tokens on every run.
+    """
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True, stable=True)
+        before = ordered.cumsum(0) - ordered  # probability of the tokens ranked above
+        keep = before < top_p
+        kept, ids = ordered[keep], order[keep]
+    else:
+        kept, ids = probs, None
+    cdf = kept.cumsum(0)
+    target = torch.tensor(uniform, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
+    index = int(torch.searchsorted(cdf, target.view(1), right=True).clamp(max=cdf.numel() - 1))
+    return index if ids is None else int(ids[index])
