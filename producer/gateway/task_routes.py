@@ -137,13 +137,19 @@ async def task_events(task_id: str, request: Request, who: Authorized) -> Stream
     status_code=202,
     summary="Cancel a task: a queued one never runs, a running one stops at its next token",
     response_model=CancelAccepted,
-    responses=_COMMON,
+    responses={
+        200: {"model": CancelAccepted, "description": "The task had already ended"},
+        **_COMMON,
+    },
 )
 async def cancel_task(task_id: str, request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
     await check_owner(state, who, task_id)
-    await state.client.cancel(task_id)
+    requested = await state.client.cancel(task_id)
     await state.limiter.release(who.key_id, task_id)
+    if not requested:
+        finished = CancelAccepted(id=task_id, status="already_finished")
+        return JSONResponse(finished.model_dump(mode="json"), status_code=200)
     accepted = CancelAccepted(id=task_id, status="cancel_requested")
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
 

@@ -119,8 +119,10 @@ class TaskResultBody(BaseModel):
 
 class CancelAccepted(BaseModel):
     id: str
-    status: Literal["cancel_requested"] = Field(
-        "cancel_requested", description="The task then ends with error code cancelled."
+    status: Literal["cancel_requested", "already_finished"] = Field(
+        "cancel_requested",
+        description="cancel_requested (202): the task then ends with error code cancelled; "
+        "already_finished (200): it had ended before, and its result stands.",
     )
 
 

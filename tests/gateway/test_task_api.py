@@ -141,6 +141,17 @@ def test_a_reader_that_comes_after_the_end_still_gets_everything(api: httpx.Clie
     assert text == result["text"] and late[-1].json() == result
 
 
+def test_delete_of_a_finished_task_says_so_and_its_result_stands(api: httpx.Client):
+    task_id = submit(api, task="ask", prompt="Name a shape.", options={"max_new_tokens": 4})
+    result = wait_for_result(api, task_id)
+
+    response = api.delete(f"/v1/tasks/{task_id}")
+
+    assert response.status_code == 200
+    assert response.json() == {"id": task_id, "status": "already_finished"}
+    assert wait_for_result(api, task_id) == result
+
+
 def test_delete_stops_a_running_task_which_keeps_its_text_so_far(api: httpx.Client):
     task_id = submit(api, task="ask", prompt="Tell an endless story.",
                      options={"max_new_tokens": ENDLESS})
