@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from producer.client import Client, TaskStatus
-from producer.contract import TaskName
+from producer.contract import Priority, TaskName
 from producer.errors import (
     BrokerUnavailable,
     TaskFailed,
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TEXT",
         help="end the text before TEXT (repeat, up to 4 times)",
+    )
+    submit.add_argument(
+        "--priority",
+        choices=[p.value for p in Priority],
+        default=Priority.NORMAL.value,
+        help="high tasks run before normal (default) before low",
     )
     _add_wait_options(submit)
 
@@ -162,6 +168,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop,
+        priority=args.priority,
     )
     if not (args.wait or args.stream):
         print(json.dumps({"id": handle.id}) if args.json else handle.id)

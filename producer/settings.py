@@ -156,6 +156,12 @@ class Settings:
         3,
         "Deliveries of one message (a worker died each time) before the task fails for good.",
     )
+    priority_max_skips: int = _setting(
+        "VQ_PRIORITY_MAX_SKIPS",
+        10,
+        "Tasks a worker takes in a row from higher-priority lists while a lower one waits; "
+        "its next task then comes from the waiting list, so low tasks are never starved.",
+    )
     # Input limits
     max_image_bytes: int = _setting("VQ_MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image file.")
     max_image_pixels: int = _setting(
@@ -388,6 +394,7 @@ class Settings:
             "gateway_max_body_bytes",
             "gateway_wait_timeout_s",
             "lease_ttl_s",
+            "priority_max_skips",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")
