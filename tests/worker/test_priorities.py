@@ -7,7 +7,9 @@ redis-server), with messages our client queued.
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +19,9 @@ from kombu import Connection, Consumer, Queue
 
 from producer import Client
 from producer.celery_config import celery_settings
-from producer.contract import priority_queues
+from producer.contract import LEASE_KEY, priority_queues
 from producer.settings import Settings
-from worker.leases import TRANSPORT, LeaseBook, install
+from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 from worker.priorities import PriorityOrder
 
 QUEUE = "prio-test"
@@ -196,3 +198,36 @@ def test_a_message_handed_back_returns_to_its_own_priority_list(
     assert again.headers["id"] == high.id and again.headers.get("redelivered")
     again.ack()
     assert channel.basic_get(LOW).headers["id"] == low.id
+
+
+def test_a_lapsed_lease_hands_the_message_back_to_its_own_list(settings: Settings, redis_url):
+    admin = redis.Redis.from_url(redis_url)
+    options = celery_settings(settings)["broker_transport_options"]
+
+    def connect() -> Connection:
+        return Connection(settings.redis_url, transport=TRANSPORT, transport_options=options)
+
+    with Client(settings) as client:
+        low = client.submit("ask", [], "low", priority="low")
+    # Given a worker that took the low task, then died (its lease is never renewed)
+    install(LeaseBook("dead-worker", 0.3))
+    dead = connect()
+    try:
+        taken = dead.default_channel.basic_get(LOW)
+        assert taken.headers["id"] == low.id and admin.llen(LOW) == 0
+        lease = LEASE_KEY.format(tag=taken.delivery_tag)
+        deadline = time.monotonic() + 30
+        while admin.exists(lease) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not admin.exists(lease)
+        # When a live worker's keeper sweeps
+        live = LeaseBook("live-worker", 30.0)
+        install(live)
+        keeper = LeaseKeeper(live, admin, [QUEUE], 0.1, connect=connect)
+        assert keeper.sweep() == 1
+        # Then the message is back on the low list, not on the normal one
+        assert [admin.llen(name) for name in (HIGH, NORMAL, LOW)] == [0, 0, 1]
+        assert json.loads(admin.lindex(LOW, 0))["headers"]["id"] == low.id
+    finally:
+        dead.release()
+        install(None)  # type: ignore[arg-type]
