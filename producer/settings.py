@@ -112,7 +112,12 @@ class Settings:
         "Result backend URL when it differs from REDIS_URL.",
         secret=True,
     )
-    queue: str = _setting("VQ_QUEUE", "gpu", "Queue the tasks are routed to and workers consume.")
+    queue: str = _setting(
+        "VQ_QUEUE",
+        "gpu",
+        "Queue the tasks are routed to and workers consume: one Redis list per priority, "
+        "VQ_QUEUE.high, VQ_QUEUE (normal) and VQ_QUEUE.low.",
+    )
     connect_timeout_s: float = _setting(
         "VQ_CONNECT_TIMEOUT_S",
         5.0,
