@@ -29,6 +29,7 @@ issued only when the slot is free (prefetch 1, late acks).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,6 +39,8 @@ from kombu.transport import redis as kombu_redis
 # each list (0 = highest) and K.
 RANKS_OPTION = "vq_priority_ranks"
 MAX_SKIPS_OPTION = "vq_priority_max_skips"
+
+log = logging.getLogger("vision_queue.worker")
 
 
 class PriorityOrder:
@@ -74,6 +77,15 @@ class PriorityOrder:
 
     def rotate(self, last_used: str) -> None:
         """`last_used` delivered the message the last BRPOP took."""
+        # kombu calls this between popping the message and delivering it: an exception
+        # here would lose the message, so a fault only costs the counts.
+        try:
+            self._count(last_used)
+        except Exception:
+            log.exception("priority counts reset after a fault")
+            self.skipped = dict.fromkeys(self.items, 0)
+
+    def _count(self, last_used: str) -> None:
         rank = self.rank(last_used)
         order = self._order if last_used in self._order else [last_used]
         tried = order[: order.index(last_used) + 1]  # all empty but the last, which served
