@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from producer.async_client import AsyncClient
     from producer.client import Client
-    from producer.contract import TaskName
+    from producer.contract import Priority, TaskName
     from producer.errors import (
         BrokerAuthenticationFailed,
         BrokerOutOfMemory,
@@ -51,6 +51,7 @@ _EXPORTS = {
     "ErrorCode": "producer.errors",
     "ImageRef": "producer.schemas",
     "ImageSource": "producer.schemas",
+    "Priority": "producer.contract",
     "Result": "producer.results",
     "ResultError": "producer.results",
     "Settings": "producer.settings",
@@ -76,6 +77,7 @@ __all__ = [
     "ErrorCode",
     "ImageRef",
     "ImageSource",
+    "Priority",
     "Result",
     "ResultError",
     "Settings",

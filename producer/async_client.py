@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import redis.asyncio
 
-from producer.contract import SUBMITTED_KEY, TaskName
+from producer.contract import SUBMITTED_KEY, Priority, TaskName
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import acall, async_client_options
@@ -104,6 +104,7 @@ class AsyncClient:
         stop: str | Sequence[str] = (),
         messages: Sequence[ChatMessage] | None = None,
         callback_url: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue (see `Client.submit`)."""
         request = SubmitRequest(
@@ -118,6 +119,7 @@ class AsyncClient:
             stop,
             None if messages is None else tuple(messages),
             callback_url,
+            priority,
         )
         return (await self.submit_many([request]))[0]
 

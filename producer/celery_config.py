@@ -7,7 +7,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-from producer.contract import TaskName
+from producer.contract import TaskName, priority_queues
 from producer.settings import Settings
 
 APP_NAME = "vision_queue"
@@ -42,7 +42,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # With N slots (VQ_MAX_BATCH), take a message only while a slot is free (Redis
         # brokers, Celery 5.6+): a message never waits in a busy worker.
         "worker_disable_prefetch": True,
-        "broker_transport_options": transport_options,
+        "broker_transport_options": {**transport_options, **priority_transport_options(settings)},
         "result_backend_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -56,7 +56,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_default_queue": settings.queue,
-        "task_queues": [Queue(settings.queue, routing_key=settings.queue)],
+        # One queue (Redis list) per priority; a task without one goes to the normal list.
+        "task_queues": [Queue(name, routing_key=name) for name in priority_queues(settings.queue)],
         "task_routes": {task.celery_name: {"queue": settings.queue} for task in TaskName},
         "task_time_limit": None,  # enforced by the engine's deadline (thread pool, see worker.app)
         "worker_hijack_root_logger": False,
@@ -65,6 +66,18 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # Argument reprs shown by Flower and events: requests hold no secrets, but URLs may
         # carry tokens in their query strings, so keep them short.
         "task_protocol": 2,
+    }
+
+
+def priority_transport_options(settings: Settings) -> dict[str, Any]:
+    """How a worker orders the priorities' lists in its BRPOP (worker/priorities.py)."""
+    lists = priority_queues(settings.queue)
+    return {
+        # Priorities are lists of their own: kombu's message priorities, which would add
+        # three more keys per list to every BRPOP, are not used (every message has 0).
+        "priority_steps": [0],
+        "vq_priority_ranks": {name: rank for rank, name in enumerate(lists)},
+        "vq_priority_max_skips": settings.priority_max_skips,
     }
 
 

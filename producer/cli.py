@@ -17,7 +17,7 @@ from producer.cli_output import (
 )
 from producer.cli_support import add_version_option, quiet_pipe
 from producer.client import Client
-from producer.contract import TaskName
+from producer.contract import Priority, TaskName
 from producer.errors import (
     BrokerAuthenticationFailed,
     BrokerUnavailable,
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TEXT",
         help="end the text before TEXT (repeat, up to 4 times)",
+    )
+    submit.add_argument(
+        "--priority",
+        choices=[p.value for p in Priority],
+        default=Priority.NORMAL.value,
+        help="high tasks run before normal (default) before low",
     )
     _add_wait_options(submit)
 
@@ -206,6 +212,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop,
+        priority=args.priority,
     )
     if not (args.wait or args.stream):
         print(json.dumps({"id": handle.id}) if args.json else handle.id)

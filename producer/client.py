@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import redis
 
-from producer.contract import SUBMITTED_KEY, TaskName
+from producer.contract import SUBMITTED_KEY, Priority, TaskName
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import async_client_options, call, client_options
@@ -100,6 +100,7 @@ class Client:
         stop: str | Sequence[str] = (),
         messages: Sequence[ChatMessage] | None = None,
         callback_url: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
 
@@ -107,7 +108,8 @@ class Client:
         for repeatable text, a `seed`. The text ends before the first of up to 4 `stop`
         strings. `ask` takes a conversation (`messages`: system message, earlier turns,
         images numbered in order) instead of a `prompt`; with a `callback_url` the worker
-        POSTs the signed result there when the task ends.
+        POSTs the signed result there when the task ends. `priority` (high, normal, low)
+        picks the list it waits on: a worker takes a waiting high task first.
         """
         request = SubmitRequest(
             task,
@@ -121,6 +123,7 @@ class Client:
             stop,
             None if messages is None else tuple(messages),
             callback_url,
+            priority,
         )
         return self.submit_many([request])[0]
 

@@ -47,6 +47,30 @@ TASK_SPECS: dict[TaskName, TaskSpec] = {
     TaskName.ASK: TaskSpec(0, 8, None),
 }
 
+
+class Priority(str, Enum):
+    """How soon a task runs: a worker takes a waiting high task before normal before low."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+# Each priority has its own Redis list. Normal keeps the plain queue name, so messages
+# queued before priorities existed, and deployments that watch that list, keep working.
+_PRIORITY_SUFFIX = {Priority.HIGH: ".high", Priority.NORMAL: "", Priority.LOW: ".low"}
+
+
+def priority_queue(queue: str, priority: Priority) -> str:
+    """The Redis list (and Celery queue) of `priority` on the queue named `queue`."""
+    return queue + _PRIORITY_SUFFIX[priority]
+
+
+def priority_queues(queue: str) -> tuple[str, ...]:
+    """Every list of `queue`, from the highest priority to the lowest."""
+    return tuple(priority_queue(queue, priority) for priority in Priority)
+
+
 # Redis key prefixes, in one place so operators can see what the system stores.
 KEY_PREFIX = "vq"
 STAGED_IMAGE_KEY = KEY_PREFIX + ":img:{digest}"

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from producer.addresses import check_url, check_url_length
-from producer.contract import TASK_SPECS, TaskName, control_token_in
+from producer.contract import TASK_SPECS, Priority, TaskName, control_token_in
 from producer.errors import ImageFetchFailed, InvalidInput
 from producer.settings import Settings
 
@@ -318,6 +318,21 @@ def check_generation_options(options: TaskOptions) -> None:
             raise InvalidInput(
                 f"each stop string must have 1 to {MAX_STOP_CHARS} characters", field="stop"
             )
+
+
+def parse_priority(value: Any) -> Priority:
+    """A caller's priority: high, normal or low (None: normal); else InvalidInput."""
+    if value is None:
+        return Priority.NORMAL
+    if isinstance(value, Priority):
+        return value
+    if isinstance(value, str):
+        try:
+            return Priority(value)
+        except ValueError:
+            pass
+    known = ", ".join(priority.value for priority in Priority)
+    raise InvalidInput(f"priority must be one of {known}, not {preview(value)}", field="priority")
 
 
 def stop_strings(stop: Any) -> tuple[str, ...]:

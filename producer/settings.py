@@ -112,7 +112,12 @@ class Settings:
         "Result backend URL when it differs from REDIS_URL.",
         secret=True,
     )
-    queue: str = _setting("VQ_QUEUE", "gpu", "Queue the tasks are routed to and workers consume.")
+    queue: str = _setting(
+        "VQ_QUEUE",
+        "gpu",
+        "Queue the tasks are routed to and workers consume: one Redis list per priority, "
+        "VQ_QUEUE.high, VQ_QUEUE (normal) and VQ_QUEUE.low.",
+    )
     connect_timeout_s: float = _setting(
         "VQ_CONNECT_TIMEOUT_S",
         5.0,
@@ -156,6 +161,12 @@ class Settings:
         "VQ_MAX_DELIVERIES",
         3,
         "Deliveries of one message (a worker died each time) before the task fails for good.",
+    )
+    priority_max_skips: int = _setting(
+        "VQ_PRIORITY_MAX_SKIPS",
+        10,
+        "Tasks a worker takes in a row from higher-priority lists while a lower one waits; "
+        "its next task then comes from the waiting list, so low tasks are never starved.",
     )
     # Input limits
     max_image_bytes: int = _setting("VQ_MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image file.")
@@ -413,6 +424,7 @@ class Settings:
             "gateway_max_body_bytes",
             "gateway_wait_timeout_s",
             "lease_ttl_s",
+            "priority_max_skips",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{_env_name(name)} must be positive")

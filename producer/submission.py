@@ -8,8 +8,9 @@ round trip queues one task or a thousand.
 
 The task message is the one Celery's `send_task` writes (protocol 2, JSON, utf-8, no
 compression), in the list layout of kombu's Redis transport: a JSON object whose `body` is
-the base64 of `[args, kwargs, embed]`, pushed with LPUSH onto the queue's list (priority
-0, the only one used). `tests/producer/test_submission.py` checks it field by field
+the base64 of `[args, kwargs, embed]`, pushed with LPUSH onto the list of the task's priority
+(`producer.contract.priority_queue`: `<queue>.high`, `<queue>`, `<queue>.low`; kombu's
+own message priority stays 0). `tests/producer/test_submission.py` checks it field by field
 against what Celery itself writes, so workers (and their door checks) cannot tell the two
 apart.
 """
@@ -32,7 +33,14 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from producer.addresses import check_url, check_url_length
-from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName
+from producer.contract import (
+    CANCEL_KEY,
+    STAGED_IMAGE_KEY,
+    SUBMITTED_KEY,
+    Priority,
+    TaskName,
+    priority_queue,
+)
 from producer.errors import ImageTooLarge, InvalidInput, VisionQueueError
 from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
 from producer.results import TaskHandle
@@ -43,6 +51,7 @@ from producer.schemas import (
     TaskOptions,
     TaskRequest,
     check_request,
+    parse_priority,
     preview,
     stop_strings,
 )
@@ -75,6 +84,7 @@ class SubmitRequest:
     stop: str | Sequence[str] = ()
     messages: tuple[ChatMessage, ...] | None = None  # ask: a conversation instead of prompt
     callback_url: str | None = None  # webhook for the result
+    priority: Priority | str | None = Priority.NORMAL  # high, normal (None) or low
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class Draft:
     options: TaskOptions
     messages: tuple[ChatMessage, ...] | None = None
     callback_url: str | None = None
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True)
@@ -95,13 +106,15 @@ class Outgoing:
 
     handle: TaskHandle
     staged: tuple[tuple[str, bytes], ...]  # (key, image bytes)
-    message: bytes  # the entry LPUSHed onto the queue's list
+    message: bytes  # the entry LPUSHed onto `queue`
+    queue: str  # the Redis list of the task's priority
     sent_event: bytes  # the `task-sent` event Flower counts
 
 
 def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> Draft:
     """Validate and read the images; raise a coded error before anything is queued."""
     name = task_name(request.task)
+    priority = parse_priority(request.priority)
     images = image_list(request.images)
     seed = request.seed
     if request.temperature and request.temperature > 0 and seed is None:
@@ -128,7 +141,7 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
     prepared = tuple(
         _image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
     )
-    return Draft(name, prepared, request.prompt, options, messages, callback_url)
+    return Draft(name, prepared, request.prompt, options, messages, callback_url, priority)
 
 
 def image_list(images: object) -> tuple[ImageInput, ...]:
@@ -270,16 +283,25 @@ class Envelope:
         )
         task_id = str(uuid.uuid4())
         argsrepr = safe_repr(request)
+        queue = priority_queue(self.settings.queue, draft.priority)
         return Outgoing(
             handle=TaskHandle(task_id, draft.task),
             staged=tuple(staged),
-            message=self.task_message(task_id, draft.task, request.to_message(), argsrepr),
-            sent_event=self.sent_event(task_id, draft.task, argsrepr),
+            message=self.task_message(task_id, draft.task, request.to_message(), argsrepr, queue),
+            sent_event=self.sent_event(task_id, draft.task, argsrepr, queue),
+            queue=queue,
         )
 
     def task_message(
-        self, task_id: str, task: TaskName, request: dict[str, Any], argsrepr: str
+        self,
+        task_id: str,
+        task: TaskName,
+        request: dict[str, Any],
+        argsrepr: str,
+        queue: str | None = None,
     ) -> bytes:
+        """Celery's message; `queue` (default: the normal list) is where a worker hands it
+        back to (kombu restores by routing key)."""
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         body = json.dumps([[request], {}, embed]).encode("utf-8")
         headers: dict[str, Any] = {
@@ -309,14 +331,17 @@ class Envelope:
             "argsrepr": argsrepr,
             "kwargsrepr": "{}",
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": self.settings.queue},
+            "delivery_info": {"exchange": "", "routing_key": queue or self.settings.queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         }
         return _kombu_message(body, headers, properties)
 
-    def sent_event(self, task_id: str, task: TaskName, argsrepr: str) -> bytes:
+    def sent_event(
+        self, task_id: str, task: TaskName, argsrepr: str, queue: str | None = None
+    ) -> bytes:
+        queue = queue or self.settings.queue
         body = {
             "hostname": self.hostname,
             "utcoffset": _utcoffset(),
@@ -331,9 +356,9 @@ class Envelope:
             "retries": 0,
             "eta": None,
             "expires": None,
-            "queue": self.settings.queue,
+            "queue": queue,
             "exchange": "",
-            "routing_key": self.settings.queue,
+            "routing_key": queue,
             "timestamp": time.time(),
             "type": "task-sent",
         }
@@ -398,7 +423,7 @@ def queue_commands(pipe: Any, batch: Iterable[Outgoing], envelope: Envelope) -> 
                 pipe.set(key, data, ex=ttl, nx=True)
                 pipe.expire(key, ttl)
         pipe.set(SUBMITTED_KEY.format(task_id=item.handle.id), item.handle.task.value, ex=ttl)
-        pipe.lpush(settings.queue, item.message)
+        pipe.lpush(item.queue, item.message)
         pipe.publish(envelope.events_channel, item.sent_event)
 
 

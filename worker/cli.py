@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="local folder or Hugging Face id (default VQ_MODEL)")
     run.add_argument("--device", help="cuda:N, cpu or auto (default VQ_DEVICE)")
     run.add_argument("--dtype", help="bfloat16, float16, float32 or auto (default VQ_DTYPE)")
-    run.add_argument("--queues", help="queue to consume (default VQ_QUEUE)")
+    run.add_argument(
+        "--queues", help="queue to consume, its three priority lists (default VQ_QUEUE)"
+    )
     run.add_argument(
         "--name",
         help="worker node name (default VQ_WORKER_NAME, else gpu-<device>@host; a second "

@@ -39,6 +39,7 @@ from kombu.utils.json import dumps, loads
 
 from producer.contract import LEASE_KEY, LEASE_SWEEP_LOCK_KEY, LEASED_KEY
 from producer.presence import announce, withdraw
+from worker.priorities import PriorityChannel
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -249,7 +250,9 @@ class LeasedQoS(kombu_redis.QoS):
         return restored[0] if restored else None
 
 
-class LeasedChannel(kombu_redis.Channel):
+class LeasedChannel(PriorityChannel):
+    """Leases, and the priorities' order of lists (worker/priorities.py)."""
+
     QoS = LeasedQoS
 
 

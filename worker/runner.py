@@ -34,6 +34,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from producer.celery_config import make_celery_app
+from producer.contract import priority_queues
 from producer.redis_connect import redis_client
 from producer.settings import Settings
 from worker.consumer import Door, consumer_class
@@ -119,14 +120,14 @@ def run_worker(settings: Settings) -> int:
     door = Door(settings, name, redis, app.backend, metrics, health)
     health.model_ready()
     log.info(
-        "model %s ready on %s (%s, %s attention) in %.1fs; consuming queue %s as %s "
+        "model %s ready on %s (%s, %s attention) in %.1fs; consuming %s as %s "
         "with %d slot(s)",
         engine.model_id,
         engine.device,
         engine.dtype,
         engine.attention,
         engine.load_seconds,
-        settings.queue,
+        ", ".join(priority_queues(settings.queue)),
         name,
         engine.max_batch,
     )
@@ -136,7 +137,8 @@ def run_worker(settings: Settings) -> int:
         pool="threads",
         concurrency=engine.max_batch,  # one slot per batch row
         prefetch_multiplier=1,
-        queues=[settings.queue],
+        # Every priority's list; worker/priorities.py decides which one the next task is from.
+        queues=list(priority_queues(settings.queue)),
         loglevel=settings.log_level,
         optimization="fair",
         redirect_stdouts=False,

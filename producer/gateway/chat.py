@@ -5,8 +5,10 @@ Messages become `ChatMessage` turns (system and developer messages as system tur
 each turn showing its own images before its text, so the worker numbers them
 `<|image_1|>`... across the conversation. Text parts of one message are joined by new
 lines. Sampling fields map one to one; `temperature` left out means greedy decoding
-(OpenAI's default is 1). Features the model does not have (tools, several choices,
-log probabilities, JSON mode) are refused with 400 rather than silently ignored.
+(OpenAI's default is 1). `priority` (high, normal, low) is this gateway's own extension
+field (the OpenAI SDKs send it with `extra_body`). Features the model does not have
+(tools, several choices, log probabilities, JSON mode) are refused with 400 rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from producer.contract import Priority
 from producer.errors import InvalidInput
 from producer.gateway.wire import url_image
-from producer.schemas import ChatMessage, Role, TaskOptions, stop_strings
+from producer.schemas import ChatMessage, Role, TaskOptions, parse_priority, stop_strings
 
 _REQUEST = ConfigDict(strict=True, extra="allow")
 _PART = ConfigDict(strict=True, extra="ignore")
@@ -82,6 +85,11 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = 1
     logprobs: bool | None = None
     response_format: dict[str, Any] | None = None
+    priority: str | None = Field(
+        None,
+        description="vision-queue extension: high, normal (default) or low; a worker takes "
+        "a waiting high task first.",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Conversation:
     image_params: list[str]  # where each image came from: messages[i].content[j]
     options: TaskOptions
     budget_param: str = "max_completion_tokens"  # the request's name for max_new_tokens
+    priority: Priority = Priority.NORMAL
 
     def param_of(self, field: str | None) -> str | None:
         """The request's own name for a field the client names in the contract's terms."""
@@ -143,7 +152,8 @@ def conversation(
                 shown += 1
         turns.append(ChatMessage(role, "\n".join(texts), shown))
     budget = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
-    return Conversation(tuple(turns), images, params, _options(request), budget)
+    priority = parse_priority(request.priority)
+    return Conversation(tuple(turns), images, params, _options(request), budget, priority)
 
 
 def _image(url: str, where: str, allowlist: frozenset[str]) -> str:

@@ -81,7 +81,13 @@ async def chat_completions(
     convo = chat.conversation(body, state.settings.private_host_allowlist)
     try:
         handle = await submit_task(
-            state, who, TaskName.ASK, convo.images, messages=convo.turns, options=convo.options
+            state,
+            who,
+            TaskName.ASK,
+            convo.images,
+            messages=convo.turns,
+            options=convo.options,
+            priority=convo.priority,
         )
     except VisionQueueError as exc:
         exc.field = convo.param_of(exc.field)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from producer.contract import KEY_PREFIX, TaskName
+from producer.contract import KEY_PREFIX, Priority, TaskName
 from producer.errors import InvalidInput, UnknownTaskId
 from producer.schemas import ChatMessage, TaskOptions
 
@@ -33,6 +33,7 @@ async def submit_task(
     messages: tuple[ChatMessage, ...] | None = None,
     options: TaskOptions = TaskOptions(),  # noqa: B008 (frozen)
     callback_url: str | None = None,
+    priority: Priority = Priority.NORMAL,
 ) -> TaskHandle:
     """Queue after every check; a refusal (400, 429, 503) leaves nothing queued or held."""
     if callback_url is not None and not state.settings.webhook_secret:
@@ -54,6 +55,7 @@ async def submit_task(
             stop=options.stop,
             messages=messages,
             callback_url=callback_url,
+            priority=priority,
         )
     except BaseException:
         await state.limiter.release(who.key_id, placeholder)

@@ -89,6 +89,7 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
         messages=None if submission.messages is None else tuple(submission.messages),
         options=submission.options,
         callback_url=submission.callback_url,
+        priority=submission.priority,
     )
     accepted = TaskAccepted(id=handle.id, task=handle.task)
     return JSONResponse(
@@ -244,7 +245,7 @@ async def _from_form(
     form = await request.form(max_files=settings.max_images, max_fields=32)
     try:
         fields: dict[str, Any] = {}
-        for name in ("task", "prompt", "callback_url", "messages", "options"):
+        for name in ("task", "prompt", "callback_url", "messages", "options", "priority"):
             value = form.get(name)
             if value is None:
                 continue

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.addresses import check_url
-from producer.contract import TaskName
+from producer.contract import Priority, TaskName
 from producer.errors import ImageFetchFailed, InvalidInput
 from producer.images import decode_base64_image
 from producer.schemas import ChatMessage, TaskOptions, Timings
@@ -55,6 +55,11 @@ class TaskSubmission(BaseModel):
     callback_url: str | None = Field(
         None, description="When the task ends, its result is POSTed here, signed."
     )
+    priority: Priority = Field(
+        Priority.NORMAL,
+        description="high, normal (default) or low: a worker takes a waiting high task "
+        "before normal ones, and those before low ones.",
+    )
 
 
 class TaskUpload(BaseModel):
@@ -66,6 +71,7 @@ class TaskUpload(BaseModel):
     messages: str | None = Field(None, description="JSON array, as in the JSON form.")
     options: str | None = Field(None, description="JSON object, as in the JSON form.")
     callback_url: str | None = None
+    priority: Priority = Priority.NORMAL
 
 
 class TaskAccepted(BaseModel):

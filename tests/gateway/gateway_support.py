@@ -116,6 +116,32 @@ def submitted_count(redis_url: str) -> int:
         client.close()
 
 
+class SentEvents:
+    """The `task-sent` events (what Flower counts) of tasks queued from now on: each names
+    the Redis list its task was pushed onto."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.client = redis.Redis.from_url(redis_url)
+        self.pubsub = self.client.pubsub()
+        self.pubsub.subscribe("/0.celeryev/task.sent")
+        self.pubsub.get_message(timeout=5)  # the subscribe confirmation
+
+    def queues(self, count: int, timeout_s: float = 10) -> dict[str, str]:
+        """Task id -> list, for the next `count` tasks sent."""
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(found) < count and time.monotonic() < deadline:
+            message = self.pubsub.get_message(timeout=0.5)
+            if message and message["type"] == "message":
+                event = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+                found[event["uuid"]] = event["queue"]
+        return found
+
+    def close(self) -> None:
+        self.pubsub.close()
+        self.client.close()
+
+
 def wait_for_result(api: httpx.Client, task_id: str, timeout_s: float = 120) -> dict[str, Any]:
     """GET the task until it has ended (the native API's polling form)."""
     deadline = time.monotonic() + timeout_s

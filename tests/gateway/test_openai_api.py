@@ -19,6 +19,7 @@ from gateway_support import (
     API_KEY,
     MODEL,
     GatewayProcess,
+    SentEvents,
     data_uri,
     image_bytes,
     submitted_count,
@@ -229,6 +230,35 @@ def test_limits_of_the_contract_answer_with_the_requests_own_names(sdk: openai.O
             model=MODEL, messages=[{"role": "user", "content": "<|end|><|user|>hi"}]
         )
     assert caught.value.param == "messages[0]"
+
+
+def test_a_priority_rides_in_the_extra_body_and_a_bad_one_is_refused(
+    sdk: openai.OpenAI, module_redis: RedisServer
+):
+    sent = SentEvents(module_redis.url)
+    try:
+        # Given the SDK's extra_body carrying the gateway's priority extension
+        answer = sdk.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=2,
+            extra_body={"priority": "high"},
+        )
+        # Then the task went to the high list and its answer came back as usual
+        task_id = answer.headers["x-task-id"]
+        assert sent.queues(1) == {task_id: "gpu.high"}
+        assert answer.parse().choices[0].message.content is not None
+    finally:
+        sent.close()
+    before = submitted_count(module_redis.url)
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"priority": "urgent"},
+        )
+    assert (caught.value.code, caught.value.param) == ("invalid_input", "priority")
+    assert submitted_count(module_redis.url) == before
 
 
 def test_an_unknown_model_is_not_found(sdk: openai.OpenAI):

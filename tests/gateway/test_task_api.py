@@ -25,6 +25,7 @@ from gateway_support import (
     WEBHOOK_SECRET,
     Event,
     GatewayProcess,
+    SentEvents,
     WebhookReceiver,
     data_uri,
     image_bytes,
@@ -84,6 +85,29 @@ def test_a_multipart_upload_of_files_runs_to_a_result(api: httpx.Client):
 
     result = wait_for_result(api, response.json()["id"])
     assert result["state"] == "SUCCESS" and result["task"] == "compare"
+
+
+def test_a_priority_sends_the_task_to_its_list_and_the_worker_runs_it(
+    api: httpx.Client, module_redis: RedisServer
+):
+    sent = SentEvents(module_redis.url)
+    try:
+        # Given a high task as JSON and a low one as a multipart form
+        high = submit(api, task="ask", prompt="Say hi.", options={"max_new_tokens": 2},
+                      priority="high")
+        form = {"task": "ask", "prompt": "Hi.", "priority": "low",
+                "options": '{"max_new_tokens": 2}'}
+        files = [("images", ("a.jpg", image_bytes("small_400x300.jpg"), "image/jpeg"))]
+        response = api.post("/v1/tasks", data=form, files=files)
+        assert response.status_code == 202, response.text
+        low = response.json()["id"]
+        # Then each was pushed onto its priority's list, and the worker, consuming all
+        # three, runs both
+        assert sent.queues(2) == {high: "gpu.high", low: "gpu.low"}
+    finally:
+        sent.close()
+    for task_id in (high, low):
+        assert wait_for_result(api, task_id)["state"] == "SUCCESS"
 
 
 def test_an_image_url_is_fetched_by_the_worker(api: httpx.Client):
@@ -213,6 +237,7 @@ def test_an_unknown_task_is_not_found(api: httpx.Client, path: str):
          "images[0]"),
         ({"task": "ask", "prompt": "x", "callback_url": "http://169.254.169.254/"},
          "invalid_input", "callback_url"),
+        ({"task": "ask", "prompt": "x", "priority": "urgent"}, "invalid_input", "priority"),
     ],
 )
 def test_bad_input_is_refused_naming_the_field_and_nothing_is_queued(

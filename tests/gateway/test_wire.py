@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from pydantic import ValidationError
 
+from producer.contract import Priority
 from producer.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
 from producer.gateway.wire import (
     ImageInput,
@@ -82,12 +83,23 @@ def test_the_submission_takes_the_contracts_options_as_they_are():
         '{"task": "ask", "messages": [{"role": "wizard", "text": "x"}]}',
         '{"task": "ask", "images": [{"path": "/etc/passwd"}]}',
         '{"task": "ask", "prompt": 5}',
-        '{"task": "ask", "priority": "high"}',
+        '{"task": "ask", "urgency": "high"}',
+        '{"task": "ask", "priority": "urgent"}',
+        '{"task": "ask", "priority": 1}',
     ],
 )
 def test_wrong_shapes_and_types_are_refused(raw):
     with pytest.raises(ValidationError):
         TaskSubmission.model_validate_json(raw)
+
+
+def test_the_submission_takes_a_priority_normal_by_default():
+    assert TaskSubmission.model_validate_json('{"task": "ask"}').priority is Priority.NORMAL
+    for value in Priority:
+        raw = f'{{"task": "ask", "priority": "{value.value}"}}'
+        assert TaskSubmission.model_validate_json(raw).priority is value
+    schema = TaskSubmission.model_json_schema()
+    assert schema["$defs"]["Priority"]["enum"] == ["high", "normal", "low"]
 
 
 def test_images_are_urls_or_base64_never_paths():

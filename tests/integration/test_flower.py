@@ -183,7 +183,8 @@ def test_api_lists_the_worker(
     workers = reply.json()
     assert shared_worker.name in workers, list(workers)
     info = workers[shared_worker.name]
-    assert {q["name"] for q in info["active_queues"]} == {"gpu"}
+    # One queue per priority: the high, normal and low lists.
+    assert {q["name"] for q in info["active_queues"]} == {"gpu.high", "gpu", "gpu.low"}
     assert set(info["registered"]) >= {t.name for t in ran_tasks}
     # The worker's own count of tasks it ran, by name.
     assert info["stats"]["total"] == {t.name: 1 for t in ran_tasks}
@@ -473,7 +474,7 @@ def test_the_proxy_refuses_worker_controls_before_flower_sees_them(
     # And nothing changed: the worker is up, consumes its queue, runs one task at a time.
     assert shared_worker.process is not None and shared_worker.process.poll() is None
     after = worker_info(flower, shared_worker.name)
-    assert [q["name"] for q in after["active_queues"]] == ["gpu"]
+    assert [q["name"] for q in after["active_queues"]] == ["gpu.high", "gpu", "gpu.low"]
     assert after["stats"]["pool"] == before["stats"]["pool"]
     assert after["stats"]["pool"]["max-concurrency"] == 1
     assert after["stats"]["rusage"] and "Shutting down" not in flower.log()

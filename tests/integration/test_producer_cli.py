@@ -278,3 +278,19 @@ def test_help_states_the_task_rules(env, command: str):
     assert "compare   2-8 images" in done.stdout
     assert "ask       0-8 images; needs --prompt" in done.stdout
     assert "up to 16 tokens" in done.stdout  # the caps this client enforces (base_env's)
+
+
+def test_submit_priority_puts_the_task_on_that_list(module_redis):
+    # A queue no worker consumes, so the message stays where the CLI put it.
+    env = base_env(module_redis.url, VQ_QUEUE="cli-priority")
+    admin = module_redis.client()
+    done = producer(env, "submit", "--task", "ask", "--prompt", "Hi", "--priority", "high")
+    assert done.returncode == 0, done.stderr
+    [message] = admin.lrange("cli-priority.high", 0, -1)
+    assert json.loads(message)["headers"]["id"] == done.stdout.strip()
+    default = producer(env, "submit", "--task", "ask", "--prompt", "Hi")
+    assert default.returncode == 0 and admin.llen("cli-priority") == 1
+    refused = producer(env, "submit", "--task", "ask", "--prompt", "Hi", "--priority", "urgent")
+    assert refused.returncode == 2
+    assert "--priority" in refused.stderr and "invalid choice" in refused.stderr
+    assert admin.llen("cli-priority.low") == 0 and admin.llen("cli-priority.high") == 1

@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from producer.contract import priority_queues
 from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,8 +298,9 @@ def test_a_stopping_worker_may_finish_its_longest_task(objects: list[dict[str, A
 
 
 def queue_lists(queue: str) -> set[str]:
-    """The Redis lists of the three priorities, as the workers consume them."""
-    return {f"{queue}.high", queue, f"{queue}.low"}
+    """The Redis lists of the three priorities, as producers and workers name them."""
+    assert priority_queues(queue) == (f"{queue}.high", queue, f"{queue}.low")
+    return set(priority_queues(queue))
 
 
 def test_keda_counts_the_waiting_tasks_of_every_priority(objects: list[dict[str, Any]]):

@@ -6,6 +6,7 @@ side by side with ours, and the two are compared field by field.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Client, SubmitRequest
+from producer import AsyncClient, Client, Priority, SubmitRequest
 from producer.celery_config import make_celery_app
 from producer.errors import InvalidInput
 from producer.settings import Settings
@@ -239,3 +240,77 @@ def test_max_new_tokens_must_be_an_integer(redis_url: str, client, photo: bytes,
 def test_a_prompt_must_be_a_string(redis_url: str, client, value):
     error = refused(client, redis_url, "ask", [], prompt=value)
     assert error.field == "prompt" and "prompt must be a string" in error.message
+
+
+# --- Priorities ----------------------------------------------------------------------------
+
+LISTS = {"high": "nobody.high", "normal": "nobody", "low": "nobody.low"}
+
+
+def test_each_priority_is_pushed_onto_its_own_list(redis_url: str, client):
+    # Given one task of each priority (and one left at the default)
+    handles = {
+        priority: client.submit("ask", [], f"{priority} task", priority=priority)
+        for priority in ("low", "normal", "high")
+    }
+    default = client.submit("ask", [], "default task")
+    # Then each list holds its own, and the message's routing key names that list (a
+    # message handed back by a worker returns there: kombu restores by routing key)
+    for priority, queue in LISTS.items():
+        ids = [m["headers"]["id"] for m in queued(redis_url, queue)]
+        expected = [default.id, handles[priority].id] if priority == "normal" else [
+            handles[priority].id
+        ]
+        assert ids == expected, priority
+        for message in queued(redis_url, queue):
+            assert message["properties"]["delivery_info"]["routing_key"] == queue
+            assert message["properties"]["priority"] == 0  # kombu's own priorities unused
+
+
+def test_submit_many_routes_each_request_by_its_priority(redis_url: str, client):
+    published = Published(redis_url)
+    requests = [SubmitRequest("ask", [], f"Say {i}.", priority=p)
+                for i, p in enumerate(["low", "high", None, Priority.LOW])]
+    handles = client.submit_many(requests)
+    assert [m["headers"]["id"] for m in reversed(queued(redis_url, "nobody.low"))] == [
+        handles[0].id, handles[3].id
+    ]
+    assert [m["headers"]["id"] for m in queued(redis_url, "nobody.high")] == [handles[1].id]
+    assert [m["headers"]["id"] for m in queued(redis_url, "nobody")] == [handles[2].id]
+    # and the task-sent events (Flower's) name the list too
+    events = {body(event)["uuid"]: body(event)["queue"] for _, event in published.collect(4)}
+    assert events == {handles[0].id: "nobody.low", handles[1].id: "nobody.high",
+                      handles[2].id: "nobody", handles[3].id: "nobody.low"}
+
+
+@pytest.mark.parametrize("priority", ["urgent", "HIGH", "", 1, ["high"]])
+def test_an_unknown_priority_is_refused_naming_the_field_and_nothing_is_queued(
+    redis_url: str, client, priority: Any
+):
+    with pytest.raises(InvalidInput) as error:
+        client.submit("ask", [], "Hello", priority=priority)
+    assert error.value.field == "priority"
+    assert "high, normal, low" in error.value.message
+    admin = redis.Redis.from_url(redis_url)
+    assert [admin.llen(queue) for queue in LISTS.values()] == [0, 0, 0]
+    assert admin.keys("vq:submitted:*") == []
+
+
+def test_celery_routes_to_the_same_lists(redis_url: str, settings: Settings, client):
+    # Celery's own send_task (and a task's retry, which keeps its routing key) finds the
+    # priority lists declared: a retried high task stays high.
+    app = make_celery_app(settings)
+    ours = client.submit("ask", [], "Hello", priority="high")
+    app.send_task("vision_queue.ask", args=({},), queue="nobody.high")
+    celerys, mine = queued(redis_url, "nobody.high")
+    assert mine["headers"]["id"] == ours.id
+    assert celerys["properties"]["delivery_info"] == mine["properties"]["delivery_info"]
+
+
+def test_the_async_client_routes_by_priority_too(redis_url: str, settings: Settings):
+    async def submit() -> str:
+        async with AsyncClient(settings) as client:
+            return (await client.submit("ask", [], "Hello", priority="low")).id
+
+    task_id = asyncio.run(submit())
+    assert [m["headers"]["id"] for m in queued(redis_url, "nobody.low")] == [task_id]
