@@ -75,6 +75,8 @@ end
 return 0
 """
 _UNLOCK = _RELEASE
+# Retrying to record a popped message while Redis refuses writes (LeasedQoS.append).
+_RECORD_FIRST_PAUSE_S, _RECORD_MAX_PAUSE_S = 0.1, 2.0
 
 
 def lease_key(tag: str) -> str:
@@ -158,20 +160,43 @@ class LeasedQoS(kombu_redis.QoS):
         delivery = message.delivery_info
         headers = message.headers if isinstance(message.headers, dict) else {}
         taken_at = time.monotonic()
-        now = time.time()
-        with self.pipe_or_acquire() as pipe:
-            # One transaction: a message is never in `unacked` without its lease.
-            pipe.set(lease_key(delivery_tag), book.owner, px=int(book.ttl_s * 1000))
-            pipe.zadd(LEASED_KEY, {delivery_tag: now})
-            pipe.zadd(self.unacked_index_key, {delivery_tag: now})
-            pipe.hset(
-                self.unacked_key,
-                delivery_tag,
-                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
-            )
-            pipe.execute()
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        self._record_taken(delivery_tag, record, book.owner, book.ttl_s, headers.get("id"))
         book.add(delivery_tag, str(headers.get("id") or ""), taken_at)
         virtual.QoS.append(self, message, delivery_tag)
+
+    def _record_taken(
+        self, tag: str, record: str, owner: str, ttl_s: float, task_id: object
+    ) -> None:
+        """Record a message just popped from its list, however long Redis takes to accept it.
+
+        BRPOP has already removed the message from the queue: until this transaction is
+        applied, this process holds the only copy. Giving up here (Redis restarting, full,
+        or failing over) would lose it, so keep trying; the worker can serve nothing else
+        while Redis refuses writes anyway. Applying it twice is harmless (same values).
+        """
+        pause_s = _RECORD_FIRST_PAUSE_S
+        while True:
+            try:
+                with self.pipe_or_acquire() as pipe:
+                    # One transaction: a message is never in `unacked` without its lease.
+                    now = time.time()
+                    pipe.set(lease_key(tag), owner, px=int(ttl_s * 1000))
+                    pipe.zadd(LEASED_KEY, {tag: now})
+                    pipe.zadd(self.unacked_index_key, {tag: now})
+                    pipe.hset(self.unacked_key, tag, record)
+                    pipe.execute()
+                return
+            except redis.RedisError as exc:
+                log.warning(
+                    "task %s: could not record the message it took (%s); holding it and "
+                    "retrying in %.1fs",
+                    task_id or "?",
+                    type(exc).__name__,
+                    pause_s,
+                )
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, _RECORD_MAX_PAUSE_S)
 
     def ack(self, delivery_tag: str) -> None:
         book = _installed

@@ -7,6 +7,7 @@ lapse happens within the test; nothing else is faked.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,3 +163,41 @@ def test_the_visibility_timeout_never_restores_a_message_a_live_worker_holds(
     finally:
         impatient.close()
         patient.close()
+
+
+def test_a_message_taken_while_redis_refuses_writes_is_recorded_once_redis_accepts_them(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    # Given a worker that pops a message (RPOP is allowed in a full Redis) whose record in
+    # `unacked` is refused: until the record is written it holds the only copy
+    worker, _ = workers
+    admin = redis.Redis.from_url(redis_url)
+    limit = admin.config_get("maxmemory")["maxmemory"]
+    refused_before = _oom_errors(admin)
+    taken: list[Any] = []
+    admin.config_set("maxmemory", 1)
+    try:
+        thread = threading.Thread(target=lambda: taken.append(worker.take()), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while _oom_errors(admin) == refused_before:  # its first attempt was refused
+            assert time.monotonic() < deadline, "the worker never tried to record its message"
+            time.sleep(0.01)
+        assert thread.is_alive() and not taken  # it keeps the message, still trying
+    finally:
+        admin.config_set("maxmemory", limit)
+    # When Redis accepts writes again, then the message is recorded with its lease: not lost
+    thread.join(timeout=60)
+    assert taken and taken[0].headers["id"] == queued_id
+    tag = taken[0].delivery_tag
+    assert holder(admin, tag) == b"worker-a"
+    assert admin.hexists("unacked", tag)
+    assert admin.llen(QUEUE) == 0
+    worker.ack(taken[0])
+    assert not admin.hexists("unacked", tag)
+
+
+def _oom_errors(admin: redis.Redis) -> int:
+    stats = admin.info("errorstats")
+    entry = stats.get("errorstat_OOM")
+    return int(entry["count"]) if entry else 0
