@@ -8,6 +8,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from producer.contract import TaskName
+from producer.sentinel import celery_sentinel_options
 from producer.settings import Settings
 
 APP_NAME = "vision_queue"
@@ -39,8 +40,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         # One GPU runs one generation: never hold a second message that another worker could run.
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": transport_options,
-        "result_backend_transport_options": transport_options,
+        "broker_transport_options": _with_sentinel(
+            transport_options, settings, settings.effective_broker_url
+        ),
+        "result_backend_transport_options": _with_sentinel(
+            transport_options, settings, settings.effective_backend_url
+        ),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_expires": settings.result_expires_s,
@@ -63,6 +68,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # carry tokens in their query strings, so keep them short.
         "task_protocol": 2,
     }
+
+
+def _with_sentinel(options: dict[str, Any], settings: Settings, url: str) -> dict[str, Any]:
+    """For a sentinel:// URL, kombu's Sentinel transport and Celery's SentinelBackend also
+    need the master's name and how to talk to the sentinels (`producer.sentinel`)."""
+    return {**options, **celery_sentinel_options(settings, url)}
 
 
 def make_celery_app(settings: Settings) -> Celery:

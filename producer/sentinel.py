@@ -33,6 +33,26 @@ def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].strip().lower() == SCHEME
 
 
+def spread_first_credentials(chunks: list[str]) -> list[str]:
+    """Give every sentinel URL the first one's credentials and database, when it has none.
+
+    kombu moves on to the next URL of the list after a failed connection attempt and reads
+    the password and database from that URL alone, so a failover would otherwise leave the
+    worker connecting to the new master without its password.
+    """
+    first = urlsplit(chunks[0])
+    userinfo = chunks[0].partition("://")[2].rpartition("@")[0] if "@" in chunks[0] else ""
+    spread = [chunks[0]]
+    for chunk in chunks[1:]:
+        scheme, _, rest = chunk.partition("://")
+        if userinfo and "@" not in rest:
+            rest = f"{userinfo}@{rest}"
+        if first.path.strip("/") and not urlsplit(chunk).path.strip("/"):
+            rest = rest.rstrip("/") + "/" + first.path.strip("/")
+        spread.append(f"{scheme}://{rest}")
+    return spread
+
+
 @dataclass(frozen=True)
 class SentinelTarget:
     """What a sentinel URL says: where the sentinels are, and how to talk to the master."""

@@ -21,7 +21,12 @@ from urllib.parse import quote, unquote, urlsplit
 
 from producer.addresses import allowlist_entry
 from producer.contract import TaskName
-from producer.sentinel import is_sentinel_url, parse_sentinel_url, split_urls
+from producer.sentinel import (
+    is_sentinel_url,
+    parse_sentinel_url,
+    split_urls,
+    spread_first_credentials,
+)
 
 
 class SettingsError(ValueError):
@@ -72,7 +77,10 @@ def normalize_redis_url(url: str) -> str:
     """
     chunks = split_urls(url)
     if len(chunks) > 1:  # sentinel://...;sentinel://...
-        return ";".join(normalize_redis_url(chunk) for chunk in chunks)
+        normalized = [normalize_redis_url(chunk) for chunk in chunks]
+        if is_sentinel_url(url):
+            normalized = spread_first_credentials(normalized)
+        return ";".join(normalized)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in _REDIS_SCHEMES:
         return url

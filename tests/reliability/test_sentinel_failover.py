@@ -1,0 +1,152 @@
+"""Redis behind Sentinel: the master dies, the replica takes over, nothing is restarted.
+
+A real deployment on loopback (tests/support/sentinel.py): a master, its replica and three
+sentinels, with short failure detection (down after 1 s). A real worker and real clients
+reach Redis only through the sentinel URL. Figures printed here are recorded in
+docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
+from support.workers import WorkerProcess, wait_until_generating
+
+from producer import Client
+from producer.redis_connect import async_redis_client, redis_client
+from producer.settings import Settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+RUNNING_TOKENS = 1500  # caught running when the master dies, on the tiny model
+SHORT = {"max_new_tokens": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelCluster]:
+    with SentinelCluster(tmp_path_factory.mktemp("sentinel")) as deployment:
+        yield deployment
+
+
+def sentinel_settings(cluster: SentinelCluster) -> Settings:
+    # A client keeps retrying for as long as a failover may take before reporting Redis down.
+    return Settings.from_env(
+        cluster.env(), connect_timeout_s=30.0, max_new_tokens_caps="ask=4000"
+    )
+
+
+def test_project_clients_talk_to_the_master_the_sentinels_name(cluster: SentinelCluster) -> None:
+    # Given the project's settings holding only the sentinels' addresses
+    settings = sentinel_settings(cluster)
+    master = cluster.master_address()
+    assert master is not None
+    direct = cluster.server(master[1])
+    # When its sync, pooled and asyncio clients write
+    redis_client(settings).set("vq:test:sync", "1")
+    redis_client(settings, max_connections=2).set("vq:test:pooled", "2")
+
+    async def write_async() -> None:
+        client = async_redis_client(settings, max_connections=2)
+        await client.set("vq:test:async", "3")
+        await client.aclose()
+
+    asyncio.run(write_async())
+    # Then the writes are on the master itself
+    assert direct.mget("vq:test:sync", "vq:test:pooled", "vq:test:async") == [b"1", b"2", b"3"]
+    assert direct.execute_command("ROLE")[0] == b"master"
+
+
+def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothing(
+    cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    settings = sentinel_settings(cluster)
+    env = {
+        "VQ_REDIS_SENTINEL_MASTER": MASTER_NAME,
+        "VQ_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+        "VQ_MAX_NEW_TOKENS_CAPS": "ask=4000,describe=16,ocr=16,compare=16",
+    }
+    with WorkerProcess(cluster.url, tmp_path, **env) as worker, Client(settings) as client:
+        assert worker.process is not None
+        pid = worker.process.pid
+        # Given a long task running and short ones queued behind it, all replicated
+        running = client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
+        queued = [client.submit("ask", [], f"Say {i}.", **SHORT) for i in range(4)]
+        wait_until_generating(client, running.id)
+        before = [running.id] + [handle.id for handle in queued]
+        # and callers already waiting for every result (pushed waits, one pub/sub connection)
+        results: dict[str, Any] = {}
+        waits = [
+            threading.Thread(target=_wait_into, args=(client, task_id, results))
+            for task_id in before
+        ]
+        for wait in waits:
+            wait.start()
+        assert cluster.wait_replicated() >= 1
+
+        # When the master is SIGKILLed mid-generation
+        cluster.kill_master()
+        killed_at = time.monotonic()
+        during: list[str] = []
+        accepted_at: list[float] = []
+        submitter = threading.Thread(
+            target=_submit_into, args=(client, during, accepted_at, 2)
+        )
+        submitter.start()  # submitted while there is no master: the client keeps retrying
+        cluster.wait_for_new_master()
+        failover_s = time.monotonic() - killed_at
+        after = [client.submit("ask", [], f"Count to {i}.", **SHORT).id for i in range(3)]
+        submitter.join(timeout=120)
+
+        # Then every task, before, during and after, ends in exactly one success
+        for task_id in during + after:
+            _wait_into(client, task_id, results)
+        for wait in waits:
+            wait.join(timeout=300)
+        everything = before + during + after
+        assert len(during) == 2
+        assert {task_id: results[task_id]["state"] for task_id in everything} == {
+            task_id: "SUCCESS" for task_id in everything
+        }
+        counts = _success_lines(worker, everything)
+        assert {task_id: counts[task_id] for task_id in everything} == {
+            task_id: 1 for task_id in everything
+        }
+        # by the same worker process, never restarted, still consuming
+        assert worker.process.poll() is None and worker.process.pid == pid
+        assert worker._health().get("consuming") is True
+        print(
+            f"\nreliability: sentinel failover (SIGKILL master, down-after 1 s) "
+            f"new master after {failover_s:.1f}s, first submit accepted after "
+            f"{accepted_at[0] - killed_at:.1f}s; tasks before={len(before)} "
+            f"during={len(during)} after={len(after)} lost=0 duplicated=0"
+        )
+
+
+def _wait_into(client: Client, task_id: str, into: dict[str, Any]) -> None:
+    into[task_id] = client.result(task_id, wait=True, timeout=300)
+
+
+def _submit_into(client: Client, ids: list[str], accepted_at: list[float], count: int) -> None:
+    for i in range(count):
+        ids.append(client.submit("ask", [], f"Name {i} colours.", **SHORT).id)
+        accepted_at.append(time.monotonic())
+
+
+def _success_lines(worker: WorkerProcess, expected: list[str]) -> Counter[str]:
+    """Success lines per task id in the worker's log (logged just after the result is
+    stored, so wait, bounded, for every expected id's line before counting)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = Counter(re.findall(r"task id=(\S+) task=\S+ outcome=success", worker.log()))
+        if all(found[task_id] for task_id in expected) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
