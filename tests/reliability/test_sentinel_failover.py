@@ -13,7 +13,6 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ RUNNING_TOKENS = 1500  # caught running when the master dies, on the tiny model
 SHORT = {"max_new_tokens": 1}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelCluster]:
-    with SentinelCluster(tmp_path_factory.mktemp("sentinel")) as deployment:
-        yield deployment
+@pytest.fixture
+def cluster(sentinel_cluster: SentinelCluster) -> SentinelCluster:
+    return sentinel_cluster
 
 
 def sentinel_settings(cluster: SentinelCluster) -> Settings:
