@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.redis_server import PASSWORD
 from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
-from support.workers import WorkerProcess, wait_until_generating
+from support.workers import WorkerProcess, run_cli, wait_until_generating
 
 from producer import Client
+from producer.outages import async_client_options
 from producer.redis_connect import async_redis_client, redis_client
 from producer.settings import Settings
+from producer.waiting import Notifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -88,6 +91,10 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
         ]
         for wait in waits:
             wait.start()
+        # and a pub/sub subscription of the project's notifier, confirmed by the master
+        subscriber = _Subscriber(settings, "vq:test:failover-channel")
+        subscriber.start()
+        assert subscriber.subscribed.wait(60)
         assert cluster.wait_replicated() >= 1
 
         # When the master is SIGKILLed mid-generation
@@ -103,6 +110,14 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
         failover_s = time.monotonic() - killed_at
         after = [client.submit("ask", [], f"Count to {i}.", **SHORT).id for i in range(3)]
         submitter.join(timeout=120)
+        # the subscription made before is renewed on the new master by itself
+        publisher = redis_client(settings)
+        deadline = time.monotonic() + 60
+        while not subscriber.got.wait(0.2):
+            assert time.monotonic() < deadline, subscriber.received
+            publisher.publish("vq:test:failover-channel", b"after")
+        assert subscriber.received[0] is None  # "connection replaced: re-read the state"
+        assert subscriber.received[-1] == b"after"
 
         # Then every task, before, during and after, ends in exactly one success
         for task_id in during + after:
@@ -121,12 +136,51 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
         # by the same worker process, never restarted, still consuming
         assert worker.process.poll() is None and worker.process.pid == pid
         assert worker._health().get("consuming") is True
+        ready = run_cli("worker", ["health", "--ready", "--name", worker.name], worker.env)
+        assert ready.returncode == 0, ready.stdout + ready.stderr
+        log = worker.log()
+        assert PASSWORD not in log and SENTINEL_PASSWORD not in log
         print(
             f"\nreliability: sentinel failover (SIGKILL master, down-after 1 s) "
             f"new master after {failover_s:.1f}s, first submit accepted after "
             f"{accepted_at[0] - killed_at:.1f}s; tasks before={len(before)} "
             f"during={len(during)} after={len(after)} lost=0 duplicated=0"
         )
+
+
+class _Subscriber(threading.Thread):
+    """A pushed wait's connection (`producer.waiting.Notifier`) on its own event loop."""
+
+    def __init__(self, settings: Settings, channel: str) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.channel = channel
+        self.subscribed = threading.Event()
+        self.got = threading.Event()
+        self.received: list[bytes | None] = []
+
+    def run(self) -> None:
+        asyncio.run(self._follow())
+
+    async def _follow(self) -> None:
+        settings = self.settings
+        notifier = Notifier(
+            lambda: async_redis_client(
+                settings, health_check_interval=0, **async_client_options(settings)
+            )
+        )
+        inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        await notifier.subscribe(self.channel, inbox, timeout=30)
+        self.subscribed.set()
+        try:
+            while True:
+                item = await asyncio.wait_for(inbox.get(), timeout=300)
+                self.received.append(item)
+                if item is not None:
+                    self.got.set()
+                    return
+        finally:
+            await notifier.aclose()
 
 
 def _wait_into(client: Client, task_id: str, into: dict[str, Any]) -> None:
