@@ -106,14 +106,13 @@ def _sentinel_master(
     pool_class = (
         redis.sentinel.SentinelConnectionPool if max_connections is None else _BlockingSentinelPool
     )
-    return sentinels.master_for(
+    client: redis.Redis = sentinels.master_for(
         settings.redis_sentinel_master,
         redis_class=redis.Redis,
         connection_pool_class=pool_class,
-        **target.master_kwargs(),
-        **options,
-        **_pool_options(settings, max_connections),
+        **{**target.master_kwargs(), **options, **_pool_options(settings, max_connections)},
     )
+    return client
 
 
 def _async_sentinel_master(
@@ -128,11 +127,10 @@ def _async_sentinel_master(
         if max_connections is None
         else _AsyncBlockingSentinelPool
     )
-    return sentinels.master_for(
+    client: redis.asyncio.Redis = sentinels.master_for(
         settings.redis_sentinel_master,
         redis_class=redis.asyncio.Redis,
         connection_pool_class=pool_class,
-        **target.master_kwargs(),
-        **options,
-        **_pool_options(settings, max_connections),
+        **{**target.master_kwargs(), **options, **_pool_options(settings, max_connections)},
     )
+    return client

@@ -83,7 +83,9 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
-            raise ValueError(f"URL {index} has an invalid port (a number from 1 to 65535)") from None
+            raise ValueError(
+                f"URL {index} has an invalid port (a number from 1 to 65535)"
+            ) from None
         if not parts.hostname:
             raise ValueError(f"URL {index} has no host")
         sentinels.append((parts.hostname, port))
@@ -133,4 +135,7 @@ def celery_sentinel_options(settings: Settings, url: str) -> dict[str, Any]:
     empty for a plain Redis URL."""
     if not is_sentinel_url(url):
         return {}
-    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": sentinel_kwargs(settings)}
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": sentinel_kwargs(settings),
+    }

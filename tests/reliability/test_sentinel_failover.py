@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from support.redis_server import PASSWORD
 from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
 from support.workers import WorkerProcess, run_cli, wait_until_generating
@@ -53,7 +54,11 @@ def test_project_clients_talk_to_the_master_the_sentinels_name(cluster: Sentinel
     direct = cluster.server(master[1])
     # When its sync, pooled and asyncio clients write
     redis_client(settings).set("vq:test:sync", "1")
-    redis_client(settings, max_connections=2).set("vq:test:pooled", "2")
+    pooled = redis_client(settings, max_connections=2)
+    pooled.set("vq:test:pooled", "2")
+    # a sized pool makes callers beyond its size wait for a connection, as without Sentinel
+    assert isinstance(pooled.connection_pool, redis.BlockingConnectionPool)
+    assert pooled.connection_pool.max_connections == 2
 
     async def write_async() -> None:
         client = async_redis_client(settings, max_connections=2)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import redis
+
 from support.redis_server import PASSWORD, find_redis_server, free_port
 
 MASTER_NAME = "vq-master"
-SENTINEL_PASSWORD = "sentinel-pass-91c2"  # noqa: S105 (test fixture)
+SENTINEL_PASSWORD = "sentinel-pass-91c2"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
 

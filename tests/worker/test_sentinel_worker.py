@@ -19,9 +19,9 @@ from producer.results import result_key
 from producer.settings import Settings
 from worker.leases import (
     SENTINEL_TRANSPORT,
+    LeaseBook,
     LeasedQoS,
     LeasedSentinelTransport,
-    LeaseBook,
     install,
     transport_for,
 )
