@@ -45,11 +45,12 @@ def spread_first_credentials(chunks: list[str]) -> list[str]:
     spread = [chunks[0]]
     for chunk in chunks[1:]:
         scheme, _, rest = chunk.partition("://")
+        rest, question, query = rest.partition("?")
         if userinfo and "@" not in rest:
             rest = f"{userinfo}@{rest}"
         if first.path.strip("/") and not urlsplit(chunk).path.strip("/"):
             rest = rest.rstrip("/") + "/" + first.path.strip("/")
-        spread.append(f"{scheme}://{rest}")
+        spread.append(f"{scheme}://{rest}{question}{query}")
     return spread
 
 

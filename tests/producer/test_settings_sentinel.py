@@ -30,6 +30,10 @@ def test_every_sentinel_url_carries_the_first_ones_password_and_database():
         "sentinel://:s3cr%40t@10.0.0.2:26380/2",
         "sentinel://:s3cr%40t@s3:26381/2",
     ]
+    with_query = "sentinel://:pw@a:1/3;sentinel://b:2?socket_timeout=1"
+    assert Settings.from_env({"REDIS_URL": with_query, **MASTER}).effective_broker_url == (
+        "sentinel://:pw@a:1/3;sentinel://:pw@b:2/3?socket_timeout=1"
+    )
 
 
 @pytest.mark.parametrize(
