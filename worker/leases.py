@@ -37,6 +37,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer.contract import LEASE_KEY, LEASE_SWEEP_LOCK_KEY, LEASED_KEY
 from producer.presence import announce, withdraw
@@ -265,6 +267,17 @@ class LeasedSentinelChannel(kombu_redis.SentinelChannel):
     """kombu's Sentinel channel (the master found through the sentinels), with leases."""
 
     QoS = LeasedQoS
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        if asynchronous:
+            # The event loop's connections (BRPOP, the fanout subscription) report a broken
+            # connection to kombu, which reconnects through the sentinels. With redis-py's
+            # own retries, a subscription dropped by a planned failover (the sentinels
+            # CLIENT KILL the demoted master's clients) was reconnected inside the read,
+            # which then blocked the event loop: the worker consumed nothing more.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
 
 
 class LeasedSentinelTransport(kombu_redis.SentinelTransport):
