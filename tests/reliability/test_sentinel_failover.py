@@ -12,7 +12,7 @@ import asyncio
 import re
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,7 +35,26 @@ SHORT = {"max_new_tokens": 1}
 
 @pytest.fixture
 def cluster(sentinel_cluster: SentinelCluster) -> SentinelCluster:
+    """The session's deployment with a replica in sync (one an earlier test killed is
+    started again as a replica of the current master)."""
+    sentinel_cluster.ensure_replica()
     return sentinel_cluster
+
+
+@pytest.fixture(scope="module")
+def worker(
+    sentinel_cluster: SentinelCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One worker for the module, reaching Redis only through the sentinels."""
+    env = {
+        "VQ_REDIS_SENTINEL_MASTER": MASTER_NAME,
+        "VQ_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+        "VQ_MAX_NEW_TOKENS_CAPS": "ask=4000,describe=16,ocr=16,compare=16",
+    }
+    with WorkerProcess(
+        sentinel_cluster.url, tmp_path_factory.mktemp("sentinel-worker"), **env
+    ) as process:
+        yield process
 
 
 def sentinel_settings(cluster: SentinelCluster) -> Settings:
@@ -71,15 +90,10 @@ def test_project_clients_talk_to_the_master_the_sentinels_name(cluster: Sentinel
 
 
 def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothing(
-    cluster: SentinelCluster, tmp_path: Path
+    cluster: SentinelCluster, worker: WorkerProcess
 ) -> None:
     settings = sentinel_settings(cluster)
-    env = {
-        "VQ_REDIS_SENTINEL_MASTER": MASTER_NAME,
-        "VQ_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
-        "VQ_MAX_NEW_TOKENS_CAPS": "ask=4000,describe=16,ocr=16,compare=16",
-    }
-    with WorkerProcess(cluster.url, tmp_path, **env) as worker, Client(settings) as client:
+    with Client(settings) as client:
         assert worker.process is not None
         pid = worker.process.pid
         # Given a long task running and short ones queued behind it, all replicated
@@ -102,7 +116,7 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
         assert cluster.wait_replicated() >= 1
 
         # When the master is SIGKILLed mid-generation
-        cluster.kill_master()
+        old_master = cluster.kill_master()
         killed_at = time.monotonic()
         during: list[str] = []
         accepted_at: list[float] = []
@@ -110,7 +124,7 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
             target=_submit_into, args=(client, during, accepted_at, 2)
         )
         submitter.start()  # submitted while there is no master: the client keeps retrying
-        cluster.wait_for_new_master()
+        cluster.wait_for_new_master(old_master)
         failover_s = time.monotonic() - killed_at
         after = [client.submit("ask", [], f"Count to {i}.", **SHORT).id for i in range(3)]
         submitter.join(timeout=120)
@@ -152,6 +166,43 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
             f"{accepted_at[0] - killed_at:.1f}s, every result {all_done_s:.1f}s; "
             f"tasks before={len(before)} "
             f"during={len(during)} after={len(after)} lost=0 duplicated=0"
+        )
+
+
+def test_a_planned_failover_demoting_the_live_master_loses_no_task_and_restarts_nothing(
+    cluster: SentinelCluster, worker: WorkerProcess
+) -> None:
+    settings = sentinel_settings(cluster)
+    with Client(settings) as client:
+        assert worker.process is not None
+        pid = worker.process.pid
+        # Given a long task running and short ones queued behind it, all replicated
+        running = client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
+        queued = [client.submit("ask", [], f"Say {i}.", **SHORT) for i in range(3)]
+        wait_until_generating(client, running.id)
+        assert cluster.wait_replicated() >= 1
+        # When the sentinels are told to fail over: the replica is promoted, the old master
+        # is demoted alive and the sentinels drop its clients' connections
+        started = time.monotonic()
+        old_master = cluster.planned_failover()
+        cluster.wait_for_new_master(old_master)
+        switched_s = time.monotonic() - started
+        after = [client.submit("ask", [], f"Count to {i}.", **SHORT).id for i in range(3)]
+        # Then every task ends in one success, after one run, on the same worker process
+        everything = [running.id] + [handle.id for handle in queued] + after
+        results = {task_id: client.result(task_id, True, 300) for task_id in everything}
+        assert {task_id: (r or {}).get("state") for task_id, r in results.items()} == {
+            task_id: "SUCCESS" for task_id in everything
+        }
+        runs = _runs(worker, everything)
+        assert {task_id: runs.get(task_id) for task_id in everything} == {
+            task_id: ["success"] for task_id in everything
+        }
+        assert worker.process.poll() is None and worker.process.pid == pid
+        print(
+            f"\nreliability: sentinel planned failover (SENTINEL FAILOVER) new master after "
+            f"{switched_s:.1f}s; tasks before={len(everything) - len(after)} "
+            f"after={len(after)} lost=0 duplicated=0"
         )
 
 

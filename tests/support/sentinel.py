@@ -48,12 +48,12 @@ class _Process:
 
 
 class SentinelCluster:
-    """`master` and `replica` ports, `sentinel_ports`; `url` is the project's sentinel URL."""
+    """Servers by port (the master first), `sentinel_ports`; `url` is the sentinel URL."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.master_port = free_port()
-        self.replica_port = free_port()
+        self.first_master_port = free_port()
+        self.first_replica_port = free_port()
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.servers: dict[int, _Process] = {}
         self.sentinels: list[_Process] = []
@@ -74,8 +74,10 @@ class SentinelCluster:
 
     def start(self, timeout_s: float = 30) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._start_server(self.master_port)
-        self._start_server(self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
+        self._start_server(self.first_master_port)
+        self._start_server(
+            self.first_replica_port, "--replicaof", "127.0.0.1", str(self.first_master_port)
+        )
         for port in self.sentinel_ports:
             conf = self.workdir / f"sentinel-{port}.conf"
             conf.write_text(
@@ -85,7 +87,7 @@ class SentinelCluster:
                 f"logfile {self.workdir / f'sentinel-{port}.log'}\n"
                 f"requirepass {SENTINEL_PASSWORD}\n"
                 f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} 2\n"
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.first_master_port} 2\n"
                 f"sentinel auth-pass {MASTER_NAME} {PASSWORD}\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
@@ -148,7 +150,7 @@ class SentinelCluster:
 
     def _settled(self) -> bool:
         try:
-            info = self.server(self.replica_port).info("replication")
+            info = self.server(self.first_replica_port).info("replication")
             if info.get("master_link_status") != "up":
                 return False
             for port in self.sentinel_ports:
@@ -161,21 +163,68 @@ class SentinelCluster:
             return False
         return True
 
+    def master_port(self) -> int:
+        address = self.master_address()
+        assert address is not None, f"no sentinel answers (logs in {self.workdir})"
+        return address[1]
+
+    def ensure_replica(self, timeout_s: float = 60) -> None:
+        """A server killed by an earlier test comes back as a replica of the current master;
+        returns once it is in sync and the sentinels count it as a healthy replica."""
+        master = self.master_port()
+        for port, server in list(self.servers.items()):
+            if server.process is None or server.process.poll() is not None:
+                self._start_server(port, "--replicaof", "127.0.0.1", str(master))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._replica_ready(master):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"no replica in sync after {timeout_s}s (logs in {self.workdir})")
+
+    def _replica_ready(self, master: int) -> bool:
+        try:
+            if self.server(master).info("replication").get("connected_slaves", 0) < 1:
+                return False
+            for port in self.sentinel_ports:
+                replicas = self.sentinel(port).sentinel_slaves(MASTER_NAME)
+                healthy = [
+                    r
+                    for r in replicas
+                    if r.get("is_slave") and not r.get("is_sdown") and not r.get("is_odown")
+                    and r.get("master-link-status") == "ok"
+                ]
+                if not healthy:
+                    return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
     def wait_replicated(self, timeout_ms: int = 10000) -> int:
         """WAIT on the master until the replica acknowledged every write so far."""
-        return int(self.server(self.master_port).execute_command("WAIT", 1, timeout_ms))
+        return int(self.server(self.master_port()).execute_command("WAIT", 1, timeout_ms))
 
-    def kill_master(self) -> None:
-        self.servers[self.master_port].stop(signal.SIGKILL)
+    def kill_master(self) -> int:
+        """SIGKILL the current master; returns its port."""
+        port = self.master_port()
+        self.servers[port].stop(signal.SIGKILL)
+        return port
 
-    def wait_for_new_master(self, timeout_s: float = 60) -> tuple[str, int]:
-        """Until the sentinels name the replica as master and it accepts writes."""
+    def planned_failover(self) -> int:
+        """`SENTINEL FAILOVER`: the replica is promoted and the master, alive, demoted (the
+        sentinels kill its clients' connections). Returns the old master's port."""
+        port = self.master_port()
+        self.sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        return port
+
+    def wait_for_new_master(self, old_port: int, timeout_s: float = 60) -> tuple[str, int]:
+        """Until the sentinels name another server as master and it accepts writes."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             address = self.master_address()
-            if address is not None and address[1] == self.replica_port:
+            if address is not None and address[1] != old_port:
                 try:
-                    role = self.server(self.replica_port).execute_command("ROLE")
+                    role = self.server(address[1]).execute_command("ROLE")
                     if role[0] in (b"master", "master"):
                         return address
                 except (redis.RedisError, OSError):
