@@ -80,6 +80,40 @@ def async_redis_client(
     return redis.asyncio.Redis.from_pool(pool)
 
 
+def _is_master(role_reply: Any) -> bool:
+    first = role_reply[0] if isinstance(role_reply, (list, tuple)) and role_reply else b""
+    return (first.decode() if isinstance(first, bytes) else str(first)) == "master"
+
+
+class _MasterConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the server the sentinels name as master, refused unless it says so.
+
+    Right after a failover a sentinel that has not heard of it yet still names the old
+    master; if that one is alive (a planned failover demotes it), it accepts reads as a
+    replica, stale or empty while it resyncs: a status lookup would report a task unknown.
+    Asking the server's ROLE on connect turns that into a connection error, which the
+    caller's retry answers by asking the sentinels again.
+    """
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        super().connect_to(address)
+        self.send_command("ROLE")
+        if not _is_master(self.read_response()):
+            self.disconnect()
+            raise redis.ConnectionError("the server the sentinels named is not the master yet")
+
+
+class _AsyncMasterConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """The asyncio twin of `_MasterConnection`."""
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        await super().connect_to(address)
+        await self.send_command("ROLE")
+        if not _is_master(await self.read_response()):
+            await self.disconnect()
+            raise redis.ConnectionError("the server the sentinels named is not the master yet")
+
+
 class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
     """A sentinel-managed pool whose callers wait for a free connection past the limit."""
 
@@ -110,6 +144,7 @@ def _sentinel_master(
         settings.redis_sentinel_master,
         redis_class=redis.Redis,
         connection_pool_class=pool_class,
+        connection_class=_MasterConnection,
         **{**target.master_kwargs(), **options, **_pool_options(settings, max_connections)},
     )
     return client
@@ -131,6 +166,7 @@ def _async_sentinel_master(
         settings.redis_sentinel_master,
         redis_class=redis.asyncio.Redis,
         connection_pool_class=pool_class,
+        connection_class=_AsyncMasterConnection,
         **{**target.master_kwargs(), **options, **_pool_options(settings, max_connections)},
     )
     return client

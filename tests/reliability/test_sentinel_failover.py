@@ -89,6 +89,23 @@ def test_project_clients_talk_to_the_master_the_sentinels_name(cluster: Sentinel
     assert direct.execute_command("ROLE")[0] == b"master"
 
 
+def test_a_server_named_as_master_that_is_a_replica_is_refused(cluster: SentinelCluster) -> None:
+    # Right after a failover a sentinel may still name the old master, demoted but alive:
+    # reads there would be stale, so a project connection refuses any server but the master.
+    settings = sentinel_settings(cluster)
+    replica = ("127.0.0.1", next(port for port in cluster.servers if port != cluster.master_port()))
+    connection = redis_client(settings).connection_pool.make_connection()
+    with pytest.raises(redis.ConnectionError, match="not the master"):
+        connection.connect_to(replica)
+
+    async def connect_async() -> None:
+        pool = async_redis_client(settings).connection_pool
+        with pytest.raises(redis.ConnectionError, match="not the master"):
+            await pool.make_connection().connect_to(replica)
+
+    asyncio.run(connect_async())
+
+
 def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothing(
     cluster: SentinelCluster, worker: WorkerProcess
 ) -> None:
