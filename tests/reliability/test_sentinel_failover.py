@@ -13,10 +13,13 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
+from gateway.gateway_support import API_KEY, GatewayProcess, wait_for_result
 from support.redis_server import PASSWORD
 from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
 from support.workers import WorkerProcess, run_cli, wait_until_generating
@@ -165,11 +168,16 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
         assert {task_id: results[task_id]["state"] for task_id in everything} == {
             task_id: "SUCCESS" for task_id in everything
         }
-        # ran once each: one run, a success (no abandoned or requeued run before it)
+        # each ran once, but for at most one delivered when the master died: kombu may hand
+        # its message back when the consumer's channel closes, and the lease the worker
+        # then loses ends that run (abandoned, nothing stored) before it runs again
+        # (docs/reliability.md)
         runs = _runs(worker, everything)
-        assert {task_id: runs.get(task_id) for task_id in everything} == {
-            task_id: ["success"] for task_id in everything
-        }
+        assert all(
+            runs.get(task_id) in (["success"], ["abandoned", "success"]) for task_id in everything
+        ), runs
+        reruns = sum(len(runs[task_id]) - 1 for task_id in everything)
+        assert reruns <= 1, runs
         # by the same worker process, never restarted, still consuming
         assert worker.process.poll() is None and worker.process.pid == pid
         assert worker._health().get("consuming") is True
@@ -182,15 +190,28 @@ def test_sigkill_of_the_master_while_tasks_flow_loses_no_task_and_restarts_nothi
             f"new master after {failover_s:.1f}s, first submit accepted after "
             f"{accepted_at[0] - killed_at:.1f}s, every result {all_done_s:.1f}s; "
             f"tasks before={len(before)} "
-            f"during={len(during)} after={len(after)} lost=0 duplicated=0"
+            f"during={len(during)} after={len(after)} lost=0 run-again={reruns}"
         )
 
 
-def test_a_planned_failover_demoting_the_live_master_loses_no_task_and_restarts_nothing(
-    cluster: SentinelCluster, worker: WorkerProcess
+def test_a_planned_failover_loses_no_task_and_restarts_nothing_but_may_run_some_twice(
+    cluster: SentinelCluster, worker: WorkerProcess, tmp_path: Path
 ) -> None:
     settings = sentinel_settings(cluster)
-    with Client(settings) as client:
+    gateway_env = {
+        "VQ_REDIS_SENTINEL_MASTER": MASTER_NAME,
+        "VQ_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+        "VQ_GATEWAY_REQUESTS_PER_MINUTE": "0",  # the test polls the task's state
+    }
+    with (
+        Client(settings) as client,
+        GatewayProcess(cluster.url, tmp_path, **gateway_env) as gateway,
+        httpx.Client(
+            base_url=gateway.base_url,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+        ) as api,
+    ):
         assert worker.process is not None
         pid = worker.process.pid
         # Given a long task running and short ones queued behind it, all replicated
@@ -204,22 +225,41 @@ def test_a_planned_failover_demoting_the_live_master_loses_no_task_and_restarts_
         old_master = cluster.planned_failover()
         cluster.wait_for_new_master(old_master)
         switched_s = time.monotonic() - started
+        # Until the old master is demoted it still accepts writes, which the demotion then
+        # discards (docs/reliability.md): the tasks "after" are submitted once it is.
+        cluster.wait_demoted(old_master)
+        demoted_s = time.monotonic() - started
         after = [client.submit("ask", [], f"Count to {i}.", **SHORT).id for i in range(3)]
-        # Then every task ends in one success, after one run, on the same worker process
+        # Then every task ends in success, on the same worker process
         everything = [running.id] + [handle.id for handle in queued] + after
         results = {task_id: client.result(task_id, True, 300) for task_id in everything}
         assert {task_id: (r or {}).get("state") for task_id, r in results.items()} == {
             task_id: "SUCCESS" for task_id in everything
         }
+        # A task the worker ran on the old master while the sentinels had not demoted it
+        # yet (Sentinel waits seconds before reconfiguring a master it replaced) had its
+        # result discarded by the demotion and ran again: at most twice, never lost.
         runs = _runs(worker, everything)
-        assert {task_id: runs.get(task_id) for task_id in everything} == {
-            task_id: ["success"] for task_id in everything
-        }
+        assert all(runs.get(task_id) for task_id in everything), runs
+        assert all(len(runs[task_id]) <= 2 for task_id in everything), runs
+        assert all(runs[task_id][-1] == "success" for task_id in everything), runs
+        reruns = sum(len(runs[task_id]) - 1 for task_id in everything)
         assert worker.process.poll() is None and worker.process.pid == pid
+        # and the gateway, started before, serves on the new master: ready, and a task
+        # submitted over HTTP runs to its result
+        deadline = time.monotonic() + 60
+        while api.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, api.get("/readyz").text
+            time.sleep(0.2)
+        response = api.post("/v1/tasks", json={"task": "ask", "prompt": "Say hi."})
+        assert response.status_code == 202, response.text
+        assert wait_for_result(api, response.json()["id"])["state"] == "SUCCESS"
+        assert gateway.process is not None and gateway.process.poll() is None
         print(
             f"\nreliability: sentinel planned failover (SENTINEL FAILOVER) new master after "
-            f"{switched_s:.1f}s; tasks before={len(everything) - len(after)} "
-            f"after={len(after)} lost=0 duplicated=0"
+            f"{switched_s:.1f}s, old master demoted after {demoted_s:.1f}s; "
+            f"tasks before={len(everything) - len(after)} "
+            f"after={len(after)} lost=0 run-again={reruns}"
         )
 
 

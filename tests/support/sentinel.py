@@ -232,6 +232,18 @@ class SentinelCluster:
             time.sleep(0.05)
         raise TimeoutError(f"no failover after {timeout_s}s (logs in {self.workdir})")
 
+    def wait_demoted(self, port: int, timeout_s: float = 60) -> None:
+        """Until the server on `port` (a master a planned failover replaced) is a replica."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.server(port).execute_command("ROLE")[0] in (b"slave", "slave"):
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{port} still not a replica after {timeout_s}s")
+
     def stop(self) -> None:
         for sentinel in self.sentinels:
             sentinel.stop()
