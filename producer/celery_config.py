@@ -8,6 +8,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from producer.contract import TaskName, priority_queues
+from producer.sentinel import celery_sentinel_options
 from producer.settings import Settings
 
 APP_NAME = "vision_queue"
@@ -42,8 +43,14 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # With N slots (VQ_MAX_BATCH), take a message only while a slot is free (Redis
         # brokers, Celery 5.6+): a message never waits in a busy worker.
         "worker_disable_prefetch": True,
-        "broker_transport_options": {**transport_options, **priority_transport_options(settings)},
-        "result_backend_transport_options": transport_options,
+        "broker_transport_options": _with_sentinel(
+            {**transport_options, **priority_transport_options(settings)},
+            settings,
+            settings.effective_broker_url,
+        ),
+        "result_backend_transport_options": _with_sentinel(
+            transport_options, settings, settings.effective_backend_url
+        ),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_expires": settings.result_expires_s,
@@ -79,6 +86,12 @@ def priority_transport_options(settings: Settings) -> dict[str, Any]:
         "vq_priority_ranks": {name: rank for rank, name in enumerate(lists)},
         "vq_priority_max_skips": settings.priority_max_skips,
     }
+
+
+def _with_sentinel(options: dict[str, Any], settings: Settings, url: str) -> dict[str, Any]:
+    """For a sentinel:// URL, kombu's Sentinel transport and Celery's SentinelBackend also
+    need the master's name and how to talk to the sentinels (`producer.sentinel`)."""
+    return {**options, **celery_sentinel_options(settings, url)}
 
 
 def make_celery_app(settings: Settings) -> Celery:

@@ -21,6 +21,12 @@ from urllib.parse import quote, unquote, urlsplit
 
 from producer.addresses import allowlist_entry
 from producer.contract import TaskName
+from producer.sentinel import (
+    is_sentinel_url,
+    parse_sentinel_url,
+    split_urls,
+    spread_first_credentials,
+)
 
 
 class SettingsError(ValueError):
@@ -32,7 +38,7 @@ def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
 
 
 _QUERY_PASSWORD = re.compile(r"([?&])password=([^&]*)", re.IGNORECASE)
-_REDIS_SCHEMES = ("redis", "rediss")
+_REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 
 
 def mask_url(url: str) -> str:
@@ -45,6 +51,9 @@ def mask_url(url: str) -> str:
     """
     if not isinstance(url, str):
         return "****"
+    chunks = split_urls(url)
+    if len(chunks) > 1:  # sentinel://...;sentinel://...: each keeps its host
+        return ";".join(mask_url(chunk) for chunk in chunks)
     text = _QUERY_PASSWORD.sub(r"\1password=****", url)
     scheme, sep, rest = text.partition("://")
     if not sep:
@@ -66,6 +75,12 @@ def normalize_redis_url(url: str) -> str:
     and the userinfo (everything up to the last `@`) is percent-encoded. unix:// URLs keep
     their query: redis-py reads `?password=` there, and kombu does not serve them.
     """
+    chunks = split_urls(url)
+    if len(chunks) > 1:  # sentinel://...;sentinel://...
+        normalized = [normalize_redis_url(chunk) for chunk in chunks]
+        if is_sentinel_url(url):
+            normalized = spread_first_credentials(normalized)
+        return ";".join(normalized)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in _REDIS_SCHEMES:
         return url
@@ -100,7 +115,9 @@ class Settings:
     redis_url: str = _setting(
         "REDIS_URL",
         "redis://localhost:6379/0",
-        "Redis for both broker and result backend (redis://, rediss://, with password).",
+        "Redis for both broker and result backend (redis://, rediss://, with password), or "
+        "its sentinels: `sentinel://[:password@]host:port;sentinel://host:port;...` "
+        "(the Redis password in the first URL) with VQ_REDIS_SENTINEL_MASTER.",
         secret=True,
     )
     broker_url: str = _setting(
@@ -110,6 +127,18 @@ class Settings:
         "VQ_RESULT_BACKEND_URL",
         "",
         "Result backend URL when it differs from REDIS_URL.",
+        secret=True,
+    )
+    redis_sentinel_master: str = _setting(
+        "VQ_REDIS_SENTINEL_MASTER",
+        "",
+        "Name of the master the sentinels watch (`sentinel monitor <name> ...`); required "
+        "when a Redis URL is sentinel://. Every connection follows a failover by itself.",
+    )
+    redis_sentinel_password: str = _setting(
+        "VQ_REDIS_SENTINEL_PASSWORD",
+        "",
+        "Password of the sentinels themselves (their requirepass), if they have one.",
         secret=True,
     )
     queue: str = _setting(
@@ -394,6 +423,7 @@ class Settings:
             url = getattr(self, name)
             if url:
                 problems.extend(_url_problems(_env_name(name), url))
+        problems.extend(self._sentinel_problems())
         for name in ("allowed_private_hosts", "webhook_allowed_private_hosts"):
             for item in _split_list(getattr(self, name), lower=True):
                 try:
@@ -465,6 +495,23 @@ class Settings:
         if problems:
             raise SettingsError("; ".join(problems))
 
+    def _sentinel_problems(self) -> list[str]:
+        in_use = [
+            _env_name(name)
+            for name in ("redis_url", "broker_url", "result_backend_url")
+            if is_sentinel_url(getattr(self, name))
+        ]
+        if in_use and not self.redis_sentinel_master.strip():
+            return [
+                f"VQ_REDIS_SENTINEL_MASTER must name the sentinels' master: "
+                f"{', '.join(in_use)} is a sentinel:// URL"
+            ]
+        if self.redis_sentinel_master and not re.fullmatch(
+            r"[A-Za-z0-9_.:-]+", self.redis_sentinel_master
+        ):
+            return ["VQ_REDIS_SENTINEL_MASTER must be a plain name"]
+        return []
+
     def masked(self) -> dict[str, Any]:
         """Every setting by environment name, secrets masked: safe to log."""
         out: dict[str, Any] = {}
@@ -506,12 +553,20 @@ def _env_name(field_name: str) -> str:
 
 def _url_problems(env: str, url: str) -> list[str]:
     """What is wrong with a Redis URL, without quoting it (it may hold a password)."""
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(normalize_redis_url(url))
+        except ValueError as exc:
+            return [f"{env}: {exc}"]
+        return []
+    if len(split_urls(url)) > 1:
+        return [f"{env}: only sentinel:// URLs may be joined with ;"]
     try:
         parts = urlsplit(normalize_redis_url(url))
     except ValueError:
         return [f"{env} is not a valid URL"]
     if parts.scheme not in ("redis", "rediss", "unix"):
-        return [f"{env} must be a redis://, rediss:// or unix:// URL"]
+        return [f"{env} must be a redis://, rediss://, unix:// or sentinel:// URL"]
     try:
         port = parts.port
     except ValueError:

@@ -72,6 +72,7 @@ class Notifier:
         self._pubsub: Any = None
         self._channels: dict[bytes, _Channel] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._reading: Any = None  # the pub/sub connection `_reader` reads
         self._connecting: asyncio.Task[None] | None = None
         self._outbox: list[tuple[str, bytes]] = []
         self._closed = False
@@ -163,7 +164,11 @@ class Notifier:
             if self._connecting is None or self._connecting.done():
                 self._connecting = asyncio.get_running_loop().create_task(self._open())
             await asyncio.shield(self._connecting)
-        if self._reader is None or self._reader.done():
+        if self._reader is None or self._reader.done() or self._reading is not self._pubsub:
+            # A reader reads one connection and ends when it is replaced (also when it is
+            # the reader that replaces it): the new connection gets its own reader, or
+            # nothing would read the renewed subscriptions until the next subscribe.
+            self._reading = self._pubsub
             self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
         return self._pubsub
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from support.http_server import IMAGE_HOST
 from support.redis_server import RedisServer
+from support.sentinel import SentinelCluster
 from support.workers import IMAGES, WorkerProcess
 
 from producer.client import Client
@@ -41,6 +42,14 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """A redis-server of the module's own, for modules that keep one worker running."""
     with RedisServer(tmp_path_factory.mktemp("redis-module")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def sentinel_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelCluster]:
+    """A master, its replica and three sentinels (tests/support/sentinel.py). The failover
+    test kills the master: use the sentinel URL, never a fixed server, after it."""
+    with SentinelCluster(tmp_path_factory.mktemp("sentinel")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer.contract import LEASE_KEY, LEASE_SWEEP_LOCK_KEY, LEASED_KEY
 from producer.presence import announce, withdraw
-from worker.priorities import PriorityChannel
+from producer.sentinel import is_sentinel_url
+from worker.priorities import PriorityChannel, PrioritySentinelChannel
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -287,7 +291,46 @@ class LeasedTransport(kombu_redis.Transport):
     Channel = LeasedChannel
 
 
+class LeasedSentinelChannel(PrioritySentinelChannel):
+    """kombu's Sentinel channel (the master found through the sentinels), with leases and
+    the priorities' order."""
+
+    QoS = LeasedQoS
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        if asynchronous:
+            # The event loop's connections (BRPOP, the fanout subscription) report a broken
+            # connection to kombu, which reconnects through the sentinels. With redis-py's
+            # own retries, a subscription dropped by a planned failover (the sentinels
+            # CLIENT KILL the demoted master's clients) was reconnected inside the read,
+            # which then blocked the event loop: the worker consumed nothing more.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
+
+
+class LeasedSentinelTransport(kombu_redis.SentinelTransport):
+    """`LeasedTransport` for sentinel:// broker URLs."""
+
+    Channel = LeasedSentinelChannel
+
+
 TRANSPORT = f"{__name__}:LeasedTransport"
+SENTINEL_TRANSPORT = f"{__name__}:LeasedSentinelTransport"
+
+
+def transport_for(broker_url: str) -> str:
+    """The worker's `broker_transport`: leased, on plain Redis or through Sentinel.
+
+    After a failed connection attempt kombu moves on to the next URL of a `;` list and takes
+    the transport from its scheme again, ignoring the one configured; so in a worker the
+    `sentinel` scheme itself is made to name the leased transport, or a failover would
+    leave the worker consuming without leases.
+    """
+    if not is_sentinel_url(broker_url):
+        return TRANSPORT
+    kombu_transports.TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
+    return SENTINEL_TRANSPORT
 
 
 class LeaseKeeper:

@@ -96,16 +96,10 @@ class PriorityOrder:
                 self.skipped[queue] += 1
 
 
-class PriorityChannel(kombu_redis.Channel):
-    """kombu's Redis channel, consuming in `PriorityOrder` when the transport options
-    carry the ranks (the worker's do, `producer.celery_config`)."""
+class _PriorityOrdered:
+    """Mixed into a kombu Redis channel: consume in `PriorityOrder` when the transport
+    options carry the ranks (the worker's do, `producer.celery_config`)."""
 
-    # kombu's own tuple is typed by its length; ours is two longer.
-    from_transport_options = (  # type: ignore[assignment]
-        *kombu_redis.Channel.from_transport_options,
-        RANKS_OPTION,
-        MAX_SKIPS_OPTION,
-    )
     vq_priority_ranks: Mapping[str, int] | None = None
     vq_priority_max_skips: int = 10
 
@@ -113,3 +107,24 @@ class PriorityChannel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         if self.vq_priority_ranks:
             self._queue_cycle = PriorityOrder(self.vq_priority_ranks, self.vq_priority_max_skips)
+
+
+class PriorityChannel(_PriorityOrdered, kombu_redis.Channel):
+    """kombu's Redis channel, in priority order."""
+
+    # kombu's own tuple is typed by its length; ours is two longer.
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        RANKS_OPTION,
+        MAX_SKIPS_OPTION,
+    )
+
+
+class PrioritySentinelChannel(_PriorityOrdered, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (the master found through the sentinels), in priority order."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.SentinelChannel.from_transport_options,
+        RANKS_OPTION,
+        MAX_SKIPS_OPTION,
+    )

@@ -27,11 +27,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import redis
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from producer.contract import FINAL_STATES, LEASE_KEY, STREAM_MAX_ENTRIES
 from producer.results import result_key, task_failed_json
 from producer.schemas import redact_message
+from producer.sentinel import is_sentinel_url
 from producer.settings import Settings
 from producer.streams import stream_key
 
@@ -246,8 +247,14 @@ class FirstWriterRedisBackend(RedisBackend):
         )
 
 
+class FirstWriterSentinelBackend(FirstWriterRedisBackend, SentinelBackend):
+    """`FirstWriterRedisBackend` for a sentinel:// result backend: Celery's SentinelBackend
+    finds the master through the sentinels on every new connection."""
+
+
 def backend_url(settings: Settings) -> str:
-    """The result backend setting that makes a worker's app use `FirstWriterRedisBackend`."""
-    return f"{FirstWriterRedisBackend.__module__}:FirstWriterRedisBackend+" + (
-        settings.effective_backend_url
-    )
+    """The result backend setting that makes a worker's app use `FirstWriterRedisBackend`
+    (or its Sentinel twin)."""
+    url = settings.effective_backend_url
+    backend = FirstWriterSentinelBackend if is_sentinel_url(url) else FirstWriterRedisBackend
+    return f"{backend.__module__}:{backend.__name__}+{url}"

@@ -46,7 +46,7 @@ from worker.deployment import (
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter
 from worker.identity import IdentityTaken, claim_host_identity
-from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
+from worker.leases import LeaseBook, LeaseKeeper, install, transport_for
 from worker.metrics import WorkerMetrics
 from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
@@ -160,7 +160,7 @@ def _leased_app(settings: Settings, book: LeaseBook) -> Celery:
     stores itself follows the first-writer-wins rule (`worker.result_store`)."""
     install(book)
     app = make_celery_app(settings)
-    app.conf.broker_transport = TRANSPORT
+    app.conf.broker_transport = transport_for(settings.effective_broker_url)
     app.conf.result_backend = backend_url(settings)
     if urlsplit(settings.effective_broker_url).scheme == "rediss" and not app.conf.broker_use_ssl:
         # kombu turns TLS on by the URL's scheme only for its own transport names; ours

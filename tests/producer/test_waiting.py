@@ -140,11 +140,14 @@ def test_ten_thousand_submits_and_waits_leave_no_subscription_or_connection(
     wait_until(lambda: client_count() <= start)
 
 
-def test_a_wait_survives_a_redis_restart(redis_server: RedisServer, redis_url, settings, backend):
+def test_a_wait_survives_a_redis_restart(
+    redis_server: RedisServer, redis_url, settings, backend, no_backup_poll
+):
     with Client(settings) as client:
         handle = client.submit("ask", [], "Hi")
         with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(client.result, handle.id, True, 120)
+            # Woken by the PUBLISH on the new connection: no backup poll, no wait timeout.
+            waiting = pool.submit(client.result, handle.id, True, 3600)
             wait_until(lambda: subscribed(redis_url, handle.id))
             redis_server.restart()  # AOF on: the submitted task survives
             wait_until(lambda: subscribed(redis_url, handle.id))  # re-subscribed by itself
