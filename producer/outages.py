@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import redis
 
 from producer.errors import BrokerAuthenticationFailed, BrokerOutOfMemory, BrokerUnavailable
-from producer.settings import Settings, mask_url
+from producer.redis_urls import mask_url
+from producer.settings import Settings
 
 T = TypeVar("T")
 

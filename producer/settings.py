@@ -8,24 +8,25 @@ object is printed or logged.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
 from producer.addresses import allowlist_entry
 from producer.contract import TaskName
-from producer.sentinel import (
-    is_sentinel_url,
-    parse_sentinel_url,
-    split_urls,
-    spread_first_credentials,
+from producer.redis_urls import mask_url, normalize_redis_url, redis_url_problems
+from producer.sentinel import is_sentinel_url
+from producer.setting_values import (
+    DEFAULT_TOKEN_CAPS,
+    allowlist,
+    is_bind_address,
+    key_digest,
+    parse_bool,
+    parse_caps,
+    split_list,
 )
 
 
@@ -37,76 +38,6 @@ def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
 
 
-_QUERY_PASSWORD = re.compile(r"([?&])password=([^&]*)", re.IGNORECASE)
-_REDIS_SCHEMES = ("redis", "rediss", "sentinel")
-
-
-def mask_url(url: str) -> str:
-    """`redis://:hunter2@host:6379/0` -> `redis://:****@host:6379/0`; never fails.
-
-    Errs on the side of hiding: everything between `://` and the last `@` is credentials
-    (so a password with a raw `#`, `/`, `?` or `@` is masked whole, even though no URL
-    parser would read it as intended), the user name alone stays visible, and so does
-    nothing of a `?password=` value.
-    """
-    if not isinstance(url, str):
-        return "****"
-    chunks = split_urls(url)
-    if len(chunks) > 1:  # sentinel://...;sentinel://...: each keeps its host
-        return ";".join(mask_url(chunk) for chunk in chunks)
-    text = _QUERY_PASSWORD.sub(r"\1password=****", url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return "****" if "@" in text else text
-    at = rest.rfind("@")
-    if at < 0:
-        return text
-    user, colon, _password = rest[:at].partition(":")
-    userinfo = f"{user}:****" if colon else "****"
-    return f"{scheme}://{userinfo}{rest[at:]}"
-
-
-def normalize_redis_url(url: str) -> str:
-    """The same Redis URL in the one form every client library reads alike.
-
-    kombu refuses `?password=` (a TypeError while the worker starts) although redis-py and
-    Celery's result backend accept it, and a raw `#` or `/` in a password makes every URL
-    parser read a different host. So a `password` query parameter moves into the userinfo,
-    and the userinfo (everything up to the last `@`) is percent-encoded. unix:// URLs keep
-    their query: redis-py reads `?password=` there, and kombu does not serve them.
-    """
-    chunks = split_urls(url)
-    if len(chunks) > 1:  # sentinel://...;sentinel://...
-        normalized = [normalize_redis_url(chunk) for chunk in chunks]
-        if is_sentinel_url(url):
-            normalized = spread_first_credentials(normalized)
-        return ";".join(normalized)
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _REDIS_SCHEMES:
-        return url
-    query_password: str | None = None
-    match = _QUERY_PASSWORD.search(rest)
-    if match is not None:
-        query_password = unquote(match.group(2))
-        start = match.start()
-        rest = rest[:start] + rest[match.end() :]
-        if match.group(1) == "?" and rest[start : start + 1] == "&":
-            rest = rest[:start] + "?" + rest[start + 1 :]  # the next parameter leads now
-    at = rest.rfind("@")
-    userinfo, host = (rest[:at], rest[at + 1 :]) if at >= 0 else ("", rest)
-    user, colon, password = userinfo.partition(":")
-    if query_password is not None:
-        password, colon = query_password, ":"
-    elif colon:
-        password = unquote(password)
-    if not user and not colon:
-        return f"{scheme}://{host}"
-    encoded_user = quote(unquote(user), safe="")
-    encoded = f"{encoded_user}:{quote(password, safe='')}" if colon else encoded_user
-    return f"{scheme}://{encoded}@{host}"
-
-
-_DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 (not a secret)
 
 
 @dataclass(frozen=True)
@@ -211,7 +142,7 @@ class Settings:
     )
     max_new_tokens_caps: str = _setting(
         "VQ_MAX_NEW_TOKENS_CAPS",
-        _DEFAULT_TOKEN_CAPS,
+        DEFAULT_TOKEN_CAPS,
         "Per-task cap on max_new_tokens (also the default), as task=N pairs.",
     )
     default_num_crops: int = _setting(
@@ -365,30 +296,30 @@ class Settings:
     @cached_property
     def token_caps(self) -> dict[TaskName, int]:
         # Cached: every request is checked against it, and submit_many checks thousands.
-        return _parse_caps(self.max_new_tokens_caps)
+        return parse_caps(self.max_new_tokens_caps)
 
     @property
     def private_host_allowlist(self) -> frozenset[str]:
         """Canonical `host:port` and bare `host` entries (`addresses.allowlist_entry`)."""
-        return _allowlist(self.allowed_private_hosts)
+        return allowlist(self.allowed_private_hosts)
 
     @property
     def image_roots(self) -> tuple[str, ...]:
-        return tuple(_split_list(self.local_image_roots))
+        return tuple(split_list(self.local_image_roots))
 
     @property
     def webhook_host_allowlist(self) -> frozenset[str]:
         """The same form as `private_host_allowlist`, for webhook receivers."""
-        return _allowlist(self.webhook_allowed_private_hosts)
+        return allowlist(self.webhook_allowed_private_hosts)
 
     @property
     def cors_origins(self) -> tuple[str, ...]:
-        return tuple(_split_list(self.gateway_cors_origins))
+        return tuple(split_list(self.gateway_cors_origins))
 
     @property
     def api_key_digests(self) -> frozenset[str]:
         """SHA-256 (hex) of every configured API key; the keys themselves are not kept."""
-        return frozenset(_key_digest(entry) for entry in _split_list(self.api_keys))
+        return frozenset(key_digest(entry) for entry in split_list(self.api_keys))
 
     # Construction -------------------------------------------------------------------
 
@@ -422,10 +353,10 @@ class Settings:
         for name in ("redis_url", "broker_url", "result_backend_url"):
             url = getattr(self, name)
             if url:
-                problems.extend(_url_problems(_env_name(name), url))
+                problems.extend(redis_url_problems(_env_name(name), url))
         problems.extend(self._sentinel_problems())
         for name in ("allowed_private_hosts", "webhook_allowed_private_hosts"):
-            for item in _split_list(getattr(self, name), lower=True):
+            for item in split_list(getattr(self, name), lower=True):
                 try:
                     allowlist_entry(item)
                 except ValueError as exc:
@@ -475,7 +406,7 @@ class Settings:
                 problems.append(f"{_env_name(name)} must not be negative")
         if self.metrics_port > 65535:
             problems.append("VQ_METRICS_PORT must be at most 65535")
-        if not _is_bind_address(self.metrics_address):
+        if not is_bind_address(self.metrics_address):
             problems.append("VQ_METRICS_ADDRESS must be an IP address or a host name")
         if self.lease_ttl_s < 2 * self.heartbeat_interval_s:
             problems.append(
@@ -485,7 +416,7 @@ class Settings:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
             problems.append("VQ_QUEUE must be a plain name")
         try:
-            _parse_caps(self.max_new_tokens_caps)
+            parse_caps(self.max_new_tokens_caps)
         except ValueError as exc:
             problems.append(f"VQ_MAX_NEW_TOKENS_CAPS: {exc}")
         try:
@@ -530,110 +461,16 @@ class Settings:
     __str__ = __repr__
 
 
-def _parse_bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
 _CONVERTERS: dict[type, Callable[[str], Any]] = {
     str: str,
     int: lambda raw: int(raw.strip()),
     float: lambda raw: float(raw.strip()),
-    bool: _parse_bool,
+    bool: parse_bool,
 }
 
 
 def _env_name(field_name: str) -> str:
     return str(next(f.metadata["env"] for f in fields(Settings) if f.name == field_name))
-
-
-def _url_problems(env: str, url: str) -> list[str]:
-    """What is wrong with a Redis URL, without quoting it (it may hold a password)."""
-    if is_sentinel_url(url):
-        try:
-            parse_sentinel_url(normalize_redis_url(url))
-        except ValueError as exc:
-            return [f"{env}: {exc}"]
-        return []
-    if len(split_urls(url)) > 1:
-        return [f"{env}: only sentinel:// URLs may be joined with ;"]
-    try:
-        parts = urlsplit(normalize_redis_url(url))
-    except ValueError:
-        return [f"{env} is not a valid URL"]
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        return [f"{env} must be a redis://, rediss://, unix:// or sentinel:// URL"]
-    try:
-        port = parts.port
-    except ValueError:
-        return [f"{env} has an invalid port (a number from 1 to 65535)"]
-    if port == 0:
-        return [f"{env} has an invalid port (a number from 1 to 65535)"]
-    if parts.scheme != "unix" and not parts.hostname:
-        return [f"{env} has no host"]
-    return []
-
-
-def _is_bind_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text))
-    return True
-
-
-def _allowlist(raw: str) -> frozenset[str]:
-    entries: set[str] = set()
-    for item in _split_list(raw, lower=True):
-        with contextlib.suppress(ValueError):  # refused by validate() at start
-            entries.add(allowlist_entry(item))
-    return frozenset(entries)
-
-
-def _split_list(raw: str, *, lower: bool = False) -> list[str]:
-    items = [item.strip() for item in raw.split(",") if item.strip()]
-    return [item.lower() for item in items] if lower else items
-
-
-_MIN_API_KEY_CHARS = 20
-_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-
-
-def _key_digest(entry: str) -> str:
-    """`sha256:<hex>` as given, a raw key hashed; never echoes a key in an error."""
-    if entry.lower().startswith("sha256:"):
-        digest = entry[7:].lower()
-        if not _HEX_DIGEST.fullmatch(digest):
-            raise ValueError("a sha256: entry must hold 64 hex digits")
-        return digest
-    if len(entry) < _MIN_API_KEY_CHARS:
-        raise ValueError(f"every key needs at least {_MIN_API_KEY_CHARS} characters")
-    return hashlib.sha256(entry.encode()).hexdigest()
-
-
-def _parse_caps(raw: str) -> dict[TaskName, int]:
-    caps = _parse_caps_pairs(_DEFAULT_TOKEN_CAPS)
-    caps.update(_parse_caps_pairs(raw))
-    return caps
-
-
-def _parse_caps_pairs(raw: str) -> dict[TaskName, int]:
-    caps: dict[TaskName, int] = {}
-    for pair in _split_list(raw):
-        name, _, number = pair.partition("=")
-        try:
-            task = TaskName(name.strip())
-        except ValueError:
-            raise ValueError(f"unknown task {name.strip()!r}") from None
-        cap = int(number)
-        if cap <= 0:
-            raise ValueError(f"cap for {task.value} must be positive")
-        caps[task] = cap
-    return caps
 
 
 def settings_table() -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from producer.contract import TaskName
-from producer.settings import Settings, SettingsError, mask_url, settings_table
+from producer.redis_urls import mask_url
+from producer.settings import Settings, SettingsError, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from producer.celery_config import celery_settings
+from producer.redis_urls import mask_url
 from producer.sentinel import parse_sentinel_url
-from producer.settings import Settings, SettingsError, mask_url
+from producer.settings import Settings, SettingsError
 
 THREE = "sentinel://:s3cr%40t@10.0.0.1:26379/2;sentinel://10.0.0.2:26380;sentinel://s3:26381"
 MASTER = {"VQ_REDIS_SENTINEL_MASTER": "mymaster"}
