@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -471,53 +471,3 @@ def _parse_options(raw: Any) -> TaskOptions:
         raise InvalidInput("stop must be a list of strings", field="stop")
     values["stop"] = tuple(stop)
     return TaskOptions(**values)
-
-
-@dataclass
-class Timings:
-    queued: float = 0.0
-    fetch: float = 0.0
-    preprocess: float = 0.0
-    generate: float = 0.0
-    total: float = 0.0
-
-    def rounded(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in asdict(self).items()}
-
-
-@dataclass
-class TaskResult:
-    """What a finished task stores: the same shape for success and failure."""
-
-    id: str
-    task: str
-    text: str = ""
-    model: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    timings: Timings = field(default_factory=Timings)
-    worker: str = ""
-    device: str = ""
-    # "stop" (end token or stop string), "length" (token budget), "cancelled"; empty when
-    # the task failed before generating.
-    finish_reason: str = ""
-    error: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "task": self.task,
-            "text": self.text,
-            "model": self.model,
-            "usage": {
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-            },
-            "finish_reason": self.finish_reason,
-            "timings": self.timings.rounded(),
-            "worker": self.worker,
-            "device": self.device,
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        return out

@@ -33,7 +33,7 @@ from kombu.utils.json import dumps as kombu_dumps
 
 from producer.contract import DEAD_LETTER_KEY, DEAD_LETTER_MAX_ENTRIES, DEAD_LETTER_TTL_S
 from producer.errors import InvalidInput, TaskFailed
-from producer.schemas import TaskResult
+from producer.results import TaskResult
 from worker.intake import Refusal
 
 log = logging.getLogger("vision_queue.worker")

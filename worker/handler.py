@@ -17,7 +17,8 @@ from PIL import Image
 
 from producer.errors import Cancelled, TaskTimeout
 from producer.images import ImageLimits, decode_image
-from producer.schemas import ImageRef, ImageSource, TaskRequest, TaskResult, parse_request
+from producer.results import TaskResult
+from producer.schemas import ImageRef, ImageSource, TaskRequest, parse_request
 from producer.settings import Settings
 from producer.staging import load_staged_image
 from worker.engine import Engine, GenerationRequest

@@ -37,8 +37,7 @@ from producer.errors import (
     TaskFailed,
     VisionQueueError,
 )
-from producer.results import task_failed_json
-from producer.schemas import TaskResult, Timings
+from producer.results import TaskResult, Timings, task_failed_json
 from producer.settings import Settings
 from worker.handler import LeaseLost, TaskContext, handle
 from worker.result_store import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail

@@ -17,7 +17,8 @@ from producer.addresses import check_url
 from producer.contract import Priority, TaskName
 from producer.errors import ImageFetchFailed, InvalidInput
 from producer.images import decode_base64_image
-from producer.schemas import ChatMessage, TaskOptions, Timings
+from producer.results import Timings
+from producer.schemas import ChatMessage, TaskOptions
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 _OUTPUT = ConfigDict(extra="ignore")

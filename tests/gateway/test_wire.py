@@ -16,7 +16,8 @@ from producer.gateway.wire import (
     TaskSubmission,
     submission_images,
 )
-from producer.schemas import TaskOptions, TaskResult, Timings
+from producer.results import TaskResult, Timings
+from producer.schemas import TaskOptions
 
 
 def finished(**changes) -> dict:
