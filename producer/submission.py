@@ -410,12 +410,16 @@ class Envelope:
 def queue_commands(pipe: Any, batch: Iterable[Outgoing], envelope: Envelope) -> None:
     """Write a batch into a pipeline (sync or async: the calls only buffer commands).
 
-    Images come first and the message last, so a message is never on the queue before
-    the bytes it names; the same image in several tasks is written once.
+    Images come first and the messages last, so a message is never on the queue before
+    the bytes it names; the same image in several tasks is written once. Each list gets
+    one LPUSH of all its messages, in order (the first is taken first, as with one LPUSH
+    each): a command per task fewer to send and parse.
     """
     settings = envelope.settings
     ttl = settings.result_expires_s
     written: set[str] = set()
+    by_queue: dict[str, list[bytes]] = {}
+    events: list[bytes] = []
     for item in batch:
         for key, data in item.staged:
             if key not in written:
@@ -423,8 +427,12 @@ def queue_commands(pipe: Any, batch: Iterable[Outgoing], envelope: Envelope) -> 
                 pipe.set(key, data, ex=ttl, nx=True)
                 pipe.expire(key, ttl)
         pipe.set(SUBMITTED_KEY.format(task_id=item.handle.id), item.handle.task.value, ex=ttl)
-        pipe.lpush(item.queue, item.message)
-        pipe.publish(envelope.events_channel, item.sent_event)
+        by_queue.setdefault(item.queue, []).append(item.message)
+        events.append(item.sent_event)
+    for queue, messages in by_queue.items():
+        pipe.lpush(queue, *messages)
+    for event in events:
+        pipe.publish(envelope.events_channel, event)
 
 
 def cancel_commands(pipe: Any, task_id: str, envelope: Envelope) -> None:
