@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from producer.errors import ModelError
+from producer.errors import MAX_MESSAGE_CHARS, ModelError
 from worker.model.modeling import Phi3VForCausalLM
 
 HUB_PATTERNS = (
@@ -57,17 +57,18 @@ def _hub_snapshot(repo_id: str) -> Path:
             tried = f"looked only in the Hugging Face cache {cache} (HF_HUB_OFFLINE=1)"
         else:
             tried = f"looked in the Hugging Face cache {cache}, then tried the Hub"
+        advice = (
+            f"cannot get {repo_id}: {tried}. Get it with `hf download {repo_id}` (or "
+            f"`huggingface-cli download {repo_id}`) under the same HF_HOME, or pass a local "
+            "folder as the model"
+        )
+        # The library's own words go last, cut to what is left of an error's length, so
+        # the advice above is never what gets cut.
         reason = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
-        raise ModelError(
-            f"cannot get {repo_id}: {tried}; {type(exc).__name__}: {reason}. "
-            f"Get the files with `{download_command(repo_id)}` (or `huggingface-cli download` "
-            "with the same arguments) under the same HF_HOME, or pass a local folder as the model"
-        ) from exc
-
-
-def download_command(repo_id: str) -> str:
-    includes = " ".join(f"--include '{pattern}'" for pattern in HUB_PATTERNS)
-    return f"hf download {repo_id} {includes}"
+        room = MAX_MESSAGE_CHARS - len(advice) - len(type(exc).__name__) - 6
+        if room > 20:
+            advice += f" ({type(exc).__name__}: {reason[:room]})"
+        raise ModelError(advice) from exc
 
 
 def _check_folder(folder: Path, model: str) -> None:
