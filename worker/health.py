@@ -36,9 +36,9 @@ import redis
 from producer.outages import broker_error, is_retryable
 from producer.redis_connect import redis_client
 from producer.settings import Settings
-from worker.identity import default_health_file, default_worker_name
+from worker.identity import default_health_file
 
-__all__ = ["HealthReporter", "check_live", "check_ready", "default_worker_name", "read_health"]
+__all__ = ["HealthReporter", "check_live", "check_ready", "health_file_path", "read_health"]
 
 log = logging.getLogger("vision_queue.worker")
 
