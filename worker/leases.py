@@ -101,6 +101,9 @@ class Lease:
     def mark_lost(self) -> None:
         self._lost.set()
 
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
     def valid(self) -> bool:
         """Still ours by our own reckoning: not seen lost, and renewed within the TTL
         (measured from before the renewal was sent, so never later than Redis expires it)."""
@@ -208,6 +211,10 @@ class LeasedQoS(kombu_redis.QoS):
         if lease is None:
             super().ack(delivery_tag)
             return
+        if not lease.valid():
+            self._give_back(delivery_tag, lease)
+            virtual.QoS.ack(self, delivery_tag)
+            return
         try:
             with self.channel.conn_or_acquire() as client:
                 removed = client.register_script(_ACK)(
@@ -230,6 +237,23 @@ class LeasedQoS(kombu_redis.QoS):
             # lease lapses, and a stored result keeps it from running twice.
             log.warning("task id=%s: ack not recorded (%s)", lease.task_id, type(exc).__name__)
         virtual.QoS.ack(self, delivery_tag)
+
+    def _give_back(self, tag: str, lease: Lease) -> None:
+        """The task gave its message up (handed back, or abandoned): Celery acks it anyway,
+        so put it back on its queue instead of removing it.
+
+        Removing it would lose it whenever the lease is still ours in Redis: a hand-back
+        whose release Redis refused (restarting) before it accepted this ack, or renewals
+        Redis applied but whose replies never came back.
+        """
+        try:
+            task_id = self.restore_by_tag(tag, leftmost=True)
+        except (redis.RedisError, OSError) as exc:
+            # No longer renewed: the lease lapses and a live worker's sweep restores it.
+            log.warning("task id=%s: not handed back yet (%s)", lease.task_id, type(exc).__name__)
+            return
+        if task_id is not None:
+            log.info("task id=%s: handed back to the front of its queue", task_id)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
@@ -396,7 +420,8 @@ class LeaseKeeper:
                     log.info("lease keeper: %s works again", name)
 
     def renew(self) -> None:
-        leases = self.book.held()
+        # A lease given up stays given up, even if Redis refused to release it.
+        leases = [lease for lease in self.book.held() if not lease.lost()]
         if not leases:
             return
         sent_at = time.monotonic()

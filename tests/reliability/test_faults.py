@@ -23,7 +23,8 @@ import pytest
 from support.redis_server import RedisServer
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
-from producer import Client
+from producer import Client, TaskHandle
+from producer.errors import WaitTimeout
 from producer.presence import live_workers
 from producer.settings import Settings
 
@@ -236,7 +237,10 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
         while fast_client._redis.llen("gpu") > 90:  # a few done, most still queued
             time.sleep(0.05)
         redis_server.restart()  # AOF on: queued messages and results survive
-        results = [fast_client.result(h.id, wait=True, timeout=300) for h in handles]
+        try:
+            results = [fast_client.result(h.id, wait=True, timeout=300) for h in handles]
+        except WaitTimeout as timeout:
+            raise AssertionError(where_tasks_are(fast_client, handles, worker)) from timeout
     failed = [r for r in results if r is None or r["state"] != "SUCCESS"]
     assert not failed, failed[:3]
     print(
@@ -325,3 +329,23 @@ def test_redis_down_during_submit_exits_3_within_a_bounded_time(
     assert "unreachable" in done.stderr
     assert elapsed < 15
     print(f"\nreliability: submit with redis down exited 3 in {elapsed:.1f}s")
+
+
+def where_tasks_are(client: Client, handles: list[TaskHandle], worker: WorkerProcess) -> str:
+    """Where each unfinished task is: queued, taken, leased, or nowhere (lost)."""
+    redis = client._redis
+    queued = b"".join(b for key in ("gpu", "gpu.high", "gpu.low") for b in redis.lrange(key, 0, -1))
+    taken = b"".join(redis.hvals("unacked"))
+    leased = redis.zcard("vq:leased")
+    log = worker.log()
+    lines = []
+    for handle in handles:
+        if client.result(handle.id) is not None:
+            continue
+        mentions = [line for line in log.splitlines() if handle.id in line]
+        lines.append(
+            f"{handle.id}: status={client.status(handle.id).state} "
+            f"queued={handle.id.encode() in queued} taken={handle.id.encode() in taken} "
+            f"log={mentions[-3:]}"
+        )
+    return "\n".join([f"unfinished {len(lines)}; leased tags {leased}", *lines[:10], log[-6000:]])

@@ -19,6 +19,7 @@ from kombu import Connection
 from producer import Client
 from producer.contract import LEASE_KEY, LEASED_KEY
 from producer.settings import Settings
+from scripts.devstack import free_port
 from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
 
 QUEUE = "leases-test"
@@ -195,6 +196,64 @@ def test_a_message_taken_while_redis_refuses_writes_is_recorded_once_redis_accep
     assert admin.llen(QUEUE) == 0
     worker.ack(taken[0])
     assert not admin.hexists("unacked", tag)
+
+
+def test_a_handed_back_message_whose_release_redis_refused_goes_back_when_acked(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    # Given a task that hands its message back (its result could not be stored) while its
+    # keeper cannot reach Redis (restarting), so the lease stays in Redis, still its own
+    admin = redis.Redis.from_url(redis_url)
+    worker, _ = workers
+    taken = worker.take()
+    tag = taken.delivery_tag
+    lease = worker.book.get(tag)
+    assert lease is not None
+    admin.pexpire(LEASE_KEY.format(tag=tag), 60_000)  # the TTL here is shorter than retries
+    unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    cut_off = LeaseKeeper(worker.book, unreachable, [QUEUE], 0.1, connect=lambda: None)
+    cut_off.release(lease)
+    assert holder(admin, tag) == b"worker-a"
+    # When Celery acknowledges it (it does for every ignored task), Redis being back
+    worker.ack(taken)
+    # Then the message is at the front of its queue again, not removed: nothing is lost
+    assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", tag)
+    assert holder(admin, tag) is None and admin.zscore(LEASED_KEY, tag) is None
+    assert worker.take().headers["id"] == queued_id
+
+
+def test_a_task_abandoned_by_its_own_reckoning_gives_its_message_back_on_ack(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    # Given renewals Redis applied but whose replies never came: Redis holds the lease
+    # for this worker, while the worker, not having heard back within the TTL, abandons
+    admin = redis.Redis.from_url(redis_url)
+    worker, _ = workers
+    taken = worker.take()
+    tag = taken.delivery_tag
+    admin.pexpire(LEASE_KEY.format(tag=tag), 60_000)
+    time.sleep(TTL_S + 0.2)
+    lease = worker.book.get(tag)
+    assert lease is not None and not lease.valid()
+    # When its message is acknowledged, then it goes back on its queue for a live worker
+    worker.ack(taken)
+    assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", tag)
+
+
+def test_a_lease_given_up_is_not_renewed(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    admin = redis.Redis.from_url(redis_url)
+    worker, _ = workers
+    taken = worker.take()
+    lease = worker.book.get(taken.delivery_tag)
+    assert lease is not None
+    lease.mark_lost()
+    key = LEASE_KEY.format(tag=taken.delivery_tag)
+    ttl_before = admin.pttl(key)
+    time.sleep(0.05)
+    worker.keeper.renew()
+    assert 0 < admin.pttl(key) < ttl_before  # left to lapse
 
 
 def _oom_errors(admin: redis.Redis) -> int:
