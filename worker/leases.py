@@ -116,6 +116,8 @@ class LeaseBook:
     def __init__(self, owner: str, ttl_s: float) -> None:
         self.owner = owner
         self.ttl_s = ttl_s
+        # A live channel for acks of messages whose own channel closed (set by the keeper).
+        self.live_channel: Callable[[], Any] | None = None
         self._by_tag: dict[str, Lease] = {}
         self._lock = threading.Lock()
 
@@ -216,12 +218,13 @@ class LeasedQoS(kombu_redis.QoS):
             virtual.QoS.ack(self, delivery_tag)
             return
         try:
-            with self.channel.conn_or_acquire() as client:
+            qos = self._live_qos(book)
+            with qos.channel.conn_or_acquire() as client:
                 removed = client.register_script(_ACK)(
                     keys=[
                         lease_key(delivery_tag),
-                        self.unacked_index_key,
-                        self.unacked_key,
+                        qos.unacked_index_key,
+                        qos.unacked_key,
                         LEASED_KEY,
                     ],
                     args=[lease.owner, delivery_tag],
@@ -238,6 +241,31 @@ class LeasedQoS(kombu_redis.QoS):
             log.warning("task id=%s: ack not recorded (%s)", lease.task_id, type(exc).__name__)
         virtual.QoS.ack(self, delivery_tag)
 
+    def _live_qos(self, book: LeaseBook | None) -> LeasedQoS:
+        """This channel's QoS, or, once the channel is closed (its connection was lost while
+        the task ran, and Celery reconnected on a new one), a live channel's: the task's
+        ack must still reach Redis."""
+        if self.channel.connection is not None or book is None or book.live_channel is None:
+            return self
+        qos: LeasedQoS = book.live_channel().qos
+        return qos
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        """Called when the channel closes (a lost connection included): kombu would put
+        back every message this worker is still running, so a Redis blip or a failover
+        ran each of them twice. A message under a valid lease needs no restore: its task
+        finishes and acks it, or, should this worker die, the lease lapses and a live
+        worker restores it. Cold stops hand running messages back themselves
+        (worker/shutdown.py calls `restore_unacked`)."""
+        book = _installed
+        if book is not None:
+            self._flush()
+            for tag in list(self._delivered):
+                lease = book.get(tag)
+                if lease is not None and lease.valid():
+                    del self._delivered[tag]
+        super().restore_unacked_once(stderr)
+
     def _give_back(self, tag: str, lease: Lease) -> None:
         """The task gave its message up (handed back, or abandoned): Celery acks it anyway,
         so put it back on its queue instead of removing it.
@@ -247,7 +275,7 @@ class LeasedQoS(kombu_redis.QoS):
         Redis applied but whose replies never came back.
         """
         try:
-            task_id = self.restore_by_tag(tag, leftmost=True)
+            task_id = self._live_qos(_installed).restore_by_tag(tag, leftmost=True)
         except (redis.RedisError, OSError) as exc:
             # No longer renewed: the lease lapses and a live worker's sweep restores it.
             log.warning("task id=%s: not handed back yet (%s)", lease.task_id, type(exc).__name__)
@@ -374,6 +402,8 @@ class LeaseKeeper:
         self.interval_s = interval_s
         self._connect = connect  # a kombu Connection on LeasedTransport, for restores
         self._connection: Any = None
+        self._connection_lock = threading.Lock()  # the keeper's thread and acks share it
+        book.live_channel = self._channel_for_restore
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
         self._renew = client.register_script(_RENEW)
@@ -482,12 +512,14 @@ class LeaseKeeper:
         return restored
 
     def _channel_for_restore(self) -> Any:
-        if self._connection is None:
-            self._connection = self._connect()
-        return self._connection.default_channel
+        with self._connection_lock:
+            if self._connection is None:
+                self._connection = self._connect()
+            return self._connection.default_channel
 
     def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
+        with self._connection_lock:
+            connection, self._connection = self._connection, None
         if connection is not None:
             try:
                 connection.release()

@@ -211,7 +211,13 @@ def test_a_handed_back_message_whose_release_redis_refused_goes_back_when_acked(
     assert lease is not None
     admin.pexpire(LEASE_KEY.format(tag=tag), 60_000)  # the TTL here is shorter than retries
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
-    cut_off = LeaseKeeper(worker.book, unreachable, [QUEUE], 0.1, connect=lambda: None)
+    cut_off = LeaseKeeper(
+        worker.book,
+        unreachable,
+        [QUEUE],
+        0.1,
+        connect=lambda: Connection(redis_url, transport=TRANSPORT),
+    )
     cut_off.release(lease)
     assert holder(admin, tag) == b"worker-a"
     # When Celery acknowledges it (it does for every ignored task), Redis being back
@@ -254,6 +260,38 @@ def test_a_lease_given_up_is_not_renewed(
     time.sleep(0.05)
     worker.keeper.renew()
     assert 0 < admin.pttl(key) < ttl_before  # left to lapse
+
+
+def test_a_lost_connection_leaves_a_running_message_with_its_lease_not_run_twice(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    # Given a worker running a message under a valid lease
+    admin = redis.Redis.from_url(redis_url)
+    worker, other = workers
+    taken = worker.take()
+    tag = taken.delivery_tag
+    # When its channel closes (kombu does so when the connection is lost)
+    worker.channel.close()
+    # Then the message stays taken, under the same lease: no other worker runs it again
+    assert admin.llen(QUEUE) == 0 and admin.hexists("unacked", tag)
+    assert holder(admin, tag) == b"worker-a"
+    assert other.sweep() == 0
+    # and the task's ack, once it finishes, removes it
+    worker.ack(taken)
+    assert not admin.hexists("unacked", tag) and holder(admin, tag) is None
+
+
+def test_a_closing_channel_restores_a_message_whose_lease_is_not_valid(
+    redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
+):
+    admin = redis.Redis.from_url(redis_url)
+    worker, _ = workers
+    taken = worker.take()
+    lease = worker.book.get(taken.delivery_tag)
+    assert lease is not None
+    lease.mark_lost()  # its task gave it up
+    worker.channel.close()
+    assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", taken.delivery_tag)
 
 
 def _oom_errors(admin: redis.Redis) -> int:
