@@ -22,6 +22,14 @@ from typing import Any, Literal, TypeVar, cast, overload
 import redis.asyncio
 
 from producer.contract import SUBMITTED_KEY, Priority, TaskName
+from producer.envelope import (
+    Envelope,
+    Outgoing,
+    batches,
+    cancel_commands,
+    database_number,
+    queue_commands,
+)
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import acall, async_client_options
@@ -45,16 +53,10 @@ from producer.settings import Settings
 from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
 from producer.submission import (
     Draft,
-    Envelope,
     ImageInput,
-    Outgoing,
     SubmitRequest,
-    batches,
-    cancel_commands,
-    database_number,
     image_list,
     prepare,
-    queue_commands,
 )
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 

@@ -1,7 +1,7 @@
 """The client a web backend uses: submit jobs, follow their status, text and results, cancel.
 
 `Client` is the blocking twin of `producer.AsyncClient`; both share validation, image
-checks, staging and message building (`producer.submission`), state decoding
+checks and staging (`producer.submission`), message building (`producer.envelope`), state decoding
 (`producer.results`) and stream following (`producer.streams`), and differ only in I/O.
 Waits are pushed, not polled (`producer.waiting`). Every operation gives up within about
 VQ_CONNECT_TIMEOUT_S when Redis is down or refuses the password (`producer.outages`).
@@ -18,6 +18,14 @@ from typing import Any, Literal, TypeVar, cast, overload
 import redis
 
 from producer.contract import SUBMITTED_KEY, Priority, TaskName
+from producer.envelope import (
+    Envelope,
+    Outgoing,
+    batches,
+    cancel_commands,
+    database_number,
+    queue_commands,
+)
 from producer.errors import WaitTimeout
 from producer.images import ImageLimits
 from producer.outages import async_client_options, call, client_options
@@ -40,16 +48,10 @@ from producer.schemas import ChatMessage
 from producer.settings import Settings
 from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
 from producer.submission import (
-    Envelope,
     ImageInput,
-    Outgoing,
     SubmitRequest,
-    batches,
-    cancel_commands,
-    database_number,
     image_list,
     prepare,
-    queue_commands,
 )
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 

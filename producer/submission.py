@@ -1,49 +1,28 @@
-"""What `Client` and `AsyncClient` share when they queue a task: everything but the I/O.
+"""What `Client` and `AsyncClient` share before anything is written: a request checked.
 
 `prepare` validates a request and reads its images (cheap rules first, nothing queued on
-a fault); `Envelope.outgoing` stages nothing yet but builds every byte that will be
-written: the staged images, the submitted marker, the task message and its `task-sent`
-event; `queue_commands` writes them into a Redis pipeline, sync or async alike, so one
-round trip queues one task or a thousand.
-
-The task message is the one Celery's `send_task` writes (protocol 2, JSON, utf-8, no
-compression), in the list layout of kombu's Redis transport: a JSON object whose `body` is
-the base64 of `[args, kwargs, embed]`, pushed with LPUSH onto the list of the task's priority
-(`producer.contract.priority_queue`: `<queue>.high`, `<queue>`, `<queue>.low`; kombu's
-own message priority stays 0). `tests/producer/test_submission.py` checks it field by field
-against what Celery itself writes, so workers (and their door checks) cannot tell the two
-apart.
+a fault) into a `Draft`; `producer.envelope` turns drafts into the bytes and commands that
+queue them, so one round trip queues one task or a thousand.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
-import json
 import os
 import secrets
-import socket
-import time
-import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from PIL import Image
 
 from producer.addresses import check_url, check_url_length
 from producer.contract import (
-    CANCEL_KEY,
-    STAGED_IMAGE_KEY,
-    SUBMITTED_KEY,
     Priority,
     TaskName,
-    priority_queue,
 )
 from producer.errors import ImageTooLarge, InvalidInput, VisionQueueError
 from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
-from producer.results import TaskHandle
 from producer.schemas import (
     ChatMessage,
     ImageRef,
@@ -64,9 +43,6 @@ ImageInput = bytes | str | os.PathLike[str] | ImageRef | Image.Image | BinaryIO
 
 # A string this long that is not a URL is base64 text, not a path (PATH_MAX is 4096).
 _LONGEST_PATH = 4096
-
-# Most tasks written by one pipeline: keeps a burst from holding Redis for long.
-BATCH_TASKS = 500
 
 
 @dataclass(frozen=True)
@@ -98,17 +74,6 @@ class Draft:
     messages: tuple[ChatMessage, ...] | None = None
     callback_url: str | None = None
     priority: Priority = Priority.NORMAL
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """Every byte one submit writes, in the order it is written."""
-
-    handle: TaskHandle
-    staged: tuple[tuple[str, bytes], ...]  # (key, image bytes)
-    message: bytes  # the entry LPUSHed onto `queue`
-    queue: str  # the Redis list of the task's priority
-    sent_event: bytes  # the `task-sent` event Flower counts
 
 
 def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> Draft:
@@ -251,228 +216,3 @@ def _read_file_object(file: Any, max_bytes: int, field: str) -> bytes:
     if len(data) > max_bytes:
         raise ImageTooLarge(f"the file has more than the limit of {max_bytes} bytes", field=field)
     return bytes(data)
-
-
-@dataclass
-class Envelope:
-    """Builds messages as one Celery producer would: one origin name, one Lamport clock."""
-
-    settings: Settings
-    db: int = 0
-    hostname: str = field(default_factory=lambda: f"gen{os.getpid()}@{socket.gethostname()}")
-    reply_to: str = field(default_factory=lambda: str(uuid.uuid4()))
-    _clock: int = 0
-
-    def outgoing(self, draft: Draft) -> Outgoing:
-        staged: list[tuple[str, bytes]] = []
-        refs: list[ImageRef] = []
-        for image in draft.images:
-            if isinstance(image, ImageRef):
-                refs.append(image)
-                continue
-            digest = hashlib.sha256(image).hexdigest()
-            staged.append((STAGED_IMAGE_KEY.format(digest=digest), image))
-            refs.append(ImageRef(ImageSource.STAGED, digest))
-        request = TaskRequest(
-            draft.task,
-            tuple(refs),
-            draft.prompt,
-            draft.options,
-            messages=draft.messages,
-            callback_url=draft.callback_url,
-        )
-        task_id = str(uuid.uuid4())
-        argsrepr = safe_repr(request)
-        queue = priority_queue(self.settings.queue, draft.priority)
-        return Outgoing(
-            handle=TaskHandle(task_id, draft.task),
-            staged=tuple(staged),
-            message=self.task_message(task_id, draft.task, request.to_message(), argsrepr, queue),
-            sent_event=self.sent_event(task_id, draft.task, argsrepr, queue),
-            queue=queue,
-        )
-
-    def task_message(
-        self,
-        task_id: str,
-        task: TaskName,
-        request: dict[str, Any],
-        argsrepr: str,
-        queue: str | None = None,
-    ) -> bytes:
-        """Celery's message; `queue` (default: the normal list) is where a worker hands it
-        back to (kombu restores by routing key)."""
-        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-        body = json.dumps([[request], {}, embed]).encode("utf-8")
-        headers: dict[str, Any] = {
-            "lang": "py",
-            "task": task.celery_name,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": argsrepr,
-            "kwargsrepr": "{}",
-            "origin": self.hostname,
-            "ignore_result": None,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        }
-        properties = {
-            "correlation_id": task_id,
-            "reply_to": self.reply_to,
-            "argsrepr": argsrepr,
-            "kwargsrepr": "{}",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue or self.settings.queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        }
-        return _kombu_message(body, headers, properties)
-
-    def sent_event(
-        self, task_id: str, task: TaskName, argsrepr: str, queue: str | None = None
-    ) -> bytes:
-        queue = queue or self.settings.queue
-        body = {
-            "hostname": self.hostname,
-            "utcoffset": _utcoffset(),
-            "pid": os.getpid(),
-            "clock": self._tick(),
-            "uuid": task_id,
-            "root_id": task_id,
-            "parent_id": None,
-            "name": task.celery_name,
-            "args": argsrepr,
-            "kwargs": "{}",
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "queue": queue,
-            "exchange": "",
-            "routing_key": queue,
-            "timestamp": time.time(),
-            "type": "task-sent",
-        }
-        properties = {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        }
-        encoded = json.dumps(body).encode("utf-8")
-        return _kombu_message(encoded, {"hostname": self.hostname}, properties)
-
-    def revoke_broadcast(self, task_id: str) -> bytes:
-        """Celery's `control.revoke(task_id)`: running workers stop the task at once."""
-        body = {
-            "method": "revoke",
-            "arguments": {"task_id": task_id, "terminate": False, "signal": "SIGTERM"},
-            "destination": None,
-            "pattern": None,
-            "matcher": None,
-        }
-        properties = {
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        }
-        # Celery's broadcasts expire after their reply timeout (1 s); workers drop late ones.
-        headers = {"clock": self._tick(), "expires": time.time() + 1.0}
-        return _kombu_message(json.dumps(body).encode("utf-8"), headers, properties)
-
-    # Where kombu's Redis transport publishes fanout exchanges (fanout_prefix and
-    # fanout_patterns are on): "/<db>.<exchange>" plus "/<routing key>" when there is one.
-    @property
-    def events_channel(self) -> str:
-        return f"/{self.db}.celeryev/task.sent"
-
-    @property
-    def control_channel(self) -> str:
-        return f"/{self.db}.celery.pidbox"
-
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
-
-def queue_commands(pipe: Any, batch: Iterable[Outgoing], envelope: Envelope) -> None:
-    """Write a batch into a pipeline (sync or async: the calls only buffer commands).
-
-    Images come first and the messages last, so a message is never on the queue before
-    the bytes it names; the same image in several tasks is written once. Each list gets
-    one LPUSH of all its messages, in order (the first is taken first, as with one LPUSH
-    each): a command per task fewer to send and parse.
-    """
-    settings = envelope.settings
-    ttl = settings.result_expires_s
-    written: set[str] = set()
-    by_queue: dict[str, list[bytes]] = {}
-    events: list[bytes] = []
-    for item in batch:
-        for key, data in item.staged:
-            if key not in written:
-                written.add(key)
-                pipe.set(key, data, ex=ttl, nx=True)
-                pipe.expire(key, ttl)
-        pipe.set(SUBMITTED_KEY.format(task_id=item.handle.id), item.handle.task.value, ex=ttl)
-        by_queue.setdefault(item.queue, []).append(item.message)
-        events.append(item.sent_event)
-    for queue, messages in by_queue.items():
-        pipe.lpush(queue, *messages)
-    for event in events:
-        pipe.publish(envelope.events_channel, event)
-
-
-def cancel_commands(pipe: Any, task_id: str, envelope: Envelope) -> None:
-    """The cancel key covers workers that take the task later; the broadcast, running ones."""
-    key = CANCEL_KEY.format(task_id=task_id)
-    pipe.set(key, "1", ex=envelope.settings.result_expires_s)
-    pipe.publish(envelope.control_channel, envelope.revoke_broadcast(task_id))
-
-
-def batches(items: Sequence[Outgoing]) -> Iterable[Sequence[Outgoing]]:
-    for start in range(0, len(items), BATCH_TASKS):
-        yield items[start : start + BATCH_TASKS]
-
-
-def safe_repr(request: TaskRequest) -> str:
-    """What Flower and task events show: image references without URL query strings."""
-    images = ", ".join(image.describe() for image in request.images)
-    prompt = "" if request.prompt is None else f", prompt={request.prompt[:60]!r}"
-    return f"({request.task.value}, images=[{images}]{prompt})"
-
-
-def _kombu_message(body: bytes, headers: dict[str, Any], properties: dict[str, Any]) -> bytes:
-    message = {
-        "body": base64.b64encode(body).decode("ascii"),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": properties,
-    }
-    return json.dumps(message).encode("utf-8")
-
-
-def _utcoffset() -> int:
-    """Celery's `utcoffset()`: hours west of UTC, as events carry it."""
-    if time.daylight:
-        return time.altzone // 3600
-    return time.timezone // 3600
-
-
-def database_number(client: Any) -> int:
-    """The db index a redis(-py) client talks to, for kombu's fanout channel names."""
-    kwargs = client.connection_pool.connection_kwargs
-    return int(kwargs.get("db", 0) or 0)

@@ -38,6 +38,7 @@ from support.workers import WorkerProcess, wait_until_generating
 from producer.client import Client
 from producer.contract import TaskName
 from producer.settings import Settings
+from producer.submission import SubmitRequest
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -645,3 +646,28 @@ def test_terminate_from_the_dashboard_stops_a_running_task(
         assert worker.process is not None and worker.process.poll() is None
     assert result is not None and result["state"] == "FAILURE", result
     assert result["error"]["code"] == "cancelled", result
+
+
+def test_tasks_queued_in_one_batch_are_each_shown_as_sent(
+    flower: FlowerProcess, module_redis: RedisServer
+) -> None:
+    # Given a batch queued on a list no worker consumes: its events went out in one publish
+    settings = Settings.from_env({}, redis_url=module_redis.url, queue="flower-backlog")
+    with Client(settings) as client:
+        handles = client.submit_many(
+            [SubmitRequest("ask", [], f"Say {i}.") for i in range(5)]
+            + [SubmitRequest("describe", ["https://example.com/cat.jpg"], priority="high")]
+        )
+
+    # Then Flower lists each task, waiting in its queue, named and summarised
+    def all_listed() -> dict[str, dict[str, Any]] | None:
+        tasks = flower.get("/api/tasks").json()
+        return tasks if all(h.id in tasks for h in handles) else None
+
+    tasks = wait_until(all_listed, 20)
+    assert tasks, flower.get("/api/tasks").text[:3000]
+    for handle in handles:
+        seen = tasks[handle.id]
+        assert (seen["name"], seen["state"]) == (handle.task.celery_name, "PENDING"), seen
+        assert seen["args"].startswith(f"({handle.task.value}, images=["), seen["args"]
+    assert tasks[handles[-1].id]["routing_key"] == "flower-backlog.high"

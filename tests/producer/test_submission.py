@@ -11,6 +11,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import redis
 
 from producer import AsyncClient, Client, Priority, SubmitRequest
 from producer.celery_config import make_celery_app
+from producer.envelope import new_id
 from producer.errors import InvalidInput
 from producer.settings import Settings
 
@@ -166,6 +168,34 @@ def test_submit_many_queues_a_thousand_tasks_in_two_round_trips(redis_url: str, 
     assert pool.taken == 10
 
 
+def test_a_batch_sends_every_event_in_one_group_as_celerys_dispatcher_does(
+    redis_url: str, settings: Settings, client
+):
+    published = Published(redis_url)
+    handles = client.submit_many([SubmitRequest("ask", [], f"Say {i}.") for i in range(3)])
+    [(_, message)] = published.collect(1)
+    events = body(message)
+    assert [event["uuid"] for event in events] == [h.id for h in handles]
+    clocks = [event["clock"] for event in events]
+    assert clocks == sorted(set(clocks))  # one Lamport clock, ticking per event
+    # (Flower reads the group as one event per task: tests/integration/test_flower.py)
+    # and the markers say each one was submitted, kept as long as its result
+    admin = redis.Redis.from_url(redis_url)
+    for handle in handles:
+        key = f"vq:submitted:{handle.id}"
+        assert admin.get(key) == b"ask"
+        assert 0 < admin.ttl(key) <= settings.result_expires_s
+
+
+def test_ids_are_random_version_4_uuids():
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for text in list(ids)[:100]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+
+
 def test_one_bad_request_in_a_batch_queues_none(redis_url: str, client):
     requests = [SubmitRequest("ask", [], "fine"), SubmitRequest("ask", [], "")]
     with pytest.raises(InvalidInput) as error:
@@ -277,8 +307,10 @@ def test_submit_many_routes_each_request_by_its_priority(redis_url: str, client)
     ]
     assert [m["headers"]["id"] for m in queued(redis_url, "nobody.high")] == [handles[1].id]
     assert [m["headers"]["id"] for m in queued(redis_url, "nobody")] == [handles[2].id]
-    # and the task-sent events (Flower's) name the list too
-    events = {body(event)["uuid"]: body(event)["queue"] for _, event in published.collect(4)}
+    # and the task-sent events (Flower's), one publish for the batch, name the list too
+    [(channel, message)] = published.collect(1)
+    assert channel == "/0.celeryev/task.sent"
+    events = {event["uuid"]: event["queue"] for event in body(message)}
     assert events == {handles[0].id: "nobody.low", handles[1].id: "nobody.high",
                       handles[2].id: "nobody", handles[3].id: "nobody.low"}
 
