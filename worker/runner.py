@@ -46,7 +46,8 @@ from worker.deployment import (
 from worker.engine import Engine, EngineConfig
 from worker.health import HealthReporter
 from worker.identity import IdentityTaken, claim_host_identity
-from worker.leases import LeaseBook, LeaseKeeper, install, transport_for
+from worker.lease_keeper import LeaseKeeper
+from worker.leases import LeaseBook, install, transport_for
 from worker.metrics import WorkerMetrics
 from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog

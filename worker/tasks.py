@@ -47,7 +47,8 @@ from worker.webhooks import notify_task_end
 if TYPE_CHECKING:
     from worker.engine import Engine
     from worker.health import HealthReporter
-    from worker.leases import Lease, LeaseBook, LeaseKeeper
+    from worker.lease_keeper import LeaseKeeper
+    from worker.leases import Lease, LeaseBook
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("vision_queue.task")

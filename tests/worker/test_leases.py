@@ -20,7 +20,8 @@ from producer import Client
 from producer.contract import LEASE_KEY, LEASED_KEY
 from producer.settings import Settings
 from scripts.devstack import free_port
-from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
+from worker.lease_keeper import LeaseKeeper
+from worker.leases import TRANSPORT, LeaseBook, install
 
 QUEUE = "leases-test"
 TTL_S = 0.6

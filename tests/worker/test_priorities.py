@@ -21,7 +21,8 @@ from producer import Client
 from producer.celery_config import celery_settings
 from producer.contract import LEASE_KEY, priority_queues
 from producer.settings import Settings
-from worker.leases import TRANSPORT, LeaseBook, LeaseKeeper, install
+from worker.lease_keeper import LeaseKeeper
+from worker.leases import TRANSPORT, LeaseBook, install
 from worker.priorities import PriorityOrder
 
 QUEUE = "prio-test"
