@@ -94,6 +94,10 @@ VISIBILITY_TIMEOUT_KEY = KEY_PREFIX + ":deployment:visibility-timeout-s"
 LEASE_KEY = KEY_PREFIX + ":lease:{tag}"
 LEASED_KEY = KEY_PREFIX + ":leased"
 LEASE_SWEEP_LOCK_KEY = KEY_PREFIX + ":lease-sweep"
+# Webhooks waiting to be delivered (worker.webhook_outbox): a sorted set of task ids, scored
+# with the time (ms) until which a worker's sender holds each, and one hash per delivery.
+WEBHOOK_OUTBOX_KEY = KEY_PREFIX + ":webhooks"
+WEBHOOK_KEY = KEY_PREFIX + ":webhook:{task_id}"
 # Text deltas of one task: a Redis Stream (entries `seq`, `kind` = delta|end, `text`, and
 # on the end entry `result`, the final result JSON). Expires with the result. Writers also
 # PUBLISH each new entry id on a channel of the same name, so readers wait without polling.

@@ -52,6 +52,8 @@ from worker.metrics import WorkerMetrics
 from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
 from worker.tasks import WorkerRuntime, register_tasks
+from worker.webhook_outbox import WebhookOutbox
+from worker.webhooks import WebhookSender
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -113,6 +115,11 @@ def run_worker(settings: Settings) -> int:
         health=health,
         redis=redis,
         results=_result_store(settings, redis, name),
+        webhooks=WebhookSender(
+            settings,
+            outbox=WebhookOutbox(redis, settings.result_expires_s),
+            poll_s=settings.heartbeat_interval_s,
+        ),
         leases=book,
         keeper=keeper,
     )
@@ -121,8 +128,7 @@ def run_worker(settings: Settings) -> int:
     door = Door(settings, name, redis, app.backend, metrics, health)
     health.model_ready()
     log.info(
-        "model %s ready on %s (%s, %s attention) in %.1fs; consuming %s as %s "
-        "with %d slot(s)",
+        "model %s ready on %s (%s, %s attention) in %.1fs; consuming %s as %s with %d slot(s)",
         engine.model_id,
         engine.device,
         engine.dtype,

@@ -42,7 +42,7 @@ from producer.settings import Settings
 from worker.handler import LeaseLost, TaskContext, handle
 from worker.result_store import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.streaming import StreamWriter
-from worker.webhooks import notify_task_end
+from worker.webhooks import WebhookSender, notify_task_end
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -68,6 +68,7 @@ class WorkerRuntime:
     metrics: WorkerMetrics
     health: HealthReporter
     results: ResultStore
+    webhooks: WebhookSender
     leases: LeaseBook | None = None
     keeper: LeaseKeeper | None = None
 
@@ -128,7 +129,7 @@ def execute(
     finally:
         runtime.health.task_finished(run.result.id)
         _log_and_measure(runtime, run.result, run.outcome, run.ctx, run.delivery)
-        notify_task_end(runtime.settings, args, run.result.to_dict(), run.outcome)
+        notify_task_end(runtime.webhooks, args, run.result.to_dict(), run.outcome)
 
 
 def _start(task: Task, runtime: WorkerRuntime, name: TaskName) -> _Run:

@@ -16,8 +16,9 @@ The target is attacker-chosen like an image URL, so the same guard applies, reus
 host is in VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS), the socket pinned to the checked address,
 one deadline (VQ_WEBHOOK_TIMEOUT_S) per attempt enforced by a watchdog.
 
-Deliveries waiting in memory are lost when the worker process stops; receivers that must
-not miss a result also read it with `GET /v1/tasks/{id}`.
+Every delivery is kept in Redis until it ends (`worker.webhook_outbox`), so one whose
+worker stops or dies (between attempts, or before the first) is taken over by another
+worker's sender: delivery is at least once, bounded by VQ_WEBHOOK_MAX_ATTEMPTS in all.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from producer.addresses import ParsedUrl, check_url
 from producer.errors import VisionQueueError
@@ -47,6 +49,7 @@ from worker.fetch import (
     _PinnedConnection,
     _resolve_checked,
 )
+from worker.webhook_outbox import Delivery, WebhookOutbox
 
 log = logging.getLogger("vision_queue.webhook")
 
@@ -55,6 +58,11 @@ TASK_ID_HEADER = "X-VQ-Task-Id"
 ATTEMPT_HEADER = "X-VQ-Attempt"
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_PENDING = 1000
+# A delivery recorded or taken over is held this long until its first attempt here.
+_QUEUED_HOLD_S = 30.0
+# Beyond an attempt's deadline and the backoff after it, before another sender may take over.
+_HOLD_MARGIN_S = 5.0
+_CLAIM_AT_ONCE = 100
 _SENDER_THREADS = 4
 _LONGEST_BACKOFF_S = 300.0
 # Outcomes of a run that did not end the task (it runs again, or another worker's run
@@ -68,15 +76,8 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-@dataclass(frozen=True)
-class Delivery:
-    url: str
-    task_id: str
-    body: bytes
-
-
 def notify_task_end(
-    settings: Settings, args: tuple[Any, ...], result: dict[str, Any], outcome: str
+    sender: WebhookSender, args: tuple[Any, ...], result: dict[str, Any], outcome: str
 ) -> None:
     """Called once at the end of every run, after its result is stored; queues a webhook if
     the task asked for one.
@@ -84,14 +85,15 @@ def notify_task_end(
     Never raises: it runs in the task's `finally`, where an error would replace the outcome.
     """
     try:
-        _queue_webhook(settings, args, result, outcome)
+        _queue_webhook(sender, args, result, outcome)
     except Exception:
         log.exception("webhook task=%s not queued", result.get("id", ""))
 
 
 def _queue_webhook(
-    settings: Settings, args: tuple[Any, ...], result: dict[str, Any], outcome: str
+    sender: WebhookSender, args: tuple[Any, ...], result: dict[str, Any], outcome: str
 ) -> None:
+    settings = sender.settings
     if outcome in _NOT_ENDED or len(args) != 1 or not isinstance(args[0], dict):
         return
     url = args[0].get("callback_url")
@@ -108,48 +110,91 @@ def _queue_webhook(
         return
     state = "SUCCESS" if outcome == "success" else "FAILURE"
     body = json.dumps({**result, "state": state}, ensure_ascii=False, separators=(",", ":"))
-    sender(settings).submit(Delivery(url, task_id, body.encode()))
+    sender.submit(Delivery(url, task_id, body.encode()))
 
 
 class WebhookSender:
-    """A bounded queue drained by a few daemon threads; `submit` never blocks."""
+    """A bounded queue drained by a few daemon threads; `submit` never blocks.
+
+    With an outbox (always, in a worker), every delivery is recorded in Redis first and
+    held there while this sender works on it; a poller takes over deliveries other
+    senders held and gave up (their worker died).
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
+        outbox: WebhookOutbox | None = None,
+        poll_s: float = 2.0,
         resolve: Resolver = socket.getaddrinfo,
         ssl_context: ssl.SSLContext | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
+        self.outbox = outbox
+        self._poll_s = poll_s
         self._resolve = resolve
         self._ssl_context = ssl_context
         self._sleep = sleep
+        self._closed = threading.Event()
         self._pending: queue.Queue[Delivery] = queue.Queue(maxsize=_MAX_PENDING)
         for number in range(_SENDER_THREADS):
             threading.Thread(target=self._drain, name=f"vq-webhook-{number}", daemon=True).start()
+        if outbox is not None:
+            threading.Thread(target=self._take_over, name="vq-webhook-outbox", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop taking over other senders' deliveries (those in memory are kept in Redis)."""
+        self._closed.set()
 
     def submit(self, delivery: Delivery) -> None:
+        recorded = False
+        if self.outbox is not None:
+            try:
+                if not self.outbox.record(delivery, _QUEUED_HOLD_S):
+                    log.info("webhook task=%s already recorded: not sent again", delivery.task_id)
+                    return
+                recorded = True
+            except (redis.RedisError, OSError) as exc:
+                log.warning(
+                    "webhook task=%s not recorded (%s): sent from memory only",
+                    delivery.task_id,
+                    type(exc).__name__,
+                )
         try:
             self._pending.put_nowait(delivery)
         except queue.Full:
-            log.warning(
-                "webhook task=%s dropped: %d already waiting", delivery.task_id, _MAX_PENDING
-            )
+            if recorded:
+                log.info(
+                    "webhook task=%s left in the outbox: %d waiting here",
+                    delivery.task_id,
+                    _MAX_PENDING,
+                )
+            else:
+                log.warning(
+                    "webhook task=%s dropped: %d already waiting", delivery.task_id, _MAX_PENDING
+                )
 
     def deliver(self, delivery: Delivery) -> bool:
         """Try until delivered or hopeless; True once the receiver answered 2xx."""
         settings = self.settings
-        hop = check_url(delivery.url, settings.webhook_host_allowlist)
+        try:
+            hop = check_url(delivery.url, settings.webhook_host_allowlist)
+        except VisionQueueError as exc:  # checked at submit; a changed allow-list since
+            log.warning("webhook task=%s refused: %s", delivery.task_id, exc.message)
+            self._finish(delivery.task_id)
+            return False
         status: int | str = "none"
-        for attempt in range(1, settings.webhook_max_attempts + 1):
+        attempt = delivery.attempts_made
+        for attempt in range(delivery.attempts_made + 1, settings.webhook_max_attempts + 1):
+            self._hold(delivery.task_id, attempt)
             status, retry = self._attempt(hop, delivery, attempt)
             if status == "delivered" or not retry:
                 break
             if attempt < settings.webhook_max_attempts:
-                delay = settings.webhook_backoff_s * 2 ** (attempt - 1)
-                self._sleep(min(delay, _LONGEST_BACKOFF_S))
+                self._sleep(self._backoff_s(attempt))
+        self._finish(delivery.task_id)
         delivered = status == "delivered"
         log.info(
             "webhook task=%s url=%s outcome=%s attempts=%d last=%s",
@@ -161,6 +206,31 @@ class WebhookSender:
         )
         return delivered
 
+    def _backoff_s(self, attempt: int) -> float:
+        """The wait after attempt number `attempt` failed."""
+        return float(min(self.settings.webhook_backoff_s * 2 ** (attempt - 1), _LONGEST_BACKOFF_S))
+
+    def _hold(self, task_id: str, attempt: int) -> None:
+        """Before attempt `attempt` (counted as made, so a crash loop stays bounded): hold
+        the delivery through the attempt and the wait after it."""
+        if self.outbox is None:
+            return
+        hold_s = self.settings.webhook_timeout_s + self._backoff_s(attempt) + _HOLD_MARGIN_S
+        try:
+            self.outbox.hold(task_id, attempt, hold_s)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("webhook task=%s hold not renewed (%s)", task_id, type(exc).__name__)
+
+    def _finish(self, task_id: str) -> None:
+        if self.outbox is None:
+            return
+        try:
+            self.outbox.finish(task_id)
+        except (redis.RedisError, OSError) as exc:
+            # It falls due again, and its next sender finds it out of attempts or sends it
+            # once more (at least once).
+            log.warning("webhook task=%s not cleared (%s)", task_id, type(exc).__name__)
+
     def _drain(self) -> None:
         while True:
             delivery = self._pending.get()
@@ -168,6 +238,24 @@ class WebhookSender:
                 self.deliver(delivery)
             except Exception:  # a sender thread must outlive any one delivery
                 log.exception("webhook task=%s crashed", delivery.task_id)
+
+    def _take_over(self) -> None:
+        assert self.outbox is not None
+        while not self._closed.wait(self._poll_s):
+            room = _MAX_PENDING - self._pending.qsize()
+            if room <= 0:
+                continue
+            try:
+                claimed = self.outbox.claim_due(min(room, _CLAIM_AT_ONCE), _QUEUED_HOLD_S)
+            except (redis.RedisError, OSError):
+                continue  # Redis is down: the next poll tries again
+            for delivery in claimed:
+                log.info(
+                    "webhook task=%s taken over after %d attempt(s) elsewhere",
+                    delivery.task_id,
+                    delivery.attempts_made,
+                )
+                self._pending.put(delivery)
 
     def _attempt(self, hop: ParsedUrl, delivery: Delivery, attempt: int) -> tuple[int | str, bool]:
         """("delivered", False), (HTTP status or error name, whether to try again)."""
@@ -203,16 +291,3 @@ class WebhookSender:
         if 200 <= status < 300:
             return "delivered", False
         return status, status >= 500 or status in _RETRY_STATUSES
-
-
-_senders: dict[int, WebhookSender] = {}
-_senders_lock = threading.Lock()
-
-
-def sender(settings: Settings) -> WebhookSender:
-    """The process's sender for these settings, started on first use."""
-    with _senders_lock:
-        found = _senders.get(id(settings))
-        if found is None or found.settings is not settings:
-            found = _senders[id(settings)] = WebhookSender(settings)
-        return found

@@ -6,17 +6,15 @@ import base64
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
-from support.http_server import HOOK_HOST, HOOK_PORT, IMAGE_HOST
+from support.http_server import HOOK_HOST, IMAGE_HOST
 from support.redis_server import free_port
 from support.workers import IMAGES, base_env, terminate
 
@@ -184,45 +182,3 @@ def read_events(lines: Iterator[str]) -> Iterator[Event]:
                 event_id = value
 
 
-@dataclass
-class Hook:
-    headers: dict[str, str]
-    body: bytes
-
-
-class WebhookReceiver:
-    """A loopback HTTP server that records the webhooks POSTed to it and answers 200."""
-
-    def __init__(self) -> None:
-        self.hooks: list[Hook] = []
-        self._arrived = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver._arrived:
-                    receiver.hooks.append(Hook(dict(self.headers.items()), body))
-                    receiver._arrived.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", HOOK_PORT), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def url(self, path: str = "/hooks/vq") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_for(self, count: int, timeout_s: float = 120) -> list[Hook]:
-        with self._arrived:
-            assert self._arrived.wait_for(lambda: len(self.hooks) >= count, timeout_s)
-            return list(self.hooks)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

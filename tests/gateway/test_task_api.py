@@ -26,7 +26,6 @@ from gateway_support import (
     Event,
     GatewayProcess,
     SentEvents,
-    WebhookReceiver,
     data_uri,
     image_bytes,
     read_events,
@@ -35,6 +34,7 @@ from gateway_support import (
 )
 from support.http_server import Route, serve
 from support.redis_server import RedisServer
+from support.webhook_receiver import WebhookReceiver
 from support.workers import IMAGES
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ docs/reliability.md.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -20,7 +21,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from support.http_server import HOOK_HOST
 from support.redis_server import RedisServer
+from support.webhook_receiver import WebhookReceiver
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client, TaskHandle
@@ -225,6 +228,43 @@ def test_a_second_signal_stops_at_once_and_the_task_is_redelivered(
         result = fast_client.result(handle.id, wait=True, timeout=120)
     assert result is not None and result["state"] == "SUCCESS"
     assert successes([first, second], [handle.id])[handle.id] == 1
+
+
+def test_a_webhook_in_flight_when_its_worker_dies_is_delivered_by_another_worker(
+    redis_url: str, tmp_path: Path
+) -> None:
+    hooks = {
+        "VQ_WEBHOOK_SECRET": "whsec-faults",
+        "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS": HOOK_HOST,
+        "VQ_WEBHOOK_TIMEOUT_S": "5",
+        "VQ_WEBHOOK_BACKOFF_S": "1",
+    }
+    settings = Settings.from_env({}, redis_url=redis_url, webhook_allowed_private_hosts=HOOK_HOST)
+    with WebhookReceiver() as receiver, Client(settings) as client:
+        # Given a receiver that holds the first delivery open, and the worker that sent it
+        receiver.hold = held = threading.Event()
+        first = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY, **hooks).start()
+        handle = client.submit(
+            "ask", [], "Say hi.", max_new_tokens=1, callback_url=receiver.url()
+        )
+        receiver.wait_for(1)
+        # When that worker is killed mid-delivery
+        first.signal(signal.SIGKILL)
+        first.wait()
+        receiver.hold = None
+        held.set()
+        # Then another worker takes the delivery over once its hold lapses, as attempt 2
+        with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY, **hooks) as second:
+            seen = receiver.wait_for(2, timeout_s=120)
+            deadline = time.monotonic() + 30
+            while f"webhook task={handle.id} url=" not in second.log():
+                assert time.monotonic() < deadline, second.log()[-3000:]
+                time.sleep(0.1)
+    assert [hook.headers["X-VQ-Attempt"] for hook in seen] == ["1", "2"]
+    assert seen[1].body == seen[0].body and json.loads(seen[1].body)["id"] == handle.id
+    assert "outcome=delivered attempts=2" in second.log()
+    assert successes([first, second], [handle.id])[handle.id] == 1
+    print("\nreliability: webhook in flight at SIGKILL: delivered by another worker, attempt 2")
 
 
 def test_redis_restart_with_100_queued_tasks_loses_none(

@@ -13,19 +13,19 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.http_server import HOOK_HOST, HOOK_PORT
+from support.http_server import HOOK_HOST
+from support.webhook_receiver import WebhookReceiver
 
 from producer.settings import Settings
 from worker.webhooks import Delivery, WebhookSender, notify_task_end, sign
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec-test-0123456789"
+HOOK_PATH = "/hooks/vq?token=s3cret"  # a token in the query, as receivers often want
 TASK_ID = "5b0e7f3c-2f7a-4d0c-9a51-7d1f3c1e8a10"
 RESULT = {
     "id": TASK_ID,
@@ -46,56 +46,10 @@ def documented_verifier() -> Any:
     return namespace["verify_webhook"]
 
 
-@dataclass
-class Receiver:
-    port: int
-    statuses: list[int]  # answered in order; the last one repeats
-    hold: threading.Event | None = None  # when set up, requests wait until it is set
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    def url(self, path: str = "/hooks/vq?token=s3cret") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_for(self, count: int, timeout_s: float = 30) -> None:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout_s)
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver(0, [200])
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            with state.arrived:
-                state.received.append((dict(self.headers.items()), body))
-                status = state.statuses[min(len(state.received), len(state.statuses)) - 1]
-                state.arrived.notify_all()
-            if state.hold is not None:
-                state.hold.wait(30)
-            headers = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", HOOK_PORT), Handler)
-    state.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield state
-    finally:
-        if state.hold is not None:
-            state.hold.set()
-        server.shutdown()
-        server.server_close()
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as running:
+        yield running
 
 
 def settings(**changes: Any) -> Settings:
@@ -119,18 +73,23 @@ class RecordedSleep:
         self.waits.append(seconds)
 
 
-def delivery(receiver: Receiver) -> Delivery:
-    return Delivery(receiver.url(), TASK_ID, json.dumps(RESULT).encode())
+def delivery(receiver: WebhookReceiver) -> Delivery:
+    return Delivery(receiver.url(HOOK_PATH), TASK_ID, json.dumps(RESULT).encode())
 
 
-def test_the_result_arrives_signed_so_the_documented_check_accepts_it(receiver: Receiver):
+def notify(settings: Settings, args: tuple[Any, ...], result: dict[str, Any], outcome: str) -> None:
+    """A task's end as the worker reports it, to a sender of these settings."""
+    notify_task_end(WebhookSender(settings), args, result, outcome)
+
+
+def test_the_result_arrives_signed_so_the_documented_check_accepts_it(receiver: WebhookReceiver):
     # Given a receiver and the verification snippet from the docs,
     verify = documented_verifier()
     # when a task that named it as callback_url ends,
-    notify_task_end(settings(), ({"callback_url": receiver.url()},), RESULT, "success")
+    notify(settings(), ({"callback_url": receiver.url(HOOK_PATH)},), RESULT, "success")
     # then it receives the result with its state, signed, naming the task.
-    receiver.wait_for(1)
-    headers, body = receiver.received[0]
+    [hook] = receiver.wait_for(1)
+    headers, body = hook.headers, hook.body
     assert json.loads(body) == {**RESULT, "state": "SUCCESS"}
     assert headers["Content-Type"] == "application/json"
     assert headers["X-VQ-Task-Id"] == TASK_ID
@@ -142,53 +101,52 @@ def test_the_result_arrives_signed_so_the_documented_check_accepts_it(receiver: 
     assert not verify(SECRET, sign(SECRET, 1_000_000_000, body), body)
 
 
-def test_a_failed_task_is_reported_as_a_failure(receiver: Receiver):
+def test_a_failed_task_is_reported_as_a_failure(receiver: WebhookReceiver):
     failed = {**RESULT, "text": "", "error": {"code": "unsupported_image", "message": "x"}}
-    notify_task_end(settings(), ({"callback_url": receiver.url()},), failed, "unsupported_image")
+    notify(settings(), ({"callback_url": receiver.url(HOOK_PATH)},), failed, "unsupported_image")
 
-    receiver.wait_for(1)
-    report = json.loads(receiver.received[0][1])
+    report = json.loads(receiver.wait_for(1)[0].body)
     assert report["state"] == "FAILURE"
     assert report["error"]["code"] == "unsupported_image"
 
 
-def test_delivery_never_waits_for_the_receiver(receiver: Receiver):
+def test_delivery_never_waits_for_the_receiver(receiver: WebhookReceiver):
     # Given a receiver that holds every request open until the test lets it go,
     receiver.hold = threading.Event()
     # when the task ends, the call returns while the receiver still holds the request.
-    notify_task_end(settings(), ({"callback_url": receiver.url()},), RESULT, "success")
+    notify(settings(), ({"callback_url": receiver.url(HOOK_PATH)},), RESULT, "success")
     receiver.wait_for(1)
     assert not receiver.hold.is_set()
     receiver.hold.set()
 
 
-def test_server_errors_are_retried_with_doubling_backoff_until_delivered(receiver: Receiver):
+def test_server_errors_are_retried_with_doubling_backoff_until_delivered(receiver: WebhookReceiver):
     receiver.statuses = [503, 500, 429, 200]
     sleep = RecordedSleep()
     sender = WebhookSender(settings(), sleep=sleep)
 
     assert sender.deliver(delivery(receiver)) is True
 
-    assert [headers["X-VQ-Attempt"] for headers, _ in receiver.received] == ["1", "2", "3", "4"]
+    assert [hook.headers["X-VQ-Attempt"] for hook in receiver.hooks] == ["1", "2", "3", "4"]
     assert sleep.waits == [0.5, 1.0, 2.0]
-    assert len({body for _, body in receiver.received}) == 1  # the same body every time
+    assert len({hook.body for hook in receiver.hooks}) == 1  # the same body every time
 
 
-def test_a_receiver_that_keeps_failing_gets_a_bounded_number_of_attempts(receiver: Receiver):
+def test_a_receiver_that_keeps_failing_gets_a_bounded_number_of_attempts(receiver: WebhookReceiver):
     receiver.statuses = [500]
     sender = WebhookSender(settings(webhook_max_attempts=3), sleep=RecordedSleep())
 
     assert sender.deliver(delivery(receiver)) is False
-    assert len(receiver.received) == 3
+    assert len(receiver.hooks) == 3
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 302])
-def test_a_refusal_or_redirect_is_not_retried(receiver: Receiver, status: int):
+def test_a_refusal_or_redirect_is_not_retried(receiver: WebhookReceiver, status: int):
     receiver.statuses = [status, 200]
     sender = WebhookSender(settings(), sleep=RecordedSleep())
 
     assert sender.deliver(delivery(receiver)) is False
-    assert len(receiver.received) == 1  # and a redirect's target was never asked
+    assert len(receiver.hooks) == 1  # and a redirect's target was never asked
 
 
 def test_an_unreachable_receiver_is_retried():
@@ -216,22 +174,22 @@ def test_a_name_that_resolves_to_a_private_address_is_never_connected_to():
 
 
 def test_no_webhook_for_runs_that_do_not_end_the_task(
-    receiver: Receiver, caplog: pytest.LogCaptureFixture
+    receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ):
     caplog.set_level(logging.INFO, logger="vision_queue.webhook")
-    message = {"callback_url": receiver.url()}
+    message = {"callback_url": receiver.url(HOOK_PATH)}
     # A retry or a requeue: the task runs again, so it has not ended.
-    notify_task_end(settings(), (message,), RESULT, "retry")
-    notify_task_end(settings(), (message,), RESULT, "requeued")
+    notify(settings(), (message,), RESULT, "retry")
+    notify(settings(), (message,), RESULT, "requeued")
     # No secret configured: nothing can be signed, so nothing is sent.
-    notify_task_end(settings(webhook_secret=""), (message,), RESULT, "success")
+    notify(settings(webhook_secret=""), (message,), RESULT, "success")
     # A loopback receiver that is not allow-listed is refused before any connection.
-    notify_task_end(settings(webhook_allowed_private_hosts=""), (message,), RESULT, "success")
+    notify(settings(webhook_allowed_private_hosts=""), (message,), RESULT, "success")
     # Then the one webhook that should go out is the only one the receiver sees.
-    notify_task_end(settings(), (message,), {**RESULT, "text": "last"}, "success")
+    notify(settings(), (message,), {**RESULT, "text": "last"}, "success")
 
     receiver.wait_for(1)
-    assert [json.loads(body)["text"] for _, body in receiver.received] == ["last"]
+    assert [json.loads(hook.body)["text"] for hook in receiver.hooks] == ["last"]
     assert "VQ_WEBHOOK_SECRET is not set" in caplog.text
     assert "non-public address" in caplog.text
     assert "s3cret" not in caplog.text  # the query string may hold a token
@@ -239,4 +197,4 @@ def test_no_webhook_for_runs_that_do_not_end_the_task(
 
 def test_a_hostile_message_cannot_break_the_task_end():
     for args in [(), ("text",), ({"callback_url": 7},), ({"callback_url": "gopher://x"},)]:
-        notify_task_end(settings(), args, RESULT, "success")  # returns, raises nothing
+        notify(settings(), args, RESULT, "success")  # returns, raises nothing
