@@ -21,7 +21,7 @@ from producer.contract import LEASE_KEY, LEASED_KEY
 from producer.settings import Settings
 from scripts.devstack import free_port
 from worker.lease_keeper import LeaseKeeper
-from worker.leases import TRANSPORT, LeaseBook, install
+from worker.leases import TRANSPORT, Lease, LeaseBook, install
 
 QUEUE = "leases-test"
 TTL_S = 0.6
@@ -199,6 +199,16 @@ def test_a_message_taken_while_redis_refuses_writes_is_recorded_once_redis_accep
     assert not admin.hexists("unacked", tag)
 
 
+def take_with_lease_held_in_redis(worker: Worker, admin: redis.Redis) -> tuple[Any, Lease]:
+    """Take the message, its lease kept a minute in Redis (past this module's short TTL), as
+    for a lease whose renewals Redis applied."""
+    taken = worker.take()
+    lease = worker.book.get(taken.delivery_tag)
+    assert lease is not None
+    admin.pexpire(LEASE_KEY.format(tag=taken.delivery_tag), 60_000)
+    return taken, lease
+
+
 def test_a_handed_back_message_whose_release_redis_refused_goes_back_when_acked(
     redis_url: str, queued_id: str, workers: tuple[Worker, Worker]
 ):
@@ -206,11 +216,8 @@ def test_a_handed_back_message_whose_release_redis_refused_goes_back_when_acked(
     # keeper cannot reach Redis (restarting), so the lease stays in Redis, still its own
     admin = redis.Redis.from_url(redis_url)
     worker, _ = workers
-    taken = worker.take()
+    taken, lease = take_with_lease_held_in_redis(worker, admin)
     tag = taken.delivery_tag
-    lease = worker.book.get(tag)
-    assert lease is not None
-    admin.pexpire(LEASE_KEY.format(tag=tag), 60_000)  # the TTL here is shorter than retries
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
     cut_off = LeaseKeeper(
         worker.book,
@@ -236,12 +243,10 @@ def test_a_task_abandoned_by_its_own_reckoning_gives_its_message_back_on_ack(
     # for this worker, while the worker, not having heard back within the TTL, abandons
     admin = redis.Redis.from_url(redis_url)
     worker, _ = workers
-    taken = worker.take()
+    taken, lease = take_with_lease_held_in_redis(worker, admin)
     tag = taken.delivery_tag
-    admin.pexpire(LEASE_KEY.format(tag=tag), 60_000)
     time.sleep(TTL_S + 0.2)
-    lease = worker.book.get(tag)
-    assert lease is not None and not lease.valid()
+    assert not lease.valid()
     # When its message is acknowledged, then it goes back on its queue for a live worker
     worker.ack(taken)
     assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", tag)
