@@ -15,7 +15,7 @@ from producer.cli_output import (
     tasks_help,
     warn,
 )
-from producer.cli_support import add_version_option, quiet_pipe
+from producer.cli_support import CtrlC, add_version_option, quiet_pipe
 from producer.client import Client
 from producer.contract import Priority, TaskName
 from producer.errors import (
@@ -273,18 +273,20 @@ def _print_result(client: Client, task_id: str, args: argparse.Namespace) -> int
     reporter = WaitReporter(
         client.live_workers, client.settings.queue, show_progress=sys.stderr.isatty()
     )
+    ctrl_c = CtrlC(
+        f"interrupted: task {task_id} keeps running; "
+        f"`producer cancel {task_id}` stops it, `producer result {task_id} --wait` "
+        "waits again",
+        EXIT_INTERRUPTED,
+    )
     try:
-        if args.stream:
-            return _print_stream(client, task_id, args, reporter)
-        result = client.result(task_id, wait=True, timeout=args.timeout, on_status=reporter)
+        with ctrl_c:
+            if args.stream:
+                return _print_stream(client, task_id, args, reporter)
+            result = client.result(task_id, wait=True, timeout=args.timeout, on_status=reporter)
     except KeyboardInterrupt:
         reporter.finish()
-        return _fail(
-            EXIT_INTERRUPTED,
-            f"interrupted: task {task_id} keeps running; "
-            f"`producer cancel {task_id}` stops it, `producer result {task_id} --wait` "
-            "waits again",
-        )
+        return ctrl_c.report()
     finally:
         reporter.finish()
     return _print_outcome(task_id, result, client, args)

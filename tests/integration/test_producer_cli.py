@@ -232,8 +232,9 @@ def test_ctrl_c_while_waiting_exits_130_and_says_the_task_keeps_running(env, tmp
         child = subprocess.Popen(
             [sys.executable, "-m", "producer.cli", "submit", "--task", "ask", "--prompt",
              "Count to ten.", "--wait"],
-            env={**env, "VQ_QUEUE": "nobody-listens"}, stdout=subprocess.PIPE,
-            stderr=stderr, text=True,
+            # faulthandler: a child that does not exit is made to print where it hangs
+            env={**env, "VQ_QUEUE": "nobody-listens", "PYTHONFAULTHANDLER": "1"},
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
         try:
             # Then it says so once, on stderr, and keeps waiting
@@ -245,7 +246,13 @@ def test_ctrl_c_while_waiting_exits_130_and_says_the_task_keeps_running(env, tmp
             assert child.poll() is None
             # When the user presses Ctrl+C
             child.send_signal(signal.SIGINT)
-            code = child.wait(timeout=60)
+            try:
+                code = child.wait(timeout=60)
+            except subprocess.TimeoutExpired as hung:
+                child.send_signal(signal.SIGABRT)
+                child.wait(timeout=30)
+                said = stderr_path.read_text()
+                raise AssertionError(f"still running 60 s after SIGINT:\n{said}") from hung
         finally:
             if child.poll() is None:
                 child.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,3 +45,48 @@ def test_a_closed_pipe_ends_without_a_traceback(args: list[str], code: int):
         os.close(writer)
     assert done.stderr == ""
     assert done.returncode == code
+
+
+# A wait whose KeyboardInterrupt Python loses: swallowed where it lands, as Python does with
+# one raised inside a finalizer (it prints it and goes on).
+SWALLOWING_WAIT = """
+import sys, time
+from producer.cli_support import CtrlC
+ctrl_c = CtrlC("interrupted: bye", 130, grace_s=float(sys.argv[1]))
+print("waiting", flush=True)
+with ctrl_c:
+    while True:
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            print("lost", flush=True)
+"""
+
+
+def start_swallowing_wait(grace_s: float) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", SWALLOWING_WAIT, str(grace_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "waiting\n"
+    return child
+
+
+def test_ctrl_c_ends_a_wait_even_when_the_interrupt_is_lost():
+    child = start_swallowing_wait(grace_s=0.5)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert stderr.count("interrupted: bye") == 1
+
+
+def test_a_second_ctrl_c_ends_it_at_once():
+    child = start_swallowing_wait(grace_s=3600)
+    child.send_signal(signal.SIGINT)
+    assert child.stdout is not None and child.stdout.readline() == "lost\n"
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert stderr.count("interrupted: bye") == 1
