@@ -10,7 +10,8 @@ measures, side by side:
   (`timings.total`, from the task's start to its result); the same with the old way of
   waiting, polling the status every 0.2 s, for comparison;
 * queueing 1,000 small tasks: a loop of `submit` against one `submit_many` (and against
-  a loop of the previous release's submit: a ping, then Celery's `send_task`).
+  a loop of the previous release's submit: a ping, then Celery's `send_task`), medians of
+  `--submit-repeats` alternating rounds.
 
 Target: at the median, the queue adds at most 1.5 x the raw round trip + 1 ms.
 
@@ -113,39 +114,48 @@ def queue_round_trips(
     return totals, added
 
 
-def submit_rates(redis_url: str, count: int) -> tuple[float, float, float]:
-    """Seconds to queue `count` tasks: a loop of submit, one submit_many, and a loop of the
-    previous release's submit (a ping, then Celery's send_task, per task)."""
+def submit_rates(redis_url: str, count: int, repeats: int) -> tuple[float, float, float]:
+    """Median seconds to queue `count` tasks, over `repeats` alternating rounds: a loop of
+    submit, one submit_many, and a loop of the previous release's submit (a ping, then
+    Celery's send_task, per task)."""
     settings = Settings.from_env({}, redis_url=redis_url, queue="bench-nobody")
     requests = [SubmitRequest("ask", [], f"Say {i}.") for i in range(count)]
+    loops, manys, celery_loops = [], [], []
     with Client(settings) as client:
         client.submit("ask", [], "warm up")
-        began = time.perf_counter()
-        for request in requests:
-            client.submit(request.task, request.images, request.prompt)
-        loop_s = time.perf_counter() - began
-        began = time.perf_counter()
-        client.submit_many(requests)
-        many_s = time.perf_counter() - began
+        client.submit_many(requests[:10])
         app = make_celery_app(settings)
-        message = {"v": 1, "task": "ask", "prompt": "Say.", "images": [], "options": {}}
-        began = time.perf_counter()
-        for _ in requests:
-            task_id = str(uuid.uuid4())
-            client._redis.ping()
-            client._redis.set(f"vq:submitted:{task_id}", "ask", ex=86400)
-            app.send_task(
-                "vision_queue.ask",
-                args=(message,),
-                task_id=task_id,
-                queue="bench-nobody",
-                argsrepr="(ask)",
-                kwargsrepr="{}",
-                retry=True,
-            )
-        celery_loop_s = time.perf_counter() - began
+        for _ in range(repeats):
+            began = time.perf_counter()
+            for request in requests:
+                client.submit(request.task, request.images, request.prompt)
+            loops.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            client.submit_many(requests)
+            manys.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            previous_release_submits(client, app, count)
+            celery_loops.append(time.perf_counter() - began)
+            client._redis.delete("bench-nobody")  # the next round starts from an empty list
         app.close()
-    return loop_s, many_s, celery_loop_s
+    return statistics.median(loops), statistics.median(manys), statistics.median(celery_loops)
+
+
+def previous_release_submits(client: Client, app: Any, count: int) -> None:
+    message = {"v": 1, "task": "ask", "prompt": "Say.", "images": [], "options": {}}
+    for _ in range(count):
+        task_id = str(uuid.uuid4())
+        client._redis.ping()
+        client._redis.set(f"vq:submitted:{task_id}", "ask", ex=86400)
+        app.send_task(
+            "vision_queue.ask",
+            args=(message,),
+            task_id=task_id,
+            queue="bench-nobody",
+            argsrepr="(ask)",
+            kwargsrepr="{}",
+            retry=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--poll-rounds", type=int, default=20)
     parser.add_argument("--submits", type=int, default=1000)
+    parser.add_argument("--submit-repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_round_trips(client, 10)  # warm up
             totals, added = queue_round_trips(client, args.rounds)
             poll_totals, poll_added = queue_round_trips(client, args.poll_rounds, poll=True)
-        loop_s, many_s, celery_loop_s = submit_rates(server.url, args.submits)
+        loop_s, many_s, celery_loop_s = submit_rates(server.url, args.submits, args.submit_repeats)
 
     raw_ms, added_ms = median_ms(raw), median_ms(added)
     limit_ms = 1.5 * raw_ms + 1.0

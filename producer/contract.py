@@ -133,6 +133,8 @@ PROMPT_TAG_PATTERN = r"<\|[A-Za-z0-9_]{1,64}\|>"
 
 def control_token_in(text: str) -> str | None:
     """The first control token or chat tag `text` contains, else None."""
+    if "<" not in text:  # every token and tag starts with one; most prompts have none
+        return None
     for token in PROMPT_CONTROL_TOKENS:
         if token in text:
             return token

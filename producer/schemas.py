@@ -93,8 +93,15 @@ class TaskOptions:
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
 
     def to_dict(self) -> dict[str, Any]:
-        # Field by field, not dataclasses.asdict (which deep-copies): built once per submit.
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"stop": list(self.stop)}
+        # Spelled out, not dataclasses.asdict (which deep-copies): built once per submit.
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "num_crops": self.num_crops,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(self.stop),
+        }
 
 
 @dataclass(frozen=True)
