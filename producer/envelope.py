@@ -30,6 +30,7 @@ from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskN
 from producer.results import TaskHandle
 from producer.schemas import ImageRef, ImageSource, TaskRequest
 from producer.settings import Settings
+from producer.submission import Draft
 
 # Most tasks written by one pipeline: keeps a burst from holding Redis for long.
 BATCH_TASKS = 500
@@ -109,8 +110,8 @@ class Envelope:
             "type": "task-sent",
         }
 
-    def outgoing(self, draft: Any) -> Outgoing:
-        """Everything one validated request (`producer.submission.Draft`) writes."""
+    def outgoing(self, draft: Draft) -> Outgoing:
+        """Everything one validated request writes."""
         staged: list[tuple[str, bytes]] = []
         refs: list[ImageRef] = []
         for image in draft.images:

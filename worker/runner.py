@@ -156,6 +156,7 @@ def run_worker(settings: Settings) -> int:
     try:
         worker.start()
     finally:
+        runtime.webhooks.close()  # takes over no more deliveries it could not finish
         keeper.stop()  # also leaves the queues' presence at once
         engine.close()
         health.stop()
