@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -34,12 +33,11 @@ from gateway_support import (
 )
 from support.http_server import Route, serve
 from support.redis_server import RedisServer
-from support.webhook_receiver import WebhookReceiver
+from support.webhook_receiver import WebhookReceiver, documented_verifier
 from support.workers import IMAGES
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = {
     "id", "task", "state", "text", "model", "usage", "finish_reason", "timings", "worker",
     "device",
@@ -256,15 +254,6 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_is_queued(
 def test_neither_json_nor_multipart_is_unsupported(api: httpx.Client):
     answer = api.post("/v1/tasks", content=b"task=ask", headers={"Content-Type": "text/plain"})
     assert answer.status_code == 415
-
-
-def documented_verifier() -> Any:
-    doc = (ROOT / "docs" / "security.md").read_text()
-    snippet = re.search(r"<!-- webhook-verify -->\n```python\n(.*?)```", doc, re.DOTALL)
-    assert snippet is not None
-    namespace: dict[str, Any] = {}
-    exec(compile(snippet.group(1), "docs/security.md", "exec"), namespace)  # noqa: S102
-    return namespace["verify_webhook"]
 
 
 def test_a_callback_url_receives_the_signed_result_from_the_worker(api: httpx.Client):

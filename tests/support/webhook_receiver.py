@@ -1,12 +1,19 @@
-"""A real webhook receiver: loopback HTTP on the allow-listed port, answering as scripted."""
+"""A real webhook receiver: loopback HTTP on the allow-listed port, answering as scripted;
+and the signature check exactly as docs/security.md shows it to receivers."""
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 from support.http_server import HOOK_PORT
+
+SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 
 
 @dataclass
@@ -74,3 +81,14 @@ class WebhookReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def documented_verifier() -> Callable[..., Any]:
+    """`verify_webhook` exactly as docs/security.md prints it."""
+    doc = SECURITY_DOC.read_text()
+    snippet = re.search(r"<!-- webhook-verify -->\n```python\n(.*?)```", doc, re.DOTALL)
+    assert snippet is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet.group(1), "docs/security.md", "exec"), namespace)  # noqa: S102
+    verify: Callable[..., Any] = namespace["verify_webhook"]
+    return verify

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from support.http_server import HOOK_HOST
-from support.webhook_receiver import WebhookReceiver
+from support.webhook_receiver import WebhookReceiver, documented_verifier
 
 from producer.settings import Settings
 from worker.webhooks import Delivery, WebhookSender, notify_task_end, sign
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec-test-0123456789"
 HOOK_PATH = "/hooks/vq?token=s3cret"  # a token in the query, as receivers often want
 TASK_ID = "5b0e7f3c-2f7a-4d0c-9a51-7d1f3c1e8a10"
@@ -34,16 +31,6 @@ RESULT = {
     "usage": {"prompt_tokens": 12, "completion_tokens": 5},
     "finish_reason": "stop",
 }
-
-
-def documented_verifier() -> Any:
-    """`verify_webhook` exactly as docs/security.md prints it."""
-    doc = (ROOT / "docs" / "security.md").read_text()
-    snippet = re.search(r"<!-- webhook-verify -->\n```python\n(.*?)```", doc, re.DOTALL)
-    assert snippet is not None
-    namespace: dict[str, Any] = {}
-    exec(compile(snippet.group(1), "docs/security.md", "exec"), namespace)  # noqa: S102
-    return namespace["verify_webhook"]
 
 
 @pytest.fixture
