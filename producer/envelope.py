@@ -190,18 +190,11 @@ class Envelope:
     def events(self, events: Sequence[dict[str, Any]]) -> bytes:
         """One message on the events channel: a single event as Celery sends it, or a list
         of them, as Celery's dispatcher sends a group."""
-        properties = {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": new_id(),
-        }
         body = events[0] if len(events) == 1 else list(events)
         return _kombu_message(
             json.dumps(body).encode("utf-8"),
             json.dumps({"hostname": self.hostname}),
-            json.dumps(properties),
+            _fanout_properties("celeryev", "task.sent", delivery_mode=1),
         )
 
     def revoke_broadcast(self, task_id: str) -> bytes:
@@ -213,17 +206,12 @@ class Envelope:
             "pattern": None,
             "matcher": None,
         }
-        properties = {
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": new_id(),
-        }
         # Celery's broadcasts expire after their reply timeout (1 s); workers drop late ones.
         headers = {"clock": self._tick(), "expires": time.time() + 1.0}
         return _kombu_message(
-            json.dumps(body).encode("utf-8"), json.dumps(headers), json.dumps(properties)
+            json.dumps(body).encode("utf-8"),
+            json.dumps(headers),
+            _fanout_properties("celery.pidbox", "", delivery_mode=2),
         )
 
     # Where kombu's Redis transport publishes fanout exchanges (fanout_prefix and
@@ -309,6 +297,19 @@ def _fields(values: dict[str, Any]) -> str:
 def _with_fields(values: dict[str, Any], encoded: str) -> str:
     """The JSON object of `values` (not empty) plus members encoded by `_fields`."""
     return f"{json.dumps(values)[:-1]}, {encoded}}}"
+
+
+def _fanout_properties(exchange: str, routing_key: str, delivery_mode: int) -> str:
+    """kombu's properties of a message published on a fanout exchange (events, control)."""
+    return json.dumps(
+        {
+            "delivery_mode": delivery_mode,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": new_id(),
+        }
+    )
 
 
 def _kombu_message(body: bytes, headers: str, properties: str) -> bytes:
