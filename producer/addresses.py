@@ -191,6 +191,12 @@ def check_url(url: str, allowlist: frozenset[str]) -> ParsedUrl:
     # Request smuggling / header injection: no whitespace or control characters anywhere.
     if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
         raise _refused("image URL must not contain whitespace or control characters")
+    if not url.isascii():
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates: no request line can carry them, and no JSON encoder either.
+            raise _refused("image URL is not valid UTF-8 text") from None
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -8,8 +8,9 @@ own message priority stays 0). `tests/producer/test_submission.py` checks it fie
 against what Celery itself writes, so workers (and their door checks) cannot tell the two
 apart.
 
-Queueing many tasks is bound by this module's CPU time, not by Redis: the fields every
-message shares are encoded once per envelope, and a batch costs a handful of commands
+Queueing many tasks is bound by this module's CPU time, not by Redis: the request is
+encoded by orjson (the json module took most of a task's time), the fields every message
+shares once per envelope, and a batch costs a handful of commands
 (one script for the markers, one LPUSH per list, one `task-sent` publish carrying the
 whole batch's events as a list, which Celery's event receivers, Flower's included, accept).
 """
@@ -18,13 +19,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from json.encoder import encode_basestring_ascii
+from typing import Any, NamedTuple
+
+import orjson
 
 from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName, priority_queue
 from producer.results import TaskHandle
@@ -43,24 +48,29 @@ end
 return #KEYS
 """
 
-# The `embed` of a task without callbacks, errbacks, chain or chord, as Celery encodes it.
-_NO_EMBED = json.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+# The `embed` of a task without callbacks, errbacks, chain or chord.
+_NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
-@dataclass(frozen=True)
-class Outgoing:
+class Outgoing(NamedTuple):
     """Every byte one submit writes, in the order it is written."""
 
     handle: TaskHandle
     staged: tuple[tuple[str, bytes], ...]  # (key, image bytes)
     message: bytes  # the entry LPUSHed onto `queue`
     queue: str  # the Redis list of the task's priority
-    sent_event: dict[str, Any]  # the `task-sent` event Flower counts (`Envelope.events`)
+    sent_event: str  # the `task-sent` event Flower counts, as JSON (`Envelope.events`)
 
 
 @dataclass
 class Envelope:
-    """Builds messages as one Celery producer would: one origin name, one Lamport clock."""
+    """Builds messages as one Celery producer would: one origin name, one Lamport clock.
+
+    A message is assembled from JSON pieces: what every message shares is encoded once
+    here, what a task's queue and name add once per queue and name, and only the request
+    itself goes through the JSON encoder per task. `tests/producer/test_submission.py`
+    parses the result and compares it with Celery's own.
+    """
 
     settings: Settings
     db: int = 0
@@ -69,7 +79,6 @@ class Envelope:
     _clock: int = 0
 
     def __post_init__(self) -> None:
-        # The fields every task message and event carries, encoded once.
         self._task_headers = _fields(
             {
                 "lang": "py",
@@ -98,17 +107,21 @@ class Envelope:
                 "body_encoding": "base64",
             }
         )
-        self._event_fields = {
-            "hostname": self.hostname,
-            "utcoffset": _utcoffset(),
-            "parent_id": None,
-            "kwargs": "{}",
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "exchange": "",
-            "type": "task-sent",
-        }
+        self._event_fields = _fields(
+            {
+                "hostname": self.hostname,
+                "utcoffset": _utcoffset(),
+                "parent_id": None,
+                "kwargs": "{}",
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "exchange": "",
+                "type": "task-sent",
+            }
+        )
+        self._quoted: dict[str, str] = {}  # queue names, JSON-encoded
+        self._quoted_tasks: dict[TaskName, str] = {}  # Celery task names, JSON-encoded
 
     def outgoing(self, draft: Draft) -> Outgoing:
         """Everything one validated request writes."""
@@ -136,8 +149,8 @@ class Envelope:
             handle=TaskHandle(task_id, draft.task),
             staged=tuple(staged),
             message=self.task_message(task_id, draft.task, request.to_message(), argsrepr, queue),
-            sent_event=self.sent_event(task_id, draft.task, argsrepr, queue),
             queue=queue,
+            sent_event=self.sent_event(task_id, draft.task, argsrepr, queue),
         )
 
     def task_message(
@@ -150,49 +163,38 @@ class Envelope:
     ) -> bytes:
         """Celery's message; `queue` (default: the normal list) is where a worker hands it
         back to (kombu restores by routing key)."""
-        body = f"[[{json.dumps(request)}], {{}}, {_NO_EMBED}]".encode()
-        headers = {
-            "task": task.celery_name,
-            "id": task_id,
-            "root_id": task_id,
-            "argsrepr": argsrepr,
-        }
-        properties = {
-            "correlation_id": task_id,
-            "argsrepr": argsrepr,
-            "delivery_info": {"exchange": "", "routing_key": queue or self.settings.queue},
-            "delivery_tag": new_id(),
-        }
-        return _kombu_message(
-            body,
-            _with_fields(headers, self._task_headers),
-            _with_fields(properties, self._task_properties),
+        body = _json_bytes([[request], {}, _NO_EMBED])
+        name, shown, quoted_id = self._quote_task(task), _quote(argsrepr), _quote(task_id)
+        routing_key = self._quote(queue or self.settings.queue)
+        headers = (
+            f'{{"task": {name}, "id": {quoted_id}, "root_id": {quoted_id}, '
+            f'"argsrepr": {shown}, {self._task_headers}}}'
         )
+        properties = (
+            f'{{"correlation_id": {quoted_id}, "argsrepr": {shown}, '
+            f'"delivery_info": {{"exchange": "", "routing_key": {routing_key}}}, '
+            f'"delivery_tag": "{new_delivery_tag()}", {self._task_properties}}}'
+        )
+        return _kombu_message(body, headers, properties)
 
     def sent_event(
         self, task_id: str, task: TaskName, argsrepr: str, queue: str | None = None
-    ) -> dict[str, Any]:
-        """The `task-sent` event of one task; `events` wraps events into a message."""
-        queue = queue or self.settings.queue
-        return {
-            **self._event_fields,
-            "pid": os.getpid(),
-            "clock": self._tick(),
-            "uuid": task_id,
-            "root_id": task_id,
-            "name": task.celery_name,
-            "args": argsrepr,
-            "queue": queue,
-            "routing_key": queue,
-            "timestamp": time.time(),
-        }
+    ) -> str:
+        """The `task-sent` event of one task, as JSON; `events` wraps events into a message."""
+        routing_key, quoted_id = self._quote(queue or self.settings.queue), _quote(task_id)
+        return (
+            f'{{"uuid": {quoted_id}, "root_id": {quoted_id}, '
+            f'"name": {self._quote_task(task)}, "args": {_quote(argsrepr)}, '
+            f'"queue": {routing_key}, "routing_key": {routing_key}, "pid": {os.getpid()}, '
+            f'"clock": {self._tick()}, "timestamp": {time.time()!r}, {self._event_fields}}}'
+        )
 
-    def events(self, events: Sequence[dict[str, Any]]) -> bytes:
+    def events(self, events: Sequence[str]) -> bytes:
         """One message on the events channel: a single event as Celery sends it, or a list
         of them, as Celery's dispatcher sends a group."""
-        body = events[0] if len(events) == 1 else list(events)
+        body = events[0] if len(events) == 1 else f"[{', '.join(events)}]"
         return _kombu_message(
-            json.dumps(body).encode("utf-8"),
+            body.encode(),
             json.dumps({"hostname": self.hostname}),
             _fanout_properties("celeryev", "task.sent", delivery_mode=1),
         )
@@ -223,6 +225,18 @@ class Envelope:
     @property
     def control_channel(self) -> str:
         return f"/{self.db}.celery.pidbox"
+
+    def _quote(self, name: str) -> str:
+        quoted = self._quoted.get(name)
+        if quoted is None:
+            quoted = self._quoted[name] = _quote(name)
+        return quoted
+
+    def _quote_task(self, task: TaskName) -> str:
+        quoted = self._quoted_tasks.get(task)
+        if quoted is None:
+            quoted = self._quoted_tasks[task] = _quote(task.celery_name)
+        return quoted
 
     def _tick(self) -> int:
         self._clock += 1
@@ -274,9 +288,32 @@ def safe_repr(request: TaskRequest) -> str:
     return f"({request.task.value}, images=[{images}]{prompt})"
 
 
+class _DeliveryTags:
+    """Delivery tags unique to this process: a random prefix and a counter.
+
+    kombu's transport keys its unacked messages and the workers their leases by the tag,
+    so two messages must never share one; a forked child draws a prefix of its own.
+    """
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        # A UUID's first four groups: with the 12 hex digits of the counter, a UUID's shape.
+        self._prefix = new_id()[:24]
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+def new_delivery_tag() -> str:
+    return _delivery_tags.next()
+
+
 def new_id() -> str:
-    """A random UUID (version 4) as text, as `str(uuid.uuid4())` gives, at half its cost:
-    three per task, they were a tenth of queueing's CPU time."""
+    """A random UUID (version 4) as text, as `str(uuid.uuid4())` gives, at half its cost."""
     value = int.from_bytes(os.urandom(16), "big")
     value = (value & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
     text = f"{value:032x}"
@@ -290,13 +327,8 @@ def database_number(client: Any) -> int:
 
 
 def _fields(values: dict[str, Any]) -> str:
-    """A JSON object's members without the braces, to join with `_with_fields`."""
+    """A JSON object's members without the braces, to close a templated object with."""
     return json.dumps(values)[1:-1]
-
-
-def _with_fields(values: dict[str, Any], encoded: str) -> str:
-    """The JSON object of `values` (not empty) plus members encoded by `_fields`."""
-    return f"{json.dumps(values)[:-1]}, {encoded}}}"
 
 
 def _fanout_properties(exchange: str, routing_key: str, delivery_mode: int) -> str:
@@ -314,12 +346,26 @@ def _fanout_properties(exchange: str, routing_key: str, delivery_mode: int) -> s
 
 def _kombu_message(body: bytes, headers: str, properties: str) -> bytes:
     """kombu's Redis list entry, its headers and properties already JSON."""
-    encoded_body = json.dumps(base64.b64encode(body).decode("ascii"))
+    encoded_body = base64.b64encode(body).decode("ascii")  # nothing in it needs escaping
     return (
-        f'{{"body": {encoded_body}, "content-encoding": "utf-8", '
+        f'{{"body": "{encoded_body}", "content-encoding": "utf-8", '
         f'"content-type": "application/json", "headers": {headers}, '
         f'"properties": {properties}}}'
     ).encode()
+
+
+def _json_bytes(value: Any) -> bytes:
+    """`value` as compact UTF-8 JSON; the json module's escapes where orjson refuses a
+    string (lone surrogates in a URL, say: the worker judges those)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value).encode("ascii")
+
+
+def _quote(text: str) -> str:
+    """`text` as a JSON string, as `json.dumps` writes it (ASCII, escaped)."""
+    return encode_basestring_ascii(text)
 
 
 def _utcoffset() -> int:
@@ -327,3 +373,6 @@ def _utcoffset() -> int:
     if time.daylight:
         return time.altzone // 3600
     return time.timezone // 3600
+
+
+_delivery_tags = _DeliveryTags()

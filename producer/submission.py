@@ -95,7 +95,7 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
         stop=stop_strings(request.stop),
     )
     # The cheap rules first, before reading or uploading any image.
-    placeholder = tuple(ImageRef(ImageSource.URL, "-") for _ in images)
+    placeholder = (ImageRef(ImageSource.URL, "-"),) * len(images)
     messages, callback_url = request.messages, request.callback_url
     check_request(
         TaskRequest(
@@ -104,7 +104,7 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
         settings,
     )
     prepared = tuple(
-        _image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)
+        [_image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)]
     )
     return Draft(name, prepared, request.prompt, options, messages, callback_url, priority)
 
@@ -115,6 +115,8 @@ def image_list(images: object) -> tuple[ImageInput, ...]:
     One image passed on its own (bytes, a path, a URL, a PIL image, a file) is refused
     with the fix, rather than read as a sequence of bytes or characters.
     """
+    if isinstance(images, (list, tuple)):  # the usual case, without the checks below
+        return tuple(images)
     if isinstance(images, (bytes, bytearray, memoryview, str, os.PathLike, ImageRef)) or (
         _is_pil_image(images) or _is_file(images)
     ):

@@ -327,6 +327,8 @@ def test_credentials_in_urls_are_refused(url: str) -> None:
         "http://[fe80::1%25eth0]/",
         "http://%31%32%37.0.0.1/",  # browsers percent-decode hosts; we refuse them
         "http://127.0.0.1%2f@example.com/",
+        "https://example.com/a\udc80.jpg",  # a lone surrogate: no request line carries it
+        "https://ex\ud800ample.com/",
         "",
     ],
 )

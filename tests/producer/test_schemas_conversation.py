@@ -112,6 +112,7 @@ def test_bad_conversations_are_refused_naming_the_field(raw, field):
         "https://user:pw@example.com/hook",
         "not a url",
         "https://example.com/" + "x" * 2100,
+        "https://example.com/\udc80",
         7,
     ],
 )

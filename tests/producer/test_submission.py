@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import time
 import uuid
@@ -20,8 +21,9 @@ import redis
 
 from producer import AsyncClient, Client, Priority, SubmitRequest
 from producer.celery_config import make_celery_app
-from producer.envelope import new_id
+from producer.envelope import new_delivery_tag, new_id
 from producer.errors import InvalidInput
+from producer.schemas import ImageRef, ImageSource
 from producer.settings import Settings
 
 
@@ -91,9 +93,17 @@ def test_a_task_message_is_the_one_celery_writes(redis_url: str, settings: Setti
     for name in ("correlation_id", "delivery_mode", "priority", "body_encoding", "argsrepr"):
         assert ours["properties"][name] == celerys["properties"][name], name
     assert ours["properties"]["delivery_info"] == {"exchange": "", "routing_key": "nobody"}
-    # and the body is [args, kwargs, embed] exactly as Celery encodes it
+    # and the body is the same [args, kwargs, embed] (compact UTF-8 JSON, the text as is)
     assert body(ours) == body(celerys)
-    assert base64.b64decode(ours["body"]) == base64.b64decode(celerys["body"])
+    assert "Où est le chat ? 猫".encode() in base64.b64decode(ours["body"])
+
+
+def test_a_worker_side_path_that_is_not_utf8_is_queued_as_it_is(redis_url: str, client):
+    # A file name with undecodable bytes, as os.listdir gives it (surrogateescape).
+    path = os.fsdecode(b"/data/caf\xe9.jpg")
+    client.submit("describe", [ImageRef(ImageSource.PATH, path)])
+    [message] = queued(redis_url, "nobody")
+    assert body(message)[0][0]["images"] == [{"source": "path", "ref": path}]
 
 
 def test_the_task_sent_event_and_the_revoke_broadcast_are_celerys(
@@ -196,6 +206,24 @@ def test_ids_are_random_version_4_uuids():
         assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
 
 
+def test_delivery_tags_are_unique_and_a_forked_child_draws_its_own():
+    # kombu keys unacked messages, and workers their leases, by the tag.
+    tags = {new_delivery_tag() for _ in range(10_000)}
+    assert len(tags) == 10_000
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: one tag back to the parent, then out at once
+        os.write(write_end, new_delivery_tag().encode())
+        os._exit(0)
+    os.close(write_end)
+    childs = os.read(read_end, 100).decode()
+    os.waitpid(child, 0)
+    os.close(read_end)
+    ours = new_delivery_tag()
+    assert childs[:24] != ours[:24]  # another random prefix, so no counter value repeats
+    assert childs not in tags
+
+
 def test_one_bad_request_in_a_batch_queues_none(redis_url: str, client):
     requests = [SubmitRequest("ask", [], "fine"), SubmitRequest("ask", [], "")]
     with pytest.raises(InvalidInput) as error:
@@ -235,9 +263,10 @@ def test_one_image_passed_instead_of_a_list_says_how_to_pass_it(
 def test_pil_images_and_binary_files_are_accepted(redis_url: str, client, images):
     from PIL import Image
 
-    with Image.open(images / "small_400x300.jpg") as picture, (
-        images / "small_400x300.jpg"
-    ).open("rb") as file:
+    with (
+        Image.open(images / "small_400x300.jpg") as picture,
+        (images / "small_400x300.jpg").open("rb") as file,
+    ):
         handles = [client.submit("describe", [picture]), client.submit("describe", [file])]
     messages = queued(redis_url, "nobody")
     assert len(messages) == len(handles) == 2
@@ -288,9 +317,9 @@ def test_each_priority_is_pushed_onto_its_own_list(redis_url: str, client):
     # message handed back by a worker returns there: kombu restores by routing key)
     for priority, queue in LISTS.items():
         ids = [m["headers"]["id"] for m in queued(redis_url, queue)]
-        expected = [default.id, handles[priority].id] if priority == "normal" else [
-            handles[priority].id
-        ]
+        expected = (
+            [default.id, handles[priority].id] if priority == "normal" else [handles[priority].id]
+        )
         assert ids == expected, priority
         for message in queued(redis_url, queue):
             assert message["properties"]["delivery_info"]["routing_key"] == queue
@@ -299,11 +328,14 @@ def test_each_priority_is_pushed_onto_its_own_list(redis_url: str, client):
 
 def test_submit_many_routes_each_request_by_its_priority(redis_url: str, client):
     published = Published(redis_url)
-    requests = [SubmitRequest("ask", [], f"Say {i}.", priority=p)
-                for i, p in enumerate(["low", "high", None, Priority.LOW])]
+    requests = [
+        SubmitRequest("ask", [], f"Say {i}.", priority=p)
+        for i, p in enumerate(["low", "high", None, Priority.LOW])
+    ]
     handles = client.submit_many(requests)
     assert [m["headers"]["id"] for m in reversed(queued(redis_url, "nobody.low"))] == [
-        handles[0].id, handles[3].id
+        handles[0].id,
+        handles[3].id,
     ]
     assert [m["headers"]["id"] for m in queued(redis_url, "nobody.high")] == [handles[1].id]
     assert [m["headers"]["id"] for m in queued(redis_url, "nobody")] == [handles[2].id]
@@ -311,8 +343,12 @@ def test_submit_many_routes_each_request_by_its_priority(redis_url: str, client)
     [(channel, message)] = published.collect(1)
     assert channel == "/0.celeryev/task.sent"
     events = {event["uuid"]: event["queue"] for event in body(message)}
-    assert events == {handles[0].id: "nobody.low", handles[1].id: "nobody.high",
-                      handles[2].id: "nobody", handles[3].id: "nobody.low"}
+    assert events == {
+        handles[0].id: "nobody.low",
+        handles[1].id: "nobody.high",
+        handles[2].id: "nobody",
+        handles[3].id: "nobody.low",
+    }
 
 
 @pytest.mark.parametrize("priority", ["urgent", "HIGH", "", 1, ["high"]])
