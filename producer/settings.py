@@ -9,20 +9,17 @@ object is printed or logged.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
-from producer.addresses import allowlist_entry
 from producer.contract import TaskName
-from producer.redis_urls import mask_url, normalize_redis_url, redis_url_problems
-from producer.sentinel import is_sentinel_url
+from producer.redis_urls import mask_url, normalize_redis_url
+from producer.setting_checks import settings_problems
 from producer.setting_values import (
     DEFAULT_TOKEN_CAPS,
     allowlist,
-    is_bind_address,
     key_digest,
     parse_bool,
     parse_caps,
@@ -36,8 +33,6 @@ class SettingsError(ValueError):
 
 def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
-
-
 
 
 @dataclass(frozen=True)
@@ -218,6 +213,13 @@ class Settings:
         "after as long again the worker hands the message back and exits (code 4).",
     )
     log_level: str = _setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.")
+    remote_control: str = _setting(
+        "VQ_REMOTE_CONTROL",
+        "restricted",
+        "Celery remote-control commands a worker answers: `restricted` (inspection, cancel "
+        "and Flower's event switch; shutdown, pool and consumer changes are refused) or "
+        "`full` (every Celery command, Flower's buttons included). docs/security.md.",
+    )
     # Webhooks (sent by workers)
     webhook_secret: str = _setting(
         "VQ_WEBHOOK_SECRET",
@@ -349,99 +351,9 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        problems: list[str] = []
-        for name in ("redis_url", "broker_url", "result_backend_url"):
-            url = getattr(self, name)
-            if url:
-                problems.extend(redis_url_problems(_env_name(name), url))
-        problems.extend(self._sentinel_problems())
-        for name in ("allowed_private_hosts", "webhook_allowed_private_hosts"):
-            for item in split_list(getattr(self, name), lower=True):
-                try:
-                    allowlist_entry(item)
-                except ValueError as exc:
-                    problems.append(f"{_env_name(name)}: {exc}")
-        if self.visibility_timeout_s <= self.task_time_limit_s:
-            problems.append(
-                "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
-                "task would be delivered to a second worker"
-            )
-        for name in (
-            "task_time_limit_s",
-            "result_expires_s",
-            "max_image_bytes",
-            "max_image_pixels",
-            "max_images",
-            "max_prompt_chars",
-            "max_deliveries",
-            "connect_timeout_s",
-            "fetch_timeout_s",
-            "heartbeat_interval_s",
-            "restore_interval_s",
-            "stuck_task_grace_s",
-            "max_conversation_chars",
-            "webhook_max_attempts",
-            "webhook_timeout_s",
-            "gateway_max_body_bytes",
-            "gateway_wait_timeout_s",
-            "lease_ttl_s",
-            "priority_max_skips",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{_env_name(name)} must be positive")
-        for name in (
-            "max_retries",
-            "fetch_max_redirects",
-            "metrics_port",
-            "default_num_crops",
-            "max_batch",
-            "kv_cache_positions",
-            "prefill_chunk_tokens",
-            "webhook_backoff_s",
-            "gateway_requests_per_minute",
-            "gateway_request_burst",
-            "gateway_max_tasks_per_key",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{_env_name(name)} must not be negative")
-        if self.metrics_port > 65535:
-            problems.append("VQ_METRICS_PORT must be at most 65535")
-        if not is_bind_address(self.metrics_address):
-            problems.append("VQ_METRICS_ADDRESS must be an IP address or a host name")
-        if self.lease_ttl_s < 2 * self.heartbeat_interval_s:
-            problems.append(
-                "VQ_LEASE_TTL_S must be at least twice VQ_HEARTBEAT_INTERVAL_S, or a late "
-                "heartbeat would lose a healthy worker's lease"
-            )
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.queue):
-            problems.append("VQ_QUEUE must be a plain name")
-        try:
-            parse_caps(self.max_new_tokens_caps)
-        except ValueError as exc:
-            problems.append(f"VQ_MAX_NEW_TOKENS_CAPS: {exc}")
-        try:
-            self.api_key_digests  # noqa: B018 (validates every entry)
-        except ValueError as exc:
-            problems.append(f"VQ_API_KEYS: {exc}")
+        problems = settings_problems(self)
         if problems:
             raise SettingsError("; ".join(problems))
-
-    def _sentinel_problems(self) -> list[str]:
-        in_use = [
-            _env_name(name)
-            for name in ("redis_url", "broker_url", "result_backend_url")
-            if is_sentinel_url(getattr(self, name))
-        ]
-        if in_use and not self.redis_sentinel_master.strip():
-            return [
-                f"VQ_REDIS_SENTINEL_MASTER must name the sentinels' master: "
-                f"{', '.join(in_use)} is a sentinel:// URL"
-            ]
-        if self.redis_sentinel_master and not re.fullmatch(
-            r"[A-Za-z0-9_.:-]+", self.redis_sentinel_master
-        ):
-            return ["VQ_REDIS_SENTINEL_MASTER must be a plain name"]
-        return []
 
     def masked(self) -> dict[str, Any]:
         """Every setting by environment name, secrets masked: safe to log."""
@@ -467,10 +379,6 @@ _CONVERTERS: dict[type, Callable[[str], Any]] = {
     float: lambda raw: float(raw.strip()),
     bool: parse_bool,
 }
-
-
-def _env_name(field_name: str) -> str:
-    return str(next(f.metadata["env"] for f in fields(Settings) if f.name == field_name))
 
 
 def settings_table() -> str:

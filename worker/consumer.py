@@ -1,12 +1,14 @@
 """The worker's Celery consumer, with a door in front of Celery's task handler.
 
 `consumer_class(door)` returns a subclass of Celery's Consumer (passed to
-`app.Worker(consumer_cls=...)`, Celery's documented hook) that differs in three places:
+`app.Worker(consumer_cls=...)`, Celery's documented hook) that differs in four places:
 
 * `create_task_handler` wraps Celery's handler: every message goes to `Door.admit`
   first (rules in worker/intake.py), and only an admitted one reaches Celery's strategy;
 * `on_decode_error` (kombu could not read a message at all) refuses like the door does,
   instead of Celery's critical log line that prints up to 1 KB of the body;
+* the remote-control step answers through `worker.remote_control`'s door (message shape,
+  the commands answered);
 * a bootstep, run on every (re)start of the consumer once the task channel exists,
   installs `sanitize_brpop_reply` on the channel's Redis client and reports the start to
   the health file, so readiness can tell a restart loop from a healthy worker.
@@ -34,6 +36,7 @@ from kombu.exceptions import OperationalError
 from producer.settings import Settings
 from worker.dead_letters import dead_letter_entry, push_dead_letter, store_refusal_failure
 from worker.intake import ETA_SLACK_S, Refusal, check_message, sanitize_brpop_reply
+from worker.remote_control import GuardedControl
 
 if TYPE_CHECKING:
     from worker.health import HealthReporter
@@ -136,11 +139,20 @@ class _DoorStep(bootsteps.StartStopStep):
         parent.door.on_consumer_started(parent)
 
 
+_CELERY_CONTROL_STEP = "celery.worker.consumer.control:Control"
+
+
 class GuardedConsumer(Consumer):
     door: Door
 
     class Blueprint(Consumer.Blueprint):
-        default_steps: ClassVar[list[Any]] = [*Consumer.Blueprint.default_steps, _DoorStep]
+        default_steps: ClassVar[list[Any]] = [
+            *(
+                GuardedControl if step == _CELERY_CONTROL_STEP else step
+                for step in Consumer.Blueprint.default_steps
+            ),
+            _DoorStep,
+        ]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
         celery_handler = super().create_task_handler(*args, **kwargs)

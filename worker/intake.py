@@ -288,6 +288,17 @@ def _envelope_problem(item: Any) -> tuple[str | None, dict[str, str]]:
     return _kombu_problem(envelope, headers), identity
 
 
+def broadcast_problem(message: Any) -> str | None:
+    """Why kombu could not turn a decoded fanout message (a control broadcast, an event)
+    into a message object, as `sanitize_brpop_reply` asks of a queue item; None if it can."""
+    if not isinstance(message, dict):
+        return "the queue item is not a JSON object"
+    try:
+        return _kombu_problem(message, message.get("headers"))
+    except Exception as exc:  # a rule tripping over input: refuse, never crash
+        return f"checking it failed ({type(exc).__name__})"
+
+
 def _kombu_problem(envelope: dict[str, Any], headers: Any) -> str | None:
     properties = envelope.get("properties")
     if not isinstance(properties, dict):

@@ -46,6 +46,7 @@ from redis.retry import Retry
 from producer.contract import LEASE_KEY, LEASED_KEY
 from producer.sentinel import is_sentinel_url
 from worker.priorities import PriorityChannel, PrioritySentinelChannel
+from worker.remote_control import BroadcastsChecked
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -312,8 +313,27 @@ class LeasedQoS(kombu_redis.QoS):
         return restored[0] if restored else None
 
 
-class LeasedChannel(PriorityChannel):
-    """Leases, and the priorities' order of lists (worker/priorities.py)."""
+class _LoopConnectionsFailLoudly:
+    """The event loop's connections (BRPOP, the fanout subscription) report a broken
+    connection to kombu, which then restarts the consumer on a new connection.
+
+    With redis-py's own retries a dropped subscription was reconnected inside kombu's
+    read, off kombu's poller, and the read then blocked the event loop until a message
+    came, which never did: the worker took nothing more and acked nothing (seen after a
+    planned Sentinel failover, whose sentinels CLIENT KILL the demoted master's clients,
+    and after a plain Redis restart).
+    """
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[misc]
+        if asynchronous:
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
+
+
+class LeasedChannel(BroadcastsChecked, _LoopConnectionsFailLoudly, PriorityChannel):
+    """Leases, the priorities' order of lists (worker/priorities.py), and broadcasts
+    checked before kombu reads them (worker/remote_control.py)."""
 
     QoS = LeasedQoS
 
@@ -324,22 +344,11 @@ class LeasedTransport(kombu_redis.Transport):
     Channel = LeasedChannel
 
 
-class LeasedSentinelChannel(PrioritySentinelChannel):
+class LeasedSentinelChannel(BroadcastsChecked, _LoopConnectionsFailLoudly, PrioritySentinelChannel):
     """kombu's Sentinel channel (the master found through the sentinels), with leases and
-    the priorities' order."""
+    the priorities' order; kombu reconnects through the sentinels."""
 
     QoS = LeasedQoS
-
-    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        params: dict[str, Any] = super()._connparams(asynchronous)
-        if asynchronous:
-            # The event loop's connections (BRPOP, the fanout subscription) report a broken
-            # connection to kombu, which reconnects through the sentinels. With redis-py's
-            # own retries, a subscription dropped by a planned failover (the sentinels
-            # CLIENT KILL the demoted master's clients) was reconnected inside the read,
-            # which then blocked the event loop: the worker consumed nothing more.
-            params["retry"] = Retry(NoBackoff(), 0)
-        return params
 
 
 class LeasedSentinelTransport(kombu_redis.SentinelTransport):

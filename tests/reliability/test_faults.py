@@ -21,12 +21,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from support.http_server import HOOK_HOST
 from support.redis_server import RedisServer
 from support.webhook_receiver import WebhookReceiver
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client, TaskHandle
+from producer.celery_config import make_celery_app
 from producer.errors import WaitTimeout
 from producer.presence import live_workers
 from producer.settings import Settings
@@ -244,9 +246,7 @@ def test_a_webhook_in_flight_when_its_worker_dies_is_delivered_by_another_worker
         # Given a receiver that holds the first delivery open, and the worker that sent it
         receiver.hold = held = threading.Event()
         first = WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY, **hooks).start()
-        handle = client.submit(
-            "ask", [], "Say hi.", max_new_tokens=1, callback_url=receiver.url()
-        )
+        handle = client.submit("ask", [], "Say hi.", max_new_tokens=1, callback_url=receiver.url())
         receiver.wait_for(1)
         # When that worker is killed mid-delivery
         first.signal(signal.SIGKILL)
@@ -287,6 +287,41 @@ def test_redis_restart_with_100_queued_tasks_loses_none(
         f"\nreliability: redis restart with 100 queued: 100/100 in {time.monotonic() - began:.1f}s"
     )
     assert successes([worker], [h.id for h in handles]).total() >= 100
+
+
+@pytest.mark.parametrize("kind", ["pubsub", "normal"])
+def test_connections_redis_closes_are_reopened_and_the_worker_serves_on(
+    kind: str, redis_url: str, fast_client: Client, tmp_path: Path, images: Path
+):
+    # A restart, a failover, a CLIENT KILL or a proxy dropping idle connections: the
+    # worker's event loop must notice and reconnect, never sit on a dead subscription.
+    image = (images / "small_400x300.jpg").read_bytes()
+    admin = redis.Redis.from_url(redis_url)
+    with WorkerProcess(redis_url, tmp_path, **SHIPPED_DELIVERY) as worker:
+        for _ in range(2):
+            answers_broadcasts(fast_client.settings, worker)
+            assert admin.client_kill_filter(_type=kind, skipme=True) >= 1
+            handle = fast_client.submit("describe", [image], max_new_tokens=1)
+            result = fast_client.result(handle.id, wait=True, timeout=120)
+            assert result["state"] == "SUCCESS", worker.log()[-3000:]
+        answers_broadcasts(fast_client.settings, worker)
+
+
+def answers_broadcasts(settings: Settings, worker: WorkerProcess, timeout_s: float = 120) -> None:
+    """Wait until the worker answers a ping: subscribed (again) to control broadcasts.
+    Pinged again and again, since one sent while it resubscribes reaches no one."""
+    app = make_celery_app(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if app.control.ping([worker.name], timeout=1.0, limit=1):
+                    return
+            except redis.ConnectionError:
+                pass  # a pooled connection of the test's own that the kill closed
+    finally:
+        app.close()
+    raise AssertionError(f"{worker.name} answers no broadcast:\n{worker.log()[-3000:]}")
 
 
 def test_a_burst_of_1000_tasks_on_2_workers_gives_1000_results(
