@@ -68,11 +68,53 @@ INSPECT_COMMANDS = frozenset(
 # What the system itself sends: cancels, and Flower keeping task events on.
 CONTROL_COMMANDS = frozenset({"revoke", "enable_events", "heartbeat"})
 
-_BODY_FIELDS = frozenset(
-    {"method", "arguments", "destination", "pattern", "matcher", "reply_to", "ticket"}
-)
 _MAX_TEXT = 256
 _MAX_DESTINATIONS = 1000
+
+
+def _is_keywords(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and key.isidentifier() and key != "state" for key in value
+    )
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= _MAX_TEXT
+
+
+def _is_destination(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= _MAX_DESTINATIONS
+        and all(_is_text(name) for name in value)
+    )
+
+
+def _is_reply_to(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_text(value.get("exchange"))
+        and _is_text(value.get("routing_key"))
+    )
+
+
+# The optional fields of a broadcast: (valid when set, why not).
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "arguments": (_is_keywords, "the control command's arguments are not an object of names"),
+    "destination": (
+        _is_destination,
+        "the control message's destination is not a list of worker names",
+    ),
+    # `pcre` runs the pattern as a regular expression on the event loop: it could hang it.
+    "matcher": (lambda value: value == "glob", "the control message's matcher is not glob"),
+    "pattern": (_is_text, "the control message's pattern is not a short string"),
+    "reply_to": (
+        _is_reply_to,
+        "the control message's reply_to is not an exchange and routing key",
+    ),
+    "ticket": (_is_text, "the control message's ticket is not a short string"),
+}
+_BODY_FIELDS = frozenset({"method", *_FIELD_RULES})
 
 
 def check_control_message(body: Any, headers: Any, commands: Mapping[str, Handler]) -> str | None:
@@ -84,32 +126,10 @@ def check_control_message(body: Any, headers: Any, commands: Mapping[str, Handle
     method = body.get("method")
     if not isinstance(method, str) or method not in commands:
         return "the control message names no known command"
-    arguments = body.get("arguments")
-    if arguments is not None and not _is_keywords(arguments):
-        return "the control command's arguments are not an object of names"
-    destination = body.get("destination")
-    if destination is not None and not (
-        isinstance(destination, list)
-        and len(destination) <= _MAX_DESTINATIONS
-        and all(_is_text(name) for name in destination)
-    ):
-        return "the control message's destination is not a list of worker names"
-    matcher = body.get("matcher")
-    if matcher not in (None, "glob"):
-        return "the control message's matcher is not glob"  # pcre: a pattern could hang us
-    pattern = body.get("pattern")
-    if pattern is not None and not _is_text(pattern):
-        return "the control message's pattern is not a short string"
-    reply_to = body.get("reply_to")
-    if reply_to is not None and not (
-        isinstance(reply_to, dict)
-        and _is_text(reply_to.get("exchange"))
-        and _is_text(reply_to.get("routing_key"))
-    ):
-        return "the control message's reply_to is not an exchange and routing key"
-    ticket = body.get("ticket")
-    if ticket is not None and not _is_text(ticket):
-        return "the control message's ticket is not a short string"
+    for name, (valid, reason) in _FIELD_RULES.items():
+        value = body.get(name)
+        if value is not None and not valid(value):
+            return reason
     if headers is not None and not isinstance(headers, dict):
         return "the control message's headers are not an object"
     clock = (headers or {}).get("clock")
@@ -158,16 +178,6 @@ def _refusing(name: str) -> Handler:
         return {"error": f"{name} is refused by this worker (VQ_REMOTE_CONTROL={RESTRICTED})"}
 
     return refuse
-
-
-def _is_keywords(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(key, str) and key.isidentifier() and key != "state" for key in value
-    )
-
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= _MAX_TEXT
 
 
 class BroadcastsChecked:

@@ -1,7 +1,7 @@
 """The remote-control door: which broadcasts kombu may dispatch, and what a worker answers.
 
 Against Celery's real command table (`celery.worker.control.Panel.data`); the worker
-processes that answer them are in tests/integration/test_remote_control.py.
+processes that answer them are in tests/integration/test_control_broadcasts.py.
 """
 
 from __future__ import annotations
