@@ -31,7 +31,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from producer.contract import CANCEL_KEY, STAGED_IMAGE_KEY, SUBMITTED_KEY, TaskName, priority_queue
+from producer.contract import (
+    CANCEL_KEY,
+    STAGED_IMAGE_KEY,
+    SUBMITTED_KEY,
+    TaskName,
+    priority_queue,
+    priority_queues,
+)
 from producer.results import TaskHandle
 from producer.schemas import ImageRef, ImageSource, TaskRequest
 from producer.settings import Settings
@@ -120,8 +127,9 @@ class Envelope:
                 "type": "task-sent",
             }
         )
-        self._quoted: dict[str, str] = {}  # queue names, JSON-encoded
-        self._quoted_tasks: dict[TaskName, str] = {}  # Celery task names, JSON-encoded
+        # JSON-encoded once: the task names, and the lists of the settings' queue.
+        self._task_names = {task: _quote(task.celery_name) for task in TaskName}
+        self._queue_names = {name: _quote(name) for name in priority_queues(self.settings.queue)}
 
     def outgoing(self, draft: Draft) -> Outgoing:
         """Everything one validated request writes."""
@@ -164,8 +172,8 @@ class Envelope:
         """Celery's message; `queue` (default: the normal list) is where a worker hands it
         back to (kombu restores by routing key)."""
         body = _json_bytes([[request], {}, _NO_EMBED])
-        name, shown, quoted_id = self._quote_task(task), _quote(argsrepr), _quote(task_id)
-        routing_key = self._quote(queue or self.settings.queue)
+        name, shown, quoted_id = self._task_names[task], _quote(argsrepr), _quote(task_id)
+        routing_key = self._queue_name(queue)
         headers = (
             f'{{"task": {name}, "id": {quoted_id}, "root_id": {quoted_id}, '
             f'"argsrepr": {shown}, {self._task_headers}}}'
@@ -181,10 +189,10 @@ class Envelope:
         self, task_id: str, task: TaskName, argsrepr: str, queue: str | None = None
     ) -> str:
         """The `task-sent` event of one task, as JSON; `events` wraps events into a message."""
-        routing_key, quoted_id = self._quote(queue or self.settings.queue), _quote(task_id)
+        routing_key, quoted_id = self._queue_name(queue), _quote(task_id)
         return (
             f'{{"uuid": {quoted_id}, "root_id": {quoted_id}, '
-            f'"name": {self._quote_task(task)}, "args": {_quote(argsrepr)}, '
+            f'"name": {self._task_names[task]}, "args": {_quote(argsrepr)}, '
             f'"queue": {routing_key}, "routing_key": {routing_key}, "pid": {os.getpid()}, '
             f'"clock": {self._tick()}, "timestamp": {time.time()!r}, {self._event_fields}}}'
         )
@@ -226,17 +234,10 @@ class Envelope:
     def control_channel(self) -> str:
         return f"/{self.db}.celery.pidbox"
 
-    def _quote(self, name: str) -> str:
-        quoted = self._quoted.get(name)
-        if quoted is None:
-            quoted = self._quoted[name] = _quote(name)
-        return quoted
-
-    def _quote_task(self, task: TaskName) -> str:
-        quoted = self._quoted_tasks.get(task)
-        if quoted is None:
-            quoted = self._quoted_tasks[task] = _quote(task.celery_name)
-        return quoted
+    def _queue_name(self, queue: str | None) -> str:
+        """`queue` (default: the normal list) as JSON."""
+        queue = queue or self.settings.queue
+        return self._queue_names.get(queue) or _quote(queue)
 
     def _tick(self) -> int:
         self._clock += 1

@@ -6,7 +6,6 @@ once, so the pidbox gets the treatment task messages get at the consumer's door:
 * a fanout message kombu could not build a message object from (headers that are not
   an object, a compressed body) is dropped at the channel (`BroadcastsChecked`): kombu
   builds it in the event loop, where the error stopped the whole worker;
-
 * the message's shape is checked before kombu reads it (`check_control_message`): kombu
   passes the body to `dispatch(**body)`, the arguments to the command as keywords, and a
   `pcre` matcher's pattern to `re` (a pattern that backtracks for minutes would stall the
@@ -33,6 +32,7 @@ from celery.worker import control
 from celery.worker.consumer.control import Control
 from celery.worker.pidbox import Pidbox
 
+from producer.setting_checks import REMOTE_CONTROL_MODES
 from worker.intake import broadcast_problem
 
 if TYPE_CHECKING:
@@ -42,9 +42,8 @@ log = logging.getLogger("vision_queue.worker")
 
 Handler = Callable[..., Any]
 
-RESTRICTED = "restricted"
-FULL = "full"
-MODES = (RESTRICTED, FULL)
+# The values of VQ_REMOTE_CONTROL (checked at start: producer/setting_checks.py).
+RESTRICTED, FULL = REMOTE_CONTROL_MODES
 
 # Read-only: what Flower's pages and `celery inspect` ask for; `hello` is the startup
 # exchange of revoked ids between workers (Celery's mingle).
@@ -174,7 +173,7 @@ def _answering(name: str, handler: Handler) -> Handler:
 
 def _refusing(name: str) -> Handler:
     def refuse(state: Any, **arguments: Any) -> Any:
-        log.warning("refused remote control command %s (VQ_REMOTE_CONTROL=restricted)", name)
+        log.warning("refused remote control command %s (VQ_REMOTE_CONTROL=%s)", name, RESTRICTED)
         return {"error": f"{name} is refused by this worker (VQ_REMOTE_CONTROL={RESTRICTED})"}
 
     return refuse

@@ -60,6 +60,7 @@ def test_a_visibility_timeout_not_above_the_time_limit_is_refused():
         ({"VQ_MAX_NEW_TOKENS_CAPS": "paint=3"}, "VQ_MAX_NEW_TOKENS_CAPS"),
         ({"VQ_MAX_IMAGE_BYTES": "0"}, "VQ_MAX_IMAGE_BYTES"),
         ({"VQ_QUEUE": "gpu queue"}, "VQ_QUEUE"),
+        ({"VQ_REMOTE_CONTROL": "everything"}, "VQ_REMOTE_CONTROL must be one of restricted"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_variable(env, named):
