@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from producer.errors import BrokerAuthenticationFailed, BrokerOutOfMemory, BrokerUnavailable
 from producer.redis_urls import mask_url
+from producer.sentinel import is_sentinel_url
 from producer.settings import Settings
 
 T = TypeVar("T")
@@ -37,6 +39,19 @@ def url_setting(settings: Settings, url: str) -> str:
 
 def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnavailable:
     where = mask_url(url)
+    if _sentinels_refused_password(exc):
+        given = "a wrong" if settings.redis_sentinel_password else "no"
+        return BrokerAuthenticationFailed(
+            f"the sentinels at {where} refused the connection (authentication failed: "
+            f"{given} VQ_REDIS_SENTINEL_PASSWORD); set it to their requirepass"
+        )
+    if _is_auth_failure(exc) and is_sentinel_url(url):
+        # A sentinel without its password and the master without its own both say NOAUTH.
+        return BrokerAuthenticationFailed(
+            f"Redis at {where} refused the connection (authentication failed: {exc}); "
+            f"check VQ_REDIS_SENTINEL_PASSWORD (the sentinels' password) and the password "
+            f"in {url_setting(settings, url)} (the master's)"
+        )
     if _is_auth_failure(exc):
         setting = url_setting(settings, url)
         if not urlsplit(url).password:
@@ -62,7 +77,7 @@ def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnav
 
 
 def is_retryable(exc: BaseException) -> bool:
-    if _is_auth_failure(exc):
+    if _is_auth_failure(exc) or _sentinels_refused_password(exc):
         return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
 
@@ -78,6 +93,12 @@ def _is_auth_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, redis.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))
+
+
+def _sentinels_refused_password(exc: BaseException) -> bool:
+    """redis-py asks each sentinel in turn and, when none answers, reports what each said
+    inside one MasterNotFoundError (an AuthenticationError is a ConnectionError to it)."""
+    return isinstance(exc, MasterNotFoundError) and "AuthenticationError" in str(exc)
 
 
 def call(settings: Settings, url: str, operation: Callable[[], T]) -> T:

@@ -19,6 +19,9 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_kwargs
 
@@ -135,7 +138,10 @@ def _sentinel_master(
 ) -> redis.Redis:
     target = parse_sentinel_url(url)
     sentinels = redis.sentinel.Sentinel(
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs(settings)
+        list(target.sentinels),
+        # Asked once each, like the master: redis-py's own retries with backoff made one
+        # refused sentinel password take 11 s instead of failing at once.
+        sentinel_kwargs={**sentinel_kwargs(settings), "retry": Retry(NoBackoff(), 0)},
     )
     pool_class = (
         redis.sentinel.SentinelConnectionPool if max_connections is None else _BlockingSentinelPool
@@ -155,7 +161,8 @@ def _async_sentinel_master(
 ) -> redis.asyncio.Redis:
     target = parse_sentinel_url(url)
     sentinels = redis.asyncio.sentinel.Sentinel(
-        list(target.sentinels), sentinel_kwargs=sentinel_kwargs(settings)
+        list(target.sentinels),
+        sentinel_kwargs={**sentinel_kwargs(settings), "retry": AsyncRetry(NoBackoff(), 0)},
     )
     pool_class = (
         redis.asyncio.sentinel.SentinelConnectionPool

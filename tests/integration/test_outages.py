@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from support.redis_server import PASSWORD, RedisServer
+from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
 from support.workers import base_env, run_cli
 
 from producer import (
@@ -173,3 +174,31 @@ def test_a_full_redis_is_reported_as_out_of_memory(full_redis: str, known_id: st
     assert done.returncode == 3
     assert "Redis is out of memory" in done.stderr
     assert "0x" not in done.stderr  # no object addresses, no bytes
+
+
+@pytest.mark.parametrize(
+    ("sentinel_password", "says"),
+    [
+        ("not-the-sentinel-password", "a wrong VQ_REDIS_SENTINEL_PASSWORD"),
+        ("", "no VQ_REDIS_SENTINEL_PASSWORD"),
+    ],
+)
+def test_a_refused_sentinel_password_is_named_not_reported_unreachable(
+    sentinel_cluster: SentinelCluster, sentinel_password: str, says: str
+):
+    settings = Settings.from_env(
+        {},
+        redis_url=sentinel_cluster.url,
+        redis_sentinel_master=MASTER_NAME,
+        redis_sentinel_password=sentinel_password,
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+    )
+    began = time.monotonic()
+    with Client(settings) as client, pytest.raises(BrokerAuthenticationFailed) as caught:
+        client.submit("ask", [], "Hello")
+    assert time.monotonic() - began < BOUND_S
+    message = str(caught.value)
+    assert message.startswith("the sentinels at sentinel://:****@127.0.0.1:")
+    assert says in message and "unreachable" not in message
+    assert SENTINEL_PASSWORD not in message and PASSWORD not in message
+    assert sentinel_password not in message or not sentinel_password
