@@ -45,15 +45,15 @@ def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnav
             f"the sentinels at {where} refused the connection (authentication failed: "
             f"{given} VQ_REDIS_SENTINEL_PASSWORD); set it to their requirepass"
         )
-    if _is_auth_failure(exc) and is_sentinel_url(url):
-        # A sentinel without its password and the master without its own both say NOAUTH.
-        return BrokerAuthenticationFailed(
-            f"Redis at {where} refused the connection (authentication failed: {exc}); "
-            f"check VQ_REDIS_SENTINEL_PASSWORD (the sentinels' password) and the password "
-            f"in {url_setting(settings, url)} (the master's)"
-        )
     if _is_auth_failure(exc):
         setting = url_setting(settings, url)
+        if is_sentinel_url(url):
+            # A sentinel without its password and the master without its own both say NOAUTH.
+            return BrokerAuthenticationFailed(
+                f"Redis at {where} refused the connection (authentication failed: {exc}); "
+                f"check VQ_REDIS_SENTINEL_PASSWORD (the sentinels' password) and the "
+                f"password in {setting} (the master's)"
+            )
         if not urlsplit(url).password:
             return BrokerAuthenticationFailed(
                 f"Redis at {where} requires a password (authentication failed: no password "

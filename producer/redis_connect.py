@@ -19,9 +19,6 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from producer.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_kwargs
 
@@ -127,6 +124,16 @@ class _AsyncBlockingSentinelPool(
     """The asyncio twin of `_BlockingSentinelPool`."""
 
 
+def _sentinel_options(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    """The sentinels' own connections: their password and timeouts, and the caller's retry
+    policy. A client that bounds its calls itself (producer/outages.py) turns redis-py's
+    retries off; left on for the sentinels, they made one refused password take 11 s."""
+    kwargs = sentinel_kwargs(settings)
+    if "retry" in options:
+        kwargs["retry"] = options["retry"]
+    return kwargs
+
+
 def _pool_options(settings: Settings, max_connections: int | None) -> dict[str, Any]:
     if max_connections is None:
         return {}
@@ -138,10 +145,7 @@ def _sentinel_master(
 ) -> redis.Redis:
     target = parse_sentinel_url(url)
     sentinels = redis.sentinel.Sentinel(
-        list(target.sentinels),
-        # Asked once each, like the master: redis-py's own retries with backoff made one
-        # refused sentinel password take 11 s instead of failing at once.
-        sentinel_kwargs={**sentinel_kwargs(settings), "retry": Retry(NoBackoff(), 0)},
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(settings, options)
     )
     pool_class = (
         redis.sentinel.SentinelConnectionPool if max_connections is None else _BlockingSentinelPool
@@ -161,8 +165,7 @@ def _async_sentinel_master(
 ) -> redis.asyncio.Redis:
     target = parse_sentinel_url(url)
     sentinels = redis.asyncio.sentinel.Sentinel(
-        list(target.sentinels),
-        sentinel_kwargs={**sentinel_kwargs(settings), "retry": AsyncRetry(NoBackoff(), 0)},
+        list(target.sentinels), sentinel_kwargs=_sentinel_options(settings, options)
     )
     pool_class = (
         redis.asyncio.sentinel.SentinelConnectionPool
