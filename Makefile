@@ -19,7 +19,7 @@ demo: setup
 test: setup lint typecheck pytest
 
 lint:
-	$(VENV)/bin/ruff check producer worker tests benchmarks scripts
+	$(VENV)/bin/ruff check producer vision_queue worker tests benchmarks scripts
 
 typecheck:
 	$(VENV)/bin/mypy

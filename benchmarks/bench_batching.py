@@ -49,7 +49,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from worker.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from worker.inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 
 TINY = ROOT / "tests" / "data" / "phi3v-reference" / "model"
 IMAGES = TINY.parent / "images"
@@ -205,7 +205,7 @@ def bench_queue(args: argparse.Namespace) -> list[Level]:
     from support.workers import WorkerProcess
 
     from producer.client import Client
-    from producer.settings import Settings
+    from vision_queue.settings import Settings
 
     names = sorted(p.name for p in IMAGES.iterdir())
     levels = []
@@ -262,7 +262,12 @@ def report(mode: str, level: Level, first: Level) -> None:
 def random_engine(args: argparse.Namespace, max_batch: int) -> Engine:
     """A config (full size by default) with random weights on `--device` (first GPU)."""
     from benchmarks.bench_engine import CONFIGS, TOKENIZER_DIR, random_model
-    from worker.engine_setup import build_batching, choose_attention, resolve_device, resolve_dtype
+    from worker.inference.engine_setup import (
+        build_batching,
+        choose_attention,
+        resolve_device,
+        resolve_dtype,
+    )
     from worker.model.config import Phi3VConfig
     from worker.model.processor import Phi3VProcessor
 

@@ -12,7 +12,7 @@ its collector pause and `os._exit` ("after-gc"): `infer_main` called then a norm
 and `worker run` with the pause switched off.
 
 Measured per run, medians reported:
-- `import worker.engine`: the model stack's import alone (what a cold process pays first);
+- `import worker.inference.engine`: the model stack's import alone (what a cold process pays first);
 - `worker infer`: `python -m worker.infer_cli --task describe --image ... --device cpu
   --json` on the small checkpoint, wall time of the whole process and its CPU time
   (user + sys);
@@ -104,7 +104,7 @@ class Contender:
 
 
 def import_engine(who: Contender, threads: int) -> tuple[float, float]:
-    argv = [sys.executable, "-c", "import worker.engine"]
+    argv = [sys.executable, "-c", "import worker.inference.engine"]
     return run_once(argv, who.tree, tree_env(who.tree, threads))
 
 
@@ -214,7 +214,7 @@ def main() -> int:
         contenders.append(Contender("after", ROOT))
         threads = args.threads
         results: dict[str, dict[str, Sample]] = {}
-        results["import worker.engine"] = alternate(
+        results["import worker.inference.engine"] = alternate(
             contenders, args.runs, lambda who: import_engine(who, threads)
         )
         results["worker infer (one describe, 512 tokens)"] = alternate(

@@ -42,8 +42,8 @@ from PIL import Image
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 from benchmarks.inputs import test_jpeg  # noqa: E402
-from producer.images import decode_image  # noqa: E402
-from worker.engine_setup import choose_attention, resolve_device, resolve_dtype  # noqa: E402
+from vision_queue.images import decode_image  # noqa: E402
+from worker.inference.engine_setup import choose_attention, resolve_device, resolve_dtype  # noqa: E402
 from worker.model.attention import varlen_available  # noqa: E402
 from worker.model.config import Phi3VConfig  # noqa: E402
 from worker.model.kvcache import DynamicKVCache, KVPool  # noqa: E402

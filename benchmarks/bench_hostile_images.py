@@ -3,7 +3,7 @@
 Each case is a ~20 MB file (the default VQ_MAX_IMAGE_BYTES) built to make a parser walk a
 long structure: fill bytes and empty segments in a JPEG, millions of chunks in a PNG,
 1-byte sub-blocks in a GIF, a huge tag array in a TIFF, and files sitting just under each
-cap of `producer.image_bounds`. Every case runs in a fresh child process, which reports
+cap of `vision_queue.image_bounds`. Every case runs in a fresh child process, which reports
 the wall time of `inspect_image` (producer) and `decode_image` (worker) and how much its
 peak RSS grew, so one case's memory never hides another's.
 
@@ -151,9 +151,9 @@ CASES: dict[str, Callable[[], bytes]] = {
 
 def _measure(name: str, side: str, bounds: bool) -> dict[str, object]:
     """Runs in the child: build the case, then time one side and its peak RSS growth."""
-    from producer import image_bounds, images
-    from producer.errors import VisionQueueError
-    from producer.images import ImageLimits, decode_image, inspect_image
+    from vision_queue import image_bounds, images
+    from vision_queue.errors import VisionQueueError
+    from vision_queue.images import ImageLimits, decode_image, inspect_image
 
     if not bounds:  # what Pillow alone costs: the figures before image_bounds existed
         images.check_structure = lambda data, fmt: None  # type: ignore[assignment]

@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT)]
 
 from benchmarks.inputs import test_jpeg  # noqa: E402
 from benchmarks.original_preprocess import preprocess as original_preprocess  # noqa: E402
-from producer.images import decode_image  # noqa: E402
+from vision_queue.images import decode_image  # noqa: E402
 from worker.model.processor import crops_of, hd_transform  # noqa: E402
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)

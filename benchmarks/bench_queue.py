@@ -40,8 +40,8 @@ from support.redis_server import RedisServer  # noqa: E402
 from support.workers import WorkerProcess, base_env  # noqa: E402
 
 from producer import Client, SubmitRequest  # noqa: E402
-from producer.celery_config import make_celery_app  # noqa: E402
-from producer.settings import Settings  # noqa: E402
+from vision_queue.celery_config import make_celery_app  # noqa: E402
+from vision_queue.settings import Settings  # noqa: E402
 
 
 def median_ms(values: list[float]) -> float:

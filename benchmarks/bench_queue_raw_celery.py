@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from producer.celery_config import make_celery_app
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.settings import Settings
 
 QUEUE = "bench-raw"
 TASK = "bench.noop"

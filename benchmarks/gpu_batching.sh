@@ -20,7 +20,7 @@ compile_flag=--compile
 [ "${COMPILE:-1}" = 0 ] && compile_flag=--no-compile
 status=0
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/test_engine.py -rA \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/inference/test_engine.py -rA \
     | tee "$OUT/gpu-tests.txt" || status=1
   "$PY" benchmarks/bench_engine.py --config small --device cpu --batch-sizes 1,4 \
     --decode-tokens 8 --repeats 1 --skip-preprocess --json "$OUT/engine.json" || status=1
@@ -28,7 +28,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     --tasks 4 --new-tokens 8 --no-compile --json "$OUT/batching.json" || status=1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/test_engine.py -rA \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/inference/test_engine.py -rA \
     | tee "$OUT/gpu-tests.txt" || status=1
   "$PY" benchmarks/bench_engine.py --batch-sizes 1,4,8,16 --decode-tokens 64 \
     "$compile_flag" --json "$OUT/engine.json" || status=1

@@ -10,7 +10,7 @@
             print(text, end="")
 
 No torch or transformers here. Names are imported on first use (PEP 562), so the worker's
-engine can use the contract modules (`producer.errors`, `producer.contract`...) without
+engine can use the contract modules (`vision_queue.errors`, `vision_queue.protocol`...) without
 pulling Celery and redis into processes that never touch the queue.
 """
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from producer.async_client import AsyncClient
     from producer.client import Client
-    from producer.contract import Priority, TaskName
-    from producer.errors import (
+    from producer.submission import SubmitRequest
+    from vision_queue.errors import (
         BrokerAuthenticationFailed,
         BrokerOutOfMemory,
         BrokerUnavailable,
@@ -34,37 +34,37 @@ if TYPE_CHECKING:
         VisionQueueError,
         WaitTimeout,
     )
-    from producer.results import Result, ResultError, TaskHandle, TaskStatus
-    from producer.schemas import ImageRef, ImageSource
-    from producer.settings import Settings, SettingsError
-    from producer.streams import StreamEvent
-    from producer.submission import SubmitRequest
+    from vision_queue.protocol import Priority, TaskName
+    from vision_queue.results import Result, ResultError, TaskHandle, TaskStatus
+    from vision_queue.schemas import ImageRef, ImageSource
+    from vision_queue.settings import Settings, SettingsError
+    from vision_queue.streams import StreamEvent
 
 # Public name -> the module that defines it.
 _EXPORTS = {
     "AsyncClient": "producer.async_client",
-    "BrokerAuthenticationFailed": "producer.errors",
-    "BrokerOutOfMemory": "producer.errors",
-    "BrokerUnavailable": "producer.errors",
+    "BrokerAuthenticationFailed": "vision_queue.errors",
+    "BrokerOutOfMemory": "vision_queue.errors",
+    "BrokerUnavailable": "vision_queue.errors",
     "Client": "producer.client",
-    "ClientError": "producer.errors",
-    "ErrorCode": "producer.errors",
-    "ImageRef": "producer.schemas",
-    "ImageSource": "producer.schemas",
-    "Priority": "producer.contract",
-    "Result": "producer.results",
-    "ResultError": "producer.results",
-    "Settings": "producer.settings",
-    "SettingsError": "producer.settings",
-    "StreamEvent": "producer.streams",
+    "ClientError": "vision_queue.errors",
+    "ErrorCode": "vision_queue.errors",
+    "ImageRef": "vision_queue.schemas",
+    "ImageSource": "vision_queue.schemas",
+    "Priority": "vision_queue.protocol",
+    "Result": "vision_queue.results",
+    "ResultError": "vision_queue.results",
+    "Settings": "vision_queue.settings",
+    "SettingsError": "vision_queue.settings",
+    "StreamEvent": "vision_queue.streams",
     "SubmitRequest": "producer.submission",
-    "TaskFailed": "producer.errors",
-    "TaskHandle": "producer.results",
-    "TaskName": "producer.contract",
-    "TaskStatus": "producer.results",
-    "UnknownTaskId": "producer.errors",
-    "VisionQueueError": "producer.errors",
-    "WaitTimeout": "producer.errors",
+    "TaskFailed": "vision_queue.errors",
+    "TaskHandle": "vision_queue.results",
+    "TaskName": "vision_queue.protocol",
+    "TaskStatus": "vision_queue.results",
+    "UnknownTaskId": "vision_queue.errors",
+    "VisionQueueError": "vision_queue.errors",
+    "WaitTimeout": "vision_queue.errors",
 }
 
 __all__ = [

@@ -21,7 +21,6 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import redis.asyncio
 
-from producer.contract import SUBMITTED_KEY, Priority, TaskName
 from producer.envelope import (
     Envelope,
     Outgoing,
@@ -30,12 +29,21 @@ from producer.envelope import (
     database_number,
     queue_commands,
 )
-from producer.errors import WaitTimeout
-from producer.images import ImageLimits
-from producer.outages import acall, async_client_options
-from producer.presence import live_workers_async
-from producer.redis_connect import async_redis_client
-from producer.results import (
+from producer.submission import (
+    Draft,
+    ImageInput,
+    SubmitRequest,
+    image_list,
+    prepare,
+)
+from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
+from vision_queue.errors import WaitTimeout
+from vision_queue.images import ImageLimits
+from vision_queue.outages import acall, async_client_options
+from vision_queue.presence import live_workers_async
+from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
+from vision_queue.redis_connect import async_redis_client
+from vision_queue.results import (
     Result,
     TaskHandle,
     TaskStatus,
@@ -48,17 +56,15 @@ from producer.results import (
     result_key,
     status_of,
 )
-from producer.schemas import ChatMessage
-from producer.settings import Settings
-from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
-from producer.submission import (
-    Draft,
-    ImageInput,
-    SubmitRequest,
-    image_list,
-    prepare,
+from vision_queue.schemas import ChatMessage
+from vision_queue.settings import Settings
+from vision_queue.streams import (
+    FETCH_COUNT,
+    StreamEvent,
+    StreamFollower,
+    raise_if_failed,
+    stream_key,
 )
-from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 
 T = TypeVar("T")
 

@@ -15,10 +15,9 @@ from producer.cli_output import (
     tasks_help,
     warn,
 )
-from producer.cli_support import CtrlC, add_version_option, quiet_pipe
 from producer.client import Client
-from producer.contract import Priority, TaskName
-from producer.errors import (
+from vision_queue.cli_support import CtrlC, add_version_option, quiet_pipe
+from vision_queue.errors import (
     BrokerAuthenticationFailed,
     BrokerUnavailable,
     InvalidInput,
@@ -27,8 +26,9 @@ from producer.errors import (
     VisionQueueError,
     WaitTimeout,
 )
-from producer.results import Result, ResultError
-from producer.settings import SettingsError
+from vision_queue.protocol import Priority, TaskName
+from vision_queue.results import Result, ResultError
+from vision_queue.settings import SettingsError
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1

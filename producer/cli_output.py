@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from producer.contract import TASK_SPECS, TaskName
-from producer.results import Result, TaskStatus
-from producer.settings import Settings, SettingsError
+from vision_queue.protocol import TASK_SPECS, TaskName
+from vision_queue.results import Result, TaskStatus
+from vision_queue.settings import Settings, SettingsError
 
 # While a task stays queued, how often a wait looks again for a live worker on its queue.
 WORKER_RECHECK_S = 10.0

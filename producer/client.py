@@ -2,9 +2,9 @@
 
 `Client` is the blocking twin of `producer.AsyncClient`; both share validation, image
 checks and staging (`producer.submission`), message building (`producer.envelope`), state decoding
-(`producer.results`) and stream following (`producer.streams`), and differ only in I/O.
+(`vision_queue.results`) and stream following (`vision_queue.streams`), and differ only in I/O.
 Waits are pushed, not polled (`producer.waiting`). Every operation gives up within about
-VQ_CONNECT_TIMEOUT_S when Redis is down or refuses the password (`producer.outages`).
+VQ_CONNECT_TIMEOUT_S when Redis is down or refuses the password (`vision_queue.outages`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import redis
 
-from producer.contract import SUBMITTED_KEY, Priority, TaskName
 from producer.envelope import (
     Envelope,
     Outgoing,
@@ -26,12 +25,20 @@ from producer.envelope import (
     database_number,
     queue_commands,
 )
-from producer.errors import WaitTimeout
-from producer.images import ImageLimits
-from producer.outages import async_client_options, call, client_options
-from producer.presence import live_workers
-from producer.redis_connect import async_redis_client, redis_client
-from producer.results import (
+from producer.submission import (
+    ImageInput,
+    SubmitRequest,
+    image_list,
+    prepare,
+)
+from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
+from vision_queue.errors import WaitTimeout
+from vision_queue.images import ImageLimits
+from vision_queue.outages import async_client_options, call, client_options
+from vision_queue.presence import live_workers
+from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
+from vision_queue.redis_connect import async_redis_client, redis_client
+from vision_queue.results import (
     Result,
     TaskHandle,
     TaskStatus,
@@ -44,16 +51,15 @@ from producer.results import (
     result_key,
     status_of,
 )
-from producer.schemas import ChatMessage
-from producer.settings import Settings
-from producer.streams import FETCH_COUNT, StreamEvent, StreamFollower, raise_if_failed, stream_key
-from producer.submission import (
-    ImageInput,
-    SubmitRequest,
-    image_list,
-    prepare,
+from vision_queue.schemas import ChatMessage
+from vision_queue.settings import Settings
+from vision_queue.streams import (
+    FETCH_COUNT,
+    StreamEvent,
+    StreamFollower,
+    raise_if_failed,
+    stream_key,
 )
-from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 
 __all__ = ["Client", "ImageInput", "SubmitRequest", "TaskHandle", "TaskStatus"]
 

@@ -3,7 +3,7 @@
 The task message is the one Celery's `send_task` writes (protocol 2, JSON, utf-8, no
 compression), in the list layout of kombu's Redis transport: a JSON object whose `body` is
 the base64 of `[args, kwargs, embed]`, pushed with LPUSH onto the list of the task's priority
-(`producer.contract.priority_queue`: `<queue>.high`, `<queue>`, `<queue>.low`; kombu's
+(`vision_queue.protocol.priority_queue`: `<queue>.high`, `<queue>`, `<queue>.low`; kombu's
 own message priority stays 0). `tests/producer/test_submission.py` checks it field by field
 against what Celery itself writes, so workers (and their door checks) cannot tell the two
 apart.
@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from producer.contract import (
+from producer.submission import Draft
+from vision_queue.protocol import (
     CANCEL_KEY,
     STAGED_IMAGE_KEY,
     SUBMITTED_KEY,
@@ -39,10 +40,9 @@ from producer.contract import (
     priority_queue,
     priority_queues,
 )
-from producer.results import TaskHandle
-from producer.schemas import ImageRef, ImageSource, TaskRequest
-from producer.settings import Settings
-from producer.submission import Draft
+from vision_queue.results import TaskHandle
+from vision_queue.schemas import ImageRef, ImageSource, TaskRequest
+from vision_queue.settings import Settings
 
 # Most tasks written by one pipeline: keeps a burst from holding Redis for long.
 BATCH_TASKS = 500

@@ -4,7 +4,7 @@ It carries the same broker, backend and serializer settings as the workers, so F
 reads task events and results exactly as they are stored.
 """
 
-from producer.celery_config import make_celery_app
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.settings import Settings
 
 app = make_celery_app(Settings.from_env())

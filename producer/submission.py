@@ -16,14 +16,14 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from producer.addresses import check_url, check_url_length
-from producer.contract import (
+from vision_queue.addresses import check_url, check_url_length
+from vision_queue.errors import ImageTooLarge, InvalidInput, VisionQueueError
+from vision_queue.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
+from vision_queue.protocol import (
     Priority,
     TaskName,
 )
-from producer.errors import ImageTooLarge, InvalidInput, VisionQueueError
-from producer.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
-from producer.schemas import (
+from vision_queue.schemas import (
     ChatMessage,
     ImageRef,
     ImageSource,
@@ -34,7 +34,7 @@ from producer.schemas import (
     preview,
     stop_strings,
 )
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 # What `submit` accepts per image: bytes, an http(s) URL, a `data:` URI, a local file
 # (read and staged by the client), or an explicit ImageRef (e.g. a path on the workers).

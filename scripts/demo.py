@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from producer import Client, Settings  # noqa: E402
-from producer.settings import SettingsError  # noqa: E402
 from scripts.devstack import RedisServer, free_port, redis_reachable  # noqa: E402
+from vision_queue.settings import SettingsError  # noqa: E402
 
 REAL_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 TINY_MODEL = ROOT / "tests" / "data" / "phi3v-reference" / "model"

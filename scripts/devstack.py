@@ -14,8 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from producer.redis_connect import redis_client
-from producer.settings import Settings
+from vision_queue.redis_connect import redis_client
+from vision_queue.settings import Settings
 
 
 def find_redis_server() -> str:

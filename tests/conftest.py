@@ -12,7 +12,7 @@ from support.sentinel import SentinelCluster
 from support.workers import IMAGES, WorkerProcess
 
 from producer.client import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 # The module worker may fetch from the tests' loopback server (its one port), and runs out
 # of memory on purpose when a prompt carries the marker (VQ_FAULT_INJECTION, test-only).

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from producer.cli_support import add_version_option, quiet_pipe
-from producer.settings import Settings, SettingsError
+from vision_queue.cli_support import add_version_option, quiet_pipe
+from vision_queue.settings import Settings, SettingsError
 
 EXIT_USAGE = 2
 
@@ -183,10 +183,10 @@ def _dead_letters(settings: Settings, limit: int) -> int:
 
     import redis
 
-    from producer.contract import DEAD_LETTER_KEY
-    from producer.outages import broker_error
-    from producer.redis_connect import redis_client
-    from worker.dead_letters import read_dead_letters
+    from vision_queue.outages import broker_error
+    from vision_queue.protocol import DEAD_LETTER_KEY
+    from vision_queue.redis_connect import redis_client
+    from worker.broker.dead_letters import read_dead_letters
 
     try:
         entries = read_dead_letters(redis_client(settings), limit)

@@ -3,7 +3,7 @@
 A URL in a task is attacker-chosen: anyone who can enqueue can make a worker issue a GET.
 `fetch_image_bytes` keeps that GET on the public internet and bounded:
 
-* the URL and every redirect hop pass `producer.addresses.check_url` before any connection;
+* the URL and every redirect hop pass `vision_queue.addresses.check_url` before any connection;
 * the host is resolved once and refused if ANY address it resolves to is not public (an
   attacker's DNS may return one public and one internal record);
 * the socket connects to the address that was checked, while the Host header, TLS SNI and
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
-from producer.addresses import ParsedUrl, check_url, is_public_address
-from producer.errors import ImageFetchFailed, ImageTooLarge, InvalidInput, VisionQueueError
-from producer.images import read_image_file
-from producer.settings import Settings
+from vision_queue.addresses import ParsedUrl, check_url, is_public_address
+from vision_queue.errors import ImageFetchFailed, ImageTooLarge, InvalidInput, VisionQueueError
+from vision_queue.images import read_image_file
+from vision_queue.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from producer.errors import Cancelled, TaskTimeout
-from producer.images import ImageLimits, decode_image
-from producer.results import TaskResult
-from producer.schemas import ImageRef, ImageSource, TaskRequest, parse_request
-from producer.settings import Settings
-from producer.staging import load_staged_image
-from worker.engine import Engine, GenerationRequest
+from vision_queue.errors import Cancelled, TaskTimeout
+from vision_queue.images import ImageLimits, decode_image
+from vision_queue.results import TaskResult
+from vision_queue.schemas import ImageRef, ImageSource, TaskRequest, parse_request
+from vision_queue.settings import Settings
+from vision_queue.staging import load_staged_image
 from worker.fetch import fetch_image_bytes, read_local_image
+from worker.inference.engine import Engine, GenerationRequest
 
 if TYPE_CHECKING:
     import redis

@@ -33,9 +33,9 @@ from typing import Any
 
 import redis
 
-from producer.outages import broker_error, is_retryable
-from producer.redis_connect import redis_client
-from producer.settings import Settings
+from vision_queue.outages import broker_error, is_retryable
+from vision_queue.redis_connect import redis_client
+from vision_queue.settings import Settings
 from worker.identity import default_health_file
 
 __all__ = ["HealthReporter", "check_live", "check_ready", "health_file_path", "read_health"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -121,7 +121,7 @@ def claim_host_identity(settings: Settings) -> WorkerIdentity:
     """`claim_identity` for `worker run`: the default name uses the device the engine will
     load on (`auto` resolved), and the log says how to check this worker's health."""
     try:
-        from worker.engine_setup import resolve_device
+        from worker.inference.engine_setup import resolve_device
 
         device = str(resolve_device(settings.device))
     except Exception:  # a bad device spec is the engine's to report, with its own message

@@ -3,7 +3,7 @@
     worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
     python -m worker.infer_cli --task ask --prompt "What is 2+2?" --device cpu
 
-The request is checked by the same rules as the queue (`producer.schemas.check_request`),
+The request is checked by the same rules as the queue (`vision_queue.schemas.check_request`),
 and its images read and decoded before the model loads, so a bad request fails at once.
 URLs go through the worker's SSRF-guarded fetcher; local files are read directly.
 
@@ -36,11 +36,11 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from producer.contract import TaskName
-from producer.errors import VisionQueueError
-from producer.images import ImageLimits, decode_image
-from producer.schemas import ImageRef, ImageSource, TaskOptions, TaskRequest, check_request
-from producer.settings import Settings, SettingsError
+from vision_queue.errors import VisionQueueError
+from vision_queue.images import ImageLimits, decode_image
+from vision_queue.protocol import TaskName
+from vision_queue.schemas import ImageRef, ImageSource, TaskOptions, TaskRequest, check_request
+from vision_queue.settings import Settings, SettingsError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -111,7 +111,7 @@ def infer_main(argv: list[str]) -> int:
 
     _configure_logging(settings.log_level)
     # Imported only now: torch and the model stack are not needed to reject a request.
-    from worker.engine import Engine, EngineConfig, GenerationRequest
+    from worker.inference.engine import Engine, EngineConfig, GenerationRequest
 
     try:
         engine = Engine.load(EngineConfig(

@@ -61,7 +61,7 @@ class WorkerMetrics:
         ).labels(**labels)
         self.refused = Counter(
             "vq_messages_refused",
-            "Messages refused at the worker's door (worker/intake.py), by rule.",
+            "Messages refused at the worker's door (worker/broker/intake.py), by rule.",
             ["code"],
             registry=self.registry,
         )

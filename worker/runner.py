@@ -18,8 +18,8 @@ Why the `threads` pool with one thread per batch row (VQ_MAX_BATCH, default 1 on
   past it anyway is the stuck-task watchdog's (worker/shutdown.py).
 
 Before anything is loaded, the worker checks that its visibility timeout is the one the
-deployment runs with (worker/deployment.py). Messages reach Celery only through the
-consumer's door (worker/consumer.py, rules in worker/intake.py).
+deployment runs with (worker/broker/deployment.py). Messages reach Celery only through the
+consumer's door (worker/broker/consumer.py, rules in worker/broker/intake.py).
 """
 
 from __future__ import annotations
@@ -33,27 +33,27 @@ from urllib.parse import urlsplit
 from celery import Celery
 from celery.signals import worker_ready
 
-from producer.celery_config import make_celery_app
-from producer.contract import priority_queues
-from producer.redis_connect import redis_client
-from producer.settings import Settings
-from worker.consumer import Door, consumer_class
-from worker.deployment import (
+from vision_queue.celery_config import make_celery_app
+from vision_queue.protocol import priority_queues
+from vision_queue.redis_connect import redis_client
+from vision_queue.settings import Settings
+from worker.broker.consumer import Door, consumer_class
+from worker.broker.deployment import (
     VisibilityTimeoutConflict,
     claim_visibility_timeout,
     keep_visibility_timeout_claimed,
 )
-from worker.engine import Engine, EngineConfig
+from worker.broker.lease_keeper import LeaseKeeper
+from worker.broker.leases import LeaseBook, install, transport_for
+from worker.delivery.results import ResultStore, backend_url
+from worker.delivery.webhook_outbox import WebhookOutbox
+from worker.delivery.webhooks import WebhookSender
 from worker.health import HealthReporter
 from worker.identity import IdentityTaken, claim_host_identity
-from worker.lease_keeper import LeaseKeeper
-from worker.leases import LeaseBook, install, transport_for
+from worker.inference.engine import Engine, EngineConfig
 from worker.metrics import WorkerMetrics
-from worker.result_store import ResultStore, backend_url
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
 from worker.tasks import WorkerRuntime, register_tasks
-from worker.webhook_outbox import WebhookOutbox
-from worker.webhooks import WebhookSender
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -144,7 +144,8 @@ def run_worker(settings: Settings) -> int:
         pool="threads",
         concurrency=engine.max_batch,  # one slot per batch row
         prefetch_multiplier=1,
-        # Every priority's list; worker/priorities.py decides which one the next task is from.
+        # Every priority's list; worker/broker/priorities.py decides which one the next task
+        # is from.
         queues=list(priority_queues(settings.queue)),
         loglevel=settings.log_level,
         optimization="fair",
@@ -164,8 +165,8 @@ def run_worker(settings: Settings) -> int:
 
 
 def _leased_app(settings: Settings, book: LeaseBook) -> Celery:
-    """The worker's Celery app: its consumers hold leases (`worker.leases`) and what Celery
-    stores itself follows the first-writer-wins rule (`worker.result_store`)."""
+    """The worker's Celery app: its consumers hold leases (`worker.broker.leases`) and what Celery
+    stores itself follows the first-writer-wins rule (`worker.delivery.results`)."""
     install(book)
     app = make_celery_app(settings)
     app.conf.broker_transport = transport_for(settings.effective_broker_url)

@@ -7,7 +7,7 @@ so far, so Flower and the metrics count it apart from failures); any other coded
 Every run logs exactly one line; only an unexpected exception logs a traceback.
 
 Results are stored here, not by Celery (the tasks ignore Celery's result handling), so
-that storing is bounded and conditional (`worker.result_store`): a task whose worker lost
+that storing is bounded and conditional (`worker.delivery.results`): a task whose worker lost
 its lease, or whose result someone else stored first, stores nothing (outcome
 `abandoned` / `duplicate`); a result Redis keeps refusing is handed back to the queue
 (outcome `requeued`) instead of leaving the worker stuck.
@@ -29,26 +29,26 @@ from celery.signals import task_revoked
 from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
-from producer.contract import CANCEL_KEY, DELIVERIES_KEY, PROGRESS_STATE, TaskName
-from producer.errors import (
+from vision_queue.errors import (
     Cancelled,
     InvalidInput,
     ModelError,
     TaskFailed,
     VisionQueueError,
 )
-from producer.results import TaskResult, Timings, task_failed_json
-from producer.settings import Settings
+from vision_queue.protocol import CANCEL_KEY, DELIVERIES_KEY, PROGRESS_STATE, TaskName
+from vision_queue.results import TaskResult, Timings, task_failed_json
+from vision_queue.settings import Settings
+from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
+from worker.delivery.streams import StreamWriter
+from worker.delivery.webhooks import WebhookSender, notify_task_end
 from worker.handler import LeaseLost, TaskContext, handle
-from worker.result_store import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
-from worker.streaming import StreamWriter
-from worker.webhooks import WebhookSender, notify_task_end
 
 if TYPE_CHECKING:
-    from worker.engine import Engine
+    from worker.broker.lease_keeper import LeaseKeeper
+    from worker.broker.leases import Lease, LeaseBook
     from worker.health import HealthReporter
-    from worker.lease_keeper import LeaseKeeper
-    from worker.leases import Lease, LeaseBook
+    from worker.inference.engine import Engine
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("vision_queue.task")

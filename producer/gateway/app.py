@@ -20,8 +20,8 @@ from producer.gateway.limits import Limiter
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.state import GatewayState
 from producer.gateway.wire import TaskSubmission, TaskUpload
-from producer.redis_connect import async_redis_client
-from producer.settings import Settings, SettingsError
+from vision_queue.redis_connect import async_redis_client
+from vision_queue.settings import Settings, SettingsError
 
 _DESCRIPTION = """\
 Phi-3-vision over a durable task queue. Two APIs:

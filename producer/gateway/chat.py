@@ -19,10 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.contract import Priority
-from producer.errors import InvalidInput
 from producer.gateway.wire import url_image
-from producer.schemas import ChatMessage, Role, TaskOptions, parse_priority, stop_strings
+from vision_queue.errors import InvalidInput
+from vision_queue.protocol import Priority
+from vision_queue.schemas import ChatMessage, Role, TaskOptions, parse_priority, stop_strings
 
 _REQUEST = ConfigDict(strict=True, extra="allow")
 _PART = ConfigDict(strict=True, extra="ignore")

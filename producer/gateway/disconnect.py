@@ -11,7 +11,7 @@ from typing import TypeVar
 import anyio
 from fastapi import Request
 
-from producer.errors import ClientError
+from vision_queue.errors import ClientError
 
 T = TypeVar("T")
 log = logging.getLogger("vision_queue.gateway")

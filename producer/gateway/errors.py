@@ -3,7 +3,7 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "images[0]",
                "code": "unsupported_image"}}
 
-`code` is one of the task error codes (producer.errors.ErrorCode) or one of the gateway's
+`code` is one of the task error codes (vision_queue.errors.ErrorCode) or one of the gateway's
 own below. The HTTP status follows from the code: bad input 400 (nothing was queued),
 401 without a valid key, 404 unknown task, model or route, 413 body too large, 429 over a
 limit (with Retry-After), 503 Redis unreachable, 504 a wait timed out.
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from producer.errors import (
+from vision_queue.errors import (
     BrokerUnavailable,
     ErrorCode,
     TaskFailed,

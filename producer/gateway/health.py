@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from producer.gateway.state import state_of
-from producer.presence import live_workers_async
+from vision_queue.presence import live_workers_async
 
 router = APIRouter(tags=["Operations"])
 

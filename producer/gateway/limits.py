@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import redis
 import redis.asyncio
 
-from producer.contract import KEY_PREFIX
 from producer.gateway.errors import ApiError, GatewayCode
+from vision_queue.protocol import KEY_PREFIX
 
 if TYPE_CHECKING:
-    from producer.settings import Settings
+    from vision_queue.settings import Settings
 
 RATE_KEY = KEY_PREFIX + ":gw:rate:{key_id}"
 TASKS_KEY = KEY_PREFIX + ":gw:tasks:{key_id}"

@@ -17,8 +17,6 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from producer.contract import TaskName
-from producer.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
 from producer.gateway import chat, sse
 from producer.gateway.auth import Caller
 from producer.gateway.disconnect import (
@@ -30,7 +28,9 @@ from producer.gateway.disconnect import (
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
-from producer.results import result_json
+from vision_queue.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
+from vision_queue.protocol import TaskName
+from vision_queue.results import result_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 
 def serve(host: str, port: int, workers: int = 1) -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
     from producer.async_client import AsyncClient
-    from producer.settings import Settings
+    from vision_queue.settings import Settings
 
 
 @dataclass

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from producer.contract import KEY_PREFIX, Priority, TaskName
-from producer.errors import InvalidInput, UnknownTaskId
-from producer.schemas import ChatMessage, TaskOptions
+from vision_queue.errors import InvalidInput, UnknownTaskId
+from vision_queue.protocol import KEY_PREFIX, Priority, TaskName
+from vision_queue.schemas import ChatMessage, TaskOptions
 
 if TYPE_CHECKING:
     from producer.gateway.auth import Caller
     from producer.gateway.state import GatewayState
-    from producer.results import TaskHandle
+    from vision_queue.results import TaskHandle
 
 OWNER_KEY = KEY_PREFIX + ":gw:owner:{task_id}"
 

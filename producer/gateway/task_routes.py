@@ -22,7 +22,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from producer.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
 from producer.gateway import sse
 from producer.gateway.disconnect import close_stream
 from producer.gateway.errors import ApiError, from_exception
@@ -38,7 +37,8 @@ from producer.gateway.wire import (
     submission_images,
     url_image,
 )
-from producer.results import result_json
+from vision_queue.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
+from vision_queue.results import result_json
 
 router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
 

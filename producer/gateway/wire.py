@@ -1,6 +1,6 @@
 """The native task API's request and result schemas, built from the contract's own types.
 
-`TaskOptions` and `ChatMessage` are the dataclasses of `producer.schemas`, used as they
+`TaskOptions` and `ChatMessage` are the dataclasses of `vision_queue.schemas`, used as they
 are; the result mirrors `TaskResult.to_dict()` (tests hold the two field for field). Types
 and shapes are checked here; the rules (ranges, image counts, special tokens, URL
 addresses) are the contract's `check_request`, run by the client when the gateway submits,
@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.addresses import check_url
-from producer.contract import Priority, TaskName
-from producer.errors import ImageFetchFailed, InvalidInput
-from producer.images import decode_base64_image
-from producer.results import Timings
-from producer.schemas import ChatMessage, TaskOptions
+from vision_queue.addresses import check_url
+from vision_queue.errors import ImageFetchFailed, InvalidInput
+from vision_queue.images import decode_base64_image
+from vision_queue.protocol import Priority, TaskName
+from vision_queue.results import Timings
+from vision_queue.schemas import ChatMessage, TaskOptions
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 _OUTPUT = ConfigDict(extra="ignore")

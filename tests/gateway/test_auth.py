@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from producer.gateway.auth import ANONYMOUS, KeyRing
-from producer.settings import Settings, SettingsError
+from vision_queue.settings import Settings, SettingsError
 
 KEY_A = "vq-key-a-0123456789abcdef"
 KEY_B = "vq-key-b-fedcba9876543210"

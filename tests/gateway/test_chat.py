@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from producer.errors import InvalidInput
 from producer.gateway.chat import ChatCompletionRequest, conversation
-from producer.schemas import ChatMessage, Role, TaskOptions
+from vision_queue.errors import InvalidInput
+from vision_queue.schemas import ChatMessage, Role, TaskOptions
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 

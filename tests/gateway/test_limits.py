@@ -7,8 +7,8 @@ from typing import Any
 
 from producer.gateway.errors import ApiError
 from producer.gateway.limits import Limiter
-from producer.redis_connect import async_redis_client
-from producer.settings import Settings
+from vision_queue.redis_connect import async_redis_client
+from vision_queue.settings import Settings
 
 
 def limiters(redis_url: str, count: int, **changes: Any) -> list[Limiter]:

@@ -13,8 +13,8 @@ import pytest
 from gateway_support import API_KEY, MODEL, GatewayProcess, wait_for_result
 
 from producer.gateway.app import create_app
-from producer.schemas import ChatMessage, TaskOptions
-from producer.settings import Settings
+from vision_queue.schemas import ChatMessage, TaskOptions
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
 

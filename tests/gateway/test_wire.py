@@ -8,16 +8,16 @@ import dataclasses
 import pytest
 from pydantic import ValidationError
 
-from producer.contract import Priority
-from producer.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
 from producer.gateway.wire import (
     ImageInput,
     TaskResultBody,
     TaskSubmission,
     submission_images,
 )
-from producer.results import TaskResult, Timings
-from producer.schemas import TaskOptions
+from vision_queue.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
+from vision_queue.protocol import Priority
+from vision_queue.results import TaskResult, Timings
+from vision_queue.schemas import TaskOptions
 
 
 def finished(**changes) -> dict:

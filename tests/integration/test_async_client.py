@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from producer import AsyncClient, SubmitRequest, UnknownTaskId
-from producer.errors import InvalidInput
-from producer.settings import Settings
+from vision_queue.errors import InvalidInput
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
 

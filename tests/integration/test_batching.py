@@ -15,7 +15,7 @@ from support.reference import CASES, IMAGES_DIR
 from support.workers import WorkerProcess, wait_until_generating
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
 

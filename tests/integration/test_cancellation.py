@@ -18,7 +18,7 @@ from support.redis_server import free_port
 from support.workers import WorkerProcess, wait_until_generating
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from producer import Client, TaskName, UnknownTaskId
-from producer.contract import TASK_SPECS
-from producer.errors import InvalidInput
-from producer.presence import live_workers
+from vision_queue.errors import InvalidInput
+from vision_queue.presence import live_workers
+from vision_queue.protocol import TASK_SPECS
 
 pytestmark = pytest.mark.timeout(300)
 

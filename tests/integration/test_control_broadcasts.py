@@ -19,8 +19,8 @@ import pytest
 from support.workers import WorkerProcess
 
 from producer import Client
-from producer.celery_config import make_celery_app
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -24,8 +24,8 @@ import pytest
 from support.flower import http_get
 from support.workers import TINY_MODEL, run_cli
 
-from producer.settings import Settings
 from scripts import demo
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -10,10 +10,10 @@ from support.http_server import IMAGE_HOST, Route, serve
 from support.images import png_header_only
 
 from producer import Client, TaskName
-from producer.celery_config import make_celery_app
-from producer.contract import DELIVERIES_KEY
-from producer.schemas import ImageRef, ImageSource
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.protocol import DELIVERIES_KEY
+from vision_queue.schemas import ImageRef, ImageSource
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -36,9 +36,9 @@ from support.redis_server import RedisServer
 from support.workers import WorkerProcess, wait_until_generating
 
 from producer.client import Client
-from producer.contract import TaskName
-from producer.settings import Settings
 from producer.submission import SubmitRequest
+from vision_queue.protocol import TaskName
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -16,7 +16,7 @@ from support.redis_server import free_port
 from support.workers import WorkerProcess, base_env, run_cli, terminate
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 from worker.health import read_health
 from worker.identity import claim_identity, default_health_file
 

@@ -25,8 +25,8 @@ from support.messages import envelope, headers, push, valid_body, wait_for_dead_
 from support.workers import WorkerProcess
 
 from producer import Client
-from producer.contract import DEAD_LETTER_KEY
-from worker.dead_letters import read_dead_letters
+from vision_queue.protocol import DEAD_LETTER_KEY
+from worker.broker.dead_letters import read_dead_letters
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -27,7 +27,7 @@ from producer import (
     BrokerUnavailable,
     Client,
 )
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -18,8 +18,8 @@ from support.messages import wait_for_dead_letters
 from support.workers import WorkerProcess
 
 from producer import Client
-from producer.contract import RESULT_KEY, priority_queues
-from producer.settings import Settings
+from vision_queue.protocol import RESULT_KEY, priority_queues
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
 

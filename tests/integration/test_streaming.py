@@ -15,7 +15,7 @@ import pytest
 from support.workers import base_env, run_cli
 
 from producer import AsyncClient, Client, TaskFailed
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

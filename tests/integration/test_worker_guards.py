@@ -16,7 +16,7 @@ from support.redis_server import PASSWORD
 from support.workers import WorkerProcess
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 from worker.health import check_ready, read_health
 from worker.shutdown import EXIT_TASK_STUCK
 

@@ -7,7 +7,7 @@ from support.http_server import IMAGE_HOST, Route, serve
 from support.workers import WorkerProcess
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
-from producer.settings import Settings, settings_table
+from vision_queue.settings import Settings, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -516,7 +516,7 @@ def test_docker_compose_config_fails_without_the_redis_password(
 
 @pytest.mark.parametrize("doc", ["docs/settings.md", "ops/README.md"])
 def test_settings_docs_hold_the_settings_table_verbatim(doc: str):
-    # Regenerate with: python -c "from producer.settings import settings_table;
+    # Regenerate with: python -c "from vision_queue.settings import settings_table;
     # print(settings_table(), end='')"
     assert settings_table() in (ROOT / doc).read_text()
 

@@ -25,8 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from producer.contract import priority_queues
-from producer.settings import Settings
+from vision_queue.protocol import priority_queues
+from vision_queue.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "ops" / "k8s"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from producer.cli_output import WaitReporter, describe_status, status_json, tasks_help
-from producer.results import TaskStatus, status_of, task_failed_json
-from producer.settings import Settings
+from vision_queue.results import TaskStatus, status_of, task_failed_json
+from vision_queue.settings import Settings
 
 TASK_ID = "5b0e7f3c-2f7a-4d0c-9a51-7d1f3c1e8a10"
 

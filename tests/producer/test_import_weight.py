@@ -32,7 +32,8 @@ def test_importing_the_producer_is_fast():
 def test_the_contract_and_the_engine_import_without_the_queue_packages():
     # The GPU check runs the engine where celery, kombu and redis are not installed.
     code = (
-        "import sys, producer.errors, producer.contract, producer.schemas, worker.engine; "
+        "import sys, vision_queue.errors, vision_queue.protocol, vision_queue.schemas; "
+        "import worker.inference.engine; "
         "queue = [m for m in ('celery', 'kombu', 'redis') if m in sys.modules]; "
         "print(','.join(queue))"
     )

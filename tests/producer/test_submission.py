@@ -20,11 +20,11 @@ import pytest
 import redis
 
 from producer import AsyncClient, Client, Priority, SubmitRequest
-from producer.celery_config import make_celery_app
 from producer.envelope import new_delivery_tag, new_id
-from producer.errors import InvalidInput
-from producer.schemas import ImageRef, ImageSource
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.errors import InvalidInput
+from vision_queue.schemas import ImageRef, ImageSource
+from vision_queue.settings import Settings
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from support.redis_server import RedisServer
 import producer.async_client
 import producer.client
 from producer import AsyncClient, Client, SubmitRequest, TaskStatus
-from producer.celery_config import make_celery_app
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
 

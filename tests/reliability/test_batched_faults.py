@@ -12,7 +12,7 @@ import pytest
 from support.workers import WorkerProcess, wait_until_generating
 
 from producer import Client
-from producer.settings import Settings
+from vision_queue.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

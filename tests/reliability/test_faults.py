@@ -28,10 +28,10 @@ from support.webhook_receiver import WebhookReceiver
 from support.workers import WorkerProcess, base_env, wait_until_generating
 
 from producer import Client, TaskHandle
-from producer.celery_config import make_celery_app
-from producer.errors import WaitTimeout
-from producer.presence import live_workers
-from producer.settings import Settings
+from vision_queue.celery_config import make_celery_app
+from vision_queue.errors import WaitTimeout
+from vision_queue.presence import live_workers
+from vision_queue.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

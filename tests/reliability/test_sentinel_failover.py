@@ -25,10 +25,10 @@ from support.sentinel import MASTER_NAME, SENTINEL_PASSWORD, SentinelCluster
 from support.workers import WorkerProcess, run_cli, wait_until_generating
 
 from producer import Client
-from producer.outages import async_client_options
-from producer.redis_connect import async_redis_client, redis_client
-from producer.settings import Settings
 from producer.waiting import Notifier
+from vision_queue.outages import async_client_options
+from vision_queue.redis_connect import async_redis_client, redis_client
+from vision_queue.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from producer.contract import DEAD_LETTER_KEY
+from vision_queue.protocol import DEAD_LETTER_KEY
 
 QUEUE = "gpu"
 NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from worker.engine import Engine, GenerationRequest
-    from worker.scheduler import Job
+    from worker.inference.engine import Engine, GenerationRequest
+    from worker.inference.scheduler import Job
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "phi3v-reference"
 TINY_MODEL = REFERENCE_DIR / "model"
@@ -22,13 +22,13 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def images_of(case_id: str) -> list[Image.Image]:
-    from producer.images import decode_image  # the worker's own decoder, as in production
+    from vision_queue.images import decode_image  # the worker's own decoder, as in production
 
     return [decode_image((IMAGES_DIR / name).read_bytes()) for name in CASES[case_id]["images"]]
 
 
 def case_request(case_id: str, **overrides: Any) -> GenerationRequest:
-    from worker.engine import GenerationRequest
+    from worker.inference.engine import GenerationRequest
 
     case = CASES[case_id]
     fields: dict[str, Any] = {
@@ -43,8 +43,8 @@ def case_request(case_id: str, **overrides: Any) -> GenerationRequest:
 
 def case_job(engine: Engine, case_id: str, max_new_tokens: int | None = None) -> Job:
     """The job the engine would hand its scheduler for this case (greedy)."""
+    from worker.inference.scheduler import Job
     from worker.model.processor import chat_text
-    from worker.scheduler import Job
 
     case = CASES[case_id]
     encoded = engine.processor.encode(

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.errors import ErrorCode, ImageFetchFailed, ImageTooLarge, InvalidInput
-from producer.settings import Settings
+from vision_queue.errors import ErrorCode, ImageFetchFailed, ImageTooLarge, InvalidInput
+from vision_queue.settings import Settings
 from worker.fetch import fetch_image_bytes, read_local_image
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from support.redis_server import PASSWORD
 
-from producer.settings import Settings
+from vision_queue.settings import Settings
 from worker.health import (
     RESTART_WINDOW_S,
     HealthReporter,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from producer.contract import TASK_SPECS, TaskName
-from producer.settings import Settings
+from vision_queue.protocol import TASK_SPECS, TaskName
+from vision_queue.settings import Settings
 from worker.infer_cli import infer_main
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "phi3v-reference"

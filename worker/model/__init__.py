@@ -4,6 +4,6 @@
 token ids and pixel crops, `layers` (the Phi-3 decoder layer and CLIP, drop-ins for
 transformers' classes), `vision` and `modeling` hold the network, `weights` finds and
 loads the checkpoint; `kvcache`, `attention`, `model_runner` and `sampling` run batched
-decoding steps (the scheduler that drives them is `worker.scheduler`). Nothing here loads a
-model or touches a device at import time. See docs/model.md.
+decoding steps (the scheduler that drives them is `worker.inference.scheduler`). Nothing
+here loads a model or touches a device at import time. See docs/model.md.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.errors import ModelError
+from vision_queue.errors import ModelError
 
 # The real checkpoint's config does not describe its CLIP tower: the Hub code hard-codes
 # ViT-L/14 at 336 px. Small test checkpoints spell their tower out in

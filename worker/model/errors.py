@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from producer.errors import ModelError, ResourceExhausted, VisionQueueError
+from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 
 _CPU_OOM_MARKERS = ("can't allocate memory", "not enough memory")
 

@@ -1,7 +1,7 @@
 """How one step runs: a prompt chunk into a KV region, or one decode step over many rows.
 
 The runner knows regions of a `KVPool`, positions and tokens, nothing of requests (that is
-`worker.scheduler`). Two decode paths share the model code:
+`worker.inference.scheduler`). Two decode paths share the model code:
 
 * host path (CPU, and CUDA without flash): the rows' starts and lengths are host lists,
   attention runs per row over exactly its region ("rows" kernel).

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from producer.errors import InvalidInput, ModelError
-from producer.schemas import ChatMessage, Role
+from vision_queue.errors import InvalidInput, ModelError
+from vision_queue.schemas import ChatMessage, Role
 from worker.model.config import (
     END_TOKEN_ID,
     ENDOFTEXT_TOKEN_ID,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from producer.errors import MAX_MESSAGE_CHARS, ModelError
+from vision_queue.errors import MAX_MESSAGE_CHARS, ModelError
 from worker.model.modeling import Phi3VForCausalLM
 
 HUB_PATTERNS = (

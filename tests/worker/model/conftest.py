@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from phi3v_reference import TINY_MODEL_DIR, load_cases
 
-from worker.engine import Engine, EngineConfig
+from worker.inference.engine import Engine, EngineConfig
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ def test_a_cpu_engine_loads_and_answers_without_transformers_dynamo_or_sympy() -
     code = (
         "import sys\n"
         "from PIL import Image\n"
-        "from worker.engine import Engine, EngineConfig, GenerationRequest\n"
+        "from worker.inference.engine import Engine, EngineConfig, GenerationRequest\n"
         "engine = Engine.load(EngineConfig(model=sys.argv[1], device='cpu'))\n"
         "engine.generate(GenerationRequest('Hi', [Image.new('RGB', (64, 64))], 2, num_crops=1))\n"
         "heavy = ('transformers', 'torch._dynamo', 'sympy')\n"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from phi3v_reference import TINY_MODEL_DIR
 
-from producer.errors import ModelError
+from vision_queue.errors import ModelError
 from worker.model.config import Phi3VConfig, PreprocessorConfig
 
 REPO = Path(__file__).resolve().parents[3]

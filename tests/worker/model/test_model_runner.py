@@ -10,14 +10,14 @@ import pytest
 import torch
 from support.reference import CASES, case_job
 
-from producer.errors import InvalidInput, ModelError, ResourceExhausted
-from worker.engine import Engine
+from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted
+from worker.inference.engine import Engine
+from worker.inference.scheduler import Finished, Scheduler, Token
 from worker.model import model_runner
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, RowInput, bucket_for, graph_buckets
 from worker.model.sampling import SamplingParams, TokenSampler
-from worker.scheduler import Finished, Scheduler, Token
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from phi3v_reference import TINY_MODEL_DIR
 from transformers import Phi3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from worker.engine import Engine
+from worker.inference.engine import Engine
 from worker.model.attention import decode_attention
 from worker.model.config import Phi3VConfig
 from worker.model.kvcache import DecodeRows, DecodeWriter, DynamicKVCache, KVPool, RegionAllocator

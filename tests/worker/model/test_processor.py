@@ -16,10 +16,10 @@ from PIL import Image
 from support.workers import TINY_MODEL
 
 from benchmarks.original_preprocess import preprocess as original_preprocess
-from producer.errors import InvalidInput
-from producer.images import decode_image
-from producer.schemas import ChatMessage, Role
-from worker.engine import Engine
+from vision_queue.errors import InvalidInput
+from vision_queue.images import decode_image
+from vision_queue.schemas import ChatMessage, Role
+from worker.inference.engine import Engine
 from worker.model.processor import chat_text, crops_of, hd_transform
 
 

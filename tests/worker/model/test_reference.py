@@ -18,8 +18,8 @@ from phi3v_reference import IMAGES_DIR, REFERENCE_DIR, load_cases
 from PIL import Image
 from safetensors.torch import load_file
 
-from producer.images import decode_image  # the worker's own decoder, as in production
-from worker.engine import Engine, GenerationRequest
+from vision_queue.images import decode_image  # the worker's own decoder, as in production
+from worker.inference.engine import Engine, GenerationRequest
 from worker.model.kvcache import DynamicKVCache
 from worker.model.processor import EncodedPrompt, chat_text
 

@@ -14,7 +14,7 @@ import torch
 from phi3v_reference import TINY_MODEL_DIR
 from safetensors.torch import load_file, save_file
 
-from producer.errors import ModelError
+from vision_queue.errors import ModelError
 from worker.model.config import Phi3VConfig
 from worker.model.modeling import Phi3VForCausalLM, build_model
 from worker.model.weights import load_weights, resolve_checkpoint
@@ -145,7 +145,7 @@ def run_offline(code: str, hf_home: Path) -> subprocess.CompletedProcess[str]:
 def test_an_uncached_hub_id_offline_says_what_was_tried_and_how_to_get_it(tmp_path: Path) -> None:
     code = (
         "from worker.model.weights import resolve_checkpoint\n"
-        "from producer.errors import ModelError\n"
+        "from vision_queue.errors import ModelError\n"
         "try:\n    resolve_checkpoint('microsoft/Phi-3-vision-128k-instruct')\n"
         "except ModelError as exc:\n    print(exc)\n"
     )
@@ -164,7 +164,7 @@ def test_a_hub_id_is_served_from_the_hugging_face_cache(tmp_path: Path) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = (
-        "from worker.engine import Engine, EngineConfig\n"
+        "from worker.inference.engine import Engine, EngineConfig\n"
         "engine = Engine.load(EngineConfig(model='example/phi3v-tiny', device='cpu'))\n"
         "print(engine.model_id, engine.generate.__name__)\n"
     )

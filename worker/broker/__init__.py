@@ -1,0 +1,1 @@
+"""Broker plumbing: our kombu transport and Celery consumer (leases, priorities, the door)."""

@@ -1,0 +1,1 @@
+"""Delivering results: the result store, streamed text, and webhooks with their outbox."""

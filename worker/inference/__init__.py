@@ -1,0 +1,1 @@
+"""The resident model's serving loop: the engine, its scheduler, and how it is set up."""

@@ -1,0 +1,373 @@
+"""The model engine a worker keeps resident: load once, then serve many requests at once.
+
+`Engine.load` resolves the checkpoint (local folder, or Hub id through the Hugging Face
+cache), builds Phi-3-vision from our own layers (worker/model), loads the official weights, and
+sets up continuous batching: a KV pool sized from free memory, a `ModelRunner` (how a
+step runs) and a `Scheduler` (who runs in it) with its own device thread.
+
+`Engine.generate(request)` may be called from many threads at once. Each call
+preprocesses its request on its own thread (chat template, HD transform, tokens, crops
+on the CPU), hands it to the scheduler, and turns the tokens it gets back into text
+(stop strings, `on_text`) and progress (`on_token`), all on its own thread. With one
+caller it behaves as a single-request engine; with N callers their decode steps are
+shared, and each caller still gets exactly the tokens it would get alone (CPU float32:
+bit for bit, see worker/model/model_runner.py).
+
+Errors: bad input found while preprocessing -> InvalidInput (with `field`); out of
+memory -> ResourceExhausted, after the request's memory is freed (the engine keeps
+serving); any other model failure -> ModelError. What `on_token`/`on_wait` raise
+propagates unchanged, and the request leaves the batch at once.
+
+Test-only fault injection: with `VQ_FAULT_INJECTION=oom_marker=<TEXT>` in the
+environment, a prompt containing TEXT makes generate() attempt an impossible allocation
+on the engine's device inside its normal request path (see `worker.inference.faults`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import queue
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
+from vision_queue.schemas import ChatMessage
+from worker.inference import faults
+from worker.inference.engine_setup import (
+    Batching,
+    build_batching,
+    check_prompt_guard,
+    choose_attention,
+    resolve_device,
+    resolve_dtype,
+)
+from worker.inference.scheduler import Failed, Finished, Job, Scheduler
+from worker.model.config import Phi3VConfig
+from worker.model.detokenizer import TextStream, Vocabulary
+from worker.model.errors import model_errors
+from worker.model.modeling import Phi3VForCausalLM, build_model
+from worker.model.processor import MAX_NUM_CROPS, EncodedPrompt, Phi3VProcessor, chat_text
+from worker.model.sampling import SamplingParams
+from worker.model.weights import load_weights, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+# How often a waiting request's `on_wait` hook runs (cancel and deadline checks).
+_POLL_S = 0.1
+# Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
+# bandwidth argument); on the CPU batching only amortises overheads, so 1.
+CUDA_DEFAULT_MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local folder or Hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    num_crops: int | None = None  # default from preprocessor_config.json
+    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
+    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
+    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
+    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
+    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    # User prompt text, or an ask conversation's turns (template applied by the engine).
+    prompt: str | Sequence[ChatMessage]
+    images: Sequence[Image.Image]  # already RGB
+    max_new_tokens: int
+    num_crops: int | None = None
+    # Called after every generated token with the count so far; it may raise (e.g.
+    # Cancelled, TaskTimeout) to stop generation, and the exception propagates unchanged.
+    on_token: Callable[[int], None] | None = None
+    # Sampling: temperature 0 is greedy; top_p and seed as in vision_queue.schemas.TaskOptions.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    # Generation ends before any of these strings (up to 4), which are not part of the text.
+    stop: Sequence[str] = ()
+    # Called with each new piece of text as soon as it is final: whole characters, never
+    # part of a stop string; the pieces joined are exactly the result's text.
+    on_text: Callable[[str], None] | None = None
+    # Called about every 0.1 s while no token arrives (waiting for a batch row, image
+    # encoding, a long prompt); it may raise like on_token to abandon the request.
+    on_wait: Callable[[], None] | None = None
+    # Told the prompt's token count (text and image) once it is encoded, before any token is
+    # generated: a task stopped midway still reports its usage.
+    on_prompt: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    stop_reason: str  # "length" | "eos:<id>" | "stop_string"
+    preprocess_s: float
+    prefill_s: float
+    decode_s: float
+    wait_s: float = 0.0  # waiting for a batch row and KV space
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's vocabulary: "stop" (end token or stop string) or "length"."""
+        return "length" if self.stop_reason == "length" else "stop"
+
+
+class Engine:
+    """Phi-3-vision resident on one device. Build it with `Engine.load`."""
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str,
+        model: Phi3VForCausalLM,
+        processor: Phi3VProcessor,
+        num_crops: int | None,
+        load_seconds: float,
+        batching: Batching,
+    ) -> None:
+        self.model_id = model_id
+        self.device = str(device)
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.attention = attention
+        self.load_seconds = load_seconds
+        self.model = model
+        self.processor = processor
+        self.vocabulary = Vocabulary(processor.tokenizer)
+        self.num_crops = num_crops
+        self.max_batch = batching.max_rows
+        # Image tower work per scheduler step when prompts are chunked: 16 crops (about
+        # 5.5 TFLOP on ViT-L) is about the cost of a 1,024-token chunk of the full model.
+        chunk = batching.prefill_chunk_tokens
+        self.vision_unit_crops = max(1, chunk // 64) if chunk else None
+        self.pool = batching.pool
+        self.runner = batching.runner
+        self.scheduler = Scheduler(
+            batching.runner,
+            batching.pool,
+            self.embed_job,
+            stop_ids=processor.stop_token_ids,
+            max_rows=batching.max_rows,
+            max_row_positions=batching.max_row_positions,
+            prefill_chunk_tokens=batching.prefill_chunk_tokens,
+            recover=self._recover,
+        )
+        self._torch_device = device
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Resolve, build and load; raises ModelError with a clear message on any failure."""
+        began = time.perf_counter()
+        try:
+            if config.num_crops is not None and not 1 <= config.num_crops <= MAX_NUM_CROPS:
+                raise ModelError(f"num_crops must be between 1 and {MAX_NUM_CROPS}")
+            if config.max_batch < 0:
+                raise ModelError("max_batch must not be negative")
+            device = resolve_device(config.device)
+            if not config.max_batch:
+                default = CUDA_DEFAULT_MAX_BATCH if device.type == "cuda" else 1
+                config = dataclasses.replace(config, max_batch=default)
+            dtype = resolve_dtype(config.dtype, device)
+            attention, reason = choose_attention(config.attention, device, dtype)
+            folder = resolve_checkpoint(config.model)
+            model_config = Phi3VConfig.from_file(folder / "config.json")
+            processor = Phi3VProcessor.from_dir(folder, model_config)
+            check_prompt_guard(processor.tokenizer)
+            model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
+            load_weights(model, folder, device, dtype)
+            model.eval().requires_grad_(False)
+            batching = build_batching(config, model, device, dtype, attention)
+        except VisionQueueError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"loading {config.model} failed: {type(exc).__name__}: {exc}") from exc
+        engine = cls(
+            model_id=config.model,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            model=model,
+            processor=processor,
+            num_crops=config.num_crops,
+            load_seconds=time.perf_counter() - began,
+            batching=batching,
+        )
+        log.info(
+            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); %s",
+            config.model, folder, engine.device, engine.dtype, engine.load_seconds,
+            attention, reason, batching.describe(),
+        )
+        return engine
+
+    def warmup(self) -> None:
+        """Record the decode graphs (CUDA), then one short generation with a tiny image."""
+        began = time.perf_counter()
+        with model_errors("warmup"), torch.inference_mode():
+            self.runner.capture_graphs()  # before the scheduler thread ever runs
+        image = Image.new("RGB", (336, 336), (127, 127, 127))
+        self.generate(GenerationRequest("Describe this image.", [image], 2, num_crops=1))
+        log.info("warmup took %.1fs", time.perf_counter() - began)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Serve one request; safe to call from many threads (their steps are batched)."""
+        if request.max_new_tokens < 1:
+            raise InvalidInput("max_new_tokens must be at least 1", field="max_new_tokens")
+        began = time.perf_counter()
+        job = self._prepare(request)
+        preprocess_s = time.perf_counter() - began
+        self.scheduler.submit(job)
+        stream = TextStream(self.vocabulary, request.stop)
+        tokens: list[int] = []
+        finished: Finished | None = None
+        failure: VisionQueueError | None = None
+        decode_began = 0.0
+        try:
+            while True:
+                try:
+                    event = job.events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if request.on_wait is not None:
+                        request.on_wait()
+                    continue
+                if isinstance(event, Finished):
+                    finished = event
+                    break
+                if isinstance(event, Failed):
+                    failure = event.error
+                    break
+                if not tokens:
+                    decode_began = time.perf_counter()
+                tokens.append(event.token_id)
+                piece = stream.push(event.token_id)
+                if piece and request.on_text is not None:
+                    request.on_text(piece)
+                if stream.stopped:
+                    break
+                if request.on_token is not None:
+                    request.on_token(len(tokens))
+        finally:
+            if finished is None and failure is None:
+                self.scheduler.cancel(job)  # a stop string, or a hook raised
+        if failure is not None:
+            if isinstance(failure, ResourceExhausted):
+                # A fresh error: nothing of the failed request stays referenced.
+                raise ResourceExhausted(failure.message)
+            raise failure
+        rest = stream.finish()
+        if rest and request.on_text is not None:
+            request.on_text(rest)
+        if finished is None:  # ended by a stop string
+            reason, wait_s, prefill_s = "stop_string", 0.0, 0.0
+            decode_s = time.perf_counter() - decode_began
+        else:
+            reason, wait_s = finished.stop_reason, finished.wait_s
+            prefill_s, decode_s = finished.prefill_s, finished.decode_s
+        return GenerationResult(
+            text=stream.text,
+            token_ids=tokens,
+            prompt_tokens=job.encoded.prompt_tokens,
+            completion_tokens=len(tokens),
+            stop_reason=reason,
+            preprocess_s=preprocess_s,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            wait_s=wait_s,
+        )
+
+    def close(self) -> None:
+        """Stop the scheduler's device thread; requests still queued fail with ModelError."""
+        self.scheduler.stop()
+
+    def peak_memory_bytes(self) -> int:
+        if self._torch_device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self._torch_device))
+        return 0
+
+    # Request path ------------------------------------------------------------------------
+
+    def _prepare(self, request: GenerationRequest) -> Job:
+        """Everything CPU-side, on the caller's thread: template, HD transform, tokens, crops."""
+        with model_errors("preprocessing"):
+            text = chat_text(request.prompt, len(request.images))
+            num_crops = request.num_crops or self.num_crops
+            encoded = self.processor.encode(text, request.images, num_crops)
+        self._check_length(encoded, request.max_new_tokens)
+        if request.on_prompt is not None:
+            request.on_prompt(encoded.prompt_tokens)
+        crops = None
+        with torch.inference_mode(), model_errors("preprocessing"):
+            faults.inject(text, self.device)
+            if encoded.images:
+                # Pinned on CUDA hosts, so the device thread's copy does not wait.
+                crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
+        sampling = SamplingParams(request.temperature, request.top_p, request.seed)
+        decode_fault = faults.fault_for(text) == "decode_oom"
+        return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
+
+    def embed_job(self, job: Job) -> Generator[None, None, torch.Tensor]:
+        """Device thread: the prompt's embeddings, the image tower in units.
+
+        Each `yield` ends one unit of at most `vision_unit_crops` crops (all of them when
+        prompts are not chunked), so the scheduler can run decode steps between units; the
+        value returned is the embeddings. Units depend on the request alone.
+        """
+        encoded = job.encoded
+        grids = [(hd.rows, hd.cols) for hd in encoded.images]
+        vision = self.model.model.vision_embed_tokens
+        features: list[torch.Tensor] = []
+        if job.crops is not None and grids:
+            crops: torch.Tensor = job.crops
+            job.crops = None  # the device copy below is all that is needed from here on
+            unit = self.vision_unit_crops or int(crops.shape[0])
+            for group in crops.split(unit):
+                features.append(vision.crop_features(group))
+                yield
+            del crops
+        projected = vision.project(torch.cat(features), grids) if features else []
+        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
+        return vision.place(input_ids, projected, [(s.start, s.length) for s in encoded.spans])
+
+    def embed(self, encoded: EncodedPrompt, crops: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt's input embeddings, each image's features written into its positions.
+
+        Call under `torch.inference_mode()`; `crops` (CPU or device) defaults to the
+        processor's.
+        """
+        if crops is None and encoded.images:
+            crops = self.processor.crops(encoded)
+        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
+        embeds: torch.Tensor = self.model.model.vision_embed_tokens(
+            input_ids,
+            crops,
+            [(hd.rows, hd.cols) for hd in encoded.images],
+            [(span.start, span.length) for span in encoded.spans],
+        )
+        return embeds
+
+    def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
+        limit = self.model.config.rope.max_positions
+        if encoded.prompt_tokens + max_new_tokens > limit:
+            raise InvalidInput(
+                f"{encoded.prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed "
+                f"the model's {limit} positions",
+                field="images" if encoded.images else "prompt",
+            )
+
+    def _recover(self) -> None:
+        gc.collect()
+        if self._torch_device.type == "cuda":
+            torch.cuda.empty_cache()

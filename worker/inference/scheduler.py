@@ -1,0 +1,359 @@
+"""Continuous batching: who runs in the next step, beside the engine and apart from the model.
+
+Requests arrive preprocessed (token ids, image crops) as `Job`s from the threads that
+serve them. One device thread owns the model and loops:
+
+1. drop every row whose job was cancelled (its region is free at once);
+2. admit waiting jobs, first come first served, while a batch row is free and the KV
+   pool has a contiguous region for the job's prompt plus its token budget (the region
+   is reserved for the job's whole life, so a running request never runs out of cache);
+3. run one prefill unit of the oldest admitted job still prefilling (a group of its
+   image crops through the image tower, or one chunk of `prefill_chunk_tokens` prompt
+   positions), so a long prompt delays the running decodes by one unit, not by all of it;
+4. run one batched decode step over every row past its prefill, and hand each job its
+   token; a job that reaches an end token or its budget leaves the batch now.
+
+The job's own thread turns tokens into text (stop strings included) and calls its hooks;
+when a hook raises or a stop string ends the text, that thread cancels the job. Nothing
+here waits for the longest request in a batch, and nothing here knows about Celery.
+
+Failures stay with the requests they belong to: a prefill that fails (out of memory
+included) fails its job only; an out-of-memory in a decode step halves the decode group
+and retries, failing a row only when it cannot run even alone; any other decode failure
+fails the rows of that step. The loop itself keeps running.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
+from worker.inference import faults
+from worker.model.errors import model_errors
+from worker.model.kvcache import KVPool
+from worker.model.model_runner import ModelRunner, RowInput
+from worker.model.processor import EncodedPrompt
+from worker.model.sampling import SamplingParams, TokenSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    stop_reason: str  # "length" | "eos:<id>" | "cancelled"
+    wait_s: float
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: VisionQueueError
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass(eq=False)  # identity: a job is itself, whatever it holds
+class Job:
+    """One request as the scheduler sees it; `events` is read by the request's own thread."""
+
+    encoded: EncodedPrompt
+    crops: Any  # what `embed` needs besides `encoded` (CPU crops, or None)
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    decode_fault: bool = False  # test-only: decode steps with this job run out of memory
+    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def positions_needed(self) -> int:
+        return self.encoded.prompt_tokens + self.max_new_tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    start: int  # the job's region in the KV pool
+    sampler: TokenSampler | None
+    admitted_at: float
+    embedding: Generator[None, None, torch.Tensor] | None = None  # image tower units left
+    embeds: torch.Tensor | None = None
+    offset: int = 0  # prompt positions prefilled so far
+    position: int = 0  # where the next fed token goes
+    token: int = 0  # the last token chosen, fed in the next step
+    generated: int = 0
+    prefill_s: float = 0.0
+    decode_began: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.job.encoded.prompt_tokens
+
+    def as_input(self) -> RowInput:
+        return RowInput(self.token, self.position, self.start, self.sampler)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        pool: KVPool,
+        embed: Callable[[Job], Generator[None, None, torch.Tensor]],
+        *,
+        stop_ids: frozenset[int],
+        max_rows: int,
+        max_row_positions: int,
+        prefill_chunk_tokens: int | None = None,
+        recover: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.runner = runner
+        self.pool = pool
+        self.embed = embed
+        self.stop_ids = stop_ids
+        self.max_rows = max_rows
+        self.max_row_positions = max_row_positions
+        self.prefill_chunk_tokens = prefill_chunk_tokens or None
+        self.recover = recover
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._prefilling: list[_Row] = []
+        self._decoding: list[_Row] = []
+        self._decode_limit = max_rows  # halved by an out-of-memory in a decode step
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, for tests and metrics
+
+    # Request side (any thread) -----------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job and make sure the device thread runs."""
+        self.enqueue(job)
+        self._ensure_running()
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a job without starting the device thread (tests drive `step()` themselves)."""
+        if job.positions_needed > self.max_row_positions:
+            raise ResourceExhausted(
+                f"{job.encoded.prompt_tokens} prompt tokens + {job.max_new_tokens} new tokens "
+                f"need {job.positions_needed} KV positions; this worker holds at most "
+                f"{self.max_row_positions} for one request"
+            )
+        with self._wake:
+            if self._stopping:
+                raise ModelError("the engine is shutting down")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Abandon a job: it leaves its row (or the queue) at the next step."""
+        job._cancelled.set()
+        with self._wake:
+            self._wake.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._wake:
+            waiting = len(self._waiting)
+        return {
+            "waiting": waiting,
+            "prefilling": len(self._prefilling),
+            "decoding": len(self._decoding),
+            "free_kv_positions": self.pool.allocator.free_positions,
+        }
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=30)
+        else:
+            self._fail_all(ModelError("the engine stopped"))
+
+    def _ensure_running(self) -> None:
+        with self._wake:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="vq-scheduler", daemon=True)
+                self._thread.start()
+
+    # Device thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self.step()
+                except Exception:  # a bug here must not strand every request
+                    log.exception("scheduler step failed")
+                    self._fail_all(ModelError("internal error in the batch scheduler"))
+        self._fail_all(ModelError("the engine stopped"))
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding)
+
+    def step(self) -> None:
+        """One iteration: drop cancelled rows, admit, one prefill unit, one decode step."""
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._prefill_unit(self._prefilling[0])
+        if self._decoding:
+            self._decode_step()
+
+    def _drop_cancelled(self) -> None:
+        for rows in (self._prefilling, self._decoding):
+            for row in [r for r in rows if r.job.cancelled]:
+                self._finish(row, "cancelled")
+        with self._wake:
+            kept = [job for job in self._waiting if not job.cancelled]
+            self._waiting = collections.deque(kept)
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    return
+                if len(self._prefilling) + len(self._decoding) >= self.max_rows:
+                    return
+                job = self._waiting[0]
+                start = self.pool.allocator.allocate(job.positions_needed)
+                if start is None:
+                    return  # the oldest waits for space; later ones wait behind it
+                self._waiting.popleft()
+            sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
+            self._prefilling.append(_Row(job, start, sampler, time.perf_counter()))
+
+    def _prefill_unit(self, row: _Row) -> None:
+        began = time.perf_counter()
+        try:
+            if row.embeds is None:
+                with model_errors("image encoding"):
+                    if row.embedding is None:
+                        row.embedding = self.embed(row.job)
+                    try:
+                        next(row.embedding)
+                        return  # one unit of the image tower was this step's work
+                    except StopIteration as done:
+                        row.embeds, row.embedding = done.value, None
+            length = row.prompt_tokens
+            end = (
+                length
+                if self.prefill_chunk_tokens is None
+                else min(length, row.offset + self.prefill_chunk_tokens)
+            )
+            with model_errors("prefill"):
+                hidden = self.runner.prefill(
+                    row.start, row.embeds[:, row.offset : end], row.offset, length
+                )
+                row.offset = end
+                if end < length:
+                    return
+                row.embeds = None
+                row.position = length
+                (token,) = self.runner.choose(hidden, [row.as_input()])
+        except VisionQueueError as error:
+            self._fail(row, error)
+            return
+        finally:
+            row.prefill_s += time.perf_counter() - began
+        self._prefilling.remove(row)
+        self._decoding.append(row)
+        row.decode_began = time.perf_counter()
+        self._deliver(row, token)
+
+    def _decode_step(self) -> None:
+        rows = list(self._decoding)
+        limit = self._decode_limit
+        for index in range(0, len(rows), limit):
+            self._decode_group(rows[index : index + limit])
+        self.steps += 1
+
+    def _decode_group(self, rows: list[_Row]) -> None:
+        try:
+            with model_errors("decoding"):
+                if any(row.job.decode_fault for row in rows):
+                    faults.allocate_impossibly(str(self.runner.device))
+                tokens = self.runner.decode([row.as_input() for row in rows])
+        except ResourceExhausted as error:
+            self.recover()
+            if len(rows) == 1:
+                self._fail(rows[0], error)
+                return
+            half = (len(rows) + 1) // 2
+            self._decode_limit = max(1, min(self._decode_limit, half))
+            log.warning(
+                "out of memory decoding %d rows; decoding at most %d at a time",
+                len(rows),
+                self._decode_limit,
+            )
+            self._decode_group(rows[:half])
+            self._decode_group(rows[half:])
+            return
+        except VisionQueueError as error:
+            for row in rows:
+                self._fail(row, error)
+            return
+        for row, token in zip(rows, tokens, strict=True):
+            row.position += 1
+            self._deliver(row, token)
+
+    def _deliver(self, row: _Row, token: int) -> None:
+        row.generated += 1
+        row.token = token
+        row.job.events.put(Token(token))
+        if token in self.stop_ids:
+            self._finish(row, f"eos:{token}")
+        elif row.generated >= row.job.max_new_tokens:
+            self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._release(row)
+        now = time.perf_counter()
+        decode_s = now - row.decode_began if row.decode_began else 0.0
+        wait_s = row.admitted_at - row.job.submitted_at
+        row.job.events.put(Finished(reason, wait_s, row.prefill_s, decode_s))
+
+    def _fail(self, row: _Row, error: VisionQueueError) -> None:
+        self._release(row)
+        row.job.events.put(Failed(error))
+        if isinstance(error, ResourceExhausted):
+            self.recover()
+
+    def _release(self, row: _Row) -> None:
+        for rows in (self._prefilling, self._decoding):
+            if any(r is row for r in rows):
+                rows.remove(row)
+        row.embeds = row.embedding = None
+        self.pool.allocator.free(row.start)
+
+    def _fail_all(self, error: VisionQueueError) -> None:
+        for row in [*self._prefilling, *self._decoding]:
+            self._fail(row, error)
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            job.events.put(Failed(error))
