@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from producer import image_bounds
+from vision_queue import image_bounds
 from vision_queue.errors import ImageTooLarge, InvalidInput, TaskTimeout, UnsupportedImage
 from vision_queue.images import (
     ImageLimits,

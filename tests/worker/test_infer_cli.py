@@ -45,7 +45,7 @@ def test_json_output_has_text_usage_timings_model_and_device(
 def test_describe_uses_the_contract_prompt_and_ask_a_free_one(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import engine as engine_module
+    from worker.inference import engine as engine_module
 
     prompts: list[str] = []
     generate = engine_module.Engine.generate

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vision_queue.errors import Cancelled, InvalidInput, ModelError, ResourceExhausted, TaskTimeout
-from worker import faults
+from worker.inference import faults
 from worker.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "phi3v-reference"
