@@ -22,7 +22,7 @@ from vision_queue.errors import Cancelled, InvalidInput, ModelError, ResourceExh
 from worker.inference import faults
 from worker.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "phi3v-reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "data" / "phi3v-reference"
 TINY_MODEL = str(REFERENCE_DIR / "model")
 CASES = {c["id"]: c for c in json.loads((REFERENCE_DIR / "cases.json").read_text())["cases"]}
 CROSSING = "decode_crosses_2048_c16"
