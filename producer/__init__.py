@@ -9,9 +9,10 @@
         async for text in client.stream((await client.submit("ask", [], "Hi")).id):
             print(text, end="")
 
-No torch or transformers here. Names are imported on first use (PEP 562), so the worker's
-engine can use the contract modules (`vision_queue.errors`, `vision_queue.protocol`...) without
-pulling Celery and redis into processes that never touch the queue.
+No torch or transformers here. The shapes and codes both sides share live in the contract
+package, `vision_queue`; the names below re-export them for clients. Names are imported on
+first use (PEP 562): `import producer` alone costs about a millisecond, and the redis
+client (about 0.1 s to import) is loaded only by what talks to Redis.
 """
 
 from __future__ import annotations

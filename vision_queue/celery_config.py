@@ -16,8 +16,10 @@ APP_NAME = "vision_queue"
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
     transport_options = {
-        # A message taken by a worker that died comes back after this long; it must outlast
-        # the longest task or a healthy worker's task would run twice (checked in Settings).
+        # kombu's own fallback for a message whose worker died: our leases
+        # (worker/broker/leases.py) bring such a message back within seconds, and this only
+        # has to outlast the longest task so kombu never restores a running one (checked in
+        # Settings).
         "visibility_timeout": settings.visibility_timeout_s,
         # Sweep for such messages every restore_interval_s (kombu's default is every 100 s).
         "unacked_restore_interval": settings.restore_interval_s,
@@ -38,10 +40,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        # One GPU runs one generation: never hold a second message that another worker could run.
+        # A worker runs up to VQ_MAX_BATCH tasks at once, one per batch row (its pool has
+        # that many threads). It takes a message only while a row is free (Redis brokers,
+        # Celery 5.6+), so a message never waits in a busy worker that another could run.
         "worker_prefetch_multiplier": 1,
-        # With N slots (VQ_MAX_BATCH), take a message only while a slot is free (Redis
-        # brokers, Celery 5.6+): a message never waits in a busy worker.
         "worker_disable_prefetch": True,
         "broker_transport_options": _with_sentinel(
             {**transport_options, **priority_transport_options(settings)},
@@ -66,12 +68,16 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # One queue (Redis list) per priority; a task without one goes to the normal list.
         "task_queues": [Queue(name, routing_key=name) for name in priority_queues(settings.queue)],
         "task_routes": {task.celery_name: {"queue": settings.queue} for task in TaskName},
-        "task_time_limit": None,  # enforced by the engine's deadline (thread pool, see worker.app)
+        # A thread pool cannot kill a running task: VQ_TASK_TIME_LIMIT_S is enforced by the
+        # engine, which checks the task's deadline between tokens (worker/handler.py).
+        "task_time_limit": None,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Flower and `revoke` need it; what a broadcast may do is decided by the worker's
+        # door (worker/broker/remote_control.py, VQ_REMOTE_CONTROL).
         "worker_enable_remote_control": True,
-        # Argument reprs shown by Flower and events: requests hold no secrets, but URLs may
-        # carry tokens in their query strings, so keep them short.
+        # Producers build protocol-2 messages themselves (producer/envelope.py), with
+        # argument reprs that drop URL query strings: URLs may carry tokens.
         "task_protocol": 2,
     }
 

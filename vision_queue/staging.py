@@ -1,6 +1,8 @@
 """Image bytes staged in Redis under their content hash, so messages stay small.
 
-The same image submitted twice is stored once. Staged bytes expire with the results
+Producers stage the bytes in the same pipeline that queues the message
+(`producer/envelope.py`); workers read them back here, under `STAGED_IMAGE_KEY`. The same
+image submitted twice is stored once. Staged bytes expire with the results
 (VQ_RESULT_EXPIRES_S); a worker that finds them gone fails the task permanently.
 """
 
@@ -14,18 +16,8 @@ from vision_queue.errors import ImageFetchFailed
 from vision_queue.protocol import STAGED_IMAGE_KEY
 
 
-def stage_image(client: redis.Redis, data: bytes, ttl_s: int) -> str:
-    """Store `data` (if not already there), refresh its expiry, and return its SHA-256."""
-    digest = hashlib.sha256(data).hexdigest()
-    key = STAGED_IMAGE_KEY.format(digest=digest)
-    pipe = client.pipeline(transaction=False)
-    pipe.set(key, data, ex=ttl_s, nx=True)
-    pipe.expire(key, ttl_s)
-    pipe.execute()
-    return digest
-
-
 def load_staged_image(client: redis.Redis, digest: str) -> bytes:
+    """The staged bytes of `digest`, checked against it (a coded error when gone or wrong)."""
     try:
         data = client.get(STAGED_IMAGE_KEY.format(digest=digest))
     except redis.ResponseError as exc:
