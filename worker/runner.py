@@ -44,7 +44,8 @@ from worker.broker.deployment import (
     keep_visibility_timeout_claimed,
 )
 from worker.broker.lease_keeper import LeaseKeeper
-from worker.broker.leases import LeaseBook, install, transport_for
+from worker.broker.leases import LeaseBook, install
+from worker.broker.transport import transport_for
 from worker.delivery.results import ResultStore, backend_url
 from worker.delivery.webhook_outbox import WebhookOutbox
 from worker.delivery.webhooks import WebhookSender
