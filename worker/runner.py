@@ -37,12 +37,13 @@ from vision_queue.celery_config import make_celery_app
 from vision_queue.protocol import priority_queues
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
-from worker.broker.consumer import Door, consumer_class
+from worker.broker.consumer import consumer_class
 from worker.broker.deployment import (
     VisibilityTimeoutConflict,
     claim_visibility_timeout,
     keep_visibility_timeout_claimed,
 )
+from worker.broker.door import Door
 from worker.broker.lease_keeper import LeaseKeeper
 from worker.broker.leases import LeaseBook, install
 from worker.broker.transport import transport_for

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import bootsteps
 from celery.worker import control
@@ -34,9 +34,7 @@ from celery.worker.consumer.control import Control
 from celery.worker.pidbox import Pidbox
 
 from vision_queue.setting_checks import REMOTE_CONTROL_MODES
-
-if TYPE_CHECKING:
-    from worker.broker.consumer import Door
+from worker.broker.door import Door
 
 log = logging.getLogger("vision_queue.worker")
 
