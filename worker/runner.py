@@ -19,7 +19,7 @@ Why the `threads` pool with one thread per batch row (VQ_MAX_BATCH, default 1 on
 
 Before anything is loaded, the worker checks that its visibility timeout is the one the
 deployment runs with (worker/broker/deployment.py). Messages reach Celery only through the
-consumer's door (worker/broker/consumer.py, rules in worker/broker/intake.py).
+consumer's door (worker/broker/consumer.py and door.py, rules in worker/broker/intake.py).
 """
 
 from __future__ import annotations
