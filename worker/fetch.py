@@ -4,14 +4,12 @@ A URL in a task is attacker-chosen: anyone who can enqueue can make a worker iss
 `fetch_image_bytes` keeps that GET on the public internet and bounded:
 
 * the URL and every redirect hop pass `vision_queue.addresses.check_url` before any connection;
-* the host is resolved once and refused if ANY address it resolves to is not public (an
-  attacker's DNS may return one public and one internal record);
-* the socket connects to the address that was checked, while the Host header, TLS SNI and
-  certificate check still use the name (DNS rebinding: no second lookup ever happens);
+* each hop goes through `worker.outbound_http` (shared with webhooks): every address the
+  host resolves to must be public, and the socket connects to the address that was checked
+  (DNS rebinding: no second lookup ever happens);
 * one deadline (VQ_FETCH_TIMEOUT_S) covers resolving, connecting, redirects and the body,
   enforced by a watchdog that shuts the socket, so a server dripping a byte a second is cut
-  off on time; the body is capped at VQ_MAX_IMAGE_BYTES while it streams;
-* standard library only, and no proxy from the environment (http.client reads none).
+  off on time; the body is capped at VQ_MAX_IMAGE_BYTES while it streams.
 
 Outcomes: 4xx is permanent (408 and 429 are "try later" by definition, so transient);
 5xx, refused or reset connections, timeouts and the deadline are transient; a refused
@@ -21,29 +19,26 @@ strings may carry tokens, so only `ParsedUrl.redacted` is ever logged or put in 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import http.client
-import ipaddress
 import logging
 import socket
 import ssl
-import threading
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin
 
-from vision_queue.addresses import ParsedUrl, check_url, is_public_address
+from vision_queue.addresses import ParsedUrl, check_url
 from vision_queue.errors import ImageFetchFailed, ImageTooLarge, InvalidInput, VisionQueueError
 from vision_queue.images import read_image_file
 from vision_queue.settings import Settings
+from worker.outbound_http import (
+    Deadline,
+    Resolver,
+    default_ssl_context,
+    pinned_connection,
+    resolve_checked,
+)
 
 log = logging.getLogger(__name__)
-
-# socket.getaddrinfo's shape: called as resolve(host, port, type=SOCK_STREAM).
-Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _TRANSIENT_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests
@@ -70,13 +65,13 @@ def fetch_image_bytes(
     default verifying context (tests trust their own CA). Raises ImageFetchFailed
     (`transient` as described in the module docstring) or ImageTooLarge.
     """
-    clock = _Deadline(settings.fetch_timeout_s)
+    clock = Deadline(settings.fetch_timeout_s)
     allowlist = settings.private_host_allowlist
-    context = ssl_context or _default_ssl_context()
+    context = ssl_context or default_ssl_context()
     hop = check_url(url, allowlist)
     redirects = 0
     while True:
-        addresses = _resolve_checked(hop, resolve, clock)
+        addresses = resolve_checked(hop, resolve, clock)
         status, location, body = _get(hop, addresses, clock, settings.max_image_bytes, context)
         if status not in _REDIRECTS:
             log.debug("fetched %s: %d bytes, %d redirect(s)", hop.redacted, len(body), redirects)
@@ -127,180 +122,37 @@ def read_local_image(path: str, settings: Settings) -> bytes:
 # Internals ------------------------------------------------------------------------------
 
 
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        """Seconds left, > 0; raises the transient deadline error once none are."""
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise self.exceeded()
-        return left
-
-    def nearly_over(self) -> bool:
-        # A socket timeout set to the remaining time may fire a hair before the watchdog.
-        return self._end - time.monotonic() < 0.05
-
-    def exceeded(self) -> ImageFetchFailed:
-        return ImageFetchFailed(
-            f"image fetch took longer than VQ_FETCH_TIMEOUT_S={self.seconds:g}s", transient=True
-        )
-
-
-@functools.lru_cache(maxsize=1)
-def _default_ssl_context() -> ssl.SSLContext:
-    # Certificate and host name verification on, system CAs, TLS 1.2 at least.
-    return ssl.create_default_context()
-
-
-def _resolve_checked(hop: ParsedUrl, resolve: Resolver, clock: _Deadline) -> list[str]:
-    """Resolve once and return the addresses to connect to, all of them checked."""
-    if hop.ip is not None:
-        return [str(hop.ip)]  # literal: already checked by check_url, nothing to resolve
-    try:
-        infos = _before_deadline(
-            lambda: resolve(hop.host, hop.port, type=socket.SOCK_STREAM), clock
-        )
-    except socket.gaierror as exc:
-        transient = exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
-        raise ImageFetchFailed(
-            f"cannot resolve {hop.host}: {exc.strerror}", transient=transient
-        ) from None
-    except OSError as exc:
-        raise ImageFetchFailed(f"cannot resolve {hop.host}: {exc}", transient=True) from None
-    addresses: list[str] = []
-    for family, _type, _proto, _name, sockaddr in infos:
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        text = str(sockaddr[0])
-        if text not in addresses:
-            addresses.append(text)
-    if not addresses:
-        raise ImageFetchFailed(f"{hop.host} has no IPv4 or IPv6 address", transient=True)
-    if not hop.allowlisted:
-        for text in addresses:
-            # One internal record among public ones is enough to refuse: the connection
-            # could go to any of them, and the attacker chooses the DNS answer.
-            if not _is_public_text(text):
-                log.info("refused %s: resolves to non-public %s", hop.redacted, text)
-                raise ImageFetchFailed(
-                    f"image URL host {hop.host} resolves to a non-public address ({text})"
-                )
-    return addresses
-
-
-def _is_public_text(text: str) -> bool:
-    try:
-        return is_public_address(ipaddress.ip_address(text))
-    except ValueError:
-        return False
-
-
-def _before_deadline(
-    call: Callable[[], Sequence[tuple[Any, ...]]], clock: _Deadline
-) -> Sequence[tuple[Any, ...]]:
-    """Run a blocking lookup in a daemon thread so the deadline also bounds DNS."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed back to the caller's thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="vq-resolve", daemon=True)
-    thread.start()
-    thread.join(clock.remaining())
-    if not outcome:
-        raise clock.exceeded()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    result: Sequence[tuple[Any, ...]] = value
-    return result
-
-
-class _PinnedConnection(http.client.HTTPConnection):
-    """HTTP(S) for a host name over a socket connected to an already-checked address."""
-
-    def __init__(
-        self, hop: ParsedUrl, addresses: list[str], clock: _Deadline, context: ssl.SSLContext
-    ) -> None:
-        super().__init__(hop.host, hop.port, timeout=clock.remaining())
-        self.default_port = 443 if hop.scheme == "https" else 80  # Host header omits it
-        self._hop = hop
-        self._addresses = addresses
-        self._clock = clock
-        self._context = context
-        self.aborted = False
-
-    def connect(self) -> None:
-        error: OSError | None = None
-        for address in self._addresses:
-            try:
-                # DNS rebinding: connect to the address that was checked, not the name.
-                sock = socket.create_connection((address, self.port), self._clock.remaining())
-            except OSError as exc:
-                error = exc
-                continue
-            break
-        else:
-            raise error or OSError("no address to connect to")
-        self.sock = sock
-        if self.aborted:
-            raise self._clock.exceeded()
-        if self._hop.scheme == "https":
-            sock.settimeout(self._clock.remaining())
-            # SNI and certificate verification for the name the user gave.
-            self.sock = self._context.wrap_socket(sock, server_hostname=self._hop.host)
-
-    def abort(self) -> None:
-        """Watchdog: shut the socket so a blocked read returns now (slow-drip servers)."""
-        self.aborted = True
-        sock = self.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                # The plain socket method: SSLSocket.shutdown would unwrap TLS first.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
 def _get(
-    hop: ParsedUrl, addresses: list[str], clock: _Deadline, max_bytes: int, context: ssl.SSLContext
+    hop: ParsedUrl, addresses: list[str], clock: Deadline, max_bytes: int, context: ssl.SSLContext
 ) -> tuple[int, str | None, bytes]:
     """One GET: (status, Location, b"") for a redirect, (200, None, body) for success."""
-    conn = _PinnedConnection(hop, addresses, clock, context)
-    watchdog = threading.Timer(clock.remaining(), conn.abort)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        conn.request("GET", hop.target, headers=_HEADERS)
-        response = conn.getresponse()
-        status = response.status
-        if status in _REDIRECTS:
-            return status, response.getheader("Location"), b""
-        _raise_for_status(status, hop)
-        if response.length is not None and response.length > max_bytes:
-            # Refused before reading: the server says it is too big.
-            raise ImageTooLarge(
-                f"image is {response.length} bytes, more than the limit of {max_bytes}"
-            )
-        body = _read_capped(response, max_bytes)
-        if conn.aborted:
-            raise clock.exceeded()  # the watchdog cut the body short
-        if response.length:  # http.client counts Content-Length down to 0 when complete
-            raise ImageFetchFailed(f"{hop.redacted} closed before the body ended", transient=True)
-        return status, None, body
-    except VisionQueueError:
-        raise
-    except (OSError, http.client.HTTPException) as exc:
-        if conn.aborted or clock.nearly_over():
-            raise clock.exceeded() from None
-        raise _connection_error(exc, hop) from None
-    finally:
-        watchdog.cancel()
-        conn.close()
+    with pinned_connection(hop, addresses, clock, context) as conn:
+        try:
+            conn.request("GET", hop.target, headers=_HEADERS)
+            response = conn.getresponse()
+            status = response.status
+            if status in _REDIRECTS:
+                return status, response.getheader("Location"), b""
+            _raise_for_status(status, hop)
+            if response.length is not None and response.length > max_bytes:
+                # Refused before reading: the server says it is too big.
+                raise ImageTooLarge(
+                    f"image is {response.length} bytes, more than the limit of {max_bytes}"
+                )
+            body = _read_capped(response, max_bytes)
+            if conn.aborted:
+                raise clock.exceeded()  # the watchdog cut the body short
+            if response.length:  # http.client counts Content-Length down to 0 when complete
+                raise ImageFetchFailed(
+                    f"{hop.redacted} closed before the body ended", transient=True
+                )
+            return status, None, body
+        except VisionQueueError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            if conn.aborted or clock.nearly_over():
+                raise clock.exceeded() from None
+            raise _connection_error(exc, hop) from None
 
 
 def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:

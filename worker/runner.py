@@ -19,7 +19,7 @@ Why the `threads` pool with one thread per batch row (VQ_MAX_BATCH, default 1 on
 
 Before anything is loaded, the worker checks that its visibility timeout is the one the
 deployment runs with (worker/broker/deployment.py). Messages reach Celery only through the
-consumer's door (worker/broker/consumer.py, rules in worker/broker/intake.py).
+consumer's door (worker/broker/consumer.py and door.py, rules in worker/broker/intake.py).
 """
 
 from __future__ import annotations
@@ -37,19 +37,21 @@ from vision_queue.celery_config import make_celery_app
 from vision_queue.protocol import priority_queues
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
-from worker.broker.consumer import Door, consumer_class
+from worker.broker.consumer import consumer_class
 from worker.broker.deployment import (
     VisibilityTimeoutConflict,
     claim_visibility_timeout,
     keep_visibility_timeout_claimed,
 )
+from worker.broker.door import Door
 from worker.broker.lease_keeper import LeaseKeeper
-from worker.broker.leases import LeaseBook, install, transport_for
+from worker.broker.leases import LeaseBook, install
+from worker.broker.transport import transport_for
 from worker.delivery.results import ResultStore, backend_url
 from worker.delivery.webhook_outbox import WebhookOutbox
 from worker.delivery.webhooks import WebhookSender
 from worker.health import HealthReporter
-from worker.identity import IdentityTaken, claim_host_identity
+from worker.identity import IdentityTaken, WorkerIdentity, claim_host_identity
 from worker.inference.engine import Engine, EngineConfig
 from worker.metrics import WorkerMetrics
 from worker.shutdown import install_shutdown_handlers, start_stuck_task_watchdog
@@ -58,28 +60,64 @@ from worker.tasks import WorkerRuntime, register_tasks
 log = logging.getLogger("vision_queue.worker")
 
 EXIT_SETTINGS_CONFLICT = 2
+EXIT_MODEL_FAILED = 1
 
 
 def run_worker(settings: Settings) -> int:
     """Load and warm the model, then consume until shut down. Returns the exit code."""
     log.info("settings: %s", settings)
     redis = redis_client(settings)
+    identity = _claim_deployment(redis, settings)
+    if identity is None:
+        return EXIT_SETTINGS_CONFLICT
+    name = identity.name
+    health = _start_health(settings, identity)
+    engine = _load_engine(settings, health)
+    if engine is None:
+        return EXIT_MODEL_FAILED
+    metrics = _start_metrics(settings, name, engine)
+    book = LeaseBook(name, settings.lease_ttl_s)
+    app = _leased_app(settings, book)
+    keeper = _lease_keeper(app, book, redis, settings)
+    runtime = _runtime(settings, engine, name, metrics, health, redis, book, keeper)
+    register_tasks(app, runtime)
+    keep_visibility_timeout_claimed(redis, settings)
+    door = Door(settings, name, redis, app.backend, metrics, health)
+    health.model_ready()
+    _log_ready(settings, engine, name)
+    worker = _celery_worker(app, settings, engine, name, door)
+    _report_lifecycle(worker, health, settings)
+    return _consume(worker, runtime, keeper)
+
+
+def _claim_deployment(redis: Any, settings: Settings) -> WorkerIdentity | None:
+    """The checks that must pass before anything is loaded: this worker's visibility
+    timeout is the deployment's, and no other live worker on this host has its name.
+    None (the reason logged) when one fails."""
     try:
         claim_visibility_timeout(redis, settings)
     except VisibilityTimeoutConflict as exc:
         log.error("not starting: %s", exc)
-        return EXIT_SETTINGS_CONFLICT
+        return None
     try:
-        identity = claim_host_identity(settings)
+        return claim_host_identity(settings)
     except IdentityTaken as exc:
         log.error("not starting: %s", exc)
-        return EXIT_SETTINGS_CONFLICT
-    name = identity.name
+        return None
+
+
+def _start_health(settings: Settings, identity: WorkerIdentity) -> HealthReporter:
+    # Beating before the model loads: a long load reads as live and `loading`, not as dead.
     stuck_after_s = settings.task_time_limit_s + settings.stuck_task_grace_s
     health = HealthReporter(
-        identity.health_file, name, settings.heartbeat_interval_s, stuck_after_s
+        identity.health_file, identity.name, settings.heartbeat_interval_s, stuck_after_s
     )
     health.start()
+    return health
+
+
+def _load_engine(settings: Settings, health: HealthReporter) -> Engine | None:
+    """The loaded and warmed engine, or None (logged, health stopped) if it failed."""
     try:
         engine = Engine.load(
             EngineConfig(
@@ -97,17 +135,31 @@ def run_worker(settings: Settings) -> int:
     except Exception as exc:  # any failure to load ends the process before consuming
         log.error("model failed to load, not consuming any task: %s", exc)
         health.stop()
-        return 1
+        return None
+    return engine
 
+
+def _start_metrics(settings: Settings, name: str, engine: Engine) -> WorkerMetrics:
     metrics = WorkerMetrics(name, engine.device)
     metrics.model_load.set(engine.load_seconds)
     metrics.model_loaded.set(1)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_address)
-    book = LeaseBook(name, settings.lease_ttl_s)
-    app = _leased_app(settings, book)
-    keeper = _lease_keeper(app, book, redis, settings)
-    runtime = WorkerRuntime(
+    return metrics
+
+
+def _runtime(
+    settings: Settings,
+    engine: Engine,
+    name: str,
+    metrics: WorkerMetrics,
+    health: HealthReporter,
+    redis: Any,
+    book: LeaseBook,
+    keeper: LeaseKeeper,
+) -> WorkerRuntime:
+    """What the tasks share; the webhook sender's outbox threads start here."""
+    return WorkerRuntime(
         settings=settings,
         engine=engine,
         name=name,
@@ -123,10 +175,9 @@ def run_worker(settings: Settings) -> int:
         leases=book,
         keeper=keeper,
     )
-    register_tasks(app, runtime)
-    keep_visibility_timeout_claimed(redis, settings)
-    door = Door(settings, name, redis, app.backend, metrics, health)
-    health.model_ready()
+
+
+def _log_ready(settings: Settings, engine: Engine, name: str) -> None:
     log.info(
         "model %s ready on %s (%s, %s attention) in %.1fs; consuming %s as %s with %d slot(s)",
         engine.model_id,
@@ -139,7 +190,10 @@ def run_worker(settings: Settings) -> int:
         engine.max_batch,
     )
 
-    worker = app.Worker(
+
+def _celery_worker(app: Celery, settings: Settings, engine: Engine, name: str, door: Door) -> Any:
+    """Celery's worker: the threads pool, one slot per batch row (module docstring)."""
+    return app.Worker(
         hostname=name,
         pool="threads",
         concurrency=engine.max_batch,  # one slot per batch row
@@ -152,15 +206,18 @@ def run_worker(settings: Settings) -> int:
         redirect_stdouts=False,
         consumer_cls=consumer_class(door),
     )
-    _report_lifecycle(worker, health, settings)
+
+
+def _consume(worker: Any, runtime: WorkerRuntime, keeper: LeaseKeeper) -> int:
+    """Consume until shut down; returns Celery's exit code."""
     keeper.start()
     try:
         worker.start()
     finally:
         runtime.webhooks.close()  # takes over no more deliveries it could not finish
         keeper.stop()  # also leaves the queues' presence at once
-        engine.close()
-        health.stop()
+        runtime.engine.close()
+        runtime.health.stop()
     return int(worker.exitcode or 0)
 
 

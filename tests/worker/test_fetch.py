@@ -600,6 +600,7 @@ def test_query_strings_are_never_logged_or_reported(
 ) -> None:
     server.routes["/r"] = redirect("/gone?token=SECRET2")
     caplog.set_level(logging.DEBUG, logger="worker.fetch")
+    caplog.set_level(logging.DEBUG, logger="worker.outbound_http")  # the address refusals
     error = refuse(server.url("/r?token=SECRET1"), loopback_settings())
     refuse("http://10.0.0.1/x?token=SECRET3")
     refuse(

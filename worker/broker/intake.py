@@ -3,9 +3,9 @@
 Celery trusts the envelope: a body that is a JSON object, a `timelimit` of strings, a
 missing `id`, a `compression` header or a built-in task name each made a worker crash,
 restart-loop, wedge or inflate a message, long before our own request checks ran. So the
-worker's consumer (worker/broker/consumer.py) hands every message to `check_message` first, and
-only a message that is exactly what `producer.Client` sends, in Celery's protocol 2, goes
-on to Celery:
+worker's consumer (worker/broker/consumer.py) hands every message to its door
+(worker/broker/door.py), which runs `check_message` first, and only a message that is
+exactly what `producer.Client` sends, in Celery's protocol 2, goes on to Celery:
 
 * content type `application/json`, encoding `utf-8`, no `compression` header;
 * headers: only the names protocol 2 defines, plus the `redelivered` flag kombu adds when

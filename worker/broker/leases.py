@@ -35,18 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from vision_queue.protocol import LEASE_KEY, LEASED_KEY
-from vision_queue.sentinel import is_sentinel_url
-from worker.broker.priorities import PriorityChannel, PrioritySentinelChannel
-from worker.broker.remote_control import BroadcastsChecked
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -131,7 +125,7 @@ _installed: LeaseBook | None = None
 
 
 def install(book: LeaseBook) -> None:
-    """Make this process's kombu channels (`LeasedTransport`) take leases for `book`."""
+    """Make this process's kombu channels (`worker.broker.transport`) take leases for `book`."""
     global _installed
     _installed = book
 
@@ -311,65 +305,3 @@ class LeasedQoS(kombu_redis.QoS):
         if book is not None:
             book.pop(tag)
         return restored[0] if restored else None
-
-
-class _LoopConnectionsFailLoudly:
-    """The event loop's connections (BRPOP, the fanout subscription) report a broken
-    connection to kombu, which then restarts the consumer on a new connection.
-
-    With redis-py's own retries a dropped subscription was reconnected inside kombu's
-    read, off kombu's poller, and the read then blocked the event loop until a message
-    came, which never did: the worker took nothing more and acked nothing (seen after a
-    planned Sentinel failover, whose sentinels CLIENT KILL the demoted master's clients,
-    and after a plain Redis restart).
-    """
-
-    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[misc]
-        if asynchronous:
-            params["retry"] = Retry(NoBackoff(), 0)
-        return params
-
-
-class LeasedChannel(BroadcastsChecked, _LoopConnectionsFailLoudly, PriorityChannel):
-    """Leases, the priorities' order of lists (worker/broker/priorities.py), and broadcasts
-    checked before kombu reads them (worker/broker/remote_control.py)."""
-
-    QoS = LeasedQoS
-
-
-class LeasedTransport(kombu_redis.Transport):
-    """kombu's Redis transport whose consumers hold leases (`broker_transport` setting)."""
-
-    Channel = LeasedChannel
-
-
-class LeasedSentinelChannel(BroadcastsChecked, _LoopConnectionsFailLoudly, PrioritySentinelChannel):
-    """kombu's Sentinel channel (the master found through the sentinels), with leases and
-    the priorities' order; kombu reconnects through the sentinels."""
-
-    QoS = LeasedQoS
-
-
-class LeasedSentinelTransport(kombu_redis.SentinelTransport):
-    """`LeasedTransport` for sentinel:// broker URLs."""
-
-    Channel = LeasedSentinelChannel
-
-
-TRANSPORT = f"{__name__}:LeasedTransport"
-SENTINEL_TRANSPORT = f"{__name__}:LeasedSentinelTransport"
-
-
-def transport_for(broker_url: str) -> str:
-    """The worker's `broker_transport`: leased, on plain Redis or through Sentinel.
-
-    After a failed connection attempt kombu moves on to the next URL of a `;` list and takes
-    the transport from its scheme again, ignoring the one configured; so in a worker the
-    `sentinel` scheme itself is made to name the leased transport, or a failover would
-    leave the worker consuming without leases.
-    """
-    if not is_sentinel_url(broker_url):
-        return TRANSPORT
-    kombu_transports.TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
-    return SENTINEL_TRANSPORT

@@ -6,7 +6,8 @@ BRPOP over every list the channel consumes, and Redis answers from the first non
 key in the order given, so the order of the keys is the whole policy. kombu asks the
 channel's queue cycle for that order before each BRPOP (`consume`) and tells it which list
 delivered (`rotate`). Its default cycle, round robin, moves the list that just delivered
-to the end: a fair share between the lists, not an order. `PriorityOrder` replaces it.
+to the end: a fair share between the lists, not an order. `PriorityOrder` replaces it
+(the worker's channel, worker/broker/transport.py, installs it).
 
 The rule, per worker channel (K = VQ_PRIORITY_MAX_SKIPS):
 
@@ -31,9 +32,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-from kombu.transport import redis as kombu_redis
 
 # Transport options (`broker_transport_options`) that turn `PriorityOrder` on: the rank of
 # each list (0 = highest) and K.
@@ -94,37 +92,3 @@ class PriorityOrder:
                 self.skipped[queue] = 0
             elif self.rank(queue) > rank:
                 self.skipped[queue] += 1
-
-
-class _PriorityOrdered:
-    """Mixed into a kombu Redis channel: consume in `PriorityOrder` when the transport
-    options carry the ranks (the worker's do, `vision_queue.celery_config`)."""
-
-    vq_priority_ranks: Mapping[str, int] | None = None
-    vq_priority_max_skips: int = 10
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.vq_priority_ranks:
-            self._queue_cycle = PriorityOrder(self.vq_priority_ranks, self.vq_priority_max_skips)
-
-
-class PriorityChannel(_PriorityOrdered, kombu_redis.Channel):
-    """kombu's Redis channel, in priority order."""
-
-    # kombu's own tuple is typed by its length; ours is two longer.
-    from_transport_options = (  # type: ignore[assignment]
-        *kombu_redis.Channel.from_transport_options,
-        RANKS_OPTION,
-        MAX_SKIPS_OPTION,
-    )
-
-
-class PrioritySentinelChannel(_PriorityOrdered, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel (the master found through the sentinels), in priority order."""
-
-    from_transport_options = (  # type: ignore[assignment]
-        *kombu_redis.SentinelChannel.from_transport_options,
-        RANKS_OPTION,
-        MAX_SKIPS_OPTION,
-    )

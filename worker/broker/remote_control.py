@@ -5,7 +5,8 @@ once, so the pidbox gets the treatment task messages get at the consumer's door:
 
 * a fanout message kombu could not build a message object from (headers that are not
   an object, a compressed body) is dropped at the channel (`BroadcastsChecked`): kombu
-  builds it in the event loop, where the error stopped the whole worker;
+  builds it in the event loop, where the error stopped the whole worker (the channel
+  mixin is in worker/broker/transport.py);
 * the message's shape is checked before kombu reads it (`check_control_message`): kombu
   passes the body to `dispatch(**body)`, the arguments to the command as keywords, and a
   `pcre` matcher's pattern to `re` (a pattern that backtracks for minutes would stall the
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import bootsteps
 from celery.worker import control
@@ -33,10 +34,7 @@ from celery.worker.consumer.control import Control
 from celery.worker.pidbox import Pidbox
 
 from vision_queue.setting_checks import REMOTE_CONTROL_MODES
-from worker.broker.intake import broadcast_problem
-
-if TYPE_CHECKING:
-    from worker.broker.consumer import Door
+from worker.broker.door import Door
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -177,20 +175,6 @@ def _refusing(name: str) -> Handler:
         return {"error": f"{name} is refused by this worker (VQ_REMOTE_CONTROL={RESTRICTED})"}
 
     return refuse
-
-
-class BroadcastsChecked:
-    """kombu Redis channel mixin: a fanout message kombu would fail on is dropped in one
-    line. kombu builds its message object in the event loop, outside any handler, so a
-    broadcast with headers that are not an object, say, stopped the whole worker."""
-
-    def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
-        problem = broadcast_problem(message)
-        if problem is not None:
-            log.warning("refused broadcast on %s: %s", str(exchange)[:64], problem)
-            return False
-        delivered: bool = super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]
-        return delivered
 
 
 class GuardedPidbox(Pidbox):

@@ -11,10 +11,11 @@ to VQ_WEBHOOK_MAX_ATTEMPTS times, waiting VQ_WEBHOOK_BACKOFF_S, then twice as lo
 time, while the receiver answers 408, 429, 5xx or cannot be reached; a 2xx ends it, any
 other answer (a redirect included: webhooks do not follow them) drops it at once.
 
-The target is attacker-chosen like an image URL, so the same guard applies, reused from
-`worker.fetch`: `check_url` before connecting, every resolved address public (unless the
-host is in VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS), the socket pinned to the checked address,
-one deadline (VQ_WEBHOOK_TIMEOUT_S) per attempt enforced by a watchdog.
+The target is attacker-chosen like an image URL, so the same guard applies, shared with
+image fetches (`worker.outbound_http`): `check_url` before connecting, every resolved
+address public (unless the host is in VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS), the socket pinned
+to the checked address, one deadline (VQ_WEBHOOK_TIMEOUT_S) per attempt enforced by a
+watchdog.
 
 Every delivery is kept in Redis until it ends (`worker.delivery.webhook_outbox`), so one whose
 worker stops or dies (between attempts, or before the first) is taken over by another
@@ -43,12 +44,12 @@ from vision_queue.errors import VisionQueueError
 from vision_queue.schemas import check_callback_url
 from vision_queue.settings import Settings
 from worker.delivery.webhook_outbox import Delivery, WebhookOutbox
-from worker.fetch import (
+from worker.outbound_http import (
+    Deadline,
     Resolver,
-    _Deadline,
-    _default_ssl_context,
-    _PinnedConnection,
-    _resolve_checked,
+    default_ssl_context,
+    pinned_connection,
+    resolve_checked,
 )
 
 log = logging.getLogger("vision_queue.webhook")
@@ -259,7 +260,7 @@ class WebhookSender:
 
     def _attempt(self, hop: ParsedUrl, delivery: Delivery, attempt: int) -> tuple[int | str, bool]:
         """("delivered", False), (HTTP status or error name, whether to try again)."""
-        clock = _Deadline(self.settings.webhook_timeout_s)
+        clock = Deadline(self.settings.webhook_timeout_s)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "vision-queue-worker/0.1",
@@ -269,25 +270,20 @@ class WebhookSender:
             SIGNATURE_HEADER: sign(self.settings.webhook_secret, int(time.time()), delivery.body),
         }
         try:
-            addresses = _resolve_checked(hop, self._resolve, clock)
+            addresses = resolve_checked(hop, self._resolve, clock)
         except VisionQueueError as exc:
             return type(exc).__name__, exc.transient
-        conn = _PinnedConnection(hop, addresses, clock, self._ssl_context or _default_ssl_context())
-        watchdog = threading.Timer(clock.remaining(), conn.abort)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            conn.request("POST", hop.target, body=delivery.body, headers=headers)
-            response = conn.getresponse()
-            response.read(64 * 1024)  # the answer is not used; never read an endless one
-            status = response.status
-        except ssl.SSLCertVerificationError:
-            return "tls_verification_failed", False
-        except (OSError, http.client.HTTPException, VisionQueueError) as exc:
-            return type(exc).__name__, True
-        finally:
-            watchdog.cancel()
-            conn.close()
+        context = self._ssl_context or default_ssl_context()
+        with pinned_connection(hop, addresses, clock, context) as conn:
+            try:
+                conn.request("POST", hop.target, body=delivery.body, headers=headers)
+                response = conn.getresponse()
+                response.read(64 * 1024)  # the answer is not used; never read an endless one
+                status = response.status
+            except ssl.SSLCertVerificationError:
+                return "tls_verification_failed", False
+            except (OSError, http.client.HTTPException, VisionQueueError) as exc:
+                return type(exc).__name__, True
         if 200 <= status < 300:
             return "delivered", False
         return status, status >= 500 or status in _RETRY_STATUSES

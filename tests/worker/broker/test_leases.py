@@ -21,7 +21,8 @@ from scripts.devstack import free_port
 from vision_queue.protocol import LEASE_KEY, LEASED_KEY
 from vision_queue.settings import Settings
 from worker.broker.lease_keeper import LeaseKeeper
-from worker.broker.leases import TRANSPORT, Lease, LeaseBook, install
+from worker.broker.leases import Lease, LeaseBook, install
+from worker.broker.transport import TRANSPORT
 
 QUEUE = "leases-test"
 TTL_S = 0.6

@@ -22,8 +22,9 @@ from vision_queue.celery_config import celery_settings
 from vision_queue.protocol import LEASE_KEY, priority_queues
 from vision_queue.settings import Settings
 from worker.broker.lease_keeper import LeaseKeeper
-from worker.broker.leases import TRANSPORT, LeaseBook, install
+from worker.broker.leases import LeaseBook, install
 from worker.broker.priorities import PriorityOrder
+from worker.broker.transport import TRANSPORT
 
 QUEUE = "prio-test"
 HIGH, NORMAL, LOW = priority_queues(QUEUE)

@@ -15,10 +15,10 @@ from celery.worker import control
 from worker.broker.remote_control import (
     CONTROL_COMMANDS,
     INSPECT_COMMANDS,
-    BroadcastsChecked,
     check_control_message,
     command_handlers,
 )
+from worker.broker.transport import BroadcastsChecked
 
 CELERY = control.Panel.data
 RESTRICTED = command_handlers("restricted", CELERY)

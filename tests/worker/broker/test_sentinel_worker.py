@@ -17,14 +17,8 @@ from vision_queue.celery_config import celery_settings, make_celery_app
 from vision_queue.protocol import LEASE_KEY
 from vision_queue.results import result_key
 from vision_queue.settings import Settings
-from worker.broker.leases import (
-    SENTINEL_TRANSPORT,
-    LeaseBook,
-    LeasedQoS,
-    LeasedSentinelTransport,
-    install,
-    transport_for,
-)
+from worker.broker.leases import LeaseBook, LeasedQoS, install
+from worker.broker.transport import SENTINEL_TRANSPORT, LeasedSentinelTransport, transport_for
 from worker.delivery.results import FirstWriterSentinelBackend, backend_url
 
 QUEUE = "sentinel-leases-test"
