@@ -2,7 +2,7 @@
 
 `check_url` runs on the producer before a URL is queued and on the worker for the URL and
 every redirect hop; the worker then resolves the name and runs `is_public_address` on every
-address it got back (worker/fetch.py). The rules:
+address it got back (worker/outbound_http.py). The rules:
 
 * only http and https;
 * no user:password@ part: `http://trusted.example@evil.example/` reads as the wrong host to
