@@ -73,7 +73,7 @@ class Client:
     """Submit and follow vision jobs. Thread-safe; create one per process and reuse it."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        self.settings = settings or Settings.from_env(**overrides)
+        self.settings = settings or Settings.from_env(reader="client", **overrides)
         s = self.settings
         self._broker_url = s.effective_broker_url
         self._backend_url = s.effective_backend_url
