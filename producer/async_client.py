@@ -6,39 +6,25 @@
             print(text, end="", flush=True)
         result = await client.result(handle.id, wait=True, timeout=120)
 
-Same operations, arguments, results and errors as `Client`; validation, image checks,
-staging and message building are the same functions (`producer.submission`), so only
-the I/O differs. Reading and checking image files runs in a worker thread, so a large
-image never stalls the event loop; all waits share one pub/sub connection.
+Same operations, arguments, results and errors as `Client`; set-up and result waits
+(`producer.client_core`), validation, image checks, staging and message building
+(`producer.submission`, `producer.envelope`) are the same code, so only the I/O differs.
+Reading and checking image files runs in a worker thread, so a large image never stalls
+the event loop; all waits share one pub/sub connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, cast, overload
 
 import redis.asyncio
 
-from producer.envelope import (
-    Envelope,
-    Outgoing,
-    batches,
-    cancel_commands,
-    database_number,
-    queue_commands,
-)
-from producer.submission import (
-    Draft,
-    ImageInput,
-    SubmitRequest,
-    image_list,
-    prepare,
-)
+from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
+from producer.envelope import Outgoing, batches, cancel_commands, queue_commands
+from producer.submission import ImageInput, SubmitRequest, image_list
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
-from vision_queue.errors import WaitTimeout
-from vision_queue.images import ImageLimits
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -48,8 +34,6 @@ from vision_queue.results import (
     TaskHandle,
     TaskStatus,
     check_task_id,
-    decode_meta,
-    final_result,
     is_final,
     meta_from_replies,
     read_commands,
@@ -68,31 +52,18 @@ from vision_queue.streams import (
 
 T = TypeVar("T")
 
-POOL_SIZE = 32
 # Reads per pipeline when many are coalesced.
 _READ_SLICE = 64
 
 
-class AsyncClient:
-    """Submit and follow vision jobs from asyncio code. One per event loop; reuse it."""
+class AsyncClient(ClientCore[redis.asyncio.Redis]):
+    """Submit and follow vision jobs from asyncio code. One per event loop; reuse it.
+
+    Settings as for `Client`: the environment (only what a client reads is validated),
+    a `Settings`, or field overrides."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        self.settings = settings or Settings.from_env(**overrides)
-        s = self.settings
-        self._broker_url = s.effective_broker_url
-        self._backend_url = s.effective_backend_url
-        self._redis = async_redis_client(
-            s, self._broker_url, max_connections=POOL_SIZE, **async_client_options(s)
-        )
-        self._results = (
-            self._redis
-            if self._backend_url == self._broker_url
-            else async_redis_client(
-                s, self._backend_url, max_connections=POOL_SIZE, **async_client_options(s)
-            )
-        )
-        self._limits = ImageLimits.from_settings(s)
-        self._envelope = Envelope(s, db=database_number(self._redis))
+        super().__init__(settings, overrides, _connect)
         self._notifier = Notifier(self._notification_connection)
         self._reads = _Coalescer(self._results)
 
@@ -137,17 +108,15 @@ class AsyncClient:
         if any(request.images for request in pending) or len(pending) > 50:
             # File reads, image header checks and building many messages are CPU and disk
             # work: done in a thread, the loop keeps serving other coroutines meanwhile.
-            drafts, items = await asyncio.to_thread(self._build, pending)
+            items = await asyncio.to_thread(self._build, pending)
         else:
-            drafts, items = self._build(pending)
-        del drafts
+            items = self._build(pending)
         for batch in batches(items):
             await self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
 
-    def _build(self, requests: list[SubmitRequest]) -> tuple[list[Draft], list[Outgoing]]:
-        drafts = [prepare(request, self.settings, self._limits) for request in requests]
-        return drafts, [self._envelope.outgoing(draft) for draft in drafts]
+    def _build(self, requests: list[SubmitRequest]) -> list[Outgoing]:
+        return [self._envelope.outgoing(draft) for draft in self._drafts(requests)]
 
     async def _send(self, batch: Sequence[Outgoing]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -198,29 +167,17 @@ class AsyncClient:
         With `wait`, return the moment the result is stored; WaitTimeout after `timeout`.
         """
         if not wait:
-            meta = await self._meta(task_id)
-            if on_status is not None:
-                on_status(status_of(task_id, meta))
-            return final_result(task_id, meta) if is_final(meta) else None
-        check_task_id(task_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
+            return finished(task_id, await self._meta(task_id), on_status)
+        waiting = ResultWait(task_id, timeout, on_status)
         channel = result_key(task_id)
         inbox = AsyncInbox()
         await self._subscribe(channel, inbox)
         try:
             meta = await self._meta(task_id)
-            while True:
-                if on_status is not None:
-                    on_status(status_of(task_id, meta))
-                if is_final(meta):
-                    return final_result(task_id, meta)
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
-                pause = BACKUP_POLL_S if left is None else min(BACKUP_POLL_S, left)
-                pushed = await inbox.get(pause)
-                decoded = decode_meta(pushed) if pushed else None
-                meta = decoded if decoded is not None else await self._meta(task_id)
+            while (result := waiting.outcome(meta)) is None:
+                pushed = waiting.pushed(await inbox.get(waiting.pause))
+                meta = pushed if pushed is not None else await self._meta(task_id)
+            return result
         finally:
             self._notifier.unsubscribe(channel, inbox)
 
@@ -409,3 +366,9 @@ def _bound(
     function: Callable[[Sequence[Outgoing]], Awaitable[None]], batch: Sequence[Outgoing]
 ) -> Callable[[], Awaitable[None]]:
     return lambda: function(batch)
+
+
+def _connect(settings: Settings, url: str) -> redis.asyncio.Redis:
+    return async_redis_client(
+        settings, url, max_connections=POOL_SIZE, **async_client_options(settings)
+    )

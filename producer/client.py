@@ -1,7 +1,8 @@
 """The client a web backend uses: submit jobs, follow their status, text and results, cancel.
 
-`Client` is the blocking twin of `producer.AsyncClient`; both share validation, image
-checks and staging (`producer.submission`), message building (`producer.envelope`), state decoding
+`Client` is the blocking twin of `producer.AsyncClient`; both share their set-up and the
+rules of a result wait (`producer.client_core`), validation, image checks and staging
+(`producer.submission`), message building (`producer.envelope`), state decoding
 (`vision_queue.results`) and stream following (`vision_queue.streams`), and differ only in I/O.
 Waits are pushed, not polled (`producer.waiting`). Every operation gives up within about
 VQ_CONNECT_TIMEOUT_S when Redis is down or refuses the password (`vision_queue.outages`).
@@ -11,29 +12,15 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, cast, overload
 
 import redis
 
-from producer.envelope import (
-    Envelope,
-    Outgoing,
-    batches,
-    cancel_commands,
-    database_number,
-    queue_commands,
-)
-from producer.submission import (
-    ImageInput,
-    SubmitRequest,
-    image_list,
-    prepare,
-)
+from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
+from producer.envelope import Outgoing, batches, cancel_commands, queue_commands
+from producer.submission import ImageInput, SubmitRequest, image_list
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
-from vision_queue.errors import WaitTimeout
-from vision_queue.images import ImageLimits
 from vision_queue.outages import async_client_options, call, client_options
 from vision_queue.presence import live_workers
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -43,8 +30,6 @@ from vision_queue.results import (
     TaskHandle,
     TaskStatus,
     check_task_id,
-    decode_meta,
-    final_result,
     is_final,
     meta_from_replies,
     read_commands,
@@ -65,28 +50,15 @@ __all__ = ["Client", "ImageInput", "SubmitRequest", "TaskHandle", "TaskStatus"]
 
 T = TypeVar("T")
 
-# Connections per Redis a client keeps at most; more concurrent calls wait for one.
-POOL_SIZE = 32
 
+class Client(ClientCore[redis.Redis]):
+    """Submit and follow vision jobs. Thread-safe; create one per process and reuse it.
 
-class Client:
-    """Submit and follow vision jobs. Thread-safe; create one per process and reuse it."""
+    Settings come from the environment (only what a client reads is validated), or pass a
+    `Settings` or field overrides (`Client(queue="gpu-a100")`)."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        self.settings = settings or Settings.from_env(**overrides)
-        s = self.settings
-        self._broker_url = s.effective_broker_url
-        self._backend_url = s.effective_backend_url
-        self._redis = redis_client(
-            s, self._broker_url, max_connections=POOL_SIZE, **client_options(s)
-        )
-        self._results = (
-            self._redis
-            if self._backend_url == self._broker_url
-            else redis_client(s, self._backend_url, max_connections=POOL_SIZE, **client_options(s))
-        )
-        self._limits = ImageLimits.from_settings(s)
-        self._envelope = Envelope(s, db=database_number(self._redis))
+        super().__init__(settings, overrides, _connect)
         self._envelope_lock = threading.Lock()
         self._loop: LoopThread | None = None
         self._notifier: Notifier | None = None
@@ -140,7 +112,7 @@ class Client:
 
         Every request is validated first: one bad request raises and queues none of them.
         """
-        drafts = [prepare(request, self.settings, self._limits) for request in requests]
+        drafts = self._drafts(requests)
         with self._envelope_lock:
             items = [self._envelope.outgoing(draft) for draft in drafts]
         for batch in batches(items):
@@ -197,26 +169,14 @@ class Client:
         is stored); raise WaitTimeout after `timeout` seconds.
         """
         if not wait:
-            meta = self._meta(task_id)
-            if on_status is not None:
-                on_status(status_of(task_id, meta))
-            return final_result(task_id, meta) if is_final(meta) else None
-        check_task_id(task_id)
-        deadline = None if timeout is None else _now() + timeout
+            return finished(task_id, self._meta(task_id), on_status)
+        waiting = ResultWait(task_id, timeout, on_status)
         with self._subscription(result_key(task_id)) as inbox:
             meta = self._meta(task_id)
-            while True:
-                if on_status is not None:
-                    on_status(status_of(task_id, meta))
-                if is_final(meta):
-                    return final_result(task_id, meta)
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s")
-                pause = BACKUP_POLL_S if left is None else min(BACKUP_POLL_S, left)
-                pushed = _next(inbox, pause)
-                decoded = decode_meta(pushed) if pushed else None
-                meta = decoded if decoded is not None else self._meta(task_id)
+            while (result := waiting.outcome(meta)) is None:
+                pushed = waiting.pushed(_next(inbox, waiting.pause))
+                meta = pushed if pushed is not None else self._meta(task_id)
+            return result
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task: a queued one never runs, a running one stops at its next token
@@ -397,9 +357,5 @@ def _drain(inbox: queue.SimpleQueue[bytes | None]) -> None:
             return
 
 
-def _now() -> float:
-    return time.monotonic()
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - _now()
+def _connect(settings: Settings, url: str) -> redis.Redis:
+    return redis_client(settings, url, max_connections=POOL_SIZE, **client_options(settings))

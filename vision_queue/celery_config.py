@@ -8,7 +8,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from vision_queue.protocol import TaskName, priority_queues
-from vision_queue.sentinel import celery_sentinel_options
+from vision_queue.redis_connect import celery_sentinel_options
 from vision_queue.settings import Settings
 
 APP_NAME = "vision_queue"

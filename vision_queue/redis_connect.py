@@ -3,7 +3,9 @@
 Staging, cancel keys, health, delivery counters, result waits and streams all call
 `redis_client` / `async_redis_client`, so how the project reaches Redis (timeouts, TLS,
 Sentinel) is decided in one place. Celery's broker and result backend connections are
-configured from the same settings in `vision_queue.celery_config`.
+configured from the same settings in `vision_queue.celery_config`, whose sentinel
+transport options (`celery_sentinel_options`) are built here too: `vision_queue.sentinel`
+only reads URLs and never needs a settings object.
 
 For a sentinel:// URL (`vision_queue.sentinel`) the client is the sentinels' `master_for`
 client: every new connection asks them where the master is, a connection to a master that
@@ -20,7 +22,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 
-from vision_queue.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_kwargs
+from vision_queue.sentinel import is_sentinel_url, parse_sentinel_url
 
 if TYPE_CHECKING:
     from vision_queue.settings import Settings
@@ -180,3 +182,25 @@ def _async_sentinel_master(
         **{**target.master_kwargs(), **options, **_pool_options(settings, max_connections)},
     )
     return client
+
+
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options for the sentinels themselves (not the master)."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": settings.connect_timeout_s,
+    }
+    if settings.redis_sentinel_password:
+        options["password"] = settings.redis_sentinel_password
+    return options
+
+
+def celery_sentinel_options(settings: Settings, url: str) -> dict[str, Any]:
+    """The transport options kombu's Sentinel transport and Celery's SentinelBackend read;
+    empty for a plain Redis URL."""
+    if not is_sentinel_url(url):
+        return {}
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": sentinel_kwargs(settings),
+    }

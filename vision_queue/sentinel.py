@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
-
-if TYPE_CHECKING:
-    from vision_queue.settings import Settings
 
 SCHEME = "sentinel"
 DEFAULT_PORT = 26379
@@ -118,25 +115,3 @@ def _database(path: str, index: int) -> int:
     if not text.isdigit():
         raise ValueError(f"URL {index} has an invalid database (a number after the port)")
     return int(text)
-
-
-def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
-    """Connection options for the sentinels themselves (not the master)."""
-    options: dict[str, Any] = {
-        "socket_connect_timeout": settings.connect_timeout_s,
-        "socket_timeout": settings.connect_timeout_s,
-    }
-    if settings.redis_sentinel_password:
-        options["password"] = settings.redis_sentinel_password
-    return options
-
-
-def celery_sentinel_options(settings: Settings, url: str) -> dict[str, Any]:
-    """The transport options kombu's Sentinel transport and Celery's SentinelBackend read;
-    empty for a plain Redis URL."""
-    if not is_sentinel_url(url):
-        return {}
-    return {
-        "master_name": settings.redis_sentinel_master,
-        "sentinel_kwargs": sentinel_kwargs(settings),
-    }

@@ -10,11 +10,18 @@ import contextlib
 import hashlib
 import ipaddress
 import re
+from collections.abc import Callable
+from typing import Any
 
 from vision_queue.addresses import allowlist_entry
 from vision_queue.protocol import TaskName
 
 DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 (not a secret)
+
+
+def convert(raw: str, kind: type) -> Any:
+    """An environment variable's text as the type of its field; ValueError if it is not."""
+    return _CONVERTERS[kind](raw)
 
 
 def parse_bool(raw: str) -> bool:
@@ -82,3 +89,11 @@ def parse_caps_pairs(raw: str) -> dict[TaskName, int]:
             raise ValueError(f"cap for {task.value} must be positive")
         caps[task] = cap
     return caps
+
+
+_CONVERTERS: dict[type, Callable[[str], Any]] = {
+    str: str,
+    int: lambda raw: int(raw.strip()),
+    float: lambda raw: float(raw.strip()),
+    bool: parse_bool,
+}

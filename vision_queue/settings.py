@@ -1,27 +1,37 @@
 """One settings object for both sides, read from the environment and validated at start.
 
-Every field names its environment variable, its default and its meaning next to it;
-`settings_table()` renders them as the Markdown table in docs/settings.md (a test keeps
-the two in step). Secrets (passwords inside Redis URLs) are masked whenever a settings
-object is printed or logged.
+Next to every field: its environment variable, default, meaning, the processes that read
+it and whether every host must agree on it (`vision_queue.setting_fields`), rendered by
+`settings_table()` into docs/settings.md and by `worker settings`. A process validates what
+it reads (`from_env(reader=...)`). Secrets are masked whenever settings are printed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
 from vision_queue.protocol import TaskName
 from vision_queue.redis_urls import mask_url, normalize_redis_url
 from vision_queue.setting_checks import settings_problems
+from vision_queue.setting_fields import (
+    ALL,
+    GATEWAY_ONLY,
+    SERVERS,
+    WORKER_ONLY,
+    Reader,
+    markdown_table,
+    reads,
+    setting,
+)
 from vision_queue.setting_values import (
     DEFAULT_TOKEN_CAPS,
     allowlist,
+    convert,
     key_digest,
-    parse_bool,
     parse_caps,
     split_list,
 )
@@ -31,258 +41,355 @@ class SettingsError(ValueError):
     """The environment holds an invalid setting. The message names every bad variable."""
 
 
-def _setting(env: str, default: Any, doc: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
-
-
 @dataclass(frozen=True)
 class Settings:
     # Connections
-    redis_url: str = _setting(
+    redis_url: str = setting(
         "REDIS_URL",
         "redis://localhost:6379/0",
         "Redis for both broker and result backend (redis://, rediss://, with password), or "
         "its sentinels: `sentinel://[:password@]host:port;sentinel://host:port;...` "
         "(the Redis password in the first URL) with VQ_REDIS_SENTINEL_MASTER.",
+        ALL,
+        same=True,
         secret=True,
     )
-    broker_url: str = _setting(
-        "VQ_BROKER_URL", "", "Broker URL when it differs from REDIS_URL.", secret=True
+    broker_url: str = setting(
+        "VQ_BROKER_URL",
+        "",
+        "Broker URL when it differs from REDIS_URL.",
+        ALL,
+        same=True,
+        secret=True,
     )
-    result_backend_url: str = _setting(
+    result_backend_url: str = setting(
         "VQ_RESULT_BACKEND_URL",
         "",
         "Result backend URL when it differs from REDIS_URL.",
+        ALL,
+        same=True,
         secret=True,
     )
-    redis_sentinel_master: str = _setting(
+    redis_sentinel_master: str = setting(
         "VQ_REDIS_SENTINEL_MASTER",
         "",
         "Name of the master the sentinels watch (`sentinel monitor <name> ...`); required "
         "when a Redis URL is sentinel://. Every connection follows a failover by itself.",
+        ALL,
+        same=True,
     )
-    redis_sentinel_password: str = _setting(
+    redis_sentinel_password: str = setting(
         "VQ_REDIS_SENTINEL_PASSWORD",
         "",
         "Password of the sentinels themselves (their requirepass), if they have one.",
+        ALL,
+        same=True,
         secret=True,
     )
-    queue: str = _setting(
+    queue: str = setting(
         "VQ_QUEUE",
         "gpu",
         "Queue the tasks are routed to and workers consume: one Redis list per priority, "
         "VQ_QUEUE.high, VQ_QUEUE (normal) and VQ_QUEUE.low.",
+        ALL,
+        same=True,
     )
-    connect_timeout_s: float = _setting(
+    connect_timeout_s: float = setting(
         "VQ_CONNECT_TIMEOUT_S",
         5.0,
         "How long a producer keeps retrying an unreachable Redis before giving up.",
+        ALL,
     )
     # Delivery and retries
-    task_time_limit_s: int = _setting(
+    task_time_limit_s: int = setting(
         "VQ_TASK_TIME_LIMIT_S",
         600,
         "Longest a task may run on a worker before it fails with timeout.",
+        WORKER_ONLY,
+        same=True,
     )
-    visibility_timeout_s: int = _setting(
+    visibility_timeout_s: int = setting(
         "VQ_VISIBILITY_TIMEOUT_S",
         3600,
         "Seconds before a message taken by a worker that died is delivered again. "
         "Must exceed VQ_TASK_TIME_LIMIT_S, which also bounds a task's wait for a free "
         "batch row (its deadline starts when a worker slot takes the message).",
+        WORKER_ONLY,
+        same=True,
     )
-    restore_interval_s: int = _setting(
+    restore_interval_s: int = setting(
         "VQ_RESTORE_INTERVAL_S",
         10,
         "How often workers look for messages whose worker died (past the visibility timeout).",
+        WORKER_ONLY,
     )
-    result_expires_s: int = _setting(
-        "VQ_RESULT_EXPIRES_S", 86400, "How long results (and staged images) are kept in Redis."
+    result_expires_s: int = setting(
+        "VQ_RESULT_EXPIRES_S", 86400, "How long results (and staged images) are kept in Redis.", ALL
     )
-    max_retries: int = _setting(
-        "VQ_MAX_RETRIES", 3, "Retries of a transient failure (fetch 5xx, connection error)."
+    max_retries: int = setting(
+        "VQ_MAX_RETRIES",
+        3,
+        "Retries of a transient failure (fetch 5xx, connection error).",
+        WORKER_ONLY,
     )
-    retry_backoff_s: float = _setting(
-        "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry."
+    retry_backoff_s: float = setting(
+        "VQ_RETRY_BACKOFF_S", 2.0, "First retry delay; doubles each retry.", WORKER_ONLY
     )
-    retry_backoff_max_s: float = _setting("VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.")
-    lease_ttl_s: float = _setting(
+    retry_backoff_max_s: float = setting(
+        "VQ_RETRY_BACKOFF_MAX_S", 60.0, "Longest retry delay.", WORKER_ONLY
+    )
+    lease_ttl_s: float = setting(
         "VQ_LEASE_TTL_S",
         10.0,
         "A worker's lease on each message it runs, renewed every heartbeat; once it lapses "
         "(the worker died or froze) a live worker hands the message back to the queue.",
+        WORKER_ONLY,
+        same=True,
     )
-    max_deliveries: int = _setting(
+    max_deliveries: int = setting(
         "VQ_MAX_DELIVERIES",
         3,
         "Deliveries of one message (a worker died each time) before the task fails for good.",
+        WORKER_ONLY,
     )
-    priority_max_skips: int = _setting(
+    priority_max_skips: int = setting(
         "VQ_PRIORITY_MAX_SKIPS",
         10,
         "Tasks a worker takes in a row from higher-priority lists while a lower one waits; "
         "its next task then comes from the waiting list, so low tasks are never starved.",
+        WORKER_ONLY,
     )
     # Input limits
-    max_image_bytes: int = _setting("VQ_MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image file.")
-    max_image_pixels: int = _setting(
-        "VQ_MAX_IMAGE_PIXELS", 40_000_000, "Largest width x height, checked before decoding pixels."
+    max_image_bytes: int = setting(
+        "VQ_MAX_IMAGE_BYTES", 20 * 1024 * 1024, "Largest image file.", ALL, same=True
     )
-    max_images: int = _setting("VQ_MAX_IMAGES", 8, "Most images in one request.")
-    max_prompt_chars: int = _setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.")
-    max_conversation_chars: int = _setting(
+    max_image_pixels: int = setting(
+        "VQ_MAX_IMAGE_PIXELS",
+        40_000_000,
+        "Largest width x height, checked before decoding pixels.",
+        ALL,
+        same=True,
+    )
+    max_images: int = setting("VQ_MAX_IMAGES", 8, "Most images in one request.", ALL, same=True)
+    max_prompt_chars: int = setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.", ALL, same=True)
+    max_conversation_chars: int = setting(
         "VQ_MAX_CONVERSATION_CHARS",
         32000,
         "Most characters in all the messages of one conversation (ask with messages).",
+        ALL,
+        same=True,
     )
-    max_new_tokens_caps: str = _setting(
+    max_new_tokens_caps: str = setting(
         "VQ_MAX_NEW_TOKENS_CAPS",
         DEFAULT_TOKEN_CAPS,
         "Per-task cap on max_new_tokens (also the default), as task=N pairs.",
+        ALL,
+        same=True,
     )
-    default_num_crops: int = _setting(
-        "VQ_NUM_CROPS", 0, "HD crops per image; 0 uses the checkpoint's preprocessor_config.json."
+    default_num_crops: int = setting(
+        "VQ_NUM_CROPS",
+        0,
+        "HD crops per image; 0 uses the checkpoint's preprocessor_config.json.",
+        WORKER_ONLY,
     )
     # Fetching images
-    fetch_timeout_s: float = _setting(
-        "VQ_FETCH_TIMEOUT_S", 20.0, "Total deadline for fetching one image URL, redirects included."
+    fetch_timeout_s: float = setting(
+        "VQ_FETCH_TIMEOUT_S",
+        20.0,
+        "Total deadline for fetching one image URL, redirects included.",
+        WORKER_ONLY,
     )
-    fetch_max_redirects: int = _setting("VQ_FETCH_MAX_REDIRECTS", 3, "Redirects followed per URL.")
-    allowed_private_hosts: str = _setting(
+    fetch_max_redirects: int = setting(
+        "VQ_FETCH_MAX_REDIRECTS", 3, "Redirects followed per URL.", WORKER_ONLY
+    )
+    allowed_private_hosts: str = setting(
         "VQ_ALLOWED_PRIVATE_HOSTS",
         "",
         "Comma-separated `host:port` entries a worker may fetch from even though they resolve "
         "to private addresses (private deployments only); a bare `host` allows ports 80 and "
         "443 only.",
+        ALL,
+        same=True,
     )
-    local_image_roots: str = _setting(
+    local_image_roots: str = setting(
         "VQ_LOCAL_IMAGE_ROOTS",
         "",
         "Comma-separated folders a worker may read `path` images from; empty disables paths.",
+        WORKER_ONLY,
     )
     # Worker
-    model: str = _setting(
-        "VQ_MODEL", "microsoft/Phi-3-vision-128k-instruct", "Local folder or Hugging Face id."
+    model: str = setting(
+        "VQ_MODEL",
+        "microsoft/Phi-3-vision-128k-instruct",
+        "Local folder or Hugging Face id.",
+        WORKER_ONLY,
+        same=True,
     )
-    device: str = _setting("VQ_DEVICE", "auto", "cuda:N, cpu, or auto (first GPU, else CPU).")
-    dtype: str = _setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.")
-    attention: str = _setting("VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.")
-    max_batch: int = _setting(
+    device: str = setting(
+        "VQ_DEVICE", "auto", "cuda:N, cpu, or auto (first GPU, else CPU).", WORKER_ONLY
+    )
+    dtype: str = setting("VQ_DTYPE", "auto", "bfloat16, float16, float32, or auto.", WORKER_ONLY)
+    attention: str = setting(
+        "VQ_ATTENTION", "auto", "sdpa, flash_attention_2, eager, or auto.", WORKER_ONLY
+    )
+    max_batch: int = setting(
         "VQ_MAX_BATCH",
         0,
         "Requests a worker runs at once (its slots, decoded together in one batch); "
         "0 = 1 on CPU, 16 on CUDA (see docs/benchmarks.md).",
+        WORKER_ONLY,
     )
-    kv_cache_positions: int = _setting(
+    kv_cache_positions: int = setting(
         "VQ_KV_CACHE_POSITIONS",
         0,
         "KV cache positions the worker preallocates for all its requests together; "
         "0 = what free device memory allows (CUDA) or a quarter of free RAM (CPU).",
+        WORKER_ONLY,
     )
-    prefill_chunk_tokens: int = _setting(
+    prefill_chunk_tokens: int = setting(
         "VQ_PREFILL_CHUNK_TOKENS",
         0,
         "Prompt positions prefilled per step while other requests decode; 0 = 1024 on "
         "CUDA, whole prompts on CPU.",
+        WORKER_ONLY,
     )
-    worker_name: str = _setting(
+    worker_name: str = setting(
         "VQ_WORKER_NAME",
         "",
         "Worker node name; default gpu-<device>@host, gpu-<device>-2@host for a second "
         "worker on that device and host. Two running workers on one host never share one.",
+        WORKER_ONLY,
     )
-    metrics_port: int = _setting("VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.")
-    metrics_address: str = _setting(
+    metrics_port: int = setting(
+        "VQ_METRICS_PORT", 0, "Prometheus metrics port; 0 turns it off.", WORKER_ONLY
+    )
+    metrics_address: str = setting(
         "VQ_METRICS_ADDRESS",
         "127.0.0.1",
         "Address the metrics server binds to; 0.0.0.0 (or ::) for a Prometheus on another host.",
+        WORKER_ONLY,
     )
-    health_file: str = _setting(
+    health_file: str = setting(
         "VQ_HEALTH_FILE",
         "",
         "Heartbeat file for the health commands; default in the temp dir, named after the "
         "worker (`worker health` without a name finds the running ones there).",
+        WORKER_ONLY,
     )
-    heartbeat_interval_s: float = _setting(
-        "VQ_HEARTBEAT_INTERVAL_S", 2.0, "How often the worker refreshes its health file."
+    heartbeat_interval_s: float = setting(
+        "VQ_HEARTBEAT_INTERVAL_S",
+        2.0,
+        "How often the worker refreshes its health file.",
+        WORKER_ONLY,
     )
-    stuck_task_grace_s: float = _setting(
+    stuck_task_grace_s: float = setting(
         "VQ_STUCK_TASK_GRACE_S",
         120.0,
         "A task busy longer than VQ_TASK_TIME_LIMIT_S plus this is stuck: readiness fails; "
         "after as long again the worker hands the message back and exits (code 4).",
+        WORKER_ONLY,
     )
-    log_level: str = _setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.")
-    remote_control: str = _setting(
+    log_level: str = setting("VQ_LOG_LEVEL", "INFO", "Log level of both sides.", SERVERS)
+    remote_control: str = setting(
         "VQ_REMOTE_CONTROL",
         "restricted",
         "Celery remote-control commands a worker answers: `restricted` (inspection, cancel "
         "and Flower's event switch; shutdown, pool and consumer changes are refused) or "
         "`full` (every Celery command, Flower's buttons included). docs/security.md.",
+        WORKER_ONLY,
     )
     # Webhooks (sent by workers)
-    webhook_secret: str = _setting(
+    webhook_secret: str = setting(
         "VQ_WEBHOOK_SECRET",
         "",
         "HMAC-SHA256 key that signs webhook bodies; empty: callback_url is refused.",
+        SERVERS,
+        same=True,
         secret=True,
     )
-    webhook_max_attempts: int = _setting(
-        "VQ_WEBHOOK_MAX_ATTEMPTS", 5, "Deliveries tried per webhook before it is dropped."
+    webhook_max_attempts: int = setting(
+        "VQ_WEBHOOK_MAX_ATTEMPTS",
+        5,
+        "Deliveries tried per webhook before it is dropped.",
+        WORKER_ONLY,
     )
-    webhook_backoff_s: float = _setting(
-        "VQ_WEBHOOK_BACKOFF_S", 1.0, "Delay before the second webhook attempt; doubles each time."
+    webhook_backoff_s: float = setting(
+        "VQ_WEBHOOK_BACKOFF_S",
+        1.0,
+        "Delay before the second webhook attempt; doubles each time.",
+        WORKER_ONLY,
     )
-    webhook_timeout_s: float = _setting(
-        "VQ_WEBHOOK_TIMEOUT_S", 10.0, "Deadline of one webhook attempt (connect, send, answer)."
+    webhook_timeout_s: float = setting(
+        "VQ_WEBHOOK_TIMEOUT_S",
+        10.0,
+        "Deadline of one webhook attempt (connect, send, answer).",
+        WORKER_ONLY,
     )
-    webhook_allowed_private_hosts: str = _setting(
+    webhook_allowed_private_hosts: str = setting(
         "VQ_WEBHOOK_ALLOWED_PRIVATE_HOSTS",
         "",
         "Comma-separated callback hosts allowed although they resolve to private addresses: "
         "host:port, or a bare host for ports 80 and 443 only.",
+        ALL,
+        same=True,
     )
     # HTTP gateway (`producer serve`)
-    api_keys: str = _setting(
+    api_keys: str = setting(
         "VQ_API_KEYS",
         "",
         "Comma-separated gateway API keys (at least 20 characters each), or their SHA-256 "
         "as sha256:<hex>. Only hashes are kept in memory.",
+        GATEWAY_ONLY,
+        same=True,
         secret=True,
     )
-    gateway_allow_anonymous: bool = _setting(
+    gateway_allow_anonymous: bool = setting(
         "VQ_GATEWAY_ALLOW_ANONYMOUS",
         False,
         "Serve without API keys (all callers share one limit). Off: no keys, no start.",
+        GATEWAY_ONLY,
     )
-    gateway_model_name: str = _setting(
+    gateway_model_name: str = setting(
         "VQ_GATEWAY_MODEL_NAME",
         "phi-3-vision-128k-instruct",
         "Model id the OpenAI API lists and answers with.",
+        GATEWAY_ONLY,
     )
-    gateway_max_body_bytes: int = _setting(
-        "VQ_GATEWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, "Largest request body the gateway reads."
+    gateway_max_body_bytes: int = setting(
+        "VQ_GATEWAY_MAX_BODY_BYTES",
+        64 * 1024 * 1024,
+        "Largest request body the gateway reads.",
+        GATEWAY_ONLY,
     )
-    gateway_cors_origins: str = _setting(
+    gateway_cors_origins: str = setting(
         "VQ_GATEWAY_CORS_ORIGINS",
         "",
         "Comma-separated origins browsers may call the gateway from; empty: CORS off.",
+        GATEWAY_ONLY,
     )
-    gateway_requests_per_minute: int = _setting(
-        "VQ_GATEWAY_REQUESTS_PER_MINUTE", 600, "Requests per API key per minute; 0: no limit."
+    gateway_requests_per_minute: int = setting(
+        "VQ_GATEWAY_REQUESTS_PER_MINUTE",
+        600,
+        "Requests per API key per minute; 0: no limit.",
+        GATEWAY_ONLY,
     )
-    gateway_request_burst: int = _setting(
-        "VQ_GATEWAY_REQUEST_BURST", 60, "Requests an API key may send at once above the rate."
+    gateway_request_burst: int = setting(
+        "VQ_GATEWAY_REQUEST_BURST",
+        60,
+        "Requests an API key may send at once above the rate.",
+        GATEWAY_ONLY,
     )
-    gateway_max_tasks_per_key: int = _setting(
+    gateway_max_tasks_per_key: int = setting(
         "VQ_GATEWAY_MAX_TASKS_PER_KEY",
         32,
         "Unfinished tasks (queued or running) per API key; 0: no limit.",
+        GATEWAY_ONLY,
     )
-    gateway_wait_timeout_s: float = _setting(
+    gateway_wait_timeout_s: float = setting(
         "VQ_GATEWAY_WAIT_TIMEOUT_S",
         900.0,
         "Longest a chat completion waits for its task before answering 504 (and cancelling).",
+        GATEWAY_ONLY,
     )
 
     # Derived values -----------------------------------------------------------------
@@ -326,8 +433,18 @@ class Settings:
     # Construction -------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every variable, convert and validate; raise one SettingsError naming all faults."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        reader: Reader | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Read every variable, convert and validate; raise one SettingsError naming all faults.
+
+        With a `reader`, only the fields that process reads are checked: a value another
+        process reads is kept if it converts, else its default stays (never an error here).
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         problems: list[str] = []
@@ -339,19 +456,27 @@ class Settings:
             if raw is None or raw == "":
                 continue
             try:
-                values[f.name] = _CONVERTERS[type(f.default)](raw)
+                values[f.name] = convert(raw, type(f.default))
             except ValueError:
-                problems.append(
-                    f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
-                )
+                if reads(f, reader):
+                    problems.append(
+                        f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
+                    )
         if problems:
             raise SettingsError("; ".join(problems))
         settings = cls(**values)
-        settings.validate()
+        settings.validate(reader)
         return settings
 
-    def validate(self) -> None:
-        problems = settings_problems(self)
+    def validate(self, reader: Reader | None = None) -> None:
+        """Raise one SettingsError naming every broken rule: over every field, or only the
+        fields `reader` reads."""
+        every = fields(self)
+        problems = settings_problems(
+            {f.name: getattr(self, f.name) for f in every},
+            {f.name: f.metadata["env"] for f in every},
+            {f.name for f in every if reads(f, reader)},
+        )
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -373,18 +498,7 @@ class Settings:
     __str__ = __repr__
 
 
-_CONVERTERS: dict[type, Callable[[str], Any]] = {
-    str: str,
-    int: lambda raw: int(raw.strip()),
-    float: lambda raw: float(raw.strip()),
-    bool: parse_bool,
-}
-
-
 def settings_table() -> str:
-    """The Markdown table of every environment variable, its default and meaning."""
-    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for f in fields(Settings):
-        default = f.default if f.default != "" else "(empty)"
-        lines.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
-    return "\n".join(lines) + "\n"
+    """The Markdown table of every environment variable: its default, the processes that
+    read it, whether every host must agree on it, and its meaning (docs/settings.md)."""
+    return markdown_table(fields(Settings))

@@ -4,7 +4,7 @@ worker run --model PATH_OR_ID [--device cuda:0] [--queues gpu] [--name NAME] [--
 worker infer --model PATH_OR_ID --task describe --image photo.jpg [--json]
 worker health --live | --ready [--name NAME | --health-file PATH]
 worker dead-letters [--limit N]   # messages refused at the door: metadata, never bytes
-worker settings            # every setting, secrets masked
+worker settings            # every setting (secrets masked), who reads it, must it match
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import NoReturn
 
 from vision_queue.cli_support import add_version_option, quiet_pipe
+from vision_queue.setting_fields import readers_text, same_text
 from vision_queue.settings import Settings, SettingsError
 
 EXIT_USAGE = 2
@@ -74,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
 
-    commands.add_parser("settings", help="print every setting (secrets masked)")
+    commands.add_parser(
+        "settings",
+        help="print every setting (secrets masked), the processes that read it and whether "
+        "every host must give it the same value",
+    )
     return parser
 
 
@@ -94,7 +100,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return infer_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env(None, **_overrides(args))
+        settings = Settings.from_env(None, reader="worker", **_overrides(args))
     except SettingsError as exc:
         print(f"worker: invalid settings: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -109,9 +115,21 @@ def _main(argv: Sequence[str] | None) -> int:
         return _health(settings, args)
     if args.command == "dead-letters":
         return _dead_letters(settings, args.limit)
-    for name, value in settings.masked().items():
-        print(f"{name}={value}")
+    _print_settings(settings)
     return 0
+
+
+def _print_settings(settings: Settings) -> None:
+    """Every setting as NAME=value (secrets masked), after the processes that read it and
+    whether every host must give it the same value (docs/settings.md: the same columns)."""
+    masked = settings.masked()
+    rows = [("read by", "same", "setting")]
+    for f in fields(settings):
+        env = f.metadata["env"]
+        rows.append((readers_text(f), same_text(f), f"{env}={masked[env]}"))
+    width = max(len(readers) for readers, _, _ in rows)
+    for readers, same, text in rows:
+        print(f"{readers:<{width}}  {same:<4}  {text}")
 
 
 def _pause_collector_until_consuming() -> None:

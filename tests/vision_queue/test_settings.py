@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from vision_queue.protocol import TaskName
 from vision_queue.redis_urls import mask_url
+from vision_queue.setting_fields import READERS
 from vision_queue.settings import Settings, SettingsError, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,3 +140,111 @@ def test_the_metrics_server_binds_to_loopback_unless_told():
     assert Settings.from_env({"VQ_METRICS_ADDRESS": "0.0.0.0"}).metrics_address == "0.0.0.0"
     with pytest.raises(SettingsError, match="VQ_METRICS_ADDRESS"):
         Settings.from_env({"VQ_METRICS_ADDRESS": "not an address!"})
+
+
+# --- Who reads each setting ---------------------------------------------------------------
+
+WORKER_ONLY_FAULTS = [
+    {"VQ_MAX_BATCH": "-1"},
+    {"VQ_MAX_BATCH": "sixteen"},
+    {"VQ_KV_CACHE_POSITIONS": "-5"},
+    {"VQ_TASK_TIME_LIMIT_S": "600", "VQ_VISIBILITY_TIMEOUT_S": "60"},
+    {"VQ_LEASE_TTL_S": "1", "VQ_HEARTBEAT_INTERVAL_S": "2"},
+    {"VQ_REMOTE_CONTROL": "everything"},
+    {"VQ_METRICS_ADDRESS": "not an address!"},
+    {"VQ_METRICS_PORT": "70000"},
+]
+GATEWAY_ONLY_FAULTS = [
+    {"VQ_API_KEYS": "too-short"},
+    {"VQ_GATEWAY_MAX_BODY_BYTES": "0"},
+    {"VQ_GATEWAY_ALLOW_ANONYMOUS": "maybe"},
+]
+CLIENT_FAULTS = [
+    ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+    ({"VQ_QUEUE": "gpu queue"}, "VQ_QUEUE"),
+    ({"VQ_MAX_IMAGES": "0"}, "VQ_MAX_IMAGES"),
+    ({"VQ_MAX_NEW_TOKENS_CAPS": "paint=3"}, "VQ_MAX_NEW_TOKENS_CAPS"),
+    ({"VQ_CONNECT_TIMEOUT_S": "soon"}, "VQ_CONNECT_TIMEOUT_S"),
+    ({"REDIS_URL": "sentinel://s:26379"}, "VQ_REDIS_SENTINEL_MASTER"),
+]
+
+
+def test_every_setting_names_its_readers_and_whether_hosts_must_agree():
+    for f in fields(Settings):
+        readers = f.metadata["readers"]
+        assert readers and set(readers) <= set(READERS), f.metadata["env"]
+        assert list(readers) == [r for r in READERS if r in readers], f.metadata["env"]
+        assert isinstance(f.metadata["same"], bool), f.metadata["env"]
+        # The gateway serves through an AsyncClient: it reads whatever a client reads.
+        assert "client" not in readers or "gateway" in readers, f.metadata["env"]
+
+
+def test_the_docs_table_shows_every_setting_with_its_readers_and_same_column():
+    docs = (ROOT / "docs" / "settings.md").read_text()
+    rows = {
+        line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in docs.splitlines()
+        if line.startswith("| `")
+    }
+    assert set(rows) == {f.metadata["env"] for f in fields(Settings)}
+    for f in fields(Settings):
+        _, read_by, same, _ = rows[f.metadata["env"]]
+        assert read_by == ", ".join(f.metadata["readers"])
+        assert same == ("yes" if f.metadata["same"] else "no")
+
+
+@pytest.mark.parametrize("env", WORKER_ONLY_FAULTS + GATEWAY_ONLY_FAULTS)
+def test_a_client_ignores_settings_only_a_worker_or_the_gateway_reads(env):
+    Settings.from_env(env, reader="client")
+    with pytest.raises(SettingsError):  # a process that reads them all still hears about it
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(("env", "named"), CLIENT_FAULTS)
+def test_a_client_still_refuses_a_bad_setting_it_reads(env, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env, reader="client")
+
+
+@pytest.mark.parametrize("env", WORKER_ONLY_FAULTS)
+def test_a_worker_refuses_a_bad_setting_it_reads(env):
+    with pytest.raises(SettingsError):
+        Settings.from_env(env, reader="worker")
+
+
+@pytest.mark.parametrize("env", GATEWAY_ONLY_FAULTS)
+def test_a_worker_ignores_settings_only_the_gateway_reads(env):
+    Settings.from_env(env, reader="worker")
+    with pytest.raises(SettingsError):
+        Settings.from_env(env, reader="gateway")
+
+
+def test_an_unconvertible_value_a_reader_skips_keeps_its_default():
+    settings = Settings.from_env({"VQ_MAX_BATCH": "sixteen", "VQ_QUEUE": "q"}, reader="client")
+    assert settings.max_batch == 0 and settings.queue == "q"
+    assert Settings.from_env({"VQ_MAX_BATCH": "-1"}, reader="client").max_batch == -1
+
+
+def test_a_secret_stays_masked_whoever_reads_it():
+    settings = Settings.from_env({"VQ_API_KEYS": "short-secret"}, reader="client")
+    assert "short-secret" not in repr(settings)
+    assert settings.masked()["VQ_API_KEYS"] == "****"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "vision_queue.setting_checks",
+        "vision_queue.setting_values",
+        "vision_queue.setting_fields",
+        "vision_queue.sentinel",
+        "vision_queue.redis_urls",
+    ],
+)
+def test_the_settings_helpers_never_import_the_settings(module: str):
+    # Not even for type hints: the settings import them, so dependencies point one way.
+    source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert "vision_queue.settings" not in source and "import settings" not in source
+    code = f"import sys, {module}; print('vision_queue.settings' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
