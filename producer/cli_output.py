@@ -24,7 +24,7 @@ def tasks_help(settings: Settings | None = None) -> str:
     """The per-task rules, from the contract and the token caps this client enforces."""
     if settings is None:
         try:
-            settings = Settings.from_env()
+            settings = Settings.from_env(reader="client")
         except SettingsError:
             settings = Settings()
     caps = settings.token_caps

@@ -7,4 +7,4 @@ reads task events and results exactly as they are stored.
 from vision_queue.celery_config import make_celery_app
 from vision_queue.settings import Settings
 
-app = make_celery_app(Settings.from_env())
+app = make_celery_app(Settings.from_env(reader="client"))

@@ -392,8 +392,6 @@ class Settings:
         GATEWAY_ONLY,
     )
 
-    # Derived values -----------------------------------------------------------------
-
     @property
     def effective_broker_url(self) -> str:
         return normalize_redis_url(self.broker_url or self.redis_url)
@@ -429,8 +427,6 @@ class Settings:
     def api_key_digests(self) -> frozenset[str]:
         """SHA-256 (hex) of every configured API key; the keys themselves are not kept."""
         return frozenset(key_digest(entry) for entry in split_list(self.api_keys))
-
-    # Construction -------------------------------------------------------------------
 
     @classmethod
     def from_env(
@@ -499,6 +495,5 @@ class Settings:
 
 
 def settings_table() -> str:
-    """The Markdown table of every environment variable: its default, the processes that
-    read it, whether every host must agree on it, and its meaning (docs/settings.md)."""
+    """docs/settings.md's table: every variable, its default, readers, agreement, meaning."""
     return markdown_table(fields(Settings))

@@ -98,7 +98,7 @@ def infer_main(argv: list[str]) -> int:
     began = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
-        settings = Settings.from_env()
+        settings = Settings.from_env(reader="worker")
         request = _task_request(args, settings)
         fetch_began = time.perf_counter()
         images = [_load_image(ref, settings) for ref in request.images]

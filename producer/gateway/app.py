@@ -37,7 +37,7 @@ Authenticate with `Authorization: Bearer <API key>`. Errors have OpenAI's shape,
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings.from_env()
+    settings = settings or Settings.from_env(reader="gateway")
     keys = KeyRing(settings.api_key_digests, allow_anonymous=settings.gateway_allow_anonymous)
     if not settings.api_key_digests and not keys.allow_anonymous:
         raise SettingsError(

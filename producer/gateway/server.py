@@ -12,7 +12,7 @@ def serve(host: str, port: int, workers: int = 1) -> None:
     """Block serving HTTP until interrupted; settings come from the environment."""
     import uvicorn
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(reader="gateway")
     from producer.gateway.app import create_app
 
     create_app(settings)  # refuses a bad configuration here, before any process starts

@@ -639,6 +639,7 @@ def test_build_context_holds_only_what_pip_install_needs():
     # Deny everything first: .git, .venv, .env (secrets), tests/data and caches stay out.
     assert patterns[0] == "*"
     let_in = {p[1:] for p in patterns if p.startswith("!")}
-    assert let_in <= {"pyproject.toml", "README.md", "LICENSE", "producer", "worker"}
-    assert {"pyproject.toml", "producer", "worker"} <= let_in
+    packages = {"producer", "vision_queue", "worker"}
+    assert let_in <= {"pyproject.toml", "README.md", "LICENSE", *packages}
+    assert {"pyproject.toml", *packages} <= let_in
     assert "**/__pycache__" in patterns
