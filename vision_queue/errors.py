@@ -143,10 +143,10 @@ class WaitTimeout(ClientError):
     """The task did not finish within the time the caller was willing to wait."""
 
 
-# The module name Celery stores with a failure (`exc_module`). It is part of the wire format:
-# results stored by earlier releases, and the clients of earlier releases, carry and expect
-# this name, which is where the class lived before the contract had a package of its own.
-FAILURE_EXC_MODULE = "producer.errors"
+# The module names Celery stores with a failure (`exc_module`): this class's module, and
+# the one it had before the contract got a package of its own, which results stored by
+# earlier workers still carry. Readers accept both; workers write the first.
+FAILURE_EXC_MODULES = ("vision_queue.errors", "producer.errors")
 
 
 class TaskFailed(Exception):
@@ -157,7 +157,6 @@ class TaskFailed(Exception):
     exactly. Only JSON is accepted, so this never executes anything on the reader's side.
     """
 
-    __module__ = FAILURE_EXC_MODULE  # what Celery writes as `exc_module`: see above
 
     def __init__(self, result: dict[str, Any]) -> None:
         super().__init__(result)

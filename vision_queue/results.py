@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
-from vision_queue.errors import FAILURE_EXC_MODULE, Cancelled, UnknownTaskId
+from vision_queue.errors import FAILURE_EXC_MODULES, Cancelled, UnknownTaskId
 from vision_queue.protocol import FINAL_STATES, PROGRESS_STATE, RESULT_KEY, SUBMITTED_KEY, TaskName
 from vision_queue.schemas import preview
 
@@ -192,7 +192,7 @@ def failure_carried(value: Any) -> dict[str, Any] | None:
     """The failure result inside Celery's JSON form of `vision_queue.errors.TaskFailed`."""
     if not isinstance(value, dict) or value.get("exc_type") != "TaskFailed":
         return None
-    if value.get("exc_module") != FAILURE_EXC_MODULE:
+    if value.get("exc_module") not in FAILURE_EXC_MODULES:
         return None
     args = value.get("exc_message")
     if isinstance(args, list) and len(args) == 1 and isinstance(args[0], dict):
@@ -202,7 +202,7 @@ def failure_carried(value: Any) -> dict[str, Any] | None:
 
 def task_failed_json(result: dict[str, Any]) -> dict[str, Any]:
     """The inverse of `failure_carried`: what workers store as a failure's `result`."""
-    return {"exc_type": "TaskFailed", "exc_module": FAILURE_EXC_MODULE, "exc_message": [result]}
+    return {"exc_type": "TaskFailed", "exc_module": FAILURE_EXC_MODULES[0], "exc_message": [result]}
 
 
 def _describe_exception(value: Any) -> str:

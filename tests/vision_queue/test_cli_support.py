@@ -53,8 +53,10 @@ SWALLOWING_WAIT = """
 import sys, time
 from vision_queue.cli_support import CtrlC
 ctrl_c = CtrlC("interrupted: bye", 130, grace_s=float(sys.argv[1]))
-print("waiting", flush=True)
 with ctrl_c:
+    # Only now is the handler in place: a Ctrl+C sent before this line would end the child
+    # through Python's default handler instead, and the test would race with it.
+    print("waiting", flush=True)
     while True:
         try:
             time.sleep(0.05)
