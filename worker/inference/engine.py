@@ -47,6 +47,9 @@ from worker.inference.engine_setup import (
     resolve_device,
     resolve_dtype,
 )
+
+# Re-exported: callers of `Engine.load(EngineConfig(...))` import both names from here.
+from worker.inference.engine_setup import EngineConfig as EngineConfig
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
@@ -63,20 +66,6 @@ _POLL_S = 0.1
 # Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
 # bandwidth argument); on the CPU batching only amortises overheads, so 1.
 CUDA_DEFAULT_MAX_BATCH = 16
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # local folder or Hub id
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
-    num_crops: int | None = None  # default from preprocessor_config.json
-    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
-    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
-    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
-    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
-    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
 
 
 @dataclass(frozen=True)

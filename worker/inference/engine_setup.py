@@ -1,4 +1,4 @@
-"""Start-up choices for the engine: device, dtype, attention kernel, and the batch's sizes.
+"""Engine setup with EngineConfig: device, dtype, attention kernel, and the batch's sizes.
 
 Everything here runs once in `Engine.load`; nothing is on a request's path.
 """
@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,9 +21,6 @@ from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner
 from worker.model.modeling import KERNELS, Phi3VForCausalLM
 
-if TYPE_CHECKING:
-    from worker.inference.engine import EngineConfig
-
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +29,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _CUDA_PREFILL_CHUNK = 1024
 # Memory kept free on CUDA for activations (prefill chunks, the image tower) and graphs.
 _CUDA_RESERVE_FRACTION, _CUDA_RESERVE_MIN = 0.10, 2 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local folder or Hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    num_crops: int | None = None  # default from preprocessor_config.json
+    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
+    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
+    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
+    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
+    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
 
 
 @dataclass(frozen=True)
