@@ -30,7 +30,7 @@ import gc
 import logging
 import queue
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,20 +139,16 @@ class Engine:
         self.vocabulary = Vocabulary(processor.tokenizer)
         self.num_crops = num_crops
         self.max_batch = batching.max_rows
-        # Image tower work per scheduler step when prompts are chunked: 16 crops (about
-        # 5.5 TFLOP on ViT-L) is about the cost of a 1,024-token chunk of the full model.
-        chunk = batching.prefill_chunk_tokens
-        self.vision_unit_crops = max(1, chunk // 64) if chunk else None
         self.pool = batching.pool
         self.runner = batching.runner
         self.scheduler = Scheduler(
             batching.runner,
             batching.pool,
-            self.embed_job,
             stop_ids=processor.stop_token_ids,
             max_rows=batching.max_rows,
             max_row_positions=batching.max_row_positions,
             prefill_chunk_tokens=batching.prefill_chunk_tokens,
+            vision_unit_crops=batching.vision_unit_crops,
             recover=self._recover,
         )
         self._torch_device = device
@@ -306,46 +302,6 @@ class Engine:
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         decode_fault = faults.fault_for(text) == "decode_oom"
         return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
-
-    def embed_job(self, job: Job) -> Generator[None, None, torch.Tensor]:
-        """Device thread: the prompt's embeddings, the image tower in units.
-
-        Each `yield` ends one unit of at most `vision_unit_crops` crops (all of them when
-        prompts are not chunked), so the scheduler can run decode steps between units; the
-        value returned is the embeddings. Units depend on the request alone.
-        """
-        encoded = job.encoded
-        grids = [(hd.rows, hd.cols) for hd in encoded.images]
-        vision = self.model.model.vision_embed_tokens
-        features: list[torch.Tensor] = []
-        if job.crops is not None and grids:
-            crops: torch.Tensor = job.crops
-            job.crops = None  # the device copy below is all that is needed from here on
-            unit = self.vision_unit_crops or int(crops.shape[0])
-            for group in crops.split(unit):
-                features.append(vision.crop_features(group))
-                yield
-            del crops
-        projected = vision.project(torch.cat(features), grids) if features else []
-        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
-        return vision.place(input_ids, projected, [(s.start, s.length) for s in encoded.spans])
-
-    def embed(self, encoded: EncodedPrompt, crops: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompt's input embeddings, each image's features written into its positions.
-
-        Call under `torch.inference_mode()`; `crops` (CPU or device) defaults to the
-        processor's.
-        """
-        if crops is None and encoded.images:
-            crops = self.processor.crops(encoded)
-        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
-        embeds: torch.Tensor = self.model.model.vision_embed_tokens(
-            input_ids,
-            crops,
-            [(hd.rows, hd.cols) for hd in encoded.images],
-            [(span.start, span.length) for span in encoded.spans],
-        )
-        return embeds
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

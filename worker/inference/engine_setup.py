@@ -55,6 +55,16 @@ class Batching:
     max_row_positions: int
     prefill_chunk_tokens: int | None
 
+    @property
+    def vision_unit_crops(self) -> int | None:
+        """Image crops per prefill unit: none apart from whole prompts when not chunked.
+
+        16 crops (about 5.5 TFLOP on ViT-L) cost about what a 1,024-token chunk of the
+        full model does, so a unit of either delays the running decodes about as long.
+        """
+        chunk = self.prefill_chunk_tokens
+        return max(1, chunk // 64) if chunk else None
+
     def describe(self) -> str:
         runner = self.runner
         return (
