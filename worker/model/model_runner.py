@@ -69,7 +69,7 @@ class PromptPrefill:
     crops: torch.Tensor | None = None  # every image's crops (CPU or device), in order
     grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image
     spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) per image
-    crops_encoded: int = 0
+    crops_encoded: int = 0  # crops already through the image tower
     features: list[torch.Tensor] = field(default_factory=list)  # CLIP features, per unit
     embeds: torch.Tensor | None = None  # [1, L, hidden] once the image tower is done
     offset: int = 0  # positions already in the KV region
@@ -175,8 +175,9 @@ class ModelRunner:
     def encode_unit(self, prompt: PromptPrefill, max_crops: int | None = None) -> bool:
         """One unit of the prompt's image tower; True once `prompt.embeds` is complete.
 
-        The unit that encodes the last crops returns False: projecting and placing the
-        features is left to the next call, so each call stays within one unit of work.
+        The unit that encodes the last crops returns False: the projection (small next to
+        a group of crops) is left to the next call, which `prefill_unit` follows with the
+        first chunk, so the tower's groups and the prompt's chunks are one step each.
         """
         vision = self.model.model.vision_embed_tokens
         with model_errors("image encoding"):
@@ -189,7 +190,7 @@ class ModelRunner:
                 return False
             features, prompt.features, prompt.crops = prompt.features, [], None
             projected = vision.project(torch.cat(features), prompt.grids) if features else []
-            del features
+            del features  # every crop's CLIP features: gone before the embeddings exist
             input_ids = torch.tensor([prompt.input_ids], device=self.device)
             prompt.embeds = vision.place(input_ids, projected, prompt.spans)
         return True
