@@ -49,6 +49,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from worker.inference.control import RunControl  # noqa: E402
 from worker.inference.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 
 TINY = ROOT / "tests" / "data" / "phi3v-reference" / "model"
@@ -147,6 +148,19 @@ def bench_engine(args: argparse.Namespace, make_engine: Callable[[int], Engine])
     return levels
 
 
+class _TokenStamps(RunControl):
+    """When each token of the running request arrived; `started` once it is decoding."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.started = threading.Event()
+
+    def on_token(self, count: int) -> None:
+        self.times.append(time.perf_counter())
+        if count == 5:
+            self.started.set()
+
+
 def bench_prefill_stall(args: argparse.Namespace) -> dict[str, Any]:
     """Longest gap between a running request's tokens while a 3,876-token prompt arrives."""
     from support.reference import case_request
@@ -156,27 +170,19 @@ def bench_prefill_stall(args: argparse.Namespace) -> dict[str, Any]:
         engine = Engine.load(
             EngineConfig(model=str(TINY), device="cpu", max_batch=2, prefill_chunk_tokens=chunk)
         )
-        stamps: list[float] = []
-        started = threading.Event()
-
-        def on_token(
-            count: int, stamps: list[float] = stamps, started: threading.Event = started
-        ) -> None:
-            stamps.append(time.perf_counter())
-            if count == 5:
-                started.set()
-
+        stamps = _TokenStamps()
         runner = threading.Thread(
             target=engine.generate,
-            args=(GenerationRequest("Tell a long story.", [], 400, on_token=on_token),),
+            args=(GenerationRequest("Tell a long story.", [], 400, control=stamps),),
         )
         runner.start()
-        started.wait()
+        stamps.started.wait()
         arrived = time.perf_counter()
         engine.generate(case_request("long_two_images_c16", max_new_tokens=1))
         runner.join()
-        during = [b - a for a, b in itertools.pairwise(stamps) if b > arrived]
-        steady = statistics.median(b - a for a, b in itertools.pairwise(stamps[:6]))
+        times = stamps.times
+        during = [b - a for a, b in itertools.pairwise(times) if b > arrived]
+        steady = statistics.median(b - a for a, b in itertools.pairwise(times[:6]))
         figures[f"chunk_{chunk or 'whole'}"] = {
             "longest_gap_ms": round(max(during) * 1e3, 1),
             "steady_gap_ms": round(steady * 1e3, 2),

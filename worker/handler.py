@@ -2,8 +2,10 @@
 
 It knows nothing of Celery: `tasks.py` binds it to the queue and decides what an
 outcome means for retries. Everything a request needs arrives through `TaskContext`,
-so no global state sits on this path. A task stopped while generating (cancelled, out of
-time) keeps the text it generated so far and its usage in `result`.
+so no global state sits on this path; what steers and watches its generation (cancel,
+deadline, lease, progress, streamed text) is one `TaskControl`, which `tasks.py` builds
+once per run and the engine calls between tokens. A task stopped while generating
+(cancelled, out of time) keeps the text it generated so far and its usage in `result`.
 """
 
 from __future__ import annotations
@@ -22,68 +24,15 @@ from vision_queue.schemas import ImageRef, ImageSource, TaskRequest, parse_reque
 from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
 from worker.fetch import fetch_image_bytes, read_local_image
+from worker.inference.control import RunControl
 from worker.inference.engine import Engine, GenerationRequest
 
 if TYPE_CHECKING:
     import redis
 
 
-@dataclass
-class TaskContext:
-    """What one run of a task needs besides its message."""
-
-    task_id: str
-    settings: Settings
-    engine: Engine
-    redis: redis.Redis
-    worker_name: str
-    started_at: float = field(default_factory=time.time)
-    # Polled between tokens; returns True once the task is cancelled.
-    is_cancelled: Callable[[], bool] = lambda: False
-    # Told the number of tokens generated so far (progress for clients).
-    on_progress: Callable[[int], None] = lambda tokens: None
-    # Given each new piece of text as soon as it is final (the task's stream).
-    on_text: Callable[[str], None] = lambda text: None
-    # Polled between tokens; False once this worker no longer holds the task's lease.
-    still_ours: Callable[[], bool] = lambda: True
-
-
 class LeaseLost(Exception):
     """This worker lost the task to another (it froze or was cut off): stop, store nothing."""
-
-
-def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
-    """Run one request, filling `result` as it goes (a failure still reports its timings)."""
-    request = parse_request(message, ctx.settings)
-    result.timings.queued = max(0.0, ctx.started_at - request.submitted_at)
-    deadline = ctx.started_at + ctx.settings.task_time_limit_s
-    _stop_if_needed(ctx, deadline)
-
-    began = time.perf_counter()
-    blobs = [_load_bytes(ref, ctx.settings, ctx.redis) for ref in request.images]
-    result.timings.fetch = time.perf_counter() - began
-
-    limits = ImageLimits.from_settings(ctx.settings)
-    began = time.perf_counter()
-    images = [decode_image(blob, limits, deadline=deadline) for blob in blobs]
-    decode_s = time.perf_counter() - began
-
-    so_far = _SoFar()
-    try:
-        output = ctx.engine.generate(_generation_request(request, images, ctx, deadline, so_far))
-    except (Cancelled, TaskTimeout) as stopped:
-        so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
-        result.timings.preprocess = decode_s
-        result.timings.total = time.time() - ctx.started_at
-        raise
-
-    result.text = output.text
-    result.finish_reason = output.finish_reason
-    result.prompt_tokens = output.prompt_tokens
-    result.completion_tokens = output.completion_tokens
-    result.timings.preprocess = decode_s + output.preprocess_s
-    result.timings.generate = output.prefill_s + output.decode_s
-    result.timings.total = time.time() - ctx.started_at
 
 
 @dataclass
@@ -101,51 +50,111 @@ class _SoFar:
         result.finish_reason = finish_reason if self.prompt_tokens else ""
 
 
+@dataclass
+class TaskControl(RunControl):
+    """One run of a task as the engine sees it: stop when it must, report as it goes.
+
+    Stops (raises) once the lease is another worker's, the client cancelled, or the
+    deadline passed, in that order: a task that is no longer ours must not store even a
+    cancellation. Also records what was generated so far, for a task stopped midway.
+    """
+
+    task_id: str
+    deadline: float  # time.time() past which the task is out of time
+    time_limit_s: int  # named in the timeout's message
+    # False once this worker no longer holds the task's lease.
+    still_ours: Callable[[], bool] = lambda: True
+    # True once the task is cancelled; cheap enough to ask after every token.
+    is_cancelled: Callable[[], bool] = lambda: False
+    # Tokens generated so far (progress for clients); throttled by the callee.
+    report_progress: Callable[[int], None] = lambda tokens: None
+    # Each new piece of final text (the task's stream).
+    stream_text: Callable[[str], None] = lambda text: None
+    so_far: _SoFar = field(default_factory=_SoFar)
+
+    def check(self) -> None:
+        if not self.still_ours():
+            raise LeaseLost(f"task {self.task_id} is another worker's now")
+        if self.is_cancelled():
+            raise Cancelled("cancelled by the client")
+        if time.time() > self.deadline:
+            raise TaskTimeout(f"task ran longer than VQ_TASK_TIME_LIMIT_S={self.time_limit_s}s")
+
+    def on_prompt(self, tokens: int) -> None:
+        self.so_far.prompt_tokens = tokens
+
+    def on_token(self, count: int) -> None:
+        # Counted before the check, so a task stopped here reports this token's usage;
+        # progress only after it, so a stopped task reports none.
+        self.so_far.completion_tokens = count
+        self.check()
+        self.report_progress(count)
+
+    def on_text(self, piece: str) -> None:
+        self.so_far.pieces.append(piece)
+        self.stream_text(piece)
+
+
+@dataclass
+class TaskContext:
+    """What one run of a task needs besides its message."""
+
+    task_id: str
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    worker_name: str
+    control: TaskControl
+    started_at: float = field(default_factory=time.time)
+
+
+def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
+    """Run one request, filling `result` as it goes (a failure still reports its timings)."""
+    request = parse_request(message, ctx.settings)
+    result.timings.queued = max(0.0, ctx.started_at - request.submitted_at)
+    control = ctx.control
+    control.check()
+
+    began = time.perf_counter()
+    blobs = [_load_bytes(ref, ctx.settings, ctx.redis) for ref in request.images]
+    result.timings.fetch = time.perf_counter() - began
+
+    limits = ImageLimits.from_settings(ctx.settings)
+    began = time.perf_counter()
+    images = [decode_image(blob, limits, deadline=control.deadline) for blob in blobs]
+    decode_s = time.perf_counter() - began
+
+    try:
+        output = ctx.engine.generate(_generation_request(request, images, ctx))
+    except (Cancelled, TaskTimeout) as stopped:
+        control.so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
+        result.timings.preprocess = decode_s
+        result.timings.total = time.time() - ctx.started_at
+        raise
+
+    result.text = output.text
+    result.finish_reason = output.finish_reason
+    result.prompt_tokens = output.prompt_tokens
+    result.completion_tokens = output.completion_tokens
+    result.timings.preprocess = decode_s + output.preprocess_s
+    result.timings.generate = output.prefill_s + output.decode_s
+    result.timings.total = time.time() - ctx.started_at
+
+
 def _generation_request(
-    request: TaskRequest,
-    images: list[Image.Image],
-    ctx: TaskContext,
-    deadline: float,
-    so_far: _SoFar,
+    request: TaskRequest, images: list[Image.Image], ctx: TaskContext
 ) -> GenerationRequest:
-    def on_token(count: int) -> None:
-        so_far.completion_tokens = count
-        _stop_if_needed(ctx, deadline)
-        ctx.on_progress(count)
-
-    def on_text(piece: str) -> None:
-        so_far.pieces.append(piece)
-        ctx.on_text(piece)
-
-    def on_prompt(tokens: int) -> None:
-        so_far.prompt_tokens = tokens
-
     return GenerationRequest(
         prompt=request.effective_prompt(),
         images=images,
         max_new_tokens=request.max_new_tokens(ctx.settings),
         num_crops=request.options.num_crops or ctx.settings.default_num_crops or None,
-        on_token=on_token,
-        # Waiting for a batch row, or prefilling: cancel and deadline still apply.
-        on_wait=lambda: _stop_if_needed(ctx, deadline),
         temperature=request.options.temperature,
         top_p=request.options.top_p,
         seed=request.options.seed,
         stop=request.options.stop,
-        on_text=on_text,
-        on_prompt=on_prompt,
+        control=ctx.control,
     )
-
-
-def _stop_if_needed(ctx: TaskContext, deadline: float) -> None:
-    if not ctx.still_ours():
-        raise LeaseLost(f"task {ctx.task_id} is another worker's now")
-    if ctx.is_cancelled():
-        raise Cancelled("cancelled by the client")
-    if time.time() > deadline:
-        raise TaskTimeout(
-            f"task ran longer than VQ_TASK_TIME_LIMIT_S={ctx.settings.task_time_limit_s}s"
-        )
 
 
 def _load_bytes(ref: ImageRef, settings: Settings, client: redis.Redis) -> bytes:

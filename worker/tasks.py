@@ -42,7 +42,7 @@ from vision_queue.settings import Settings
 from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import WebhookSender, notify_task_end
-from worker.handler import LeaseLost, TaskContext, handle
+from worker.handler import LeaseLost, TaskContext, TaskControl, handle
 
 if TYPE_CHECKING:
     from worker.broker.lease_keeper import LeaseKeeper
@@ -128,7 +128,7 @@ def execute(
         return _store_outcome(run, state)
     finally:
         runtime.health.task_finished(run.result.id)
-        _log_and_measure(runtime, run.result, run.outcome, run.ctx, run.delivery)
+        _log_and_measure(runtime, run.result, run.outcome, run.ctx.started_at, run.delivery)
         notify_task_end(runtime.webhooks, args, run.result.to_dict(), run.outcome)
 
 
@@ -144,16 +144,26 @@ def _start(task: Task, runtime: WorkerRuntime, name: TaskName) -> _Run:
         same_server=results.same_server,
     )
     retries = int(task.request.retries or 0)
+    settings = runtime.settings
+    started_at = time.time()
+    # Everything the engine asks and tells between tokens, in one object for the run.
+    control = TaskControl(
+        task_id,
+        deadline=started_at + settings.task_time_limit_s,
+        time_limit_s=settings.task_time_limit_s,
+        still_ours=lease.valid if lease is not None else (lambda: True),
+        is_cancelled=_CancelWatch(task_id, runtime.redis),
+        report_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
+        stream_text=stream.write,
+    )
     ctx = TaskContext(
         task_id=task_id,
-        settings=runtime.settings,
+        settings=settings,
         engine=runtime.engine,
         redis=runtime.redis,
         worker_name=runtime.name,
-        is_cancelled=_CancelWatch(task_id, runtime.redis),
-        on_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
-        on_text=stream.write,
-        still_ours=lease.valid if lease is not None else (lambda: True),
+        control=control,
+        started_at=started_at,
     )
     result = TaskResult(
         id=task_id,
@@ -291,10 +301,7 @@ def _revoked_handler(runtime: WorkerRuntime) -> Any:
             log.warning("task id=%s: cancellation not stored (%s)", task_id, exc)
             return
         if stored == STORED:
-            ctx = TaskContext(
-                task_id, runtime.settings, runtime.engine, runtime.redis, runtime.name
-            )
-            _log_and_measure(runtime, result, "cancelled", ctx, 0)
+            _log_and_measure(runtime, result, "cancelled", time.time(), 0)
 
     return on_revoked
 
@@ -380,10 +387,10 @@ class _ProgressReporter:
 
 
 def _log_and_measure(
-    runtime: WorkerRuntime, result: TaskResult, outcome: str, ctx: TaskContext, delivery: int
+    runtime: WorkerRuntime, result: TaskResult, outcome: str, started_at: float, delivery: int
 ) -> None:
     timings: Timings = result.timings
-    total = timings.total or (time.time() - ctx.started_at)
+    total = timings.total or (time.time() - started_at)
     # One line per task; never image bytes, URLs' query strings or prompts.
     log.info(
         "task id=%s task=%s outcome=%s duration_s=%.3f queued_s=%.3f prompt_tokens=%d "

@@ -7,15 +7,15 @@ step runs) and a `Scheduler` (who runs in it) with its own device thread.
 
 `Engine.generate(request)` may be called from many threads at once. Each call
 preprocesses its request on its own thread (chat template, HD transform, tokens, crops
-on the CPU), hands it to the scheduler, and turns the tokens it gets back into text
-(stop strings, `on_text`) and progress (`on_token`), all on its own thread. With one
-caller it behaves as a single-request engine; with N callers their decode steps are
-shared, and each caller still gets exactly the tokens it would get alone (CPU float32:
-bit for bit, see worker/model/model_runner.py).
+on the CPU), hands it to the scheduler, turns the tokens it gets back into text (stop
+strings included), and keeps the request's `RunControl` (worker.inference.control) told
+and asked, all on its own thread. With one caller it behaves as a single-request engine;
+with N callers their decode steps are shared, and each caller still gets exactly the
+tokens it would get alone (CPU float32: bit for bit, see worker/model/model_runner.py).
 
 Errors: bad input found while preprocessing -> InvalidInput (with `field`); out of
 memory -> ResourceExhausted, after the request's memory is freed (the engine keeps
-serving); any other model failure -> ModelError. What `on_token`/`on_wait` raise
+serving); any other model failure -> ModelError. What the request's `RunControl` raises
 propagates unchanged, and the request leaves the batch at once.
 
 Test-only fault injection: with `VQ_FAULT_INJECTION=oom_marker=<TEXT>` in the
@@ -30,8 +30,8 @@ import gc
 import logging
 import queue
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -39,6 +39,7 @@ from PIL import Image
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from vision_queue.schemas import ChatMessage
 from worker.inference import faults
+from worker.inference.control import RunControl
 from worker.inference.engine_setup import (
     Batching,
     build_batching,
@@ -47,6 +48,9 @@ from worker.inference.engine_setup import (
     resolve_device,
     resolve_dtype,
 )
+
+# Re-exported: callers of `Engine.load(EngineConfig(...))` import both names from here.
+from worker.inference.engine_setup import EngineConfig as EngineConfig
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
@@ -58,25 +62,11 @@ from worker.model.weights import load_weights, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-# How often a waiting request's `on_wait` hook runs (cancel and deadline checks).
+# How often a waiting request's `RunControl.check` runs (cancel and deadline checks).
 _POLL_S = 0.1
 # Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
 # bandwidth argument); on the CPU batching only amortises overheads, so 1.
 CUDA_DEFAULT_MAX_BATCH = 16
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # local folder or Hub id
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
-    num_crops: int | None = None  # default from preprocessor_config.json
-    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
-    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
-    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
-    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
-    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
 
 
 @dataclass(frozen=True)
@@ -86,24 +76,14 @@ class GenerationRequest:
     images: Sequence[Image.Image]  # already RGB
     max_new_tokens: int
     num_crops: int | None = None
-    # Called after every generated token with the count so far; it may raise (e.g.
-    # Cancelled, TaskTimeout) to stop generation, and the exception propagates unchanged.
-    on_token: Callable[[int], None] | None = None
     # Sampling: temperature 0 is greedy; top_p and seed as in vision_queue.schemas.TaskOptions.
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     # Generation ends before any of these strings (up to 4), which are not part of the text.
     stop: Sequence[str] = ()
-    # Called with each new piece of text as soon as it is final: whole characters, never
-    # part of a stop string; the pieces joined are exactly the result's text.
-    on_text: Callable[[str], None] | None = None
-    # Called about every 0.1 s while no token arrives (waiting for a batch row, image
-    # encoding, a long prompt); it may raise like on_token to abandon the request.
-    on_wait: Callable[[], None] | None = None
-    # Told the prompt's token count (text and image) once it is encoded, before any token is
-    # generated: a task stopped midway still reports its usage.
-    on_prompt: Callable[[int], None] | None = None
+    # Cancel, deadline and the like, progress and streamed text, for this run only.
+    control: RunControl = field(default_factory=RunControl)
 
 
 @dataclass(frozen=True)
@@ -150,20 +130,16 @@ class Engine:
         self.vocabulary = Vocabulary(processor.tokenizer)
         self.num_crops = num_crops
         self.max_batch = batching.max_rows
-        # Image tower work per scheduler step when prompts are chunked: 16 crops (about
-        # 5.5 TFLOP on ViT-L) is about the cost of a 1,024-token chunk of the full model.
-        chunk = batching.prefill_chunk_tokens
-        self.vision_unit_crops = max(1, chunk // 64) if chunk else None
         self.pool = batching.pool
         self.runner = batching.runner
         self.scheduler = Scheduler(
             batching.runner,
             batching.pool,
-            self.embed_job,
             stop_ids=processor.stop_token_ids,
             max_rows=batching.max_rows,
             max_row_positions=batching.max_row_positions,
             prefill_chunk_tokens=batching.prefill_chunk_tokens,
+            vision_unit_crops=batching.vision_unit_crops,
             recover=self._recover,
         )
         self._torch_device = device
@@ -227,6 +203,7 @@ class Engine:
         if request.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1", field="max_new_tokens")
         began = time.perf_counter()
+        control = request.control
         job = self._prepare(request)
         preprocess_s = time.perf_counter() - began
         self.scheduler.submit(job)
@@ -240,8 +217,7 @@ class Engine:
                 try:
                     event = job.events.get(timeout=_POLL_S)
                 except queue.Empty:
-                    if request.on_wait is not None:
-                        request.on_wait()
+                    control.check()
                     continue
                 if isinstance(event, Finished):
                     finished = event
@@ -253,23 +229,22 @@ class Engine:
                     decode_began = time.perf_counter()
                 tokens.append(event.token_id)
                 piece = stream.push(event.token_id)
-                if piece and request.on_text is not None:
-                    request.on_text(piece)
+                if piece:
+                    control.on_text(piece)
                 if stream.stopped:
                     break
-                if request.on_token is not None:
-                    request.on_token(len(tokens))
+                control.on_token(len(tokens))
         finally:
             if finished is None and failure is None:
-                self.scheduler.cancel(job)  # a stop string, or a hook raised
+                self.scheduler.cancel(job)  # a stop string, or the run's control raised
         if failure is not None:
             if isinstance(failure, ResourceExhausted):
                 # A fresh error: nothing of the failed request stays referenced.
                 raise ResourceExhausted(failure.message)
             raise failure
         rest = stream.finish()
-        if rest and request.on_text is not None:
-            request.on_text(rest)
+        if rest:
+            control.on_text(rest)
         if finished is None:  # ended by a stop string
             reason, wait_s, prefill_s = "stop_string", 0.0, 0.0
             decode_s = time.perf_counter() - decode_began
@@ -306,8 +281,7 @@ class Engine:
             num_crops = request.num_crops or self.num_crops
             encoded = self.processor.encode(text, request.images, num_crops)
         self._check_length(encoded, request.max_new_tokens)
-        if request.on_prompt is not None:
-            request.on_prompt(encoded.prompt_tokens)
+        request.control.on_prompt(encoded.prompt_tokens)
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
             faults.inject(text, self.device)
@@ -317,46 +291,6 @@ class Engine:
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         decode_fault = faults.fault_for(text) == "decode_oom"
         return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
-
-    def embed_job(self, job: Job) -> Generator[None, None, torch.Tensor]:
-        """Device thread: the prompt's embeddings, the image tower in units.
-
-        Each `yield` ends one unit of at most `vision_unit_crops` crops (all of them when
-        prompts are not chunked), so the scheduler can run decode steps between units; the
-        value returned is the embeddings. Units depend on the request alone.
-        """
-        encoded = job.encoded
-        grids = [(hd.rows, hd.cols) for hd in encoded.images]
-        vision = self.model.model.vision_embed_tokens
-        features: list[torch.Tensor] = []
-        if job.crops is not None and grids:
-            crops: torch.Tensor = job.crops
-            job.crops = None  # the device copy below is all that is needed from here on
-            unit = self.vision_unit_crops or int(crops.shape[0])
-            for group in crops.split(unit):
-                features.append(vision.crop_features(group))
-                yield
-            del crops
-        projected = vision.project(torch.cat(features), grids) if features else []
-        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
-        return vision.place(input_ids, projected, [(s.start, s.length) for s in encoded.spans])
-
-    def embed(self, encoded: EncodedPrompt, crops: torch.Tensor | None = None) -> torch.Tensor:
-        """The prompt's input embeddings, each image's features written into its positions.
-
-        Call under `torch.inference_mode()`; `crops` (CPU or device) defaults to the
-        processor's.
-        """
-        if crops is None and encoded.images:
-            crops = self.processor.crops(encoded)
-        input_ids = torch.tensor([encoded.input_ids], device=self._torch_device)
-        embeds: torch.Tensor = self.model.model.vision_embed_tokens(
-            input_ids,
-            crops,
-            [(hd.rows, hd.cols) for hd in encoded.images],
-            [(span.start, span.length) for span in encoded.spans],
-        )
-        return embeds
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

@@ -1,4 +1,4 @@
-"""Start-up choices for the engine: device, dtype, attention kernel, and the batch's sizes.
+"""Engine setup with EngineConfig: device, dtype, attention kernel, and the batch's sizes.
 
 Everything here runs once in `Engine.load`; nothing is on a request's path.
 """
@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -20,9 +20,6 @@ from worker.model.attention import varlen_available
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner
 from worker.model.modeling import KERNELS, Phi3VForCausalLM
-
-if TYPE_CHECKING:
-    from worker.inference.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +32,20 @@ _CUDA_RESERVE_FRACTION, _CUDA_RESERVE_MIN = 0.10, 2 << 30
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local folder or Hub id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | sdpa | flash_attention_2 | eager
+    num_crops: int | None = None  # default from preprocessor_config.json
+    compile: bool | None = None  # torch.compile the graphed decode step; None = on for CUDA
+    max_batch: int = 1  # requests decoded together (batch rows); 0 = 1 on CPU, 16 on CUDA
+    kv_cache_positions: int | None = None  # KV pool size; None = from free memory
+    prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
+    cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
+
+
+@dataclass(frozen=True)
 class Batching:
     """The batched engine's parts and sizes, chosen at load."""
 
@@ -43,6 +54,16 @@ class Batching:
     max_rows: int
     max_row_positions: int
     prefill_chunk_tokens: int | None
+
+    @property
+    def vision_unit_crops(self) -> int | None:
+        """Image crops per prefill unit: none apart from whole prompts when not chunked.
+
+        16 crops (about 5.5 TFLOP on ViT-L) cost about what a 1,024-token chunk of the
+        full model does, so a unit of either delays the running decodes about as long.
+        """
+        chunk = self.prefill_chunk_tokens
+        return max(1, chunk // 64) if chunk else None
 
     def describe(self) -> str:
         runner = self.runner

@@ -7,9 +7,10 @@ serve them. One device thread owns the model and loops:
 2. admit waiting jobs, first come first served, while a batch row is free and the KV
    pool has a contiguous region for the job's prompt plus its token budget (the region
    is reserved for the job's whole life, so a running request never runs out of cache);
-3. run one prefill unit of the oldest admitted job still prefilling (a group of its
-   image crops through the image tower, or one chunk of `prefill_chunk_tokens` prompt
-   positions), so a long prompt delays the running decodes by one unit, not by all of it;
+3. ask the runner for one prefill unit of the oldest admitted job still prefilling (a
+   group of at most `vision_unit_crops` of its image crops through the image tower, or
+   one chunk of `prefill_chunk_tokens` prompt positions; the runner does the work), so a
+   long prompt delays the running decodes by one unit, not by all of it;
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
@@ -30,9 +31,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -40,7 +40,7 @@ from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner, RowInput
+from worker.model.model_runner import ModelRunner, PromptPrefill, RowInput
 from worker.model.processor import EncodedPrompt
 from worker.model.sampling import SamplingParams, TokenSampler
 
@@ -73,7 +73,7 @@ class Job:
     """One request as the scheduler sees it; `events` is read by the request's own thread."""
 
     encoded: EncodedPrompt
-    crops: Any  # what `embed` needs besides `encoded` (CPU crops, or None)
+    crops: torch.Tensor | None  # the images' CPU crops; handed to the runner on admission
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     decode_fault: bool = False  # test-only: decode steps with this job run out of memory
@@ -96,9 +96,7 @@ class _Row:
     start: int  # the job's region in the KV pool
     sampler: TokenSampler | None
     admitted_at: float
-    embedding: Generator[None, None, torch.Tensor] | None = None  # image tower units left
-    embeds: torch.Tensor | None = None
-    offset: int = 0  # prompt positions prefilled so far
+    prompt: PromptPrefill | None  # None once prefilled (or released)
     position: int = 0  # where the next fed token goes
     token: int = 0  # the last token chosen, fed in the next step
     generated: int = 0
@@ -118,21 +116,21 @@ class Scheduler:
         self,
         runner: ModelRunner,
         pool: KVPool,
-        embed: Callable[[Job], Generator[None, None, torch.Tensor]],
         *,
         stop_ids: frozenset[int],
         max_rows: int,
         max_row_positions: int,
         prefill_chunk_tokens: int | None = None,
+        vision_unit_crops: int | None = None,
         recover: Callable[[], None] = lambda: None,
     ) -> None:
         self.runner = runner
         self.pool = pool
-        self.embed = embed
         self.stop_ids = stop_ids
         self.max_rows = max_rows
         self.max_row_positions = max_row_positions
         self.prefill_chunk_tokens = prefill_chunk_tokens or None
+        self.vision_unit_crops = vision_unit_crops or None
         self.recover = recover
         self._waiting: collections.deque[Job] = collections.deque()
         self._prefilling: list[_Row] = []
@@ -245,35 +243,24 @@ class Scheduler:
                     return  # the oldest waits for space; later ones wait behind it
                 self._waiting.popleft()
             sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
-            self._prefilling.append(_Row(job, start, sampler, time.perf_counter()))
+            # The runner's prompt holds the crops from here on; the job keeps no copy.
+            prompt, job.crops = PromptPrefill.of(job.encoded, job.crops, start), None
+            self._prefilling.append(_Row(job, start, sampler, time.perf_counter(), prompt))
 
     def _prefill_unit(self, row: _Row) -> None:
+        assert row.prompt is not None
         began = time.perf_counter()
         try:
-            if row.embeds is None:
-                with model_errors("image encoding"):
-                    if row.embedding is None:
-                        row.embedding = self.embed(row.job)
-                    try:
-                        next(row.embedding)
-                        return  # one unit of the image tower was this step's work
-                    except StopIteration as done:
-                        row.embeds, row.embedding = done.value, None
-            length = row.prompt_tokens
-            end = (
-                length
-                if self.prefill_chunk_tokens is None
-                else min(length, row.offset + self.prefill_chunk_tokens)
+            hidden = self.runner.prefill_unit(
+                row.prompt,
+                max_tokens=self.prefill_chunk_tokens,
+                max_crops=self.vision_unit_crops,
             )
+            if hidden is None:
+                return  # more units to come
+            row.prompt = None
+            row.position = row.prompt_tokens
             with model_errors("prefill"):
-                hidden = self.runner.prefill(
-                    row.start, row.embeds[:, row.offset : end], row.offset, length
-                )
-                row.offset = end
-                if end < length:
-                    return
-                row.embeds = None
-                row.position = length
                 (token,) = self.runner.choose(hidden, [row.as_input()])
         except VisionQueueError as error:
             self._fail(row, error)
@@ -347,7 +334,7 @@ class Scheduler:
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)
-        row.embeds = row.embedding = None
+        row.prompt = None  # its embeddings and image features, at once
         self.pool.allocator.free(row.start)
 
     def _fail_all(self, error: VisionQueueError) -> None:

@@ -27,8 +27,6 @@ from torch import nn
 
 from worker.model.kvcache import DecodeRows, layer_view
 
-DECODE_KERNELS = ("rows", "gather", "varlen")
-
 
 def phi3v_attention(
     module: nn.Module,

@@ -76,7 +76,8 @@ class RegionAllocator:
         size = self._used.pop(start)
         index = bisect.bisect_left(self._free, (start, 0))
         self._free.insert(index, (start, size))
-        # Merge with the following, then the preceding range.
+        # Adjacent free ranges are merged at once, so a large prompt finds the contiguous
+        # region that several freed small ones leave behind.
         if index + 1 < len(self._free):
             nxt_start, nxt_size = self._free[index + 1]
             if start + size == nxt_start:

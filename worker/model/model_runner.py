@@ -1,7 +1,16 @@
-"""How one step runs: a prompt chunk into a KV region, or one decode step over many rows.
+"""How one step runs: a unit of a prompt's prefill, or one decode step over many rows.
 
-The runner knows regions of a `KVPool`, positions and tokens, nothing of requests (that is
-`worker.inference.scheduler`). Two decode paths share the model code:
+The runner knows regions of a `KVPool`, prompts, positions and tokens, nothing of requests
+(that is `worker.inference.scheduler`, which only decides what runs when).
+
+Prefill (`prefill_unit`) owns the whole prompt, image tower included: a prompt's first
+units each run a group of its image crops through the vision encoder (as vLLM's runner
+runs its multimodal encoder before the decoder), then the features are projected and
+written into the prompt's embeddings, then each unit runs a chunk of prompt positions
+into the prompt's KV region. Units are bounded by the caller, so the decodes of other
+rows wait for one unit, never for a whole long prompt.
+
+Two decode paths share the model code:
 
 * host path (CPU, and CUDA without flash): the rows' starts and lengths are host lists,
   attention runs per row over exactly its region ("rows" kernel).
@@ -24,14 +33,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from worker.model.errors import is_out_of_memory
+from worker.model.errors import is_out_of_memory, model_errors
 from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
 from worker.model.modeling import Phi3VForCausalLM
+from worker.model.processor import EncodedPrompt
 from worker.model.sampling import TokenSampler
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,35 @@ class RowInput:
     position: int
     start: int
     sampler: TokenSampler | None = None
+
+
+@dataclass(eq=False)  # identity: two prompts with the same text are still two prompts
+class PromptPrefill:
+    """A prompt on its way into the KV region at `start`, advanced by `prefill_unit`."""
+
+    input_ids: list[int]
+    start: int
+    crops: torch.Tensor | None = None  # every image's crops (CPU or device), in order
+    grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) per image
+    crops_encoded: int = 0  # crops already through the image tower
+    features: list[torch.Tensor] = field(default_factory=list)  # CLIP features, per unit
+    embeds: torch.Tensor | None = None  # [1, L, hidden] once the image tower is done
+    offset: int = 0  # positions already in the KV region
+
+    @classmethod
+    def of(cls, encoded: EncodedPrompt, crops: torch.Tensor | None, start: int) -> PromptPrefill:
+        return cls(
+            input_ids=list(encoded.input_ids),
+            start=start,
+            crops=crops if encoded.images else None,
+            grids=[(hd.rows, hd.cols) for hd in encoded.images],
+            spans=[(span.start, span.length) for span in encoded.spans],
+        )
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
 
 
 def graph_buckets(max_rows: int) -> tuple[int, ...]:
@@ -104,6 +143,57 @@ class ModelRunner:
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
 
     # Prefill ------------------------------------------------------------------------------
+
+    def prefill_unit(
+        self,
+        prompt: PromptPrefill,
+        *,
+        max_tokens: int | None = None,
+        max_crops: int | None = None,
+    ) -> torch.Tensor | None:
+        """Run the prompt's next unit; its last position's hidden state [1, hidden] once the
+        whole prompt is in its region, else None.
+
+        A unit is at most `max_crops` crops through the image tower, or (once the prompt's
+        embeddings are complete) at most `max_tokens` positions; None = all that is left.
+        """
+        if prompt.embeds is None and not self.encode_unit(prompt, max_crops):
+            return None
+        embeds = prompt.embeds
+        assert embeds is not None
+        length = prompt.length
+        end = length if max_tokens is None else min(length, prompt.offset + max_tokens)
+        with model_errors("prefill"):
+            chunk = embeds[:, prompt.offset : end]
+            hidden = self.prefill(prompt.start, chunk, prompt.offset, length)
+        prompt.offset = end
+        if end < length:
+            return None
+        prompt.embeds = None  # the region holds the prompt now
+        return hidden
+
+    def encode_unit(self, prompt: PromptPrefill, max_crops: int | None = None) -> bool:
+        """One unit of the prompt's image tower; True once `prompt.embeds` is complete.
+
+        The unit that encodes the last crops returns False: the projection (small next to
+        a group of crops) is left to the next call, which `prefill_unit` follows with the
+        first chunk, so the tower's groups and the prompt's chunks are one step each.
+        """
+        vision = self.model.model.vision_embed_tokens
+        with model_errors("image encoding"):
+            crops = prompt.crops
+            if crops is not None and prompt.crops_encoded < int(crops.shape[0]):
+                unit = max_crops or int(crops.shape[0])
+                group = crops[prompt.crops_encoded : prompt.crops_encoded + unit]
+                prompt.features.append(vision.crop_features(group))
+                prompt.crops_encoded += int(group.shape[0])
+                return False
+            features, prompt.features, prompt.crops = prompt.features, [], None
+            projected = vision.project(torch.cat(features), prompt.grids) if features else []
+            del features  # every crop's CLIP features: gone before the embeddings exist
+            input_ids = torch.tensor([prompt.input_ids], device=self.device)
+            prompt.embeds = vision.place(input_ids, projected, prompt.spans)
+        return True
 
     def prefill(self, start: int, embeds: torch.Tensor, offset: int, total: int) -> torch.Tensor:
         """Run prompt positions [offset, offset + n) of a `total`-token prompt; [1, hidden].

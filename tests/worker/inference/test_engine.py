@@ -1,5 +1,5 @@
 """The engine a worker keeps resident: loading, requests (alone and concurrent), sampling, stop
-strings, hooks, errors, recovery, fault injection.
+strings, run control, errors, recovery, fault injection.
 
 Runs on the tiny reference checkpoint (tests/data/phi3v-reference/model), on CPU; the
 tests marked `gpu` need CUDA and are skipped without it.
@@ -20,6 +20,7 @@ from PIL import Image
 
 from vision_queue.errors import Cancelled, InvalidInput, ModelError, ResourceExhausted, TaskTimeout
 from worker.inference import faults
+from worker.inference.control import RunControl
 from worker.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "data" / "phi3v-reference"
@@ -64,6 +65,38 @@ def case_request(case_id: str, **overrides: Any) -> GenerationRequest:
     }
     fields.update(overrides)
     return GenerationRequest(**fields)
+
+
+class Recorded(RunControl):
+    """A run's control that records what it is told; raises `error` at token
+    `raise_at_token`, or (without one) whenever it is checked while waiting."""
+
+    def __init__(
+        self, raise_at_token: int | None = None, error: Exception | None = None
+    ) -> None:
+        self.raise_at_token, self.error = raise_at_token, error
+        self.pieces: list[str] = []
+        self.prompt_tokens: int | None = None
+        self.counts: list[int] = []
+        self.checks = 0
+        self.decoding = threading.Event()
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens = tokens
+
+    def on_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def on_token(self, count: int) -> None:
+        self.counts.append(count)
+        self.decoding.set()
+        if count == self.raise_at_token and self.error is not None:
+            raise self.error
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.raise_at_token is None and self.error is not None:
+            raise self.error
 
 
 def assert_reference(result: GenerationResult, case_id: str) -> None:
@@ -182,12 +215,15 @@ def test_concurrent_requests_each_get_their_reference_text(engine: Engine) -> No
 
 def test_a_stop_string_ends_the_text_before_it_and_streams_never_show_it(engine: Engine) -> None:
     # text_only's reference text is "irienon praktÅulturMiddle도ions...".
-    pieces: list[str] = []
+    control = Recorded()
 
-    result = engine.generate(case_request("text_only", stop=("Middle",), on_text=pieces.append))
+    result = engine.generate(case_request("text_only", stop=("Middle",), control=control))
 
     assert result.text == "irienon praktÅultur"
-    assert "".join(pieces) == result.text
+    assert "".join(control.pieces) == result.text
+    assert control.prompt_tokens == result.prompt_tokens
+    # The token that completes the stop string is not reported as generated progress.
+    assert control.counts == list(range(1, len(result.token_ids)))
     assert (result.stop_reason, result.finish_reason) == ("stop_string", "stop")
     reference = CASES["text_only"]["generated_ids"]
     assert result.token_ids == reference[: len(result.token_ids)]  # up to "Middle"'s token
@@ -214,29 +250,25 @@ def test_sampled_text_depends_on_the_seed_not_on_the_batch(engine: Engine) -> No
     assert crowd["greedy"].token_ids[:12] == CASES["text_only"]["generated_ids"]
 
 
-def test_a_request_waiting_for_a_row_can_be_abandoned_by_on_wait() -> None:
+def test_a_request_waiting_for_a_row_can_be_abandoned_by_its_control() -> None:
     # Given one batch row, busy with a long request,
     single = Engine.load(EngineConfig(model=TINY_MODEL, device="cpu", max_batch=1))
-    started = threading.Event()
-    waits: list[int] = []
-
-    def on_wait() -> None:
-        waits.append(1)
-        raise Cancelled("client")
-
-    long = case_request("text_only", max_new_tokens=400, on_token=lambda n: started.set())
+    running = Recorded()
+    long = case_request("text_only", max_new_tokens=400, control=running)
     results: list[GenerationResult] = []
     long_thread = threading.Thread(target=lambda: results.append(single.generate(long)))
     long_thread.start()
-    assert started.wait(60)
+    assert running.decoding.wait(60)
 
-    # when the queued request's on_wait raises, then it ends at once with that error,
+    # when the queued request's control raises while it waits, then it ends at once with
+    # that error,
+    waiting = Recorded(error=Cancelled("client"))
     with pytest.raises(Cancelled):
-        single.generate(case_request("wide_800x400_c1", on_wait=on_wait))
+        single.generate(case_request("wide_800x400_c1", control=waiting))
     long_thread.join()
 
     # and the running one is untouched.
-    assert waits == [1]
+    assert waiting.checks == 1 and not waiting.counts
     assert results[0].token_ids[:12] == CASES["text_only"]["generated_ids"]
     single.close()
 
@@ -259,14 +291,15 @@ def test_invalid_requests_are_invalid_input_naming_the_field(
 
 
 @pytest.mark.parametrize("error", [Cancelled("client"), TaskTimeout("late"), KeyError("bug")])
-def test_what_on_token_raises_propagates_unchanged(engine: Engine, error: Exception) -> None:
-    def on_token(count: int) -> None:
-        if count == 2:
-            raise error
+def test_what_the_control_raises_between_tokens_propagates_unchanged(
+    engine: Engine, error: Exception
+) -> None:
+    control = Recorded(raise_at_token=2, error=error)
 
     with pytest.raises(type(error)) as caught:
-        engine.generate(case_request("text_only", on_token=on_token))
+        engine.generate(case_request("text_only", control=control))
     assert caught.value is error
+    assert control.counts == [1, 2]
 
 
 # Failures and recovery ---------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vision_queue.errors import ModelError
-from worker.inference.engine import EngineConfig
 from worker.inference.engine_setup import (
+    EngineConfig,
     available_ram_bytes,
     choose_attention,
     kv_pool_positions,

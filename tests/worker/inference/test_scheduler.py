@@ -38,6 +38,7 @@ def scheduler_for(
     max_rows: int,
     positions: int = 32768,
     chunk: int | None = None,
+    vision_unit_crops: int | None = None,
     decode_kernel: str = "rows",
 ) -> Scheduler:
     config = engine.model.config
@@ -65,11 +66,11 @@ def scheduler_for(
     return Scheduler(
         runner,
         pool,
-        engine.embed_job,
         stop_ids=engine.processor.stop_token_ids,
         max_rows=max_rows,
         max_row_positions=positions,
         prefill_chunk_tokens=chunk,
+        vision_unit_crops=vision_unit_crops,
     )
 
 
@@ -206,9 +207,8 @@ def test_the_image_tower_runs_in_units_of_crops_between_decode_steps() -> None:
     chunked = Engine.load(
         EngineConfig(model=str(TINY_MODEL), device="cpu", prefill_chunk_tokens=256)
     )
-    assert chunked.vision_unit_crops == 4
-    scheduler = scheduler_for(chunked, max_rows=2, chunk=256)
-    scheduler.embed = chunked.embed_job
+    assert chunked.scheduler.vision_unit_crops == 4
+    scheduler = scheduler_for(chunked, max_rows=2, chunk=256, vision_unit_crops=4)
     short = case_job(chunked, "text_only", max_new_tokens=80)
     outcomes = submit(scheduler, [short])
     run_until(scheduler, outcomes, done=lambda: bool(outcomes[short].tokens))
@@ -349,18 +349,17 @@ def test_a_row_that_cannot_decode_even_alone_fails_alone(
     assert_reference(outcomes[others[1]], "two_images_c4")
 
 
-def test_a_failing_image_encoding_fails_only_its_job(engine: Engine) -> None:
+def test_a_failing_image_encoding_fails_only_its_job(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scheduler = scheduler_for(engine, max_rows=2)
     broken = case_job(engine, "wide_800x400_c1")
-    fine = case_job(engine, "text_only")
-    embed = scheduler.embed
+    fine = case_job(engine, "text_only")  # no image: never reaches the image tower
 
-    def embed_or_fail(job: Job) -> torch.Tensor:
-        if job is broken:
-            raise IndexError("index 40000 is out of bounds")
-        return embed(job)
+    def failing_tower(crops: torch.Tensor) -> torch.Tensor:
+        raise IndexError("index 40000 is out of bounds")
 
-    scheduler.embed = embed_or_fail
+    monkeypatch.setattr(engine.model.model.vision_embed_tokens, "crop_features", failing_tower)
     outcomes = submit(scheduler, [broken, fine])
     run_until(scheduler, outcomes)
 

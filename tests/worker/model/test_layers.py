@@ -99,7 +99,14 @@ def test_the_decoder_layer_matches_transformers_prefill_then_decode(
 def test_keywords_given_to_the_layer_reach_the_registered_attention_function() -> None:
     seen: dict[str, object] = {}
 
-    def spy(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
         seen.update(kwargs)
         return query.transpose(1, 2), None
 

@@ -53,7 +53,6 @@ def serve(engine: Engine, runner: ModelRunner, case_ids: list[str]) -> dict[str,
     scheduler = Scheduler(
         runner,
         runner.pool,
-        engine.embed_job,
         stop_ids=engine.processor.stop_token_ids,
         max_rows=runner.max_rows,
         max_row_positions=runner.pool.positions,

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from vision_queue.images import decode_image  # the worker's own decoder, as in production
 from worker.inference.engine import Engine, GenerationRequest
 from worker.model.kvcache import DynamicKVCache
+from worker.model.model_runner import PromptPrefill
 from worker.model.processor import EncodedPrompt, chat_text
 
 REFERENCE = load_cases()
@@ -45,8 +46,14 @@ def encode(engine: Engine, case: dict[str, Any]) -> EncodedPrompt:
 
 
 def embeddings(engine: Engine, encoded: EncodedPrompt) -> torch.Tensor:
+    """The prompt's input embeddings as the runner's prefill computes them."""
+    crops = engine.processor.crops(encoded) if encoded.images else None
+    prompt = PromptPrefill.of(encoded, crops, start=0)
     with torch.inference_mode():
-        return engine.embed(encoded)
+        while not engine.runner.encode_unit(prompt):
+            pass
+    assert prompt.embeds is not None
+    return prompt.embeds
 
 
 def assert_stats(tensor: torch.Tensor, expected: dict[str, Any]) -> None:
