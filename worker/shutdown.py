@@ -64,7 +64,7 @@ def install_shutdown_handlers(worker: Any, health: HealthReporter) -> None:
 
 def _requeue_unacked(worker: Any) -> None:
     try:
-        worker.broker.consumer.task_consumer.channel.qos.restore_unacked()
+        worker.consumer.task_consumer.channel.qos.restore_unacked()
     except Exception as exc:  # the message still returns after the visibility timeout
         log.warning(
             "could not hand the message back now (%s); it returns after VQ_VISIBILITY_TIMEOUT_S",
