@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vision_queue.errors import ModelError
 
@@ -36,6 +36,16 @@ _CLIP_NAME = "openai/clip-vit-large-patch14-336"
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# What a row does when its sequence first grows past `original_max_position_embeddings`
+# while decoding (docs/model.md, "The LongRoPE switch"): Phi-3-vision's code keeps the keys
+# it cached under the short factors; Phi-3.5-vision's code drops its cache and recomputes
+# the whole sequence with the long factors.
+LongRopeSwitch = Literal["keep-cache", "recompute"]
+LONGROPE_SWITCHES: tuple[LongRopeSwitch, ...] = ("keep-cache", "recompute")
+RopeFactors = Literal["short", "long"]
+# Phi-3.5-vision's config.json: sliding_window 262144 (Phi-3-vision's is 131072).
+_PHI35_SLIDING_WINDOW = 262144
+
 END_TOKEN_ID = 32007  # <|end|>: the chat turn ends
 ENDOFTEXT_TOKEN_ID = 32000  # <|endoftext|>: the tokenizer's eos
 
@@ -58,6 +68,16 @@ class RopeConfig:
         if scale <= 1.0:
             return 1.0
         return math.sqrt(1 + math.log(scale) / math.log(self.original_max_positions))
+
+    def factors_for(self, length: int) -> RopeFactors:
+        """The factor set a forward call over a `length`-position sequence rotates with."""
+        return "long" if length > self.original_max_positions else "short"
+
+    @property
+    def switches(self) -> bool:
+        """Whether the factor sets differ, so a sequence crossing the switch sees a change."""
+        differ = self.short_factor != self.long_factor
+        return differ and self.original_max_positions < self.max_positions
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,25 @@ class Phi3VConfig:
             raise ModelError(f"config.json is missing or has a bad value: {exc}") from exc
         config._check()
         return config
+
+    def longrope_switch(self) -> tuple[LongRopeSwitch, str]:
+        """The behaviour at the LongRoPE switch this checkpoint's own code has, and why.
+
+        The files carry no code, so the model is told by its config: `_name_or_path` names
+        it ("Phi-3.5-vision-instruct", "Phi-3-vision-128k-instruct"; a fine-tune saved
+        elsewhere may hold a local path instead), else Phi-3.5's `sliding_window` 262144.
+        Anything else keeps Phi-3-vision's behaviour, as every release before Phi-3.5 did.
+        """
+        name = str(self.raw.get("_name_or_path") or "")
+        base = name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+        if "phi-3.5-vision" in base:
+            return "recompute", f"config.json names {name!r} (Phi-3.5-vision)"
+        if "phi-3-vision" in base:
+            return "keep-cache", f"config.json names {name!r} (Phi-3-vision)"
+        window = self.raw.get("sliding_window")
+        if window == _PHI35_SLIDING_WINDOW:
+            return "recompute", f"config.json has Phi-3.5-vision's sliding_window {window}"
+        return "keep-cache", "config.json shows no sign of Phi-3.5-vision"
 
     def _check(self) -> None:
         merged = self.vision.grid // 2

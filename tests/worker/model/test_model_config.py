@@ -94,3 +94,50 @@ def test_an_unknown_tower_without_vision_config_is_refused() -> None:
 def test_preprocessor_config_defaults_when_the_file_is_absent(tmp_path: Path) -> None:
     assert PreprocessorConfig.from_file(tmp_path / "missing.json").num_crops == 16
     assert PreprocessorConfig.from_file(TINY_MODEL_DIR / "preprocessor_config.json").num_crops == 16
+
+
+PHI35_TINY = REPO / "tests" / "data" / "phi35v-reference" / "model" / "config.json"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (REAL_CONFIG, "keep-cache"),  # Phi-3-vision-128k-instruct's own config
+        (TINY_MODEL_DIR / "config.json", "keep-cache"),  # phi3v-tiny-random
+        (PHI35_TINY, "recompute"),  # Phi-3.5-vision-instruct's config, tiny dims
+    ],
+)
+def test_the_longrope_switch_behaviour_is_read_from_the_config(path: Path, expected: str) -> None:
+    mode, reason = Phi3VConfig.from_file(path).longrope_switch()
+
+    assert mode == expected
+    assert "config.json" in reason
+
+
+@pytest.mark.parametrize(
+    ("name", "window", "expected"),
+    [
+        ("microsoft/Phi-3.5-vision-instruct", 131072, "recompute"),  # the name decides
+        ("/models/Phi-3-vision-128k-instruct/", 262144, "keep-cache"),
+        ("/home/me/finetuned", 262144, "recompute"),  # a saved fine-tune: Phi-3.5's window
+        ("/home/me/finetuned", 131072, "keep-cache"),
+        (None, None, "keep-cache"),
+    ],
+)
+def test_a_renamed_checkpoint_is_told_by_its_sliding_window(
+    name: str | None, window: int | None, expected: str
+) -> None:
+    raw = tiny_raw()
+    raw["_name_or_path"], raw["sliding_window"] = name, window
+
+    assert Phi3VConfig.from_dict(raw).longrope_switch()[0] == expected
+
+
+def test_the_rope_factor_set_of_a_sequence_follows_its_length() -> None:
+    rope = Phi3VConfig.from_file(TINY_MODEL_DIR / "config.json").rope
+
+    assert (rope.factors_for(2048), rope.factors_for(2049)) == ("short", "long")
+    assert rope.switches
+    raw = tiny_raw()
+    raw["rope_scaling"] = None
+    assert not Phi3VConfig.from_dict(raw).rope.switches
