@@ -19,6 +19,7 @@ from vision_queue.sentinel import is_sentinel_url
 from vision_queue.setting_values import is_bind_address, key_digest, parse_caps, split_list
 
 REMOTE_CONTROL_MODES = ("restricted", "full")
+LONGROPE_SWITCH_MODES = ("auto", "keep-cache", "recompute")
 
 _URLS = ("redis_url", "broker_url", "result_backend_url")
 _ALLOWLISTS = ("allowed_private_hosts", "webhook_allowed_private_hosts")
@@ -97,6 +98,7 @@ def settings_problems(
     rules.each(("max_new_tokens_caps",), _caps_problems)
     rules.each(("api_keys",), _api_key_problems)
     rules.each(("remote_control",), _remote_control_problems)
+    rules.each(("longrope_switch",), _one_of(LONGROPE_SWITCH_MODES))
     if (
         rules.applies("visibility_timeout_s", "task_time_limit_s")
         and values["visibility_timeout_s"] <= values["task_time_limit_s"]
@@ -159,6 +161,13 @@ def _remote_control_problems(var: str, mode: str) -> list[str]:
     if mode in REMOTE_CONTROL_MODES:
         return []
     return [f"{var} must be one of {', '.join(REMOTE_CONTROL_MODES)}"]
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, str], list[str]]:
+    def check(var: str, value: str) -> list[str]:
+        return [] if value in choices else [f"{var} must be one of {', '.join(choices)}"]
+
+    return check
 
 
 def _sentinel_problems(values: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:

@@ -30,9 +30,9 @@ from vision_queue.setting_fields import (
 from vision_queue.setting_values import (
     DEFAULT_TOKEN_CAPS,
     allowlist,
-    convert,
     key_digest,
     parse_caps,
+    read_fields,
     split_list,
 )
 
@@ -190,6 +190,16 @@ class Settings:
         "VQ_NUM_CROPS",
         0,
         "HD crops per image; 0 uses the checkpoint's preprocessor_config.json.",
+        WORKER_ONLY,
+    )
+    longrope_switch: str = setting(
+        "VQ_LONGROPE_SWITCH",
+        "auto",
+        "What a request does when its sequence first grows past the checkpoint's "
+        "`original_max_position_embeddings` while decoding: `keep-cache` keeps the keys "
+        "rotated with the short factors (Phi-3-vision's code), `recompute` re-prefills the "
+        "sequence with the long factors (Phi-3.5-vision's code); `auto` reads which from "
+        "config.json (docs/model.md).",
         WORKER_ONLY,
     )
     # Fetching images
@@ -442,22 +452,7 @@ class Settings:
         process reads is kept if it converts, else its default stays (never an error here).
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        for f in fields(cls):
-            if f.name in overrides:
-                values[f.name] = overrides[f.name]
-                continue
-            raw = env.get(f.metadata["env"])
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = convert(raw, type(f.default))
-            except ValueError:
-                if reads(f, reader):
-                    problems.append(
-                        f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
-                    )
+        values, problems = read_fields(fields(cls), env, reader, overrides)
         if problems:
             raise SettingsError("; ".join(problems))
         settings = cls(**values)

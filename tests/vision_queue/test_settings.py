@@ -65,6 +65,10 @@ def test_a_visibility_timeout_not_above_the_time_limit_is_refused():
         ({"VQ_MAX_IMAGE_BYTES": "0"}, "VQ_MAX_IMAGE_BYTES"),
         ({"VQ_QUEUE": "gpu queue"}, "VQ_QUEUE"),
         ({"VQ_REMOTE_CONTROL": "everything"}, "VQ_REMOTE_CONTROL must be one of restricted"),
+        (
+            {"VQ_LONGROPE_SWITCH": "sometimes"},
+            "VQ_LONGROPE_SWITCH must be one of auto, keep-cache, recompute",
+        ),
     ],
 )
 def test_invalid_values_are_refused_naming_the_variable(env, named):
@@ -151,6 +155,7 @@ WORKER_ONLY_FAULTS = [
     {"VQ_TASK_TIME_LIMIT_S": "600", "VQ_VISIBILITY_TIMEOUT_S": "60"},
     {"VQ_LEASE_TTL_S": "1", "VQ_HEARTBEAT_INTERVAL_S": "2"},
     {"VQ_REMOTE_CONTROL": "everything"},
+    {"VQ_LONGROPE_SWITCH": "sometimes"},
     {"VQ_METRICS_ADDRESS": "not an address!"},
     {"VQ_METRICS_PORT": "70000"},
 ]

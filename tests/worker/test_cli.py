@@ -56,6 +56,21 @@ def test_worker_settings_shows_who_reads_each_and_whether_hosts_must_agree(
     assert rows["REDIS_URL"].endswith("REDIS_URL=redis://:****@h:6379/0")
     assert rows["VQ_API_KEYS"].endswith("VQ_API_KEYS=****")
     assert "hunter2" not in "\n".join(lines) and "too-short" not in "\n".join(lines)
+    # What a row does at the LongRoPE switch: by default, what the checkpoint says.
+    assert rows["VQ_LONGROPE_SWITCH"].split() == ["worker", "no", "VQ_LONGROPE_SWITCH=auto"]
+
+
+def test_worker_settings_shows_a_forced_longrope_switch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VQ_LONGROPE_SWITCH", "recompute")
+
+    assert cli.main(["settings"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in lines if "VQ_LONGROPE_SWITCH" in line] == [
+        "VQ_LONGROPE_SWITCH=recompute"
+    ]
 
 
 @pytest.mark.parametrize(
