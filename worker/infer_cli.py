@@ -117,6 +117,7 @@ def infer_main(argv: list[str]) -> int:
         engine = Engine.load(EngineConfig(
             model=args.model or settings.model, device=args.device, dtype=args.dtype,
             num_crops=args.num_crops or settings.default_num_crops or None,
+            longrope_switch=settings.longrope_switch,
         ))
         result = engine.generate(GenerationRequest(
             prompt=request.effective_prompt(), images=images,

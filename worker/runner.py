@@ -129,6 +129,7 @@ def _load_engine(settings: Settings, health: HealthReporter) -> Engine | None:
                 max_batch=settings.max_batch,
                 kv_cache_positions=settings.kv_cache_positions or None,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens or None,
+                longrope_switch=settings.longrope_switch,
             )
         )
         engine.warmup()

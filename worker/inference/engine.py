@@ -45,6 +45,7 @@ from worker.inference.engine_setup import (
     build_batching,
     check_prompt_guard,
     choose_attention,
+    choose_longrope_switch,
     resolve_device,
     resolve_dtype,
 )
@@ -119,6 +120,7 @@ class Engine:
         num_crops: int | None,
         load_seconds: float,
         batching: Batching,
+        longrope_switch: str = "keep-cache",
     ) -> None:
         self.model_id = model_id
         self.device = str(device)
@@ -132,6 +134,9 @@ class Engine:
         self.max_batch = batching.max_rows
         self.pool = batching.pool
         self.runner = batching.runner
+        self.longrope_switch = longrope_switch
+        rope = model.config.rope
+        recompute = longrope_switch == "recompute" and rope.switches
         self.scheduler = Scheduler(
             batching.runner,
             batching.pool,
@@ -140,6 +145,7 @@ class Engine:
             max_row_positions=batching.max_row_positions,
             prefill_chunk_tokens=batching.prefill_chunk_tokens,
             vision_unit_crops=batching.vision_unit_crops,
+            recompute_past=rope.original_max_positions if recompute else None,
             recover=self._recover,
         )
         self._torch_device = device
@@ -161,6 +167,7 @@ class Engine:
             attention, reason = choose_attention(config.attention, device, dtype)
             folder = resolve_checkpoint(config.model)
             model_config = Phi3VConfig.from_file(folder / "config.json")
+            switch, switch_reason = choose_longrope_switch(config.longrope_switch, model_config)
             processor = Phi3VProcessor.from_dir(folder, model_config)
             check_prompt_guard(processor.tokenizer)
             model = build_model(model_config, "eager" if attention == "eager" else "sdpa")
@@ -181,11 +188,14 @@ class Engine:
             num_crops=config.num_crops,
             load_seconds=time.perf_counter() - began,
             batching=batching,
+            longrope_switch=switch,
         )
         log.info(
-            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); %s",
+            "loaded %s from %s on %s (%s) in %.1fs; attention %s (%s); %s; "
+            "LongRoPE switch at %d positions: %s (%s)",
             config.model, folder, engine.device, engine.dtype, engine.load_seconds,
             attention, reason, batching.describe(),
+            model_config.rope.original_max_positions, switch, switch_reason,
         )
         return engine
 

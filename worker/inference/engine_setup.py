@@ -17,6 +17,7 @@ import torch
 from vision_queue.errors import ModelError
 from vision_queue.protocol import control_token_in
 from worker.model.attention import varlen_available
+from worker.model.config import LONGROPE_SWITCHES, LongRopeSwitch, Phi3VConfig
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner
 from worker.model.modeling import KERNELS, Phi3VForCausalLM
@@ -43,6 +44,8 @@ class EngineConfig:
     kv_cache_positions: int | None = None  # KV pool size; None = from free memory
     prefill_chunk_tokens: int | None = None  # None = 1024 on CUDA, whole prompts on CPU; 0 = never
     cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
+    # At the LongRoPE switch: auto (what config.json says) | keep-cache | recompute.
+    longrope_switch: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,27 @@ def check_prompt_guard(tokenizer: Any) -> None:
             f"the tokenizer adds control tokens prompts are not checked for: "
             f"{', '.join(uncovered[:5])}; add them to vision_queue.protocol.PROMPT_CONTROL_TOKENS"
         )
+
+
+def choose_longrope_switch(spec: str, config: Phi3VConfig) -> tuple[LongRopeSwitch, str]:
+    """What a row does when it first grows past the LongRoPE switch while decoding, and why.
+
+    `auto` follows the checkpoint (`Phi3VConfig.longrope_switch`): Phi-3.5-vision's code
+    recomputes, Phi-3-vision's keeps its cache. Either can be forced, e.g. for a fine-tune
+    whose config no longer says which model it came from.
+    """
+    name = spec.strip().lower()
+    forced = [mode for mode in LONGROPE_SWITCHES if mode == name]
+    if forced:
+        mode, why = forced[0], "set by VQ_LONGROPE_SWITCH"
+    elif name == "auto":
+        mode, why = config.longrope_switch()
+    else:
+        known = ", ".join(LONGROPE_SWITCHES)
+        raise ModelError(f"unknown LongRoPE switch {spec!r} (auto, {known})")
+    if not config.rope.switches:
+        why += "; never used: this config rotates every length alike"
+    return mode, why
 
 
 def resolve_device(spec: str) -> torch.device:

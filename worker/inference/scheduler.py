@@ -14,6 +14,18 @@ serve them. One device thread owns the model and loops:
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
+LongRoPE switch under `recompute` (Phi-3.5-vision's code; `recompute_past` set): a row
+whose sequence is about to grow past `recompute_past` positions (its prompt within it,
+its next fed token the first beyond) leaves the decode batch and goes back to
+prefilling: its whole sequence so far, the prompt's kept embeddings plus every token it
+generated, is prefilled again into its own region, now with the long factors, in
+prefill units like any prompt; the token that prefill yields is its next one, and it
+rejoins the decode batch. It keeps its place among the prefilling rows by admission
+time. The region reserved at admission already holds that many positions, cancel and
+deadline reach it as any row, and its job's stream just sees one slower token. Under
+`keep-cache` (Phi-3-vision's code, `recompute_past` None) rows decode on, the keys they
+cached under the short factors kept.
+
 The job's own thread turns tokens into text (stop strings included) and calls its hooks;
 when a hook raises or a stop string ends the text, that thread cancels the job. Nothing
 here waits for the longest request in a batch, and nothing here knows about Celery.
@@ -38,6 +50,7 @@ import torch
 
 from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
+from worker.model.config import RopeFactors
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, PromptPrefill, RowInput
@@ -102,6 +115,13 @@ class _Row:
     generated: int = 0
     prefill_s: float = 0.0
     decode_began: float = 0.0
+    # The factor set the keys of the region's prefix (the prompt, or after a recompute
+    # the whole sequence it rebuilt) were rotated with: what a prefix cache must key on.
+    kv_factors: RopeFactors = "short"
+    # Held only by a row that will recompute at the LongRoPE switch, until it has:
+    prompt_embeds: torch.Tensor | None = None  # the first prefill's embeddings
+    history: list[int] = field(default_factory=list)  # every token generated so far
+    recomputing: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -122,6 +142,7 @@ class Scheduler:
         max_row_positions: int,
         prefill_chunk_tokens: int | None = None,
         vision_unit_crops: int | None = None,
+        recompute_past: int | None = None,
         recover: Callable[[], None] = lambda: None,
     ) -> None:
         self.runner = runner
@@ -131,6 +152,8 @@ class Scheduler:
         self.max_row_positions = max_row_positions
         self.prefill_chunk_tokens = prefill_chunk_tokens or None
         self.vision_unit_crops = vision_unit_crops or None
+        # original_max_position_embeddings when rows recompute at the LongRoPE switch.
+        self.recompute_past = recompute_past
         self.recover = recover
         self._waiting: collections.deque[Job] = collections.deque()
         self._prefilling: list[_Row] = []
@@ -245,31 +268,67 @@ class Scheduler:
             sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
             # The runner's prompt holds the crops from here on; the job keeps no copy.
             prompt, job.crops = PromptPrefill.of(job.encoded, job.crops, start), None
+            prompt.keep_embeds = self._will_recompute(job)
             self._prefilling.append(_Row(job, start, sampler, time.perf_counter(), prompt))
 
+    def _will_recompute(self, job: Job) -> bool:
+        """Whether the job's sequence can first pass the switch while decoding: a prompt
+        within it, and a budget that feeds a token at position `recompute_past`."""
+        switch = self.recompute_past
+        return switch is not None and job.encoded.prompt_tokens <= switch < (
+            job.positions_needed - 1
+        )
+
+    def _recompute(self, row: _Row, prompt_embeds: torch.Tensor) -> None:
+        """The row's next fed token would be the first past the switch: back to prefill."""
+        try:
+            row.prompt = self.runner.regrown(
+                row.job.encoded.input_ids, prompt_embeds, row.history, row.start
+            )
+        except VisionQueueError as error:
+            self._fail(row, error)
+            return
+        row.prompt_embeds, row.history, row.recomputing = None, [], True
+        self._decoding.remove(row)
+        self._prefilling.append(row)
+        # By admission: a request already streaming is not put behind later prompts.
+        self._prefilling.sort(key=lambda r: r.admitted_at)
+
     def _prefill_unit(self, row: _Row) -> None:
-        assert row.prompt is not None
+        prompt = row.prompt
+        assert prompt is not None
         began = time.perf_counter()
         try:
             hidden = self.runner.prefill_unit(
-                row.prompt,
+                prompt,
                 max_tokens=self.prefill_chunk_tokens,
                 max_crops=self.vision_unit_crops,
             )
             if hidden is None:
                 return  # more units to come
             row.prompt = None
-            row.position = row.prompt_tokens
+            row.position = prompt.length
+            row.kv_factors = self.runner.rope_factors(prompt.length)
+            if prompt.keep_embeds:
+                row.prompt_embeds, prompt.embeds = prompt.embeds, None
             with model_errors("prefill"):
                 (token,) = self.runner.choose(hidden, [row.as_input()])
         except VisionQueueError as error:
             self._fail(row, error)
             return
         finally:
-            row.prefill_s += time.perf_counter() - began
+            if not row.recomputing:  # a recompute's time is part of decoding
+                row.prefill_s += time.perf_counter() - began
         self._prefilling.remove(row)
         self._decoding.append(row)
-        row.decode_began = time.perf_counter()
+        if row.recomputing:
+            row.recomputing = False
+            log.info(
+                "LongRoPE switch: recomputed a row's %d positions with the %s factors in %.2fs",
+                prompt.length, row.kv_factors, time.perf_counter() - began,
+            )
+        else:
+            row.decode_began = time.perf_counter()
         self._deliver(row, token)
 
     def _decode_step(self) -> None:
@@ -311,11 +370,15 @@ class Scheduler:
     def _deliver(self, row: _Row, token: int) -> None:
         row.generated += 1
         row.token = token
+        if row.prompt_embeds is not None:
+            row.history.append(token)
         row.job.events.put(Token(token))
         if token in self.stop_ids:
             self._finish(row, f"eos:{token}")
         elif row.generated >= row.job.max_new_tokens:
             self._finish(row, "length")
+        elif row.position == self.recompute_past and row.prompt_embeds is not None:
+            self._recompute(row, row.prompt_embeds)
 
     def _finish(self, row: _Row, reason: str) -> None:
         self._release(row)
@@ -334,7 +397,7 @@ class Scheduler:
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)
-        row.prompt = None  # its embeddings and image features, at once
+        row.prompt = row.prompt_embeds = None  # its embeddings and image features, at once
         self.pool.allocator.free(row.start)
 
     def _fail_all(self, error: VisionQueueError) -> None:

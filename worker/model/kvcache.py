@@ -2,8 +2,9 @@
 
 `layers.Phi3Attention` (as transformers' class) rotates the new keys, then calls
 `cache.update(key, value, layer_idx)` and attends over what it returns. The rotation is
-never redone, which is what the reference does at the LongRoPE switch: keys cached under
-the short factors keep that rotation.
+never redone here, which is what Phi-3-vision's code does at the LongRoPE switch: keys
+cached under the short factors keep that rotation. (Phi-3.5-vision's code recomputes the
+sequence instead; the scheduler does that by prefilling the row's region again.)
 
 * `DynamicKVCache` grows by concatenation: one request, any length. The reference tests
   use it to check a plain forward pass.

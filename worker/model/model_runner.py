@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from worker.model.config import RopeFactors
 from worker.model.errors import is_out_of_memory, model_errors
 from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
 from worker.model.modeling import Phi3VForCausalLM
@@ -73,6 +74,9 @@ class PromptPrefill:
     features: list[torch.Tensor] = field(default_factory=list)  # CLIP features, per unit
     embeds: torch.Tensor | None = None  # [1, L, hidden] once the image tower is done
     offset: int = 0  # positions already in the KV region
+    # Keep `embeds` once the region holds the prompt: a row that will cross the LongRoPE
+    # switch under `recompute` rebuilds its region from them (`ModelRunner.regrown`).
+    keep_embeds: bool = False
 
     @classmethod
     def of(cls, encoded: EncodedPrompt, crops: torch.Tensor | None, start: int) -> PromptPrefill:
@@ -169,8 +173,33 @@ class ModelRunner:
         prompt.offset = end
         if end < length:
             return None
-        prompt.embeds = None  # the region holds the prompt now
+        if not prompt.keep_embeds:
+            prompt.embeds = None  # the region holds the prompt now
         return hidden
+
+    def regrown(
+        self,
+        input_ids: Sequence[int],
+        prompt_embeds: torch.Tensor,
+        generated: Sequence[int],
+        start: int,
+    ) -> PromptPrefill:
+        """The whole sequence so far as a new prompt for the same region: Phi-3.5's
+        recompute at the LongRoPE switch (docs/model.md).
+
+        Its embeddings are the first prefill's (image features included: the same
+        numbers the reference recomputes from the same pixels, without a second pass of
+        the image tower) followed by the generated tokens' embeddings; prefilled like any
+        prompt, it is rotated with the factors of its whole length, the long ones.
+        """
+        with model_errors("prefill"):
+            tokens = torch.tensor([list(generated)], device=self.device)
+            embeds = torch.cat([prompt_embeds, self.model.embed_tokens(tokens)], dim=1)
+        return PromptPrefill(input_ids=[*input_ids, *generated], start=start, embeds=embeds)
+
+    def rope_factors(self, length: int) -> RopeFactors:
+        """The factor set a prefill of `length` positions writes its keys with."""
+        return self.model.config.rope.factors_for(length)
 
     def encode_unit(self, prompt: PromptPrefill, max_crops: int | None = None) -> bool:
         """One unit of the prompt's image tower; True once `prompt.embeds` is complete.

@@ -109,7 +109,9 @@ class LongRopeRotary(nn.Module):
         reference: the furthest position + 1 (the default), or the whole prompt's length
         for a chunk of a prompt that the reference prefilled in one call. Decided per row
         and per call, so a row past the limit switches while its cached keys keep their
-        short-factor rotation, as the reference does, whatever the other rows do.
+        short-factor rotation, as Phi-3-vision's code does, whatever the other rows do.
+        (Under Phi-3.5's recompute the scheduler prefills such a row again first, so it
+        has no short-rotated keys left by then.)
         """
         if extent is None:
             extent = position_ids.amax(dim=-1) + 1

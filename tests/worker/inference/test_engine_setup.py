@@ -1,19 +1,24 @@
-"""Start-up choices: devices, dtypes and kernels by name, and the KV pool's size."""
+"""Start-up choices: devices, dtypes, kernels and the LongRoPE switch, and the KV pool size."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from support.phi35v import PHI35_MODEL
 
 from vision_queue.errors import ModelError
 from worker.inference.engine_setup import (
     EngineConfig,
     available_ram_bytes,
     choose_attention,
+    choose_longrope_switch,
     kv_pool_positions,
     resolve_device,
     resolve_dtype,
 )
+from worker.model.config import Phi3VConfig
 
 CPU = torch.device("cpu")
 BYTES_PER_POSITION = 4096
@@ -58,3 +63,30 @@ def test_too_little_memory_for_a_useful_pool_is_a_model_error_saying_what_to_set
     huge = available_ram_bytes()  # a quarter of RAM holds well under 1,024 such positions
     with pytest.raises(ModelError, match="VQ_KV_CACHE_POSITIONS"):
         kv_pool_positions(config, CPU, huge, 131072)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected", "why"),
+    [
+        ("auto", "recompute", "config.json names 'Phi-3.5-vision-instruct'"),
+        (" Keep-Cache ", "keep-cache", "set by VQ_LONGROPE_SWITCH"),
+        ("recompute", "recompute", "set by VQ_LONGROPE_SWITCH"),
+    ],
+)
+def test_the_longrope_switch_is_the_checkpoints_unless_set(
+    spec: str, expected: str, why: str
+) -> None:
+    config = Phi3VConfig.from_file(PHI35_MODEL / "config.json")
+
+    mode, reason = choose_longrope_switch(spec, config)
+
+    assert mode == expected and reason.startswith(why)
+
+
+def test_a_config_without_a_switch_says_the_behaviour_never_applies() -> None:
+    raw = json.loads((PHI35_MODEL / "config.json").read_text())
+    raw["rope_scaling"] = None
+
+    mode, reason = choose_longrope_switch("auto", Phi3VConfig.from_dict(raw))
+
+    assert mode == "recompute" and reason.endswith("this config rotates every length alike")

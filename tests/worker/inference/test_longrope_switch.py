@@ -1,0 +1,308 @@
+"""Phi-3.5-vision's LongRoPE switch in the batched engine, against Microsoft's Phi-3.5 code.
+
+Phi-3-vision's code keeps the keys it cached under the short factors when a sequence grows
+past `original_max_position_embeddings` (2,048 in the tiny checkpoints) while decoding;
+Phi-3.5's code recomputes the whole sequence with the long factors at that step. The engine
+reads which from the checkpoint (VQ_LONGROPE_SWITCH overrides it) and, for Phi-3.5,
+re-prefills the crossing row into its own KV region while the other rows decode on.
+
+Exactness is the gate: every case of tests/data/phi35v-reference gives the reference's
+token ids and text, alone and batched with rows that do not cross (float32, CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from support.phi35v import (
+    CROSSING,
+    PHI35_CASES,
+    PHI35_MODEL,
+    SWITCH,
+    phi35_job,
+    phi35_request,
+)
+from support.reference import TINY_MODEL
+
+from vision_queue.errors import ModelError
+from worker.inference.control import RunControl
+from worker.inference.engine import Engine, EngineConfig
+from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
+from worker.model.kvcache import KVPool
+from worker.model.model_runner import ModelRunner, PromptPrefill
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(EngineConfig(model=str(PHI35_MODEL), device="cpu", max_batch=4))
+
+
+def assert_reference(token_ids: list[int], text: str | None, case_id: str) -> None:
+    case = PHI35_CASES[case_id]
+    assert token_ids == case["generated_ids"], case_id
+    if text is not None:
+        assert text == case["generated_text"], case_id
+
+
+# Which behaviour ------------------------------------------------------------------------------
+
+
+def test_the_checkpoint_says_which_behaviour_it_needs(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.inference.engine"):
+        phi3v = Engine.load(EngineConfig(model=str(TINY_MODEL), device="cpu"))
+
+    assert (engine.longrope_switch, engine.scheduler.recompute_past) == ("recompute", SWITCH)
+    assert (phi3v.longrope_switch, phi3v.scheduler.recompute_past) == ("keep-cache", None)
+    # The start-up line says what was chosen and why.
+    assert "LongRoPE switch at 2048 positions: keep-cache (config.json shows no sign of" in (
+        caplog.text
+    )
+
+
+def test_the_setting_overrides_the_checkpoint_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.inference.engine"):
+        forced = Engine.load(
+            EngineConfig(model=str(PHI35_MODEL), device="cpu", longrope_switch="keep-cache")
+        )
+
+    assert forced.longrope_switch == "keep-cache"
+    assert "keep-cache (set by VQ_LONGROPE_SWITCH)" in caplog.text
+    # Then Phi-3.5's crossing cases continue from the short-rotated keys, as Phi-3-vision's
+    # code would: the same tokens up to the recompute step, different ones after it.
+    for case_id in CROSSING:
+        step = PHI35_CASES[case_id]["recompute_steps"][0]
+        tokens = forced.generate(phi35_request(case_id)).token_ids
+        assert tokens[:step] == PHI35_CASES[case_id]["generated_ids"][:step]
+        assert tokens != PHI35_CASES[case_id]["generated_ids"], case_id
+
+
+def test_an_unknown_switch_behaviour_is_refused_at_load() -> None:
+    with pytest.raises(ModelError, match="unknown LongRoPE switch 'sometimes'"):
+        Engine.load(EngineConfig(model=str(PHI35_MODEL), device="cpu", longrope_switch="sometimes"))
+
+
+# Exactness through the engine -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case_id", list(PHI35_CASES))
+def test_every_phi35_case_gives_the_reference_alone(engine: Engine, case_id: str) -> None:
+    result = engine.generate(phi35_request(case_id))
+
+    assert_reference(result.token_ids, result.text, case_id)
+    assert result.stop_reason == PHI35_CASES[case_id]["stop_reason"]
+    assert result.prompt_tokens == PHI35_CASES[case_id]["prompt_tokens"]
+
+
+class Streamed(RunControl):
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.counts: list[int] = []
+
+    def on_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def on_token(self, count: int) -> None:
+        self.counts.append(count)
+
+
+def test_a_recomputing_request_streams_every_token_as_any_other(engine: Engine) -> None:
+    control = Streamed()
+
+    result = engine.generate(phi35_request("crosses_2048_two_frames_c4", control=control))
+
+    assert_reference(result.token_ids, result.text, "crosses_2048_two_frames_c4")
+    assert "".join(control.pieces) == result.text
+    assert control.counts == list(range(1, 25))
+
+
+# The batched engine ---------------------------------------------------------------------------
+
+
+def scheduler_for(
+    engine: Engine,
+    *,
+    max_rows: int,
+    positions: int = 16384,
+    chunk: int | None = None,
+    vision_unit_crops: int | None = None,
+) -> Scheduler:
+    config = engine.model.config
+    pool = KVPool(
+        num_layers=config.num_hidden_layers,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        positions=positions,
+        dtype=torch.float32,
+        device=CPU,
+        tokens_first=False,
+        zeroed=False,
+    )
+    runner = ModelRunner(
+        engine.model, pool, device=CPU, kernel="sdpa", decode_kernel="rows",
+        row_independent=True, max_rows=max_rows, window=positions, graphs=False,
+    )
+    return Scheduler(
+        runner, pool, stop_ids=engine.processor.stop_token_ids, max_rows=max_rows,
+        max_row_positions=positions, prefill_chunk_tokens=chunk,
+        vision_unit_crops=vision_unit_crops, recompute_past=SWITCH,
+    )
+
+
+@dataclass
+class Outcome:
+    tokens: list[int] = field(default_factory=list)
+    end: Finished | Failed | None = None
+
+
+def submit(scheduler: Scheduler, jobs: Iterable[Job]) -> dict[Job, Outcome]:
+    outcomes = {}
+    for job in jobs:
+        scheduler.enqueue(job)
+        outcomes[job] = Outcome()
+    return outcomes
+
+
+def run_until(
+    scheduler: Scheduler, outcomes: dict[Job, Outcome], done: Callable[[], bool] | None = None
+) -> int:
+    """Step until every job ended (or `done()`); returns the number of steps."""
+    for steps in range(1, 5001):
+        scheduler.step()
+        for job, outcome in outcomes.items():
+            while True:
+                try:
+                    event = job.events.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(event, Token):
+                    outcome.tokens.append(event.token_id)
+                else:
+                    outcome.end = event
+        if done() if done is not None else all(o.end for o in outcomes.values()):
+            return steps
+    raise AssertionError("the scheduler did not finish")
+
+
+def record_prefills(scheduler: Scheduler) -> list[tuple[int, int, int]]:
+    """(region start, prompt length, offset before the unit) of every prefill unit that
+    runs a recompute: a prompt built by `ModelRunner.regrown`, or a first one as long."""
+    units: list[tuple[int, int, int]] = []
+    prefill_unit = scheduler.runner.prefill_unit
+
+    def recording(prompt: PromptPrefill, **options: Any) -> torch.Tensor | None:
+        if not prompt.grids or prompt.length != SWITCH + 1:  # not the 2,049-token control
+            units.append((prompt.start, prompt.length, prompt.offset))
+        return prefill_unit(prompt, **options)
+
+    scheduler.runner.prefill_unit = recording  # type: ignore[method-assign]
+    return units
+
+
+def test_every_phi35_case_batched_together_gets_the_reference(engine: Engine) -> None:
+    # Given all seventeen cases at once, five rows, prompts (and recomputes) prefilled 512
+    # positions at a time, the image tower 8 crops a unit, and a pool that holds only some
+    # of them at once (rows crossing the switch next to rows that never do),
+    scheduler = scheduler_for(engine, max_rows=5, positions=12288, chunk=512, vision_unit_crops=8)
+    jobs = {case_id: phi35_job(engine, case_id) for case_id in PHI35_CASES}
+    units = record_prefills(scheduler)
+    outcomes = submit(scheduler, jobs.values())
+
+    run_until(scheduler, outcomes)
+
+    # then every job has exactly the reference's tokens and stop reason,
+    for case_id, job in jobs.items():
+        assert_reference(outcomes[job].tokens, None, case_id)
+        end = outcomes[job].end
+        assert isinstance(end, Finished) and end.stop_reason == PHI35_CASES[case_id]["stop_reason"]
+    # each crossing case was re-prefilled once, as 2,049 positions (5 units of <= 512),
+    recomputed = [unit for unit in units if unit[1] == SWITCH + 1]
+    assert len(recomputed) == 5 * len(CROSSING)
+    # and every region was returned.
+    assert scheduler.pool.allocator.free_positions == 12288
+
+
+def test_a_row_re_prefills_in_units_while_its_neighbours_keep_decoding(engine: Engine) -> None:
+    # Given a decoding row and a 2,045-token prompt that crosses 2,048 at its 4th decode
+    # step, with prefill units of 256 positions,
+    scheduler = scheduler_for(engine, max_rows=2, chunk=256)
+    other = phi35_job(engine, "text_only")
+    other.max_new_tokens = 200
+    crossing = phi35_job(engine, "crosses_2048_prompt2045_c16")
+    outcomes = submit(scheduler, [other, crossing])
+    units = record_prefills(scheduler)
+    run_until(scheduler, outcomes, done=lambda: len(outcomes[crossing].tokens) == 3)
+    row = scheduler._decoding[-1]
+    assert (row.job, row.kv_factors, row.prompt_embeds is not None) == (crossing, "short", True)
+
+    # when its 4th token arrives, so that the next one fed would be the first past 2,048,
+    run_until(scheduler, outcomes, done=lambda: len(outcomes[crossing].tokens) == 4)
+    assert scheduler._prefilling == [row] and row.recomputing
+    start, before = row.start, len(outcomes[other].tokens)
+    steps = run_until(scheduler, outcomes, done=lambda: len(outcomes[crossing].tokens) >= 5)
+
+    # then its whole sequence (2,045 + 4 = 2,049 positions) was prefilled again into the
+    # same region, with the long factors, in 9 units of <= 256, one per step,
+    recompute = [unit for unit in units if unit[1] == SWITCH + 1]
+    assert [offset for _, _, offset in recompute] == list(range(0, 2049, 256))
+    assert {unit_start for unit_start, _, _ in recompute} == {start}
+    assert steps == 9
+    assert (row.kv_factors, row.prompt_embeds, row.recomputing) == ("long", None, False)
+    # the other row got a token in every one of those steps,
+    assert len(outcomes[other].tokens) == before + steps
+    # and both end with the reference's tokens (text_only's first 12 are its reference).
+    run_until(scheduler, outcomes)
+    assert_reference(outcomes[crossing].tokens, None, "crosses_2048_prompt2045_c16")
+    assert outcomes[other].tokens[:12] == PHI35_CASES["text_only"]["generated_ids"]
+
+
+def test_a_prompt_long_from_the_start_or_one_that_ends_first_never_recomputes(
+    engine: Engine,
+) -> None:
+    # Given the 2,049-token control, and a crossing case whose budget ends at the switch,
+    scheduler = scheduler_for(engine, max_rows=2)
+    long = phi35_job(engine, "prompt_2049_long_prefill_c16")
+    short = phi35_job(engine, "crosses_2048_prompt2045_c16")
+    short.max_new_tokens = 4  # feeds positions up to 2,047: the sequence stays within 2,048
+    outcomes = submit(scheduler, [long, short])
+    units = record_prefills(scheduler)
+    run_until(scheduler, outcomes, done=lambda: len(scheduler._decoding) == 2)
+
+    # then neither keeps its embeddings, the control's keys are long from its prefill,
+    assert [(r.kv_factors, r.prompt_embeds) for r in scheduler._decoding] == [
+        ("long", None), ("short", None)
+    ]
+    run_until(scheduler, outcomes)
+
+    # and neither was prefilled again (the control's own prefill is not recorded).
+    assert {length for _, length, _ in units} == {2045}
+    assert_reference(outcomes[long].tokens, None, "prompt_2049_long_prefill_c16")
+    reference = PHI35_CASES["crosses_2048_prompt2045_c16"]["generated_ids"]
+    assert outcomes[short].tokens == reference[:4]
+
+
+def test_cancelling_a_row_while_it_recomputes_frees_its_region(engine: Engine) -> None:
+    scheduler = scheduler_for(engine, max_rows=2, positions=8192, chunk=256)
+    job = phi35_job(engine, "crosses_2048_at_step1_c16")
+    outcomes = submit(scheduler, [job])
+    run_until(scheduler, outcomes, done=lambda: any(r.recomputing for r in scheduler._prefilling))
+
+    scheduler.cancel(job)
+    run_until(scheduler, outcomes)
+
+    end = outcomes[job].end
+    assert isinstance(end, Finished) and end.stop_reason == "cancelled"
+    assert outcomes[job].tokens == PHI35_CASES["crosses_2048_at_step1_c16"]["generated_ids"][:1]
+    assert scheduler.pool.allocator.free_positions == 8192
+    assert scheduler.stats()["prefilling"] == scheduler.stats()["decoding"] == 0
