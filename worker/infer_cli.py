@@ -182,6 +182,8 @@ def _output(
 ) -> dict[str, Any]:
     return {
         "text": result.text,
+        # The ids themselves, so an answer can be checked against a reference exactly.
+        "token_ids": result.token_ids,
         "usage": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,

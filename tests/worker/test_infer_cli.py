@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.phi35v import PHI35_CASES, infer_argv
 
 from vision_queue.protocol import TASK_SPECS, TaskName
 from vision_queue.settings import Settings
@@ -34,8 +36,9 @@ def test_json_output_has_text_usage_timings_model_and_device(
 
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"text", "usage", "timings", "model", "device"}
+    assert set(result) == {"text", "token_ids", "usage", "timings", "model", "device"}
     assert result["usage"] == {"prompt_tokens": 1939, "completion_tokens": 4}
+    assert len(result["token_ids"]) == 4
     assert set(result["timings"]) == {"preprocess", "generate", "total"}
     assert result["timings"]["total"] >= result["timings"]["generate"] > 0
     assert (result["model"], result["device"]) == (MODEL, "cpu")
@@ -143,3 +146,38 @@ def test_as_a_program_a_bad_request_still_exits_2_with_its_reason() -> None:
     assert done.returncode == 2
     assert done.stdout == "" and "ask needs a prompt" in done.stderr
 
+
+
+# Phi-3.5-vision: a checkpoint folder of its own, served as a Phi-3-vision one is ------------
+
+
+@pytest.mark.parametrize("case_id", list(PHI35_CASES))
+def test_every_phi35_case_gives_the_reference_ids_and_text(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case_id: str
+) -> None:
+    monkeypatch.delenv("VQ_LONGROPE_SWITCH", raising=False)  # auto: what config.json says
+    code, out, err = infer(capsys, *infer_argv(case_id))
+
+    assert code == 0, err
+    result = json.loads(out)
+    case = PHI35_CASES[case_id]
+    assert result["token_ids"] == case["generated_ids"]
+    assert result["text"] == case["generated_text"]
+    assert result["usage"] == {
+        "prompt_tokens": case["prompt_tokens"],
+        "completion_tokens": len(case["generated_ids"]),
+    }
+
+
+def test_as_a_program_a_phi35_checkpoint_logs_its_switch_behaviour() -> None:
+    case_id = "crosses_2048_at_step1_c16"
+    env = {k: v for k, v in os.environ.items() if k != "VQ_LONGROPE_SWITCH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "infer", *infer_argv(case_id)],
+        capture_output=True, text=True, check=False, env=env,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["token_ids"] == PHI35_CASES[case_id]["generated_ids"]
+    assert "LongRoPE switch at 2048 positions: recompute (config.json names" in done.stderr
+    assert "recomputed a row's 2049 positions with the long factors" in done.stderr
