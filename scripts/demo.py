@@ -3,8 +3,9 @@
     python scripts/demo.py --keep     # what `make demo` runs: answer, then keep the stack up
 
 Uses the real Phi-3-vision when it can load it (VQ_MODEL, or the checkpoint already in the
-Hugging Face cache); otherwise the small random-weight checkpoint shipped for the tests,
-whose answers are random text. With REDIS_URL set it uses that Redis and starts none.
+Hugging Face cache; VQ_MODEL may name Phi-3.5-vision too, as a Hub id or a checkpoint
+folder); otherwise the small random-weight checkpoint shipped for the tests, whose answers
+are random text. With REDIS_URL set it uses that Redis and starts none.
 With `--keep` the stack stays up until Ctrl+C and the commands to try against it are
 printed (REDIS_URL with its password, producer, worker health, Flower login).
 
@@ -38,6 +39,8 @@ from vision_queue.settings import SettingsError  # noqa: E402
 
 REAL_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 TINY_MODEL = ROOT / "tests" / "data" / "phi3v-reference" / "model"
+# The random-weight checkpoints shipped for the tests: Phi-3-vision's and Phi-3.5-vision's.
+TINY_MODELS = (TINY_MODEL, ROOT / "tests" / "data" / "phi35v-reference" / "model")
 EXAMPLES = ROOT / "examples" / "images"
 JOBS = [
     ("describe", ["street_1280x720.jpg"]),
@@ -70,7 +73,7 @@ def choose_model() -> tuple[str, bool]:
     """(model, is_real): the configured or cached real checkpoint, else the tiny one."""
     wanted = os.environ.get("VQ_MODEL", REAL_MODEL)
     if Path(wanted).is_dir() and (Path(wanted) / "config.json").exists():
-        return wanted, Path(wanted).resolve() != TINY_MODEL.resolve()
+        return wanted, Path(wanted).resolve() not in {tiny.resolve() for tiny in TINY_MODELS}
     try:
         from huggingface_hub import snapshot_download
 
@@ -243,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         model, real = choose_model()
         if not real:
             print(
-                "demo: NOTE the real Phi-3-vision weights are not here; using the small RANDOM "
-                "checkpoint from tests/data. Its answers are random text, not descriptions. "
+                "demo: NOTE no real Phi-3-vision or Phi-3.5-vision weights here; using the small "
+                f"RANDOM checkpoint {model}. Its answers are random text, not descriptions. "
                 "README.md says how to get the weights."
             )
         redis_url = os.environ.get("REDIS_URL", "")

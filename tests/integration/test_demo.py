@@ -206,3 +206,28 @@ def test_both_sides_of_the_stack_get_one_cap_value() -> None:
     # The demo's client and its worker read the same environment: the user's caps or none.
     assert env["VQ_MAX_NEW_TOKENS_CAPS"] == Settings.from_env({}).max_new_tokens_caps
     assert mine["VQ_MAX_NEW_TOKENS_CAPS"] == "describe=9,ocr=9,compare=9,ask=9"
+
+
+@pytest.mark.parametrize("tiny", demo.TINY_MODELS, ids=["phi3v", "phi35v"])
+def test_the_shipped_random_checkpoints_are_never_taken_for_real_weights(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VQ_MODEL", str(tiny))
+    assert demo.choose_model() == (str(tiny), False)
+
+    # A checkpoint folder of its own (e.g. downloaded Phi-3.5-vision weights) is real.
+    (tmp_path / "config.json").write_text((tiny / "config.json").read_text())
+    monkeypatch.setenv("VQ_MODEL", str(tmp_path))
+    assert demo.choose_model() == (str(tmp_path), True)
+
+
+def test_the_demo_answers_its_examples_with_a_phi35_checkpoint_folder(
+    redis_server, redis_url: str, tmp_path: Path
+) -> None:
+    phi35 = ROOT / "tests" / "data" / "phi35v-reference" / "model"
+    process = start_demo(tmp_path / "state", user_env(REDIS_URL=redis_url, VQ_MODEL=str(phi35)))
+    out, _ = process.communicate(timeout=600)
+
+    assert process.returncode == 0, out
+    assert f"RANDOM checkpoint {phi35}" in out
+    assert out.count("(SUCCESS, ") == len(demo.JOBS)
