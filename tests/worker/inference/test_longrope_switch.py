@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -306,3 +307,68 @@ def test_cancelling_a_row_while_it_recomputes_frees_its_region(engine: Engine) -
     assert outcomes[job].tokens == PHI35_CASES["crosses_2048_at_step1_c16"]["generated_ids"][:1]
     assert scheduler.pool.allocator.free_positions == 8192
     assert scheduler.stats()["prefilling"] == scheduler.stats()["decoding"] == 0
+
+
+# GPU (skipped without CUDA) -------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def serve_concurrently(engine: Engine, case_ids: list[str]) -> dict[str, Any]:
+    """Each case from its own thread, as the worker's slots do; results or exceptions."""
+    outcomes: dict[str, Any] = {}
+
+    def serve(case_id: str) -> None:
+        try:
+            outcomes[case_id] = engine.generate(phi35_request(case_id))
+        except Exception as exc:
+            outcomes[case_id] = exc
+
+    threads = [threading.Thread(target=serve, args=(c,)) for c in case_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_float32_on_gpu_batched_recomputes_as_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Full float32 in the patch convolution too, as in the CPU reference; CUDA's default
+    # prefill units (1,024 positions) split each recompute in three.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gpu = Engine.load(
+        EngineConfig(model=str(PHI35_MODEL), device="cuda", dtype="float32", max_batch=4)
+    )
+    case_ids = [*CROSSING, "prompt_2049_long_prefill_c16", "text_only"]
+
+    results = serve_concurrently(gpu, case_ids)
+
+    for case_id in case_ids:
+        result = results[case_id]
+        assert not isinstance(result, Exception), (case_id, result)
+        assert_reference(result.token_ids, result.text, case_id)
+    gpu.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bfloat16_on_gpu_recomputes_batched_as_alone() -> None:
+    # Given the CUDA path (varlen attention, decode graphs), crossing rows beside others,
+    gpu = Engine.load(EngineConfig(model=str(PHI35_MODEL), device="cuda", max_batch=4))
+    gpu.warmup()
+    case_ids = [*CROSSING[:3], "two_frames_c4"]
+    alone = {c: gpu.generate(phi35_request(c)) for c in case_ids}
+
+    together = serve_concurrently(gpu, case_ids)
+
+    # then each gets its batch-1 tokens up to the first step where bf16 noise could decide.
+    for case_id in case_ids:
+        steps = PHI35_CASES[case_id]["steps"]
+        clear = next((i for i, step in enumerate(steps) if step["margin"] < 0.05), len(steps))
+        assert together[case_id].token_ids[:clear] == alone[case_id].token_ids[:clear]
+        assert together[case_id].completion_tokens == PHI35_CASES[case_id]["max_new_tokens"]
+    gpu.close()
