@@ -1,7 +1,9 @@
 """Every reference case through the engine, float32 on CPU, against Microsoft's own outputs.
 
-The reference (tests/data/phi3v-reference) was produced by the checkpoint's Hub code
-under transformers 4.48.3. Required to match exactly: prompt token ids and image
+Two references, each produced by its model's own Hub code under transformers 4.48.3:
+tests/data/phi3v-reference (Phi-3-vision-128k-instruct) and tests/data/phi35v-reference
+(Phi-3.5-vision-instruct, whose code recomputes at the LongRoPE switch; the engine reads
+that from the checkpoint). Required to match exactly: prompt token ids and image
 positions, generated token ids, decoded text, stop reason. Within 1e-4 relative: pixel
 statistics, embedding statistics, first-step logits (all 32,064, so the top 10 too).
 """
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from phi3v_reference import IMAGES_DIR, REFERENCE_DIR, load_cases
+from phi3v_reference import PHI35_DIR, REFERENCE_DIR, load_cases
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,10 +26,21 @@ from worker.model.kvcache import DynamicKVCache
 from worker.model.model_runner import PromptPrefill
 from worker.model.processor import EncodedPrompt, chat_text
 
-REFERENCE = load_cases()
-CASES = REFERENCE["cases"]
-CASE_IDS = [case["id"] for case in CASES]
+DIRS = {"phi3v": REFERENCE_DIR, "phi35v": PHI35_DIR}
+REFERENCES = {name: load_cases(folder) for name, folder in DIRS.items()}
+# (reference, case) pairs, named e.g. phi35v-text_only: both sets have cases of that name.
+CASES = [
+    pytest.param(name, case, id=f"{name}-{case['id']}")
+    for name, reference in REFERENCES.items()
+    for case in reference["cases"]
+]
+IMAGE_CASES = [param for param in CASES if param.values[1]["images"]]
 REL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engines(cpu_engine: Engine, phi35_cpu_engine: Engine) -> dict[str, Engine]:
+    return {"phi3v": cpu_engine, "phi35v": phi35_cpu_engine}
 
 
 def close(actual: float, expected: float, scale: float | None = None) -> bool:
@@ -35,14 +48,15 @@ def close(actual: float, expected: float, scale: float | None = None) -> bool:
     return abs(actual - expected) <= REL * abs(expected if scale is None else scale)
 
 
-def images_of(case: dict[str, Any]) -> list[Image.Image]:
-    return [decode_image((IMAGES_DIR / name).read_bytes()) for name in case["images"]]
+def images_of(ref: str, case: dict[str, Any]) -> list[Image.Image]:
+    images = DIRS[ref] / "images"
+    return [decode_image((images / name).read_bytes()) for name in case["images"]]
 
 
-def encode(engine: Engine, case: dict[str, Any]) -> EncodedPrompt:
+def encode(engine: Engine, ref: str, case: dict[str, Any]) -> EncodedPrompt:
     text = chat_text(case["prompt"], len(case["images"]))
     assert text == case["text"]
-    return engine.processor.encode(text, images_of(case), case["num_crops"])
+    return engine.processor.encode(text, images_of(ref, case), case["num_crops"])
 
 
 def embeddings(engine: Engine, encoded: EncodedPrompt) -> torch.Tensor:
@@ -70,15 +84,20 @@ def assert_stats(tensor: torch.Tensor, expected: dict[str, Any]) -> None:
         assert close(actual, wanted, row_scale)
 
 
-def test_reference_images_decode_to_the_reference_rgb() -> None:
-    for name, info in REFERENCE["images"].items():
-        rgb = np.asarray(decode_image((IMAGES_DIR / name).read_bytes()), dtype=np.uint8)
+@pytest.mark.parametrize("ref", list(DIRS))
+def test_reference_images_decode_to_the_reference_rgb(ref: str) -> None:
+    for name, info in REFERENCES[ref]["images"].items():
+        data = (DIRS[ref] / "images" / name).read_bytes()
+        rgb = np.asarray(decode_image(data), dtype=np.uint8)
         assert hashlib.sha256(rgb.tobytes()).hexdigest() == info["rgb_sha256"], name
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_prompt_tokens_and_image_positions_match_exactly(cpu_engine: Engine, case: dict) -> None:
-    encoded = encode(cpu_engine, case)
+@pytest.mark.parametrize(("ref", "case"), CASES)
+def test_prompt_tokens_and_image_positions_match_exactly(
+    engines: dict[str, Engine], ref: str, case: dict
+) -> None:
+    cpu_engine = engines[ref]
+    encoded = encode(cpu_engine, ref, case)
 
     assert encoded.prompt_tokens == case["prompt_tokens"]
     assert encoded.input_ids == case["input_ids"]  # BOS placement and image positions
@@ -87,9 +106,12 @@ def test_prompt_tokens_and_image_positions_match_exactly(cpu_engine: Engine, cas
     assert sizes == (case["image_sizes"] or [])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["images"]], ids=lambda c: c["id"])
-def test_pixel_values_match_the_reference_statistics(cpu_engine: Engine, case: dict) -> None:
-    encoded = encode(cpu_engine, case)
+@pytest.mark.parametrize(("ref", "case"), IMAGE_CASES)
+def test_pixel_values_match_the_reference_statistics(
+    engines: dict[str, Engine], ref: str, case: dict
+) -> None:
+    cpu_engine = engines[ref]
+    encoded = encode(cpu_engine, ref, case)
     crops = cpu_engine.processor.crops(encoded).split([hd.num_crops_used for hd in encoded.images])
     padded_crops = case["num_crops"] + 1  # the original zero-pads every image to this
 
@@ -108,9 +130,12 @@ def test_pixel_values_match_the_reference_statistics(cpu_engine: Engine, case: d
         assert np.allclose(values[1].flatten()[:16], expected["crop1_first16"], atol=REL, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_embeddings_match_the_reference_statistics(cpu_engine: Engine, case: dict) -> None:
-    encoded = encode(cpu_engine, case)
+@pytest.mark.parametrize(("ref", "case"), CASES)
+def test_embeddings_match_the_reference_statistics(
+    engines: dict[str, Engine], ref: str, case: dict
+) -> None:
+    cpu_engine = engines[ref]
+    encoded = encode(cpu_engine, ref, case)
 
     assert_stats(embeddings(cpu_engine, encoded)[0], case["inputs_embeds"])
 
@@ -123,15 +148,18 @@ def test_embeddings_match_the_reference_statistics(cpu_engine: Engine, case: dic
             assert_stats(actual, expected["image_embeds"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_first_step_logits_match_within_1e4(cpu_engine: Engine, case: dict) -> None:
-    encoded = encode(cpu_engine, case)
+@pytest.mark.parametrize(("ref", "case"), CASES)
+def test_first_step_logits_match_within_1e4(
+    engines: dict[str, Engine], ref: str, case: dict
+) -> None:
+    cpu_engine = engines[ref]
+    encoded = encode(cpu_engine, ref, case)
     embeds = embeddings(cpu_engine, encoded)
     positions = torch.arange(encoded.prompt_tokens).unsqueeze(0)
     cache = DynamicKVCache(cpu_engine.model.config.num_hidden_layers)
     with torch.inference_mode():
         logits = cpu_engine.model(embeds, positions, cache, causal=True)[0].double()
-    expected = load_file(REFERENCE_DIR / "logits_step0.safetensors")[case["id"]].double()
+    expected = load_file(DIRS[ref] / "logits_step0.safetensors")[case["id"]].double()
     first = case["first_step_logits"]
 
     scale = expected.abs().max().item()
@@ -144,11 +172,14 @@ def test_first_step_logits_match_within_1e4(cpu_engine: Engine, case: dict) -> N
     assert close(logits.norm().item(), first["l2_norm"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_generation_matches_exactly(cpu_engine: Engine, case: dict) -> None:
+@pytest.mark.parametrize(("ref", "case"), CASES)
+def test_generation_matches_exactly(
+    engines: dict[str, Engine], ref: str, case: dict
+) -> None:
+    cpu_engine = engines[ref]
     request = GenerationRequest(
         prompt=case["prompt"],
-        images=images_of(case),
+        images=images_of(ref, case),
         max_new_tokens=case["max_new_tokens"],
         num_crops=case["num_crops"],
     )
@@ -162,13 +193,18 @@ def test_generation_matches_exactly(cpu_engine: Engine, case: dict) -> None:
     assert result.completion_tokens == len(case["generated_ids"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_longrope_regime_follows_the_per_call_rule(case: dict) -> None:
-    """Long factors iff max(position)+1 > original_max_position_embeddings, call by call."""
-    original = REFERENCE["rope"]["original_max_position_embeddings"]
+@pytest.mark.parametrize(("ref", "case"), CASES)
+def test_longrope_regime_follows_the_per_call_rule(ref: str, case: dict) -> None:
+    """Long factors iff max(position)+1 > original_max_position_embeddings, call by call;
+    Phi-3.5 recomputes at the one step where a sequence within the limit first passes it."""
+    original = REFERENCES[ref]["rope"]["original_max_position_embeddings"]
     length = case["prompt_tokens"]
 
     assert case["rope_prefill"] == ("long" if length > original else "short")
     for index, step in enumerate(case["steps"][1:], start=1):
         # Decode step `index` feeds the token at position length + index - 1.
         assert step["rope"] == ("long" if length + index > original else "short")
+    crossing = original + 1 - length  # the step whose sequence is original + 1 long
+    expected = [crossing] if ref == "phi35v" and 1 <= crossing < len(case["steps"]) else []
+    assert case.get("recompute_steps", []) == expected
+    assert [i for i, step in enumerate(case["steps"]) if step.get("recomputed")] == expected
