@@ -52,16 +52,18 @@ def test_a_closed_pipe_ends_without_a_traceback(args: list[str], code: int):
 SWALLOWING_WAIT = """
 import sys, time
 from vision_queue.cli_support import CtrlC
-ctrl_c = CtrlC("interrupted: bye", 130, grace_s=float(sys.argv[1]))
-with ctrl_c:
-    # Only now is the handler in place: a Ctrl+C sent before this line would end the child
-    # through Python's default handler instead, and the test would race with it.
-    print("waiting", flush=True)
-    while True:
-        try:
+with CtrlC("interrupted: bye", 130, grace_s=float(sys.argv[1])):
+    # "waiting" is printed inside the try: the test's Ctrl+C can land nowhere else, so it is
+    # swallowed whichever bytecode it interrupts (outside a try it would end the child).
+    try:
+        print("waiting", flush=True)
+        while True:
             time.sleep(0.05)
-        except KeyboardInterrupt:
-            print("lost", flush=True)
+    except KeyboardInterrupt:
+        print("lost", flush=True)
+    # A second Ctrl+C does not raise (CtrlC exits from its handler), so nothing to catch.
+    while True:
+        time.sleep(0.05)
 """
 
 
