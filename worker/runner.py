@@ -76,6 +76,7 @@ def run_worker(settings: Settings) -> int:
     if engine is None:
         return EXIT_MODEL_FAILED
     metrics = _start_metrics(settings, name, engine)
+    metrics.watch_running(health.running)
     book = LeaseBook(name, settings.lease_ttl_s)
     app = _leased_app(settings, book)
     keeper = _lease_keeper(app, book, redis, settings)
