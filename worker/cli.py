@@ -182,13 +182,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def _health(settings: Settings, args: argparse.Namespace) -> int:
     """Check the worker named (--name, --health-file or their settings), else every worker
     running on this host: one line each, exit 0 only if all pass."""
-    from worker.health import check_live, check_ready, health_file_path, read_health
+    from worker.health import (
+        check_live,
+        check_ready,
+        health_file_path,
+        pointed_health_files,
+        read_health,
+    )
     from worker.identity import health_dir, running_health_files
 
     if settings.worker_name or settings.health_file:
         paths = [health_file_path(settings, settings.worker_name)]
     else:
-        paths = running_health_files()
+        # Workers with the default heartbeat file, and those pointing to theirs elsewhere.
+        paths = list(dict.fromkeys([*running_health_files(), *pointed_health_files()]))
         if not paths:
             print(
                 f"no worker running on this host (no live heartbeat file in {health_dir()}); "
