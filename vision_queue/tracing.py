@@ -95,13 +95,19 @@ def _configure(service_name: str, instrument_redis: bool) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased
 
-    # Resource.create adds OTEL_RESOURCE_ATTRIBUTES; OTEL_SERVICE_NAME wins over our name.
-    name = os.environ.get("OTEL_SERVICE_NAME", "").strip() or service_name
-    resource = Resource.create({"service.name": name})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(root=_root_sampler()))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    atexit.register(provider.shutdown)  # flush what is buffered when the process ends
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        # The application (a web backend using our client) configured OpenTelemetry
+        # itself: keep its provider, exporter and sampler.
+        provider = current
+    else:
+        # Resource.create adds OTEL_RESOURCE_ATTRIBUTES; OTEL_SERVICE_NAME wins over ours.
+        name = os.environ.get("OTEL_SERVICE_NAME", "").strip() or service_name
+        resource = Resource.create({"service.name": name})
+        provider = TracerProvider(resource=resource, sampler=ParentBased(root=_root_sampler()))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(provider)
+        atexit.register(provider.shutdown)  # flush what is buffered when the process ends
     if instrument_redis:
         with contextlib.suppress(ImportError):
             from opentelemetry.instrumentation.redis import RedisInstrumentor
