@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from celery.signals import worker_ready
 
+from vision_queue import tracing
 from vision_queue.celery_config import make_celery_app
 from vision_queue.protocol import priority_queues
 from vision_queue.redis_connect import redis_client
@@ -66,6 +67,10 @@ EXIT_MODEL_FAILED = 1
 def run_worker(settings: Settings) -> int:
     """Load and warm the model, then consume until shut down. Returns the exit code."""
     log.info("settings: %s", settings)
+    # Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set: then each task runs inside the trace
+    # its message's traceparent header names (docs/tracing-plan.md).
+    if tracing.setup("vq-worker"):
+        tracing.instrument_celery()
     redis = redis_client(settings)
     identity = _claim_deployment(redis, settings)
     if identity is None:

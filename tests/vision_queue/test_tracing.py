@@ -7,13 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
+from support.otlp import OtlpCollector
 from support.workers import base_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,31 +46,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-class Collector(BaseHTTPRequestHandler):
-    bodies: ClassVar[list[bytes]] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", 0))
-        Collector.bodies.append(self.rfile.read(length))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def collector() -> Iterator[str]:
-    Collector.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def collector() -> Iterator[OtlpCollector]:
+    with OtlpCollector() as running:
+        yield running
 
 
 def run_script(redis_url: str, **env: str) -> str:
@@ -96,37 +73,28 @@ def test_without_an_endpoint_nothing_is_imported_or_exported(redis_url: str) -> 
     assert "modules False" in out  # and no tracer provider, exporter or instrumentation is loaded
 
 
-def test_the_sdk_switch_turns_it_off_even_with_an_endpoint(redis_url: str, collector: str) -> None:
-    out = run_script(redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=collector, OTEL_SDK_DISABLED="true")
-    assert "enabled False False" in out and "early False" in out and "modules False" in out
-    assert Collector.bodies == []
-
-
-def test_producer_and_worker_spans_form_one_trace(redis_url: str, collector: str) -> None:
-    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
+def test_the_sdk_switch_turns_it_off_even_with_an_endpoint(
+    redis_url: str, collector: OtlpCollector
+) -> None:
+    out = run_script(
+        redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_SDK_DISABLED="true"
     )
+    assert "enabled False False" in out and "early False" in out and "modules False" in out
+    assert collector.bodies == []
 
-    out = run_script(redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=collector)
+
+def test_producer_and_worker_spans_form_one_trace(
+    redis_url: str, collector: OtlpCollector
+) -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    out = run_script(redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
     assert "enabled True True" in out
     assert "headers ['traceparent']" in out
-    spans = []
-    services = set()
-    for body in Collector.bodies:
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        for resource_spans in request.resource_spans:
-            for attribute in resource_spans.resource.attributes:
-                if attribute.key == "service.name":
-                    services.add(attribute.value.string_value)
-            for scope_spans in resource_spans.scope_spans:
-                spans.extend(scope_spans.spans)
+    spans, services = collector.spans()
     assert services == {"vq-test-client"}
-    by_name = {span.name: span for span in spans}
-    # The ping outside a trace made no span; the LPUSH inside the submit did; the "off"
-    # spans made before... were made while on too, as roots of their own traces.
+    # The "off" spans (made while tracing was on in this run) are traces of their own.
     spans = [span for span in spans if span.name != "off"]
+    # The ping outside a trace made no span; the LPUSH inside the submit did.
     by_name = {span.name: span for span in spans}
     assert sorted(by_name) == ["LPUSH", "vq.queue_wait", "vq.submit", "vq.task"], by_name
     assert len({span.trace_id for span in spans}) == 1  # one trace
