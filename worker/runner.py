@@ -38,6 +38,7 @@ from vision_queue.celery_config import make_celery_app
 from vision_queue.protocol import priority_queues
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
+from worker import trace_stages
 from worker.broker.consumer import consumer_class
 from worker.broker.deployment import (
     VisibilityTimeoutConflict,
@@ -71,6 +72,7 @@ def run_worker(settings: Settings) -> int:
     # its message's traceparent header names (docs/tracing-plan.md).
     if tracing.setup("vq-worker"):
         tracing.instrument_celery()
+        trace_stages.connect()
     redis = redis_client(settings)
     identity = _claim_deployment(redis, settings)
     if identity is None:

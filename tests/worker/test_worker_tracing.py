@@ -50,6 +50,11 @@ def test_a_task_joins_the_trace_its_message_carries(redis_url: str, tmp_path: Pa
     assert runs, [s.name for s in spans]
     (run,) = runs
     assert run.trace_id.hex() == TRACE_ID and run.parent_span_id.hex() == PARENT_ID
+    # The time in Redis, from the request's submitted_at, under the task's span.
+    (wait,) = [s for s in spans if s.name == "vq.queue_wait"]
+    assert wait.parent_span_id == run.span_id
+    assert run.start_time_unix_nano - 10**9 <= wait.end_time_unix_nano
+    assert wait.start_time_unix_nano <= wait.end_time_unix_nano
     assert services == {"vq-worker"}
     # Broker polls and heartbeats outside a trace export nothing; what is exported
     # belongs to the task's trace.
