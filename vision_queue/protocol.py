@@ -100,6 +100,15 @@ LEASE_SWEEP_LOCK_KEY = KEY_PREFIX + ":lease-sweep"
 # delivery.
 WEBHOOK_OUTBOX_KEY = KEY_PREFIX + ":webhooks"
 WEBHOOK_KEY = KEY_PREFIX + ":webhook:{task_id}"
+# Fleet-wide event counters (a hash; field -> count since the Redis data began), written by
+# workers with HINCRBY and exported as `vq_<field>_total` by producer/queue_exporter.py.
+STATS_KEY = KEY_PREFIX + ":stats"
+STATS_FIELDS = {
+    "redelivered": "Messages whose worker's lease lapsed, handed back to their queue by a "
+    "live worker's sweep, in messages.",
+    "webhooks_delivered": "Webhook deliveries the receiver answered with 2xx, in deliveries.",
+    "webhooks_dropped": "Webhook deliveries given up (refused, out of attempts), in deliveries.",
+}
 # Text deltas of one task: a Redis Stream (entries `seq`, `kind` = delta|end, `text`, and
 # on the end entry `result`, the final result JSON). Expires with the result. Writers also
 # PUBLISH each new entry id on a channel of the same name, so readers wait without polling.

@@ -10,6 +10,7 @@ worker settings            # every setting (secrets masked), who reads it, must 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -78,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "settings",
-        help="print every setting (secrets masked), the processes that read it and whether "
-        "every host must give it the same value",
+        help="print every setting as THIS shell's environment gives it (secrets masked, "
+        "unset = default), the processes that read it and whether every host must give it "
+        "the same value; not a running worker's values (run it in that worker's container)",
     )
     return parser
 
@@ -121,7 +123,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _print_settings(settings: Settings) -> None:
     """Every setting as NAME=value (secrets masked), after the processes that read it and
-    whether every host must give it the same value (docs/settings.md: the same columns)."""
+    whether every host must give it the same value (docs/settings.md: the same columns).
+
+    The values are this process's environment's: a running worker may have been started
+    with others, so the first line (a `#` comment) says where they come from."""
+    environ = os.environ
+    names = [f.metadata["env"] for f in fields(settings)]
+    set_here = sum(1 for name in names if name in environ)
+    print(
+        f"# the values of this shell's environment ({set_here} of {len(names)} set, the rest "
+        "at their defaults), not those of a running worker; for a worker's own, run this "
+        "where it runs (docker compose exec worker-0 worker settings)"
+    )
     masked = settings.masked()
     rows = [("read by", "same", "setting")]
     for f in fields(settings):
@@ -169,13 +182,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def _health(settings: Settings, args: argparse.Namespace) -> int:
     """Check the worker named (--name, --health-file or their settings), else every worker
     running on this host: one line each, exit 0 only if all pass."""
-    from worker.health import check_live, check_ready, health_file_path, read_health
+    from worker.health import (
+        check_live,
+        check_ready,
+        health_file_path,
+        pointed_health_files,
+        read_health,
+    )
     from worker.identity import health_dir, running_health_files
 
     if settings.worker_name or settings.health_file:
         paths = [health_file_path(settings, settings.worker_name)]
     else:
-        paths = running_health_files()
+        # Workers with the default heartbeat file, and those pointing to theirs elsewhere.
+        paths = list(dict.fromkeys([*running_health_files(), *pointed_health_files()]))
         if not paths:
             print(
                 f"no worker running on this host (no live heartbeat file in {health_dir()}); "

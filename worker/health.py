@@ -36,9 +36,16 @@ import redis
 from vision_queue.outages import broker_error, is_retryable
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
-from worker.identity import default_health_file
+from worker.identity import default_health_file, health_dir
 
-__all__ = ["HealthReporter", "check_live", "check_ready", "health_file_path", "read_health"]
+__all__ = [
+    "HealthReporter",
+    "check_live",
+    "check_ready",
+    "health_file_path",
+    "pointed_health_files",
+    "read_health",
+]
 
 log = logging.getLogger("vision_queue.worker")
 
@@ -55,6 +62,41 @@ def health_file_path(settings: Settings, worker_name: str) -> Path:
     if settings.health_file:
         return Path(settings.health_file)
     return default_health_file(worker_name)
+
+
+# A worker whose heartbeat file is elsewhere (VQ_HEALTH_FILE, as `make demo` sets it) leaves
+# a pointer to it in the temp dir, where `worker health` without a name looks.
+_POINTER_SUFFIX = ".health.pointer"
+
+
+def pointer_path(worker_name: str) -> Path:
+    """Where a worker named `worker_name` points to its heartbeat file from the temp dir."""
+    default = default_health_file(worker_name)
+    return default.with_name(default.name.removesuffix(".health.json") + _POINTER_SUFFIX)
+
+
+def pointed_health_files() -> list[Path]:
+    """The heartbeat files that running workers point to from the temp dir, by name."""
+    found = []
+    for pointer in sorted(health_dir().glob(f"vision-queue-*{_POINTER_SUFFIX}")):
+        try:
+            data = json.loads(pointer.read_text())
+            path, pid = Path(data["health_file"]), data["pid"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(pid, int) and _alive(pid) and path.exists():
+            found.append(path)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 @dataclass
@@ -84,15 +126,34 @@ class HealthReporter:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="health-heartbeat", daemon=True)
+        self._pointer: Path | None = None  # in the temp dir, to a file elsewhere
 
     def start(self) -> None:
         self._write()
+        self._point_to_file()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.interval_s * 2)
         self.path.unlink(missing_ok=True)
+        if self._pointer is not None:
+            self._pointer.unlink(missing_ok=True)
+
+    def _point_to_file(self) -> None:
+        """A heartbeat file outside the temp dir's default name gets a pointer there, so
+        that `worker health` finds this worker without VQ_HEALTH_FILE."""
+        name = self._state.worker
+        if self.path.resolve() == default_health_file(name).resolve():
+            return
+        pointer = pointer_path(name)
+        data = {"health_file": str(self.path.resolve()), "pid": os.getpid(), "worker": name}
+        try:
+            pointer.write_text(json.dumps(data))
+        except OSError as exc:  # a read-only temp dir: `worker health` needs the path then
+            log.warning("cannot write %s (%s): worker health needs --health-file", pointer, exc)
+            return
+        self._pointer = pointer
 
     def model_ready(self) -> None:
         self._update(state="ready", model_loaded=True)

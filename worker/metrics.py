@@ -9,6 +9,8 @@ several engines in one process (tests, a future multi-GPU process) never collide
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -71,6 +73,17 @@ class WorkerMetrics:
             list(labels),
             registry=self.registry,
         ).labels(**labels)
+
+        self.running = Gauge(
+            "vq_worker_running_tasks",
+            "Tasks this worker runs now (busy batch slots, up to VQ_MAX_BATCH), in tasks.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+
+    def watch_running(self, running: Callable[[], Sized]) -> None:
+        """Read the running tasks at each scrape (the health reporter's busy slots)."""
+        self.running.set_function(lambda: len(running()))
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)

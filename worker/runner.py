@@ -33,10 +33,12 @@ from urllib.parse import urlsplit
 from celery import Celery
 from celery.signals import worker_ready
 
+from vision_queue import tracing
 from vision_queue.celery_config import make_celery_app
 from vision_queue.protocol import priority_queues
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
+from worker import trace_stages
 from worker.broker.consumer import consumer_class
 from worker.broker.deployment import (
     VisibilityTimeoutConflict,
@@ -66,6 +68,11 @@ EXIT_MODEL_FAILED = 1
 def run_worker(settings: Settings) -> int:
     """Load and warm the model, then consume until shut down. Returns the exit code."""
     log.info("settings: %s", settings)
+    # Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set: then each task runs inside the trace
+    # its message's traceparent header names (docs/tracing-plan.md).
+    if tracing.setup("vq-worker"):
+        tracing.instrument_celery()
+        trace_stages.connect()
     redis = redis_client(settings)
     identity = _claim_deployment(redis, settings)
     if identity is None:
@@ -76,6 +83,7 @@ def run_worker(settings: Settings) -> int:
     if engine is None:
         return EXIT_MODEL_FAILED
     metrics = _start_metrics(settings, name, engine)
+    metrics.watch_running(health.running)
     book = LeaseBook(name, settings.lease_ttl_s)
     app = _leased_app(settings, book)
     keeper = _lease_keeper(app, book, redis, settings)

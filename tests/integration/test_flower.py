@@ -516,6 +516,21 @@ def test_worker_controls_pass_only_when_the_operator_opts_in(
         assert reply.status == 403 and REFUSAL in reply.text, action
 
 
+def test_flower_reports_a_refused_shutdown_as_refused(
+    flower: FlowerProcess, shared_worker: WorkerProcess
+) -> None:
+    """The demo's Flower (no proxy): a worker with VQ_REMOTE_CONTROL=restricted refuses to
+    shut down, and Flower says so instead of "Shutting down!"."""
+    worker_info(flower, shared_worker.name)  # Flower knows the worker
+    reply = http_request(
+        "POST", flower.url(f"/api/worker/shutdown/{shared_worker.name}"), flower.auth, body=b""
+    )
+    assert reply.status == 403, (reply.status, reply.text)
+    assert "refused by this worker (VQ_REMOTE_CONTROL=restricted)" in reply.text, reply.text
+    assert "Shutting down" not in reply.text
+    assert shared_worker.process is not None and shared_worker.process.poll() is None
+
+
 @needs_nginx
 def test_a_mistyped_opt_in_refuses_everything(
     flower: FlowerProcess, tmp_path: Path
@@ -607,14 +622,16 @@ def test_the_dashboard_does_not_offer_what_the_proxy_refuses(
                "worker-pool-shrink", "worker-pool-autoscale", "worker-add-consumer",
                "worker-cancel-consumer-gpu", f"task-rate-limit-{DESCRIBE}",
                f"task-timeout-hard-{DESCRIBE}"}
-    # Flower alone offers all of them (so the check below can see a control) ...
-    assert refused <= offered["flower"], refused - offered["flower"]
+    pool = {"worker-pool-restart", "worker-pool-grow", "worker-pool-shrink",
+            "worker-pool-autoscale"}
+    # Flower alone (producer/flower_app.py, as the demo runs it) offers all of them but the
+    # pool controls, which no worker accepts (so the check below can see a control) ...
+    assert refused - pool <= offered["flower"], (refused - pool) - offered["flower"]
+    assert not pool & offered["flower"], pool & offered["flower"]
     # ... the shipped proxy none, while the harmless ones stay.
     assert not refused & offered["proxy"], refused & offered["proxy"]
     assert {"worker-refresh", "worker-refresh-all"} <= offered["proxy"], offered["proxy"]
     # With the operator's opt-in: the controls that then pass, but still no pool resizing.
-    pool = {"worker-pool-restart", "worker-pool-grow", "worker-pool-shrink",
-            "worker-pool-autoscale"}
     assert refused - pool <= offered["control"], (refused - pool) - offered["control"]
     assert not pool & offered["control"], pool & offered["control"]
 

@@ -475,3 +475,33 @@ def test_the_model_download_fills_the_cache_the_workers_read(objects: list[dict[
     assert claims(job) == claims(worker) == {"vq-hf-cache"}
     claim = one(objects, "PersistentVolumeClaim", "vq-hf-cache")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every worker pod mounts it"
+
+
+# --- Monitoring ----------------------------------------------------------------------------
+
+
+def test_prometheus_can_scrape_every_process_from_outside_the_pod(objects: list[dict[str, Any]]):
+    """Each pod that exports metrics says where (prometheus.io annotations), listens on the
+    pod's address there, and a Service names its metrics port."""
+    expected = {
+        "vq-worker": ("worker", "9100"),
+        "vq-gateway": ("gateway", "8000"),
+        "vq-flower": ("proxy", "9808"),
+        "vq-queue-exporter": ("exporter", "9150"),
+    }
+    for name, (container_name, port) in expected.items():
+        workload = one(objects, "Deployment", name)
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/port") == port, name
+        ports = {str(p["containerPort"]) for p in container(workload, container_name)["ports"]}
+        assert port in ports, name
+    worker_env = expanded_env(objects, container(one(objects, "Deployment", "vq-worker"), "worker"))
+    assert worker_env["VQ_METRICS_ADDRESS"] == "0.0.0.0"  # not loopback: scraped from outside
+    exporter = container(one(objects, "Deployment", "vq-queue-exporter"), "exporter")
+    assert exporter["command"][:1] == ["vq-exporter"]
+    assert exporter["command"][exporter["command"].index("--address") + 1] == "0.0.0.0"
+    env = expanded_env(objects, exporter)
+    assert env["REDIS_URL"].startswith("redis://:") and env["VQ_QUEUE"]
+    service = one(objects, "Service", "vq-queue-exporter")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]

@@ -44,7 +44,10 @@ def test_worker_settings_shows_who_reads_each_and_whether_hosts_must_agree(
     monkeypatch.setenv("REDIS_URL", "redis://:hunter2-secret@h:6379/0")
     monkeypatch.setenv("VQ_API_KEYS", "too-short")  # only the gateway reads it
     assert cli.main(["settings"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    note, *lines = capsys.readouterr().out.splitlines()
+    # It says whose values these are: this shell's, not a running worker's.
+    assert note.startswith("# ") and "this shell's environment (" in note
+    assert "not those of a running worker" in note
     assert lines[0].split() == ["read", "by", "same", "setting"]
     same_at, setting_at = lines[0].index("same"), lines[0].index("setting")
     rows = {line[setting_at:].partition("=")[0]: line for line in lines[1:]}

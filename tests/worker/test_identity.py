@@ -114,3 +114,27 @@ def test_only_heartbeats_of_running_processes_are_found(claims, tmp_path: Path):
     done = subprocess.run([sys.executable, "-m", "worker.cli", "health", "--live"],
                           env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1 and "no worker running on this host" in done.stderr
+
+
+def test_a_worker_with_its_heartbeat_file_elsewhere_is_found_too(claims, tmp_path: Path):
+    # Given a worker whose VQ_HEALTH_FILE is outside the temp dir, as `make demo` sets it
+    elsewhere = tmp_path / "var" / "demo"
+    elsewhere.mkdir(parents=True)
+    identity = claim_identity("", str(elsewhere / "worker.health.json"), "cpu")
+    claims.append(identity)
+    reporter = HealthReporter(identity.health_file, identity.name, interval_s=60)
+    reporter.start()
+    env = base_env("redis://127.0.0.1:1/0", TMPDIR=str(tmp_path))
+    try:
+        # `worker health` without a name or a file finds it through its pointer
+        done = subprocess.run([sys.executable, "-m", "worker.cli", "health", "--live"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("alive, state=loading")
+    finally:
+        reporter.stop()
+    # Stopped, it leaves no pointer behind, and nothing is found
+    assert list(tmp_path.glob("*.pointer")) == []
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "health", "--live"],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "no worker running on this host" in done.stderr

@@ -9,7 +9,8 @@ exactly what `producer.Client` sends, in Celery's protocol 2, goes on to Celery:
 
 * content type `application/json`, encoding `utf-8`, no `compression` header;
 * headers: only the names protocol 2 defines, plus the `redelivered` flag kombu adds when
-  it hands a message back (our client and Celery's own retries send no others), each of
+  it hands a message back and the W3C `traceparent`/`tracestate` of a traced producer
+  (vision_queue/tracing.py; our client and Celery's own retries send no others), each of
   the type Celery expects; `id` a UUID; `task` one of the four
   `vision_queue.*` names (Celery's built-ins, `celery.*`, are refused);
 * body: at most MAX_BODY_BYTES of UTF-8 JSON, exactly `[args, kwargs, embed]` with one
@@ -34,6 +35,7 @@ import base64
 import binascii
 import datetime as dt
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +106,11 @@ def _iso_time(value: Any) -> bool:
         return False
 
 
+# version-trace id-parent id-flags, lower-case hex (W3C Trace Context; version ff is invalid).
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
+# Up to 32 list members of printable ASCII (no spaces inside a member), 512 characters.
+_TRACESTATE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,510}[\x21-\x7e])?\Z")
+
 # Every header protocol 2 defines, with the values Celery can act on without failing.
 # Anything else is refused: unknown headers end up in the task's request context, where
 # names such as `chain` or `callbacks` would be read as workflow instructions.
@@ -131,6 +138,10 @@ _HEADER_RULES: dict[str, Callable[[Any], bool]] = {
     "stamps": lambda value: value is None or value == {},
     # Set by kombu itself when it hands a message back (worker died, requeue, shutdown).
     "redelivered": lambda value: value is None or isinstance(value, bool),
+    # W3C trace context (vision_queue/tracing.py): a producer's span, continued by the
+    # worker's tracing. Only its exact shapes pass; without tracing nothing reads them.
+    "traceparent": lambda value: isinstance(value, str) and bool(_TRACEPARENT.match(value)),
+    "tracestate": lambda value: isinstance(value, str) and bool(_TRACESTATE.match(value)),
 }
 
 

@@ -20,7 +20,7 @@ import redis
 from kombu.utils.encoding import bytes_to_str
 
 from vision_queue.presence import announce, withdraw
-from vision_queue.protocol import LEASE_SWEEP_LOCK_KEY, LEASED_KEY
+from vision_queue.protocol import LEASE_SWEEP_LOCK_KEY, LEASED_KEY, STATS_KEY
 from worker.broker.leases import Lease, LeaseBook, lease_key
 
 log = logging.getLogger("vision_queue.worker")
@@ -172,6 +172,9 @@ class LeaseKeeper:
                     "to the queue",
                     task_id,
                 )
+        if restored:
+            # The fleet's redelivery count (vq:stats; producer/queue_exporter exports it).
+            self.client.hincrby(STATS_KEY, "redelivered", restored)
         return restored
 
     def _channel_for_restore(self) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
-from vision_queue.protocol import WEBHOOK_KEY, WEBHOOK_OUTBOX_KEY
+from vision_queue.protocol import STATS_KEY, WEBHOOK_KEY, WEBHOOK_OUTBOX_KEY
 
 # KEYS: outbox, record. ARGV: task id, url, body, hold ms, ttl s. 1 if recorded, 0 if the
 # task already has a delivery (a second end of the same task sends nothing more).
@@ -114,11 +114,15 @@ class WebhookOutbox:
             for i in range(1, len(flat), 4)
         ]
 
-    def finish(self, task_id: str) -> None:
-        """The delivery ended (delivered, refused or out of attempts): forget it."""
+    def finish(self, task_id: str, delivered: bool | None = None) -> None:
+        """The delivery ended (delivered, refused or out of attempts): forget it, and count
+        the outcome in the fleet's counters (vq:stats, exported by producer/queue_exporter)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(WEBHOOK_OUTBOX_KEY, task_id)
         pipe.delete(_record_key(task_id))
+        if delivered is not None:
+            field = "webhooks_delivered" if delivered else "webhooks_dropped"
+            pipe.hincrby(STATS_KEY, field, 1)
         pipe.execute()
 
 

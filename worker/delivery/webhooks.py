@@ -184,7 +184,7 @@ class WebhookSender:
             hop = check_url(delivery.url, settings.webhook_host_allowlist)
         except VisionQueueError as exc:  # checked at submit; a changed allow-list since
             log.warning("webhook task=%s refused: %s", delivery.task_id, exc.message)
-            self._finish(delivery.task_id)
+            self._finish(delivery.task_id, delivered=False)
             return False
         status: int | str = "none"
         attempt = delivery.attempts_made
@@ -195,8 +195,8 @@ class WebhookSender:
                 break
             if attempt < settings.webhook_max_attempts:
                 self._sleep(self._backoff_s(attempt))
-        self._finish(delivery.task_id)
         delivered = status == "delivered"
+        self._finish(delivery.task_id, delivered=delivered)
         log.info(
             "webhook task=%s url=%s outcome=%s attempts=%d last=%s",
             delivery.task_id,
@@ -222,11 +222,11 @@ class WebhookSender:
         except (redis.RedisError, OSError) as exc:
             log.warning("webhook task=%s hold not renewed (%s)", task_id, type(exc).__name__)
 
-    def _finish(self, task_id: str) -> None:
+    def _finish(self, task_id: str, *, delivered: bool) -> None:
         if self.outbox is None:
             return
         try:
-            self.outbox.finish(task_id)
+            self.outbox.finish(task_id, delivered)
         except (redis.RedisError, OSError) as exc:
             # It falls due again, and its next sender finds it out of attempts or sends it
             # once more (at least once).

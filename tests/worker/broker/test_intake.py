@@ -55,6 +55,16 @@ def test_what_celerys_own_retry_sends_passes():
     assert check(message_headers=retry) is None
 
 
+def test_a_traced_producers_trace_context_passes():
+    # vision_queue/tracing.py: the W3C headers a traced gateway or client adds.
+    traced = {
+        **headers(str(uuid.uuid4())),
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate": "vendor=t61rcWkgMzE,other=x",
+    }
+    assert check(message_headers=traced) is None
+
+
 def test_what_kombu_hands_back_after_a_worker_died_passes():
     # kombu's restore marks the message: headers["redelivered"] = True
     assert check(message_headers={**headers(str(uuid.uuid4())), "redelivered": True}) is None
@@ -97,6 +107,13 @@ def test_only_utf8_json_passes(change: dict[str, Any], code: str):
         ("chain", [{"task": "x"}]),
         ("callbacks", None),  # not a protocol-2 header at all
         ("redelivered", "yes"),
+        ("traceparent", "00-" + "0" * 31 + "-" + "1" * 16 + "-01"),  # trace id too short
+        ("traceparent", "ff-" + "a" * 32 + "-" + "b" * 16 + "-01"),  # version ff is invalid
+        ("traceparent", "00-" + "A" * 32 + "-" + "b" * 16 + "-01"),  # upper case
+        ("traceparent", ["00-" + "a" * 32 + "-" + "b" * 16 + "-01"]),
+        ("tracestate", "k=" + "v" * 600),
+        ("tracestate", "k=v\n"),
+        ("tracestate", 7),
     ],
 )
 def test_a_header_celery_cannot_use_or_does_not_define_is_refused(name: str, value: Any):

@@ -18,7 +18,7 @@ from kombu import Connection
 
 from producer import Client
 from scripts.devstack import free_port
-from vision_queue.protocol import LEASE_KEY, LEASED_KEY
+from vision_queue.protocol import LEASE_KEY, LEASED_KEY, STATS_KEY
 from vision_queue.settings import Settings
 from worker.broker.lease_keeper import LeaseKeeper
 from worker.broker.leases import Lease, LeaseBook, install
@@ -100,6 +100,7 @@ def test_a_lapsed_lease_is_handed_back_and_the_old_holder_cannot_ack_it_away(
     # Then a live worker's sweep puts the message back at the front of the queue
     assert b.sweep() == 1
     assert admin.llen(QUEUE) == 1 and not admin.hexists("unacked", tag)
+    assert admin.hget(STATS_KEY, "redelivered") == b"1"  # the fleet's count (vq-exporter)
     again = b.take()
     assert again.headers["id"] == queued_id and again.delivery_tag == tag  # same tag
     assert holder(admin, tag) == b"worker-b"

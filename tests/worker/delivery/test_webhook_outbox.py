@@ -18,7 +18,7 @@ import redis
 from support.http_server import HOOK_HOST
 from support.webhook_receiver import WebhookReceiver
 
-from vision_queue.protocol import WEBHOOK_KEY, WEBHOOK_OUTBOX_KEY
+from vision_queue.protocol import STATS_KEY, WEBHOOK_KEY, WEBHOOK_OUTBOX_KEY
 from vision_queue.settings import Settings
 from worker.delivery.webhook_outbox import Delivery, WebhookOutbox
 from worker.delivery.webhooks import WebhookSender, notify_task_end
@@ -87,6 +87,7 @@ def test_a_delivery_is_kept_in_redis_while_it_is_tried_and_forgotten_once_delive
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert admin.zscore(WEBHOOK_OUTBOX_KEY, TASK_ID) is None
+    assert admin.hget(STATS_KEY, "webhooks_delivered") == b"1"  # the fleet's count
     sender.close()
 
 
@@ -122,6 +123,7 @@ def test_attempts_stay_bounded_across_the_senders_that_took_it_over(
         time.sleep(0.02)
     time.sleep(0.5)  # several polls later, still the one attempt
     assert len(receiver.hooks) == 1
+    assert admin.hget(STATS_KEY, "webhooks_dropped") == b"1"
     sender.close()
 
 
