@@ -111,7 +111,8 @@ class Settings:
     visibility_timeout_s: int = setting(
         "VQ_VISIBILITY_TIMEOUT_S",
         3600,
-        "Seconds before a message taken by a worker that died is delivered again. "
+        "Last resort only: seconds before kombu redelivers a taken message that holds no "
+        "lease. A dead worker's leased message is back after about VQ_LEASE_TTL_S (11 s). "
         "Must exceed VQ_TASK_TIME_LIMIT_S, which also bounds a task's wait for a free "
         "batch row (its deadline starts when a worker slot takes the message).",
         WORKER_ONLY,
@@ -120,7 +121,8 @@ class Settings:
     restore_interval_s: int = setting(
         "VQ_RESTORE_INTERVAL_S",
         10,
-        "How often workers look for messages whose worker died (past the visibility timeout).",
+        "How often kombu looks for messages without a lease past the visibility timeout "
+        "(leased ones are handed back by the lease sweep every heartbeat).",
         WORKER_ONLY,
     )
     result_expires_s: int = setting(
