@@ -180,9 +180,10 @@ def try_next(stack: Stack, example_id: str, state_dir: Path) -> str:
         f"producer submit --task ocr --image {doc} --wait",
         f"ID=$(producer submit --task describe --image {image} --max-new-tokens 500)",
         "producer status $ID",
-        "producer result $ID --wait --timeout 600",
         "producer cancel $ID                      # a queued or running task stops",
-        f"VQ_HEALTH_FILE={shlex.quote(shown(stack.health_file))} worker health --ready",
+        f"ID=$(producer submit --task describe --image {image})",
+        "producer result $ID --wait --timeout 600",
+        "worker health --ready                    # finds the demo's worker by itself",
     ]
     return "\n".join(
         [
