@@ -128,7 +128,8 @@ def infer_main(argv: list[str]) -> int:
         return EXIT_USAGE if exc.code.value == "invalid_input" else EXIT_FAILED
 
     if args.json:
-        print(json.dumps(_output(result, engine.model_id, engine.device, fetch_s, began)))
+        output = _output(request, result, engine.model_id, engine.device, fetch_s, began)
+        print(json.dumps(output, ensure_ascii=False))
     else:
         print(result.text)
     return EXIT_OK
@@ -178,23 +179,31 @@ def _load_image(ref: ImageRef, settings: Settings) -> Image.Image:
 
 
 def _output(
-    result: Any, model: str, device: str, fetch_s: float, began: float
+    request: TaskRequest, result: Any, model: str, device: str, fetch_s: float, began: float
 ) -> dict[str, Any]:
+    """The shape of `producer result --json` (a task that never queued: no id, no wait, no
+    worker), plus the token ids, so an answer can be checked against a reference exactly."""
     return {
+        "id": "",
+        "task": request.task.value,
+        "state": "SUCCESS",
         "text": result.text,
-        # The ids themselves, so an answer can be checked against a reference exactly.
-        "token_ids": result.token_ids,
+        "model": model,
         "usage": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
         },
+        "finish_reason": result.finish_reason,
         "timings": {
-            "preprocess": round(fetch_s + result.preprocess_s, 4),
+            "queued": 0.0,
+            "fetch": round(fetch_s, 4),
+            "preprocess": round(result.preprocess_s, 4),
             "generate": round(result.prefill_s + result.decode_s, 4),
             "total": round(time.perf_counter() - began, 4),  # model loading included
         },
-        "model": model,
+        "worker": "",
         "device": device,
+        "token_ids": result.token_ids,
     }
 
 

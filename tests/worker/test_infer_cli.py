@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from support.phi35v import PHI35_CASES, infer_argv
 
 from vision_queue.protocol import TASK_SPECS, TaskName
+from vision_queue.results import Result, ResultTimings
 from vision_queue.settings import Settings
 from worker.infer_cli import infer_main
 
@@ -29,20 +31,42 @@ def infer(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
     return code, out, err
 
 
-def test_json_output_has_text_usage_timings_model_and_device(
+def test_json_output_has_the_shape_of_a_queued_result_plus_token_ids(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # Given one describe answered without the queue, when printed as JSON, then it reads
+    # like `producer result --json` (the same keys, Result's TypedDict), plus the ids.
     code, out, _ = infer(capsys, *BASE, "--task", "describe", "--image", IMAGE, "--json")
 
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"text", "token_ids", "usage", "timings", "model", "device"}
+    assert set(result) == set(Result.__annotations__) - {"error"} | {"token_ids"}
+    assert (result["task"], result["state"], result["finish_reason"]) == (
+        "describe", "SUCCESS", "length"
+    )
     assert result["usage"] == {"prompt_tokens": 1939, "completion_tokens": 4}
     assert len(result["token_ids"]) == 4
-    assert set(result["timings"]) == {"preprocess", "generate", "total"}
+    assert set(result["timings"]) == set(ResultTimings.__annotations__)
     assert result["timings"]["total"] >= result["timings"]["generate"] > 0
     assert (result["model"], result["device"]) == (MODEL, "cpu")
     assert isinstance(result["text"], str)
+
+
+def test_json_output_keeps_non_ascii_text_as_it_is(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.inference import engine as engine_module
+
+    generate = engine_module.Engine.generate
+
+    def with_accents(self: Any, request: Any) -> Any:
+        return dataclasses.replace(generate(self, request), text="café – 東京")
+
+    monkeypatch.setattr(engine_module.Engine, "generate", with_accents)
+    code, out, _ = infer(capsys, *BASE, "--task", "describe", "--image", IMAGE, "--json")
+    assert code == 0
+    assert "café – 東京" in out  # not \u escapes: what `producer result --json` prints
+    assert json.loads(out)["text"] == "café – 東京"
 
 
 def test_describe_uses_the_contract_prompt_and_ask_a_free_one(
