@@ -124,11 +124,15 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     images = [decode_image(blob, limits, deadline=control.deadline) for blob in blobs]
     decode_s = time.perf_counter() - began
 
+    began = time.perf_counter()
     try:
         output = ctx.engine.generate(_generation_request(request, images, ctx))
     except (Cancelled, TaskTimeout) as stopped:
         control.so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
         result.timings.preprocess = decode_s
+        # The engine's own split (prompt preparation, prefill, decode) is lost with the
+        # stop: the time it spent until then is generation time, not zero.
+        result.timings.generate = time.perf_counter() - began
         result.timings.total = time.time() - ctx.started_at
         raise
 

@@ -75,6 +75,8 @@ def test_a_running_task_stops_at_its_next_token_and_keeps_its_text(
     assert result["finish_reason"] == "cancelled"
     assert result["usage"]["completion_tokens"] > 0 and result["usage"]["prompt_tokens"] > 0
     assert result["text"]
+    # The time it generated is reported, not zero: it ran until the cancel.
+    assert 0 < result["timings"]["generate"] <= result["timings"]["total"]
     streamed = [e for e in long_client.stream_events(handle.id) if e.kind == "delta"]
     assert "".join(e.text for e in streamed) == result["text"]
     # One line for the task, and no error logged with a traceback.
@@ -107,6 +109,7 @@ def test_a_task_past_the_time_limit_fails_with_timeout(long_client: Client):
     assert result is not None and result["state"] == "FAILURE"
     assert result["error"]["code"] == "timeout"
     assert result["timings"]["total"] >= 6
+    assert 0 < result["timings"]["generate"] <= result["timings"]["total"]
 
 
 def test_flower_and_the_metrics_count_a_cancel_apart_from_failures(
