@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from vision_queue import tracing
 from vision_queue.errors import Cancelled, TaskTimeout
 from vision_queue.images import ImageLimits, decode_image
 from vision_queue.results import TaskResult
@@ -25,7 +26,7 @@ from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
 from worker.fetch import fetch_image_bytes, read_local_image
 from worker.inference.control import RunControl
-from worker.inference.engine import Engine, GenerationRequest
+from worker.inference.engine import Engine, GenerationRequest, GenerationResult
 
 if TYPE_CHECKING:
     import redis
@@ -116,17 +117,23 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     control.check()
 
     began = time.perf_counter()
-    blobs = [_load_bytes(ref, ctx.settings, ctx.redis) for ref in request.images]
+    # Spans carry counts and sizes, never a URL: a signed URL's query string is a secret.
+    with tracing.span("vq.fetch", {"vq.images": len(request.images)}) as fetching:
+        blobs = [_load_bytes(ref, ctx.settings, ctx.redis) for ref in request.images]
+        if fetching is not None:
+            fetching.set_attribute("vq.image_bytes", sum(len(blob) for blob in blobs))
     result.timings.fetch = time.perf_counter() - began
 
     limits = ImageLimits.from_settings(ctx.settings)
     began = time.perf_counter()
-    images = [decode_image(blob, limits, deadline=control.deadline) for blob in blobs]
+    with tracing.span("vq.preprocess", {"vq.images": len(blobs)}):
+        images = [decode_image(blob, limits, deadline=control.deadline) for blob in blobs]
     decode_s = time.perf_counter() - began
 
     began = time.perf_counter()
     try:
         output = ctx.engine.generate(_generation_request(request, images, ctx))
+        _record_engine_spans(output, ended_at=time.time())
     except (Cancelled, TaskTimeout) as stopped:
         control.so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
         result.timings.preprocess = decode_s
@@ -143,6 +150,29 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     result.timings.preprocess = decode_s + output.preprocess_s
     result.timings.generate = output.prefill_s + output.decode_s
     result.timings.total = time.time() - ctx.started_at
+
+
+def _record_engine_spans(output: GenerationResult, ended_at: float) -> None:
+    """`vq.prefill` and `vq.decode` of this task, recorded from its own thread: the engine
+    runs them on its device thread for many rows at once, where no task's trace is
+    current. Placed back to back, ending when `generate` returned (their durations are the
+    engine's own; the engine's prompt preparation and any wait for a row come before)."""
+    if not tracing.enabled():
+        return
+    decode_began = ended_at - output.decode_s
+    prefill_began = decode_began - output.prefill_s
+    tracing.record_span(
+        "vq.prefill", prefill_began, decode_began, {"vq.prompt_tokens": output.prompt_tokens}
+    )
+    tracing.record_span(
+        "vq.decode",
+        decode_began,
+        ended_at,
+        {
+            "vq.completion_tokens": output.completion_tokens,
+            "vq.finish_reason": output.finish_reason,
+        },
+    )
 
 
 def _generation_request(

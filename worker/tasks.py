@@ -29,6 +29,7 @@ from celery.signals import task_revoked
 from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
+from vision_queue import tracing
 from vision_queue.errors import (
     Cancelled,
     InvalidInput,
@@ -242,15 +243,16 @@ def _store_outcome(run: _Run, state: str) -> dict[str, Any]:
     runtime = run.runtime
     payload = run.result.to_dict()
     try:
-        stored = runtime.results.finish(
-            run.result.id,
-            run.name.celery_name,
-            state,
-            payload,
-            run.lease,
-            run.retries,
-            run.stream.tail(),
-        )
+        with tracing.span("vq.store", {"vq.state": state}):
+            stored = runtime.results.finish(
+                run.result.id,
+                run.name.celery_name,
+                state,
+                payload,
+                run.lease,
+                run.retries,
+                run.stream.tail(),
+            )
     except StoreGaveUp as exc:
         run.outcome = "requeued"
         log.warning("task id=%s: result not stored (%s); handing it back", run.result.id, exc)

@@ -21,6 +21,7 @@ from vision_queue.settings import Settings
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
+STAGES = {"vq.queue_wait", "vq.fetch", "vq.preprocess", "vq.prefill", "vq.decode", "vq.store"}
 
 
 def test_a_task_joins_the_trace_its_message_carries(redis_url: str, tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_a_task_joins_the_trace_its_message_carries(redis_url: str, tmp_path: Pa
             while time.monotonic() < deadline:
                 spans, services = collector.spans()
                 runs = [s for s in spans if s.name.startswith("run/vision_queue.ask")]
-                if runs:
+                if runs and {s.name for s in spans} >= STAGES:
                     break
                 time.sleep(0.2)
     assert runs, [s.name for s in spans]
@@ -55,6 +56,13 @@ def test_a_task_joins_the_trace_its_message_carries(redis_url: str, tmp_path: Pa
     assert wait.parent_span_id == run.span_id
     assert run.start_time_unix_nano - 10**9 <= wait.end_time_unix_nano
     assert wait.start_time_unix_nano <= wait.end_time_unix_nano
+    # Each stage of the request path is a child of the task's span, in order.
+    stages = {s.name: s for s in spans if s.name in STAGES}
+    assert set(stages) == STAGES
+    assert all(s.parent_span_id == run.span_id for s in stages.values())
+    order = ["vq.fetch", "vq.preprocess", "vq.prefill", "vq.decode", "vq.store"]
+    ends = [stages[name].end_time_unix_nano for name in order]
+    assert ends == sorted(ends)
     assert services == {"vq-worker"}
     # Broker polls and heartbeats outside a trace export nothing; what is exported
     # belongs to the task's trace.
