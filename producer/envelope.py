@@ -43,6 +43,7 @@ from vision_queue.protocol import (
 from vision_queue.results import TaskHandle
 from vision_queue.schemas import ImageRef, ImageSource, TaskRequest
 from vision_queue.settings import Settings
+from vision_queue.tracing import trace_headers
 
 # Most tasks written by one pipeline: keeps a burst from holding Redis for long.
 BATCH_TASKS = 500
@@ -174,8 +175,13 @@ class Envelope:
         body = _json_bytes([[request], {}, _NO_EMBED])
         name, shown, quoted_id = self._task_names[task], _quote(argsrepr), _quote(task_id)
         routing_key = self._queue_name(queue)
+        # The current trace (W3C traceparent/tracestate) rides in the headers, where the
+        # worker's Celery instrumentation finds it; nothing when tracing is off.
+        traced = "".join(
+            f", {_quote(field)}: {_quote(value)}" for field, value in trace_headers().items()
+        )
         headers = (
-            f'{{"task": {name}, "id": {quoted_id}, "root_id": {quoted_id}, '
+            f'{{"task": {name}, "id": {quoted_id}, "root_id": {quoted_id}{traced}, '
             f'"argsrepr": {shown}, {self._task_headers}}}'
         )
         properties = (
