@@ -36,7 +36,7 @@ import redis
 from vision_queue.outages import broker_error, is_retryable
 from vision_queue.redis_connect import redis_client
 from vision_queue.settings import Settings
-from worker.identity import default_health_file, health_dir
+from worker.identity import default_health_file, health_dir, pid_running
 
 __all__ = [
     "HealthReporter",
@@ -84,19 +84,9 @@ def pointed_health_files() -> list[Path]:
             path, pid = Path(data["health_file"]), data["pid"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(pid, int) and _alive(pid) and path.exists():
+        if isinstance(pid, int) and pid_running(pid) and path.exists():
             found.append(path)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 @dataclass

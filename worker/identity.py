@@ -145,7 +145,7 @@ def running_health_files() -> list[Path]:
             pid = json.loads(path.read_text()).get("pid")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(pid, int) and _running(pid):
+        if isinstance(pid, int) and pid_running(pid):
             found.append(path)
     return found
 
@@ -192,7 +192,8 @@ def _holder(path: Path) -> str:
         return ""
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """A process with this pid exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
