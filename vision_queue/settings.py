@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from vision_queue.protocol import TaskName
-from vision_queue.redis_urls import mask_url, normalize_redis_url
+from vision_queue.redis_urls import normalize_redis_url
 from vision_queue.setting_checks import settings_problems
 from vision_queue.setting_fields import (
     ALL,
@@ -24,13 +24,14 @@ from vision_queue.setting_fields import (
     WORKER_ONLY,
     Reader,
     markdown_table,
+    masked_values,
     reads,
     setting,
+    values_from_env,
 )
 from vision_queue.setting_values import (
     DEFAULT_TOKEN_CAPS,
     allowlist,
-    convert,
     key_digest,
     parse_caps,
     split_list,
@@ -392,6 +393,36 @@ class Settings:
         GATEWAY_ONLY,
     )
 
+    gateway_auth_failures_per_minute: int = setting(
+        "VQ_GATEWAY_AUTH_FAILURES_PER_MINUTE",
+        30,
+        "Failed API key attempts per client address and minute (per process), then 429.",
+        GATEWAY_ONLY,
+    )
+    gateway_max_connections: int = setting(
+        "VQ_GATEWAY_MAX_CONNECTIONS",
+        1000,
+        "Open connections per gateway process; past it the longest-idle one is closed.",
+        GATEWAY_ONLY,
+    )
+    gateway_redis_connections: int = setting(
+        "VQ_GATEWAY_REDIS_CONNECTIONS",
+        64,
+        "Redis connections per pool of a gateway process; a burst waits for one, then 429.",
+        GATEWAY_ONLY,
+    )
+    gateway_header_timeout_s: float = setting(
+        "VQ_GATEWAY_HEADER_TIMEOUT_S",
+        10.0,
+        "Longest a request line and headers may take to arrive (idle connections included).",
+        GATEWAY_ONLY,
+    )
+    gateway_body_timeout_s: float = setting(
+        "VQ_GATEWAY_BODY_TIMEOUT_S",
+        60.0,
+        "Longest a request body may take to arrive after its headers.",
+        GATEWAY_ONLY,
+    )
     @property
     def effective_broker_url(self) -> str:
         return normalize_redis_url(self.broker_url or self.redis_url)
@@ -424,8 +455,7 @@ class Settings:
         return tuple(split_list(self.gateway_cors_origins))
 
     @property
-    def api_key_digests(self) -> frozenset[str]:
-        """SHA-256 (hex) of every configured API key; the keys themselves are not kept."""
+    def api_key_digests(self) -> frozenset[str]:  # SHA-256 (hex) of each key, not the keys
         return frozenset(key_digest(entry) for entry in split_list(self.api_keys))
 
     @classmethod
@@ -436,28 +466,10 @@ class Settings:
         reader: Reader | None = None,
         **overrides: Any,
     ) -> Settings:
-        """Read every variable, convert and validate; raise one SettingsError naming all faults.
-
-        With a `reader`, only the fields that process reads are checked: a value another
-        process reads is kept if it converts, else its default stays (never an error here).
-        """
+        """Read, convert and validate; one SettingsError naming all faults. With a `reader`,
+        only its fields are checked (another's bad value leaves its default in place)."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        for f in fields(cls):
-            if f.name in overrides:
-                values[f.name] = overrides[f.name]
-                continue
-            raw = env.get(f.metadata["env"])
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = convert(raw, type(f.default))
-            except ValueError:
-                if reads(f, reader):
-                    problems.append(
-                        f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
-                    )
+        values, problems = values_from_env(fields(cls), env, reader, overrides)
         if problems:
             raise SettingsError("; ".join(problems))
         settings = cls(**values)
@@ -465,31 +477,20 @@ class Settings:
         return settings
 
     def validate(self, reader: Reader | None = None) -> None:
-        """Raise one SettingsError naming every broken rule: over every field, or only the
-        fields `reader` reads."""
+        """Raise one SettingsError naming every broken rule (of the fields `reader` reads)."""
         every = fields(self)
-        problems = settings_problems(
-            {f.name: getattr(self, f.name) for f in every},
-            {f.name: f.metadata["env"] for f in every},
-            {f.name for f in every if reads(f, reader)},
-        )
+        values = {f.name: getattr(self, f.name) for f in every}
+        env = {f.name: f.metadata["env"] for f in every}
+        problems = settings_problems(values, env, {f.name for f in every if reads(f, reader)})
         if problems:
             raise SettingsError("; ".join(problems))
 
     def masked(self) -> dict[str, Any]:
         """Every setting by environment name, secrets masked: safe to log."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.metadata["secret"] and isinstance(value, str):
-                # URLs keep their host (useful in logs); other secrets show nothing at all.
-                value = mask_url(value) if "://" in value else ("****" if value else "")
-            out[f.metadata["env"]] = value
-        return out
+        return masked_values(self, fields(self))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
-        return f"Settings({inner})"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.masked().items()) + ")"
 
     __str__ = __repr__
 
