@@ -1,8 +1,9 @@
 """Probes and metrics, without an API key: they reveal no task and no caller.
 
 * `/healthz`: the process answers (liveness).
-* `/readyz`: Redis answers and at least one worker is alive on the queue (readiness): a
-  gateway that cannot get work done should leave the load balancer's rotation.
+* `/readyz`: Redis answers, accepts writes (a full Redis is named as such, not as an
+  unreachable one) and at least one worker is alive on the queue (readiness): a gateway
+  that cannot get work done should leave the load balancer's rotation.
 * `/readyz/redis`: Redis answers, workers or not (readiness where workers scale from zero
   on the queue's length, as with KEDA: requests must be queued to wake them).
 * `/metrics`: Prometheus exposition of this process's request counters.
@@ -19,8 +20,11 @@ from pydantic import BaseModel, Field
 
 from producer.gateway.state import state_of
 from vision_queue.presence import live_workers_async
+from vision_queue.protocol import KEY_PREFIX
 
 router = APIRouter(tags=["Operations"])
+# Written (and expiring) by every readiness probe: Redis refuses it when out of memory.
+PROBE_KEY = KEY_PREFIX + ":gw:ready-probe"
 
 
 class Readiness(BaseModel):
@@ -62,6 +66,10 @@ async def _readiness(request: Request, need_worker: bool) -> JSONResponse:
     try:
         await state.redis.ping()
         workers = await live_workers_async(state.redis, queue)
+        await state.redis.set(PROBE_KEY, b"1", px=5000)
+    except redis.OutOfMemoryError:
+        reason = "Redis is out of memory (maxmemory reached): new tasks are refused"
+        return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)
     except (redis.RedisError, OSError) as exc:
         reason = "Redis refused the password" if _is_auth(exc) else "Redis is unreachable"
         return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)
