@@ -28,7 +28,7 @@ from producer.gateway.disconnect import (
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
-from producer.gateway.wire import check_text, off_loop_if_large
+from producer.gateway.wire import check_json_bounds, check_text, off_loop_if_large
 from vision_queue.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
 from vision_queue.protocol import TaskName
 from vision_queue.results import result_json
@@ -88,6 +88,7 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
     raw = await request.body()
 
     def parse() -> tuple[chat.ChatCompletionRequest, chat.Conversation]:
+        check_json_bounds(raw, settings.max_conversation_chars)
         body = chat.ChatCompletionRequest.model_validate_json(raw)
         check_text({**body.model_dump(), **(body.model_extra or {})})
         if body.model != model:

@@ -34,6 +34,7 @@ from producer.gateway.wire import (
     TaskStatusBody,
     TaskSubmission,
     Unfinished,
+    check_json_bounds,
     check_text,
     image_string,
     off_loop_if_large,
@@ -79,6 +80,7 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
         raw = await request.body()
 
         def parse() -> tuple[TaskSubmission, list[ImageRef | bytes]]:
+            check_json_bounds(raw, state.settings.max_conversation_chars)
             submission = TaskSubmission.model_validate_json(raw)
             check_text(submission.model_dump(exclude={"images"}))
             settings = state.settings
