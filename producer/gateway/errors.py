@@ -224,6 +224,10 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> ApiError
             continue
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
     message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid" and ("surrogate" in message or "hex escape" in message):
+        # "\ud800" without its pair: no text field may hold it (it is not UTF-8).
+        message = f"text is not valid UTF-8 (a lone surrogate escape): {message}"
+        param = param or "body"
     if param:
         message = f"{param}: {message}"
     return ApiError(400, ErrorCode.INVALID_INPUT.value, message, param=param or None)

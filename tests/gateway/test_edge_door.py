@@ -301,6 +301,27 @@ def test_a_callers_request_id_is_echoed_only_when_it_is_a_plain_token(
     assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", '{"model":"m","messages":[{"role":"user",'
+         '"content":"a\\ud800b"}]}'),
+        ("/v1/chat/completions", '{"model":"m","user":"\\udc00","messages":[{"role":"user",'
+         '"content":"hi"}]}'),
+        ("/v1/chat/completions", '{"model":"m","stop":["\\ud800"],"messages":[{"role":"user",'
+         '"content":"hi"}]}'),
+        ("/v1/tasks", '{"task":"ask","prompt":"x\\ud800"}'),
+        ("/v1/tasks", '{"task":"ask","prompt":"x","callback_url":"https://a.example/\\udfff"}'),
+    ],
+)
+def test_text_with_a_lone_surrogate_is_refused_in_every_field(
+    door: GatewayProcess, path: str, body: str
+) -> None:
+    answer = httpx.post(door.url(path), content=body.encode(), headers={**AUTH, **JSON})
+    assert answer.status_code == 400
+    assert "UTF-8" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("path", ["/v1/tasks/", "/v1/models/", "/healthz/"])
 def test_no_redirect_is_built_from_the_host_header(door: GatewayProcess, path: str) -> None:
     answer = httpx.get(
