@@ -81,16 +81,24 @@ def install(level: str = "INFO") -> None:
 
 
 def log_access(
-    client: str, method: str, path: str, route: str, status: int, seconds: float
+    client: str,
+    method: str,
+    path: str,
+    route: str,
+    status: int,
+    seconds: float,
+    request_id: str = "-",
 ) -> None:
-    """One access line. Successes all pass; refusals and errors once per interval per kind."""
+    """One access line. Successes all pass; refusals and errors once per interval per kind.
+    The request id is the answer's `x-request-id` (already a checked token)."""
     extra = {"kind": f"access:{status}:{route}" if status >= 400 else ALWAYS}
     access_log.info(
-        '%s - "%s %s" %d %.3fs',
+        '%s - "%s %s" %d %.3fs id=%s',
         clip(client, 64),
         method_label(method),
         clip(path),
         status,
         seconds,
+        clip(request_id, 64),
         extra=extra,
     )

@@ -97,4 +97,5 @@ class MetricsMiddleware:
             self.metrics.duration.labels(route).observe(seconds)
             client = scope.get("client")
             address = f"{client[0]}:{client[1]}" if client else "-"
-            log_access(address, scope["method"], scope["path"], route, status, seconds)
+            request_id = str(scope.get("state", {}).get("request_id", "-"))
+            log_access(address, scope["method"], scope["path"], route, status, seconds, request_id)
