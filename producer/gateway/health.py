@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import redis
@@ -25,6 +26,7 @@ from vision_queue.protocol import KEY_PREFIX
 router = APIRouter(tags=["Operations"])
 # Written (and expiring) by every readiness probe: Redis refuses it when out of memory.
 PROBE_KEY = KEY_PREFIX + ":gw:ready-probe"
+READY_CACHE_S = 1.0
 
 
 class Readiness(BaseModel):
@@ -45,7 +47,7 @@ async def healthz() -> dict[str, str]:
     response_model=Readiness,
     responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> Response:
     return await _readiness(request, need_worker=True)
 
 
@@ -55,11 +57,23 @@ async def readyz(request: Request) -> JSONResponse:
     response_model=Readiness,
     responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
-async def readyz_redis(request: Request) -> JSONResponse:
+async def readyz_redis(request: Request) -> Response:
     return await _readiness(request, need_worker=False)
 
 
-async def _readiness(request: Request, need_worker: bool) -> JSONResponse:
+async def _readiness(request: Request, need_worker: bool) -> Response:
+    """The verdict, computed at most once per READY_CACHE_S per process: the probes need
+    no key, so a flood of them must not become a flood of Redis commands."""
+    cache = state_of(request).readiness
+    cached = cache.get(need_worker)
+    if cached is None or time.monotonic() - cached[0] >= READY_CACHE_S:
+        answer = await _probe(request, need_worker)
+        cached = (time.monotonic(), answer.status_code, bytes(answer.body))
+        cache[need_worker] = cached
+    return Response(cached[2], status_code=cached[1], media_type="application/json")
+
+
+async def _probe(request: Request, need_worker: bool) -> JSONResponse:
     state = state_of(request)
     queue = state.settings.queue
     body: dict[str, Any] = {"queue": queue}

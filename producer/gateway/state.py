@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
@@ -26,6 +26,8 @@ class GatewayState:
     keys: KeyRing
     limiter: Limiter
     metrics: GatewayMetrics
+    # need_worker -> (when, status, body) of the last readiness probe (health.py)
+    readiness: dict[bool, tuple[float, int, bytes]] = field(default_factory=dict)
 
 
 def state_of(request: Request) -> GatewayState:

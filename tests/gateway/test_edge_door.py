@@ -218,6 +218,27 @@ def test_large_json_is_parsed_while_health_checks_keep_answering(door: GatewayPr
     assert slowest < 10  # generous: the point is that it never waits for a parse to end
 
 
+def test_a_flood_of_readiness_probes_costs_redis_one_probe_a_second(
+    door: GatewayProcess, module_redis: RedisServer
+) -> None:
+    admin = module_redis.client()
+
+    def probes() -> int:  # the readiness probe's write, counted by Redis itself
+        stats = admin.info("commandstats")
+        return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+    try:
+        before = probes()
+        began = time.monotonic()
+        with httpx.Client(base_url=door.base_url) as client:
+            codes = {client.get("/readyz/redis").status_code for _ in range(300)}
+        elapsed = time.monotonic() - began
+        assert codes == {200}
+        assert probes() - before <= elapsed + 2  # not 300
+    finally:
+        admin.close()
+
+
 # 3. Metrics and logs ---------------------------------------------------------------------
 
 

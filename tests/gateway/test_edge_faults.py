@@ -104,6 +104,7 @@ def test_a_full_redis_is_named_and_stored_results_stay_readable(
         admin.config_set("maxmemory", "0")
         admin.config_set("maxmemory-policy", policy)
         admin.close()
+    time.sleep(1.5)  # past the probe's one-second cache
     assert httpx.get(gateway.url("/readyz")).status_code == 200
 
 
