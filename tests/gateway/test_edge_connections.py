@@ -70,6 +70,16 @@ def test_a_silent_connection_is_closed_at_the_header_deadline(gateway: GatewayPr
     assert elapsed is not None and 0.5 < elapsed < 30
 
 
+def test_an_idle_keep_alive_connection_is_closed(gateway: GatewayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(30)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        began = time.monotonic()
+        elapsed = closed_within(sock, 60)
+    assert elapsed is not None and time.monotonic() - began < 60  # keep-alive: 5 s
+
+
 def test_trickled_headers_are_closed_at_the_header_deadline(gateway: GatewayProcess) -> None:
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: y\r\n" * 100 + b"\r\n"
     with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
