@@ -62,10 +62,21 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
     Settings as for `Client`: the environment (only what a client reads is validated),
     a `Settings`, or field overrides."""
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        super().__init__(settings, overrides, _connect)
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        pool_size: int = POOL_SIZE,
+        local_files: bool = True,
+        **overrides: Any,
+    ) -> None:
+        """`pool_size`: connections per Redis (more concurrent calls wait for one);
+        `local_files=False` for a server: paths are refused, never opened."""
+        super().__init__(settings, overrides, lambda s, url: _connect(s, url, pool_size))
+        self.local_files = local_files
         self._notifier = Notifier(self._notification_connection)
         self._reads = _Coalescer(self._results)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # Submitting ------------------------------------------------------------------------
 
@@ -104,6 +115,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
 
     async def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
         """Queue many tasks in a few round trips; one bad request queues none of them."""
+        self._check_loop()
         pending = list(requests)
         if any(request.images for request in pending) or len(pending) > 50:
             # File reads, image header checks and building many messages are CPU and disk
@@ -281,7 +293,20 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         return await self._call(self._backend_url, fetch)
 
     async def _call(self, url: str, operation: Callable[[], Awaitable[T]]) -> T:
+        self._check_loop()
         return await acall(self.settings, url, operation)
+
+    def _check_loop(self) -> None:
+        """Its connections belong to the loop that first used it: another loop fails now,
+        with the fix, instead of hanging or failing deep inside redis-py."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncClient was first used on another event loop; its connections "
+                "belong to that loop: create one AsyncClient per event loop"
+            )
 
     async def _subscribe(self, channel: str, inbox: AsyncInbox) -> None:
         budget = self.settings.connect_timeout_s
@@ -368,7 +393,7 @@ def _bound(
     return lambda: function(batch)
 
 
-def _connect(settings: Settings, url: str) -> redis.asyncio.Redis:
+def _connect(settings: Settings, url: str, pool_size: int) -> redis.asyncio.Redis:
     return async_redis_client(
-        settings, url, max_connections=POOL_SIZE, **async_client_options(settings)
+        settings, url, max_connections=pool_size, **async_client_options(settings)
     )

@@ -20,6 +20,7 @@ from vision_queue.cli_support import CtrlC, add_version_option, quiet_pipe
 from vision_queue.errors import (
     BrokerAuthenticationFailed,
     BrokerUnavailable,
+    ImageTooLarge,
     InvalidInput,
     TaskFailed,
     UnknownTaskId,
@@ -204,7 +205,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def _submit(client: Client, args: argparse.Namespace) -> int:
     handle = client.submit(
         args.task,
-        _images(args.image),
+        _images(args.image, client.settings.max_image_bytes),
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         num_crops=args.num_crops,
@@ -220,11 +221,25 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     return _print_result(client, handle.id, args)
 
 
-def _images(values: Sequence[str]) -> list[str | bytes]:
-    """`--image` values; `-` stands for the bytes on stdin (once: stdin is read once)."""
+def _images(values: Sequence[str], max_bytes: int) -> list[str | bytes]:
+    """`--image` values; `-` stands for the bytes on stdin (once: stdin is read once),
+    read up to the byte cap and no further: an endless pipe is refused, not buffered."""
     if list(values).count("-") > 1:
         raise InvalidInput("--image - reads stdin, which holds one image", field="images")
-    return [sys.stdin.buffer.read() if value == "-" else value for value in values]
+    images: list[str | bytes] = []
+    for index, value in enumerate(values):
+        if value != "-":
+            images.append(value)
+            continue
+        data = sys.stdin.buffer.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageTooLarge(
+                f"stdin (--image -) holds more than the limit of {max_bytes} bytes "
+                "(VQ_MAX_IMAGE_BYTES)",
+                field=f"images[{index}]",
+            )
+        images.append(data)
+    return images
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:

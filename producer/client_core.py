@@ -55,10 +55,15 @@ class ClientCore(Generic[R]):
         )
         self._limits = ImageLimits.from_settings(s)
         self._envelope = Envelope(s, db=database_number(self._redis))
+        # False in a server's client: no string or path a caller sent is opened as a file.
+        self.local_files = True
 
     def _drafts(self, requests: Iterable[SubmitRequest]) -> list[Draft]:
         """Every request validated and its images read; the first fault raises."""
-        return [prepare(request, self.settings, self._limits) for request in requests]
+        return [
+            prepare(request, self.settings, self._limits, self.local_files)
+            for request in requests
+        ]
 
 
 def finished(

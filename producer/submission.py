@@ -12,12 +12,14 @@ import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from PIL import Image
 
 from vision_queue.addresses import check_url, check_url_length
 from vision_queue.errors import ImageTooLarge, InvalidInput, VisionQueueError
+from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.images import ImageLimits, decode_base64_image, inspect_image, read_image_path
 from vision_queue.protocol import (
     Priority,
@@ -76,8 +78,12 @@ class Draft:
     priority: Priority = Priority.NORMAL
 
 
-def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> Draft:
-    """Validate and read the images; raise a coded error before anything is queued."""
+def prepare(
+    request: SubmitRequest, settings: Settings, limits: ImageLimits, local_files: bool = True
+) -> Draft:
+    """Validate and read the images; raise a coded error before anything is queued.
+
+    Without `local_files` (a server's client) no path or file-like name is ever opened."""
     name = task_name(request.task)
     priority = parse_priority(request.priority)
     images = image_list(request.images)
@@ -104,7 +110,8 @@ def prepare(request: SubmitRequest, settings: Settings, limits: ImageLimits) -> 
         settings,
     )
     prepared = tuple(
-        [_image_named(image, f"images[{i}]", settings, limits) for i, image in enumerate(images)]
+        _image_named(image, f"images[{i}]", settings, limits, local_files)
+        for i, image in enumerate(images)
     )
     return Draft(name, prepared, request.prompt, options, messages, callback_url, priority)
 
@@ -141,19 +148,44 @@ def task_name(task: TaskName | str) -> TaskName:
 
 
 def _image_named(
-    image: ImageInput, field: str, settings: Settings, limits: ImageLimits
+    image: ImageInput, field: str, settings: Settings, limits: ImageLimits, local_files: bool
 ) -> ImageRef | bytes:
     """`_prepare_image`, its errors naming the image (`images[i]`) when they name nothing."""
     try:
-        return _prepare_image(image, field, settings, limits)
+        if not local_files and (
+            isinstance(image, os.PathLike)
+            or (isinstance(image, ImageRef) and image.source is ImageSource.PATH)
+        ):
+            raise InvalidInput("this client takes no paths", field=field)
+        return _prepare_image(image, field, settings, limits, local_files)
     except VisionQueueError as exc:
         if exc.field is None:
             exc.field = field
+        name = _file_name(image)
+        if name and Path(name).name[:80] not in exc.message:
+            exc.message = f"{name}: {exc.message}"
+            exc.args = (exc.message,)
         raise
 
 
+def _file_name(image: object) -> str | None:
+    """The file an image came from, as an error names it (clipped): a path given as such,
+    or a file object's name; None for URLs, data and bytes."""
+    if isinstance(image, str):
+        if image[:5].lower() == "data:" or "://" in image[:16] or len(image) > _LONGEST_PATH:
+            return None
+        name = image
+    elif isinstance(image, os.PathLike):
+        name = os.fspath(image)
+    elif _is_file(image) and isinstance(getattr(image, "name", None), str):
+        name = getattr(image, "name", "")
+    else:
+        return None
+    return preview(name, 80) if len(name) > 80 else name
+
+
 def _prepare_image(
-    image: ImageInput, field: str, settings: Settings, limits: ImageLimits
+    image: ImageInput, field: str, settings: Settings, limits: ImageLimits, local_files: bool
 ) -> ImageRef | bytes:
     if isinstance(image, ImageRef):
         return image
@@ -163,23 +195,26 @@ def _prepare_image(
         data = _read_file_object(image, settings.max_image_bytes, field)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
-    elif isinstance(image, str) and image.startswith(("http://", "https://")):
-        # Refuse internal addresses now, so the caller hears it before anything is queued;
-        # the worker checks again after resolving the name.
-        check_url_length(image, field)
-        check_url(image, settings.private_host_allowlist)
-        return ImageRef(ImageSource.URL, image)
-    elif isinstance(image, str) and "://" in image[:16]:
-        raise InvalidInput("only http(s) URLs are accepted", field=field)
-    elif isinstance(image, str) and image.startswith("data:"):
-        data = decode_base64_image(image, field=field)
-    elif isinstance(image, str) and len(image) > _LONGEST_PATH:
-        raise InvalidInput(
-            f"{preview(image)} ({len(image)} characters) is not a path or URL; for base64 "
-            "text pass the decoded bytes (base64.b64decode) or a data:image/...;base64, URI",
-            field=field,
-        )
-    elif isinstance(image, (str, os.PathLike)):
+    elif isinstance(image, str):
+        kind = ref_kind(image, field, allow_path=local_files)
+        if kind is RefKind.URL:
+            # Refuse internal addresses now, so the caller hears it before anything is
+            # queued; the worker checks again after resolving the name.
+            check_url_length(image, field)
+            check_url(image, settings.private_host_allowlist)
+            return ImageRef(ImageSource.URL, image)
+        if kind is RefKind.DATA:
+            data = decode_base64_image(image, field=field, max_bytes=settings.max_image_bytes)
+        elif len(image) > _LONGEST_PATH:
+            raise InvalidInput(
+                f"{preview(image)} ({len(image)} characters) is not a path or URL; for "
+                "base64 text pass the decoded bytes (base64.b64decode) or a "
+                "data:image/...;base64, URI",
+                field=field,
+            )
+        else:
+            data = read_image_path(image, settings.max_image_bytes, field=field)
+    elif isinstance(image, os.PathLike):
         data = read_image_path(image, settings.max_image_bytes, field=field)
     else:
         raise InvalidInput(

@@ -144,6 +144,23 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     return _parse_ipv4(text)
 
 
+def check_resolved(parsed: ParsedUrl, addresses: list[str], what: str = "image URL") -> None:
+    """Refuse (ImageFetchFailed) when any address `parsed`'s host resolved to is not public.
+
+    The rule the worker applies before connecting, run by the gateway at submission. An
+    allow-listed host passes; text that is not an address is refused."""
+    if parsed.allowlisted:
+        return
+    for text in addresses:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            reason = f"{what} host {parsed.host} resolved to something not an address"
+            raise _refused(reason) from None
+        if not is_public_address(ip):
+            raise _refused(f"{what} host {parsed.host} resolves to a non-public address ({ip})")
+
+
 def check_url_length(url: object, field: str | None = None) -> None:
     """Refuse an over-long URL as the caller's mistake (InvalidInput naming `field`)."""
     if isinstance(url, str) and len(url) > MAX_URL_CHARS:

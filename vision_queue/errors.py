@@ -135,6 +135,11 @@ class BrokerOutOfMemory(BrokerUnavailable):
     """Redis reached its `maxmemory` and refuses writes (the shipped policy never evicts)."""
 
 
+class BrokerBusy(ClientError):
+    """Every pooled Redis connection stayed in use for the whole wait: this client is
+    overloaded (too many calls at once), Redis itself answers. Retry shortly."""
+
+
 class UnknownTaskId(ClientError):
     """No task with this id is known: never submitted, or its result has expired."""
 

@@ -18,7 +18,12 @@ from urllib.parse import urlsplit
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from vision_queue.errors import BrokerAuthenticationFailed, BrokerOutOfMemory, BrokerUnavailable
+from vision_queue.errors import (
+    BrokerAuthenticationFailed,
+    BrokerBusy,
+    BrokerOutOfMemory,
+    BrokerUnavailable,
+)
 from vision_queue.redis_urls import mask_url
 from vision_queue.sentinel import is_sentinel_url
 from vision_queue.settings import Settings
@@ -37,8 +42,19 @@ def url_setting(settings: Settings, url: str) -> str:
     return "REDIS_URL"
 
 
-def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnavailable:
+# What redis-py's BlockingConnectionPool raises when no connection was free in time.
+POOL_EXHAUSTED = "No connection available."
+
+
+def broker_error(
+    settings: Settings, url: str, exc: BaseException
+) -> BrokerUnavailable | BrokerBusy:
     where = mask_url(url)
+    if is_pool_exhausted(exc):
+        return BrokerBusy(
+            f"every connection to Redis at {where} stayed busy for "
+            f"{settings.connect_timeout_s:g} s: too many calls at once; retry shortly"
+        )
     if _sentinels_refused_password(exc):
         given = "a wrong" if settings.redis_sentinel_password else "no"
         return BrokerAuthenticationFailed(
@@ -76,7 +92,14 @@ def broker_error(settings: Settings, url: str, exc: BaseException) -> BrokerUnav
     return BrokerUnavailable(f"Redis at {where} is unreachable: {exc}")
 
 
+def is_pool_exhausted(exc: BaseException) -> bool:
+    """The pool had no free connection in time: the caller is busy, Redis is not down."""
+    return isinstance(exc, redis.ConnectionError) and str(exc) == POOL_EXHAUSTED
+
+
 def is_retryable(exc: BaseException) -> bool:
+    if is_pool_exhausted(exc):
+        return False  # the pool already waited the connect timeout
     if _is_auth_failure(exc) or _sentinels_refused_password(exc):
         return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))

@@ -41,6 +41,10 @@ _POSITIVE = (
     "webhook_timeout_s",
     "gateway_max_body_bytes",
     "gateway_wait_timeout_s",
+    "gateway_max_connections",
+    "gateway_redis_connections",
+    "gateway_header_timeout_s",
+    "gateway_body_timeout_s",
     "lease_ttl_s",
     "priority_max_skips",
 )
@@ -56,6 +60,7 @@ _NOT_NEGATIVE = (
     "gateway_requests_per_minute",
     "gateway_request_burst",
     "gateway_max_tasks_per_key",
+    "gateway_auth_failures_per_minute",
 )
 
 

@@ -7,9 +7,12 @@ process validates (`Settings.from_env(reader=...)`). Nothing here knows the sett
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import Field, field
 from typing import Any, Literal
+
+from vision_queue.redis_urls import mask_url
+from vision_queue.setting_values import convert
 
 Reader = Literal["client", "gateway", "worker"]
 # The processes that read settings. The gateway serves through an AsyncClient, so it reads
@@ -65,3 +68,42 @@ def markdown_table(every: Iterable[Field[Any]]) -> str:
             f"| {f.metadata['doc']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def values_from_env(
+    every: Iterable[Field[Any]],
+    env: Mapping[str, str],
+    reader: Reader | None,
+    overrides: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """The fields' values from `env` (converted) and `overrides`, and what did not convert:
+    a problem only for a field `reader` reads (others keep their default)."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in every:
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+            continue
+        raw = env.get(f.metadata["env"])
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = convert(raw, type(f.default))
+        except ValueError:
+            if reads(f, reader):
+                problems.append(
+                    f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
+                )
+    return values, problems
+
+
+def masked_values(settings: object, every: Iterable[Field[Any]]) -> dict[str, Any]:
+    """Every setting by environment name, secrets masked: safe to log."""
+    out: dict[str, Any] = {}
+    for f in every:
+        value = getattr(settings, f.name)
+        if f.metadata["secret"] and isinstance(value, str):
+            # URLs keep their host (useful in logs); other secrets show nothing at all.
+            value = mask_url(value) if "://" in value else ("****" if value else "")
+        out[f.metadata["env"]] = value
+    return out

@@ -10,13 +10,11 @@ import contextlib
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import Field
+from collections.abc import Callable
 from typing import Any
 
 from vision_queue.addresses import allowlist_entry
 from vision_queue.protocol import TaskName
-from vision_queue.setting_fields import Reader, reads
 
 DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 (not a secret)
 
@@ -24,33 +22,6 @@ DEFAULT_TOKEN_CAPS = "describe=512,ocr=1024,compare=768,ask=1024"  # noqa: S105 
 def convert(raw: str, kind: type) -> Any:
     """An environment variable's text as the type of its field; ValueError if it is not."""
     return _CONVERTERS[kind](raw)
-
-
-def read_fields(
-    every: Iterable[Field[Any]],
-    env: Mapping[str, str],
-    reader: Reader | None,
-    overrides: Mapping[str, Any],
-) -> tuple[dict[str, Any], list[str]]:
-    """The fields' values (overrides, else set and non-empty variables, converted) and
-    the variables `reader` reads that do not convert; the others keep their defaults."""
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for f in every:
-        if f.name in overrides:
-            values[f.name] = overrides[f.name]
-            continue
-        raw = env.get(f.metadata["env"])
-        if raw is None or raw == "":
-            continue
-        try:
-            values[f.name] = convert(raw, type(f.default))
-        except ValueError:
-            if reads(f, reader):
-                problems.append(
-                    f"{f.metadata['env']}={raw!r} is not a valid {type(f.default).__name__}"
-                )
-    return values, problems
 
 
 def parse_bool(raw: str) -> bool:

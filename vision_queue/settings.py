@@ -14,25 +14,25 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+from vision_queue.gateway_settings import GatewaySettings
 from vision_queue.protocol import TaskName
-from vision_queue.redis_urls import mask_url, normalize_redis_url
+from vision_queue.redis_urls import normalize_redis_url
 from vision_queue.setting_checks import settings_problems
 from vision_queue.setting_fields import (
     ALL,
-    GATEWAY_ONLY,
     SERVERS,
     WORKER_ONLY,
     Reader,
     markdown_table,
+    masked_values,
     reads,
     setting,
+    values_from_env,
 )
 from vision_queue.setting_values import (
     DEFAULT_TOKEN_CAPS,
     allowlist,
-    key_digest,
     parse_caps,
-    read_fields,
     split_list,
 )
 
@@ -42,7 +42,9 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(GatewaySettings):
+    """Every setting; the gateway's own are declared in `GatewaySettings`."""
+
     # Connections
     redis_url: str = setting(
         "REDIS_URL",
@@ -345,65 +347,6 @@ class Settings:
         ALL,
         same=True,
     )
-    # HTTP gateway (`producer serve`)
-    api_keys: str = setting(
-        "VQ_API_KEYS",
-        "",
-        "Comma-separated gateway API keys (at least 20 characters each), or their SHA-256 "
-        "as sha256:<hex>. Only hashes are kept in memory.",
-        GATEWAY_ONLY,
-        same=True,
-        secret=True,
-    )
-    gateway_allow_anonymous: bool = setting(
-        "VQ_GATEWAY_ALLOW_ANONYMOUS",
-        False,
-        "Serve without API keys (all callers share one limit). Off: no keys, no start.",
-        GATEWAY_ONLY,
-    )
-    gateway_model_name: str = setting(
-        "VQ_GATEWAY_MODEL_NAME",
-        "phi-3-vision-128k-instruct",
-        "Model id the OpenAI API lists and answers with.",
-        GATEWAY_ONLY,
-    )
-    gateway_max_body_bytes: int = setting(
-        "VQ_GATEWAY_MAX_BODY_BYTES",
-        64 * 1024 * 1024,
-        "Largest request body the gateway reads.",
-        GATEWAY_ONLY,
-    )
-    gateway_cors_origins: str = setting(
-        "VQ_GATEWAY_CORS_ORIGINS",
-        "",
-        "Comma-separated origins browsers may call the gateway from; empty: CORS off.",
-        GATEWAY_ONLY,
-    )
-    gateway_requests_per_minute: int = setting(
-        "VQ_GATEWAY_REQUESTS_PER_MINUTE",
-        600,
-        "Requests per API key per minute; 0: no limit.",
-        GATEWAY_ONLY,
-    )
-    gateway_request_burst: int = setting(
-        "VQ_GATEWAY_REQUEST_BURST",
-        60,
-        "Requests an API key may send at once above the rate.",
-        GATEWAY_ONLY,
-    )
-    gateway_max_tasks_per_key: int = setting(
-        "VQ_GATEWAY_MAX_TASKS_PER_KEY",
-        32,
-        "Unfinished tasks (queued or running) per API key; 0: no limit.",
-        GATEWAY_ONLY,
-    )
-    gateway_wait_timeout_s: float = setting(
-        "VQ_GATEWAY_WAIT_TIMEOUT_S",
-        900.0,
-        "Longest a chat completion waits for its task before answering 504 (and cancelling).",
-        GATEWAY_ONLY,
-    )
-
     @property
     def effective_broker_url(self) -> str:
         return normalize_redis_url(self.broker_url or self.redis_url)
@@ -431,15 +374,6 @@ class Settings:
         """The same form as `private_host_allowlist`, for webhook receivers."""
         return allowlist(self.webhook_allowed_private_hosts)
 
-    @property
-    def cors_origins(self) -> tuple[str, ...]:
-        return tuple(split_list(self.gateway_cors_origins))
-
-    @property
-    def api_key_digests(self) -> frozenset[str]:
-        """SHA-256 (hex) of every configured API key; the keys themselves are not kept."""
-        return frozenset(key_digest(entry) for entry in split_list(self.api_keys))
-
     @classmethod
     def from_env(
         cls,
@@ -448,13 +382,10 @@ class Settings:
         reader: Reader | None = None,
         **overrides: Any,
     ) -> Settings:
-        """Read every variable, convert and validate; raise one SettingsError naming all faults.
-
-        With a `reader`, only the fields that process reads are checked: a value another
-        process reads is kept if it converts, else its default stays (never an error here).
-        """
+        """Read, convert and validate; one SettingsError naming all faults. With a `reader`,
+        only its fields are checked (another's bad value leaves its default in place)."""
         env = os.environ if environ is None else environ
-        values, problems = read_fields(fields(cls), env, reader, overrides)
+        values, problems = values_from_env(fields(cls), env, reader, overrides)
         if problems:
             raise SettingsError("; ".join(problems))
         settings = cls(**values)
@@ -462,35 +393,29 @@ class Settings:
         return settings
 
     def validate(self, reader: Reader | None = None) -> None:
-        """Raise one SettingsError naming every broken rule: over every field, or only the
-        fields `reader` reads."""
+        """Raise one SettingsError naming every broken rule (of the fields `reader` reads)."""
         every = fields(self)
-        problems = settings_problems(
-            {f.name: getattr(self, f.name) for f in every},
-            {f.name: f.metadata["env"] for f in every},
-            {f.name for f in every if reads(f, reader)},
-        )
+        values = {f.name: getattr(self, f.name) for f in every}
+        env = {f.name: f.metadata["env"] for f in every}
+        problems = settings_problems(values, env, {f.name for f in every if reads(f, reader)})
         if problems:
             raise SettingsError("; ".join(problems))
 
     def masked(self) -> dict[str, Any]:
         """Every setting by environment name, secrets masked: safe to log."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.metadata["secret"] and isinstance(value, str):
-                # URLs keep their host (useful in logs); other secrets show nothing at all.
-                value = mask_url(value) if "://" in value else ("****" if value else "")
-            out[f.metadata["env"]] = value
-        return out
+        return masked_values(self, fields(self))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
-        return f"Settings({inner})"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.masked().items()) + ")"
 
     __str__ = __repr__
 
 
 def settings_table() -> str:
-    """docs/settings.md's table: every variable, its default, readers, agreement, meaning."""
-    return markdown_table(fields(Settings))
+    """docs/settings.md's table: every variable, its default, readers, agreement, meaning
+    (the gateway's last, after the settings the other processes share)."""
+    gateway = {f.name for f in fields(GatewaySettings)}
+    every = fields(Settings)
+    return markdown_table(
+        [f for f in every if f.name not in gateway] + [f for f in every if f.name in gateway]
+    )

@@ -15,15 +15,18 @@ clients only fetch entries (XRANGE after the cursor) and wait for the next notif
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from vision_queue.errors import TaskFailed
+from vision_queue.errors import InvalidInput, TaskFailed
 from vision_queue.protocol import STREAM_KEY
 from vision_queue.results import final_result, is_final
 
 # Entries fetched per XRANGE call.
 FETCH_COUNT = 512
+# A Redis Stream entry id: milliseconds-sequence (or milliseconds alone).
+_CURSOR = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class StreamFollower:
     next_seq: int | None = None  # None until the first entry after a resumed cursor
     done: bool = False
     _events: list[StreamEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_cursor(self.cursor)
 
     def range_start(self) -> str:
         """XRANGE's start: everything after the cursor (exclusive), or the whole stream."""
@@ -90,6 +96,15 @@ class StreamFollower:
         self.done = True
         result = cast("dict[str, Any]", final_result(self.task_id, meta))
         return StreamEvent(self.cursor or "0-0", "end", "", self.next_seq or 0, result)
+
+
+def check_cursor(cursor: str | None, field: str = "after") -> None:
+    """A cursor must be an entry id this stream could have given (`1760000000000-3`);
+    anything else is the caller's mistake (InvalidInput naming `field`), never sent on."""
+    if cursor is not None and (not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor)):
+        raise InvalidInput(
+            "the stream cursor is not an event id (digits-digits, as sent in `id:`)", field=field
+        )
 
 
 def raise_if_failed(event: StreamEvent) -> None:

@@ -149,6 +149,12 @@ class PinnedConnection(http.client.HTTPConnection):
         self._clock = clock
         self._context = context
         self.aborted = False
+        # The connected socket, kept here as well: http.client drops `self.sock` once the
+        # headers of an answer that closes the connection (HTTP/1.0, `Connection: close`)
+        # are read, while the body is still read from it. Without this reference the
+        # watchdog would find nothing to shut, and a server dripping that body a byte at a
+        # time would hold the fetch until the body ends instead of VQ_FETCH_TIMEOUT_S.
+        self._socket: socket.socket | None = None
 
     def connect(self) -> None:
         error: OSError | None = None
@@ -162,18 +168,21 @@ class PinnedConnection(http.client.HTTPConnection):
             break
         else:
             raise error or OSError("no address to connect to")
-        self.sock = sock
+        self.sock = self._socket = sock
         if self.aborted:
             raise self._clock.exceeded()
         if self._hop.scheme == "https":
             sock.settimeout(self._clock.remaining())
-            # SNI and certificate verification for the name the user gave.
-            self.sock = self._context.wrap_socket(sock, server_hostname=self._hop.host)
+            # SNI and certificate verification for the name the user gave. The TLS socket
+            # takes the descriptor over: it is the one to shut from now on.
+            self.sock = self._socket = self._context.wrap_socket(
+                sock, server_hostname=self._hop.host
+            )
 
     def abort(self) -> None:
         """Watchdog: shut the socket so a blocked read returns now (slow-drip servers)."""
         self.aborted = True
-        sock = self.sock
+        sock = self.sock or self._socket
         if sock is not None:
             with contextlib.suppress(OSError):
                 # The plain socket method: SSLSocket.shutdown would unwrap TLS first.

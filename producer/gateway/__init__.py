@@ -9,7 +9,12 @@ load balancer and share nothing but Redis (tasks, results, streams, limits). Mod
 * `openai_routes` / `chat`: `POST /v1/chat/completions`, `GET /v1/models`, and the
   translation of OpenAI messages into the contract's conversation;
 * `task_routes` / `wire`: the native task API and its request/result schemas;
-* `auth`, `limits`, `body_limit`: API keys, per-key limits in Redis, the body cap;
+* `resolve`: image and callback host names resolved and checked at submission;
+* `door`: what every request meets before a route reads its body (request id, the
+  failed-key budget per address, the API key, the route's body cap);
+* `connections`: uvicorn's h11 protocol with header and body deadlines and a cap on open
+  connections; `logs`: log lines bounded under floods, without secrets;
+* `auth`, `limits`: API keys, per-key limits in Redis;
 * `errors`: every failure as one error shape, in one place;
 * `sse`, `disconnect`: event-stream framing, and cancelling when a caller goes away;
 * `health`, `metrics`, `server`.

@@ -12,9 +12,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from producer.async_client import AsyncClient
-from producer.gateway import health, openai_routes, task_routes
+from producer.gateway import connections, health, logs, openai_routes, task_routes
 from producer.gateway.auth import KeyRing
-from producer.gateway.body_limit import BodyLimit
+from producer.gateway.chat import ChatCompletionRequest
+from producer.gateway.door import Door, FailedKeys
 from producer.gateway.errors import COMMON_ERRORS, ErrorBody, install_error_handlers
 from producer.gateway.limits import Limiter
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -45,11 +46,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "without them"
         )
     metrics = GatewayMetrics()
+    connections.configure(settings)
+    logs.install(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connection = async_redis_client(settings)
-        async with AsyncClient(settings) as client:
+        # Pools sized for the process's concurrency: a burst waits for a connection (then
+        # 429), never opens more than Redis or the file descriptors allow.
+        pool = settings.gateway_redis_connections
+        connection = async_redis_client(settings, max_connections=pool)
+        async with AsyncClient(settings, pool_size=pool, local_files=False) as client:
             app.state.gateway = GatewayState(
                 settings=settings,
                 client=client,
@@ -68,23 +74,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # No redirect is ever built (from the Host header or otherwise): /v1/tasks/ is 404.
+        redirect_slashes=False,
     )
     app.state.model_name = settings.gateway_model_name
     app.include_router(openai_routes.router)
     app.include_router(task_routes.router)
     app.include_router(health.router)
     install_error_handlers(app)
+    # Outermost last: metrics see every answer; CORS answers preflights and decorates
+    # refusals; the door authenticates and caps the body before anything reads it.
+    failures = FailedKeys(settings.gateway_auth_failures_per_minute)
+    app.add_middleware(
+        Door, keys=keys, max_body_bytes=settings.gateway_max_body_bytes, failures=failures
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
-            expose_headers=["X-Task-Id", "Retry-After", "Location"],
+            expose_headers=["X-Task-Id", "Retry-After", "Location", "X-Request-Id"],
             max_age=600,
         )
-    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    # Outermost: sees every answer.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -99,7 +113,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (TaskSubmission, TaskUpload, ErrorBody):
+        for model in (ChatCompletionRequest, TaskSubmission, TaskUpload, ErrorBody):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

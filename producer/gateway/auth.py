@@ -14,6 +14,7 @@ import hmac
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from producer.gateway.errors import ApiError, GatewayCode
 
@@ -44,7 +45,7 @@ class KeyRing:
         return Caller(matched.hex()[:12]) if matched else None
 
     def authenticate(self, request: Request) -> Caller:
-        caller = self.identify(_presented_key(request))
+        caller = self.identify(presented_key(request.headers))
         if caller is None:
             raise ApiError(
                 401,
@@ -55,9 +56,10 @@ class KeyRing:
         return caller
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def presented_key(headers: Headers) -> str | None:
+    """The key a caller sent in its headers (never the query string), or None."""
+    header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None

@@ -6,9 +6,14 @@ each turn showing its own images before its text, so the worker numbers them
 `<|image_1|>`... across the conversation. Text parts of one message are joined by new
 lines. Sampling fields map one to one; `temperature` left out means greedy decoding
 (OpenAI's default is 1). `priority` (high, normal, low) is this gateway's own extension
-field (the OpenAI SDKs send it with `extra_body`). Features the model does not have
-(tools, several choices, log probabilities, JSON mode) are refused with 400 rather than
-silently ignored.
+field (the OpenAI SDKs send it with `extra_body`).
+
+Every other field of OpenAI's request is either refused with a 400 naming it, when it asks
+for something this server does not do (`REFUSED`: tools, several choices, log
+probabilities, JSON mode, penalties, logit bias, audio...; a value that asks for nothing,
+such as `null`, `[]`, `false` or a penalty of 0, passes), or accepted and ignored
+(`IGNORED`: bookkeeping such as `user` or `metadata`). A field in neither list is refused
+as unknown. The README's gateway section lists both.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.gateway.wire import url_image
+from producer.gateway.wire import image_string
 from vision_queue.errors import InvalidInput
 from vision_queue.protocol import Priority
-from vision_queue.schemas import ChatMessage, Role, TaskOptions, parse_priority, stop_strings
+from vision_queue.schemas import (
+    ChatMessage,
+    ImageRef,
+    Role,
+    TaskOptions,
+    parse_priority,
+    stop_strings,
+)
 
 _REQUEST = ConfigDict(strict=True, extra="allow")
 _PART = ConfigDict(strict=True, extra="ignore")
@@ -32,8 +44,36 @@ _ROLES = {
     "user": Role.USER,
     "assistant": Role.ASSISTANT,
 }
-# Fields whose presence asks for something this model does not do.
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+# Fields that ask for something this server does not do: refused (400 naming the field)
+# unless their value asks for nothing (null, false, empty, 0).
+REFUSED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "audio",
+    "prediction",
+    "modalities",
+    "top_logprobs",
+    "logit_bias",
+    "frequency_penalty",
+    "presence_penalty",
+    "web_search_options",
+    "reasoning_effort",
+)
+# Accepted and ignored: bookkeeping, or meaningful only with a refused field.
+IGNORED = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "verbosity",
+)
+# On a message: only `name` is ignored; tool calls and the rest are refused when set.
+_MESSAGE_IGNORED = ("name",)
 
 
 class TextPart(BaseModel):
@@ -58,7 +98,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatCompletionMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
@@ -69,7 +109,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's request this gateway acts on; others are accepted and unused."""
+    """The fields of OpenAI's request this gateway acts on; others are REFUSED or IGNORED."""
 
     model_config = _REQUEST
     model: str
@@ -97,7 +137,7 @@ class Conversation:
     """What the gateway submits for one chat completion."""
 
     turns: tuple[ChatMessage, ...]
-    images: list[str]
+    images: list[ImageRef | bytes]
     image_params: list[str]  # where each image came from: messages[i].content[j]
     options: TaskOptions
     budget_param: str = "max_completion_tokens"  # the request's name for max_new_tokens
@@ -115,13 +155,16 @@ class Conversation:
 
 
 def conversation(
-    request: ChatCompletionRequest, allowlist: frozenset[str] = frozenset()
+    request: ChatCompletionRequest,
+    allowlist: frozenset[str] = frozenset(),
+    max_image_bytes: int = 20 * 1024 * 1024,
 ) -> Conversation:
-    """The turns, images and options for `request`; InvalidInput naming the field if not."""
-    extra = request.model_extra or {}
-    for name in _UNSUPPORTED:
-        if extra.get(name):
-            raise InvalidInput(f"{name} is not supported by this model", field=name)
+    """The turns, images and options for `request`; InvalidInput naming the field if not.
+
+    Image data: URIs are decoded here (the byte cap first); nothing becomes a path."""
+    _check_extra(request.model_extra or {}, "")
+    for index, message in enumerate(request.messages):
+        _check_extra(message.model_extra or {}, f"messages[{index}].", _MESSAGE_IGNORED)
     if request.n not in (None, 1):
         raise InvalidInput("n must be 1", field="n")
     if request.logprobs:
@@ -130,7 +173,7 @@ def conversation(
         raise InvalidInput("only the text response format is supported", field="response_format")
 
     turns: list[ChatMessage] = []
-    images: list[str] = []
+    images: list[ImageRef | bytes] = []
     params: list[str] = []
     for index, message in enumerate(request.messages):
         role = _ROLES[message.role]
@@ -147,7 +190,7 @@ def conversation(
                     continue
                 if role is not Role.USER:
                     raise InvalidInput("only user messages may carry images", field=where)
-                images.append(_image(part.image_url.url, where, allowlist))
+                images.append(image_string(part.image_url.url, where, allowlist, max_image_bytes))
                 params.append(where)
                 shown += 1
         turns.append(ChatMessage(role, "\n".join(texts), shown))
@@ -156,10 +199,22 @@ def conversation(
     return Conversation(tuple(turns), images, params, _options(request), budget, priority)
 
 
-def _image(url: str, where: str, allowlist: frozenset[str]) -> str:
-    if url[:5].lower() == "data:":
-        return url  # decoded and checked by the client
-    return url_image(url, where, allowlist)
+def _check_extra(
+    extra: dict[str, Any], prefix: str, ignored: tuple[str, ...] = IGNORED
+) -> None:
+    for name, value in extra.items():
+        if name in ignored:
+            continue
+        field = f"{prefix}{name[:40]}"
+        if name in REFUSED or prefix:
+            if value in (None, False, 0, "", [], {}):
+                continue
+            raise InvalidInput(f"{field} is not supported by this server", field=field)
+        raise InvalidInput(
+            f"{field} is not a field this server knows (see the README for the fields it "
+            "implements, ignores and refuses)",
+            field=field,
+        )
 
 
 def _options(request: ChatCompletionRequest) -> TaskOptions:

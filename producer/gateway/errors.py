@@ -6,7 +6,9 @@
 `code` is one of the task error codes (vision_queue.errors.ErrorCode) or one of the gateway's
 own below. The HTTP status follows from the code: bad input 400 (nothing was queued),
 401 without a valid key, 404 unknown task, model or route, 413 body too large, 429 over a
-limit (with Retry-After), 503 Redis unreachable, 504 a wait timed out.
+limit (with Retry-After; also when this process's Redis connections are all busy: the
+queue is up, the gateway is saturated), 503 Redis unreachable, 504 a wait timed out, 507
+Redis out of memory (refusing new tasks; stored results can still be read).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from producer.gateway.logs import clip
 from vision_queue.errors import (
+    BrokerBusy,
+    BrokerOutOfMemory,
     BrokerUnavailable,
     ErrorCode,
     TaskFailed,
@@ -30,6 +36,7 @@ from vision_queue.errors import (
     VisionQueueError,
     WaitTimeout,
 )
+from vision_queue.outages import is_pool_exhausted
 
 log = logging.getLogger("vision_queue.gateway")
 
@@ -44,7 +51,9 @@ class GatewayCode(str, Enum):
     REQUEST_TOO_LARGE = "request_too_large"
     RATE_LIMITED = "rate_limit_exceeded"
     TOO_MANY_TASKS = "too_many_tasks"
+    BUSY = "server_busy"
     UNAVAILABLE = "unavailable"
+    OUT_OF_MEMORY = "queue_out_of_memory"
     INTERNAL = "internal_error"
 
 
@@ -88,9 +97,12 @@ COMMON_ERRORS = {
     400: "Invalid input; nothing was queued.",
     401: "Missing or invalid API key.",
     413: "Request body too large.",
-    429: "Over this key's request rate (or task limit); see Retry-After.",
+    429: "Over this key's request rate (or task limit), or the gateway is saturated; see "
+    "Retry-After.",
     503: "The queue (Redis) is unreachable.",
+    507: "The queue (Redis) is out of memory: no new task is accepted; results still read.",
 }
+BUSY_RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -139,14 +151,35 @@ def from_exception(exc: BaseException) -> ApiError:
     """The answer for any exception a request path lets through."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        # The caller left, or its connection was closed for a body arriving too slowly:
+        # nobody reads this answer, and it is not the gateway's fault (no traceback).
+        return ApiError(400, ErrorCode.INVALID_INPUT.value, "the request body did not arrive")
     if isinstance(exc, TaskFailed):  # a stream that ended in a failure
         return task_error(exc.result.get("error") or {})
     if isinstance(exc, VisionQueueError):
         status = 400 if _TASK_STATUS[exc.code] < 500 else _TASK_STATUS[exc.code]
         return ApiError(status, exc.code.value, exc.message, param=exc.field)
+    if isinstance(exc, BrokerBusy) or is_pool_exhausted(exc):
+        log.warning("gateway saturated: every Redis connection busy; answering 429")
+        return ApiError(
+            429,
+            GatewayCode.BUSY.value,
+            "the gateway is busy (every queue connection in use); retry shortly",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+        )
+    if isinstance(exc, (BrokerOutOfMemory, redis.OutOfMemoryError)):
+        log.warning("queue out of memory: %s", clip(str(exc)))
+        return ApiError(
+            507,
+            GatewayCode.OUT_OF_MEMORY.value,
+            "the queue (Redis) is out of memory and refuses new tasks; stored results can "
+            "still be read; retry later",
+            headers={"Retry-After": "30"},
+        )
     if isinstance(exc, (BrokerUnavailable, redis.RedisError)):
         # The details (host, "wrong password") are for the operator's log, not for callers.
-        log.warning("queue unreachable: %s", exc)
+        log.warning("queue unreachable: %s", clip(str(exc)))
         return ApiError(503, GatewayCode.UNAVAILABLE.value, "the queue is unreachable; retry")
     if isinstance(exc, UnknownTaskId):
         return ApiError(404, GatewayCode.NOT_FOUND.value, str(exc))
@@ -168,6 +201,8 @@ def install_error_handlers(app: FastAPI) -> None:
         ApiError,
         VisionQueueError,
         BrokerUnavailable,
+        BrokerBusy,
+        ClientDisconnect,
         redis.RedisError,
         UnknownTaskId,
         WaitTimeout,
@@ -189,6 +224,10 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> ApiError
             continue
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
     message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid" and ("surrogate" in message or "hex escape" in message):
+        # "\ud800" without its pair: no text field may hold it (it is not UTF-8).
+        message = f"text is not valid UTF-8 (a lone surrogate escape): {message}"
+        param = param or "body"
     if param:
         message = f"{param}: {message}"
     return ApiError(400, ErrorCode.INVALID_INPUT.value, message, param=param or None)

@@ -1,8 +1,9 @@
 """Probes and metrics, without an API key: they reveal no task and no caller.
 
 * `/healthz`: the process answers (liveness).
-* `/readyz`: Redis answers and at least one worker is alive on the queue (readiness): a
-  gateway that cannot get work done should leave the load balancer's rotation.
+* `/readyz`: Redis answers, accepts writes (a full Redis is named as such, not as an
+  unreachable one) and at least one worker is alive on the queue (readiness): a gateway
+  that cannot get work done should leave the load balancer's rotation.
 * `/readyz/redis`: Redis answers, workers or not (readiness where workers scale from zero
   on the queue's length, as with KEDA: requests must be queued to wake them).
 * `/metrics`: Prometheus exposition of this process's request counters.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import redis
@@ -19,8 +21,12 @@ from pydantic import BaseModel, Field
 
 from producer.gateway.state import state_of
 from vision_queue.presence import live_workers_async
+from vision_queue.protocol import KEY_PREFIX
 
 router = APIRouter(tags=["Operations"])
+# Written (and expiring) by every readiness probe: Redis refuses it when out of memory.
+PROBE_KEY = KEY_PREFIX + ":gw:ready-probe"
+READY_CACHE_S = 1.0
 
 
 class Readiness(BaseModel):
@@ -41,7 +47,7 @@ async def healthz() -> dict[str, str]:
     response_model=Readiness,
     responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> Response:
     return await _readiness(request, need_worker=True)
 
 
@@ -51,17 +57,33 @@ async def readyz(request: Request) -> JSONResponse:
     response_model=Readiness,
     responses={503: {"description": "Not ready; `reason` says why.", "model": Readiness}},
 )
-async def readyz_redis(request: Request) -> JSONResponse:
+async def readyz_redis(request: Request) -> Response:
     return await _readiness(request, need_worker=False)
 
 
-async def _readiness(request: Request, need_worker: bool) -> JSONResponse:
+async def _readiness(request: Request, need_worker: bool) -> Response:
+    """The verdict, computed at most once per READY_CACHE_S per process: the probes need
+    no key, so a flood of them must not become a flood of Redis commands."""
+    cache = state_of(request).readiness
+    cached = cache.get(need_worker)
+    if cached is None or time.monotonic() - cached[0] >= READY_CACHE_S:
+        answer = await _probe(request, need_worker)
+        cached = (time.monotonic(), answer.status_code, bytes(answer.body))
+        cache[need_worker] = cached
+    return Response(cached[2], status_code=cached[1], media_type="application/json")
+
+
+async def _probe(request: Request, need_worker: bool) -> JSONResponse:
     state = state_of(request)
     queue = state.settings.queue
     body: dict[str, Any] = {"queue": queue}
     try:
         await state.redis.ping()
         workers = await live_workers_async(state.redis, queue)
+        await state.redis.set(PROBE_KEY, b"1", px=5000)
+    except redis.OutOfMemoryError:
+        reason = "Redis is out of memory (maxmemory reached): new tasks are refused"
+        return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)
     except (redis.RedisError, OSError) as exc:
         reason = "Redis refused the password" if _is_auth(exc) else "Redis is unreachable"
         return JSONResponse({**body, "status": "unready", "reason": reason}, status_code=503)

@@ -92,9 +92,16 @@ class Limiter:
         if not self.per_minute:
             return
         interval_ms = 60_000 / self.per_minute
-        wait_ms = float(
-            await self._gcra(keys=[RATE_KEY.format(key_id=key_id)], args=[interval_ms, self.burst])
-        )
+        try:
+            wait_ms = float(
+                await self._gcra(
+                    keys=[RATE_KEY.format(key_id=key_id)], args=[interval_ms, self.burst]
+                )
+            )
+        except redis.OutOfMemoryError:
+            # Redis refuses every write, so no task can be queued anyway; reading stored
+            # results must keep working, so the rate is not counted meanwhile.
+            return
         if wait_ms > 0:
             retry_after = max(1, math.ceil(wait_ms / 1000))
             raise ApiError(

@@ -1,15 +1,23 @@
 """Prometheus metrics of one gateway process: requests by route, method and status.
 
-The route is the path template (`/v1/tasks/{task_id}`), never the path itself, so task
-ids do not multiply the series; nothing about the caller (key, address) is a label.
+Every label is a bounded set: the route is the path template (`/v1/tasks/{task_id}`),
+never the path, so task ids do not multiply the series; a path no route matched is
+`unmatched`; a request the door refused before routing is matched against the routes
+here, so its label is the template it would have reached. A method outside the usual
+seven is `OTHER`. Nothing about the caller (key, address) is a label. The same middleware
+writes the access line (`producer.gateway.logs`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from producer.gateway.logs import log_access, method_label
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -35,10 +43,35 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
+def route_label(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+    template = getattr(scope.get("route"), "path", None)
+    if isinstance(template, str):
+        return template
+    for route in routes:  # refused before routing: the template it would have reached
+        match, _ = route.matches(scope)
+        path = getattr(route, "path", None)
+        if match is not Match.NONE and isinstance(path, str):
+            return path
+    return "unmatched"
+
+
+def flat_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The routes themselves, out of the routers FastAPI includes them through."""
+    out: list[BaseRoute] = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        out.extend(flat_routes(inner) if inner is not None else [route])
+    return out
+
+
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: GatewayMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self._given = routes
+        self._routes: list[BaseRoute] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +89,13 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.duration.labels(template).observe(time.perf_counter() - began)
+            if self._routes is None:
+                self._routes = flat_routes(self._given)
+            route = route_label(scope, self._routes)
+            seconds = time.perf_counter() - began
+            self.metrics.requests.labels(route, method_label(scope["method"]), str(status)).inc()
+            self.metrics.duration.labels(route).observe(seconds)
+            client = scope.get("client")
+            address = f"{client[0]}:{client[1]}" if client else "-"
+            request_id = str(scope.get("state", {}).get("request_id", "-"))
+            log_access(address, scope["method"], scope["path"], route, status, seconds, request_id)

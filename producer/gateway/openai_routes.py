@@ -28,6 +28,7 @@ from producer.gateway.disconnect import (
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
+from producer.gateway.wire import check_json_bounds, check_text, off_loop_if_large
 from vision_queue.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
 from vision_queue.protocol import TaskName
 from vision_queue.results import result_json
@@ -59,9 +60,18 @@ async def get_model(model_id: str, request: Request, who: Authorized) -> dict[st
     return chat.model_card(name)
 
 
+_CHAT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
+    },
+}
+
+
 @router.post(
     "/chat/completions",
     summary="Chat completion (text and image_url parts; stream or not)",
+    openapi_extra={"requestBody": _CHAT_BODY},
     responses={
         200: {
             "description": "The completion, or with `stream: true` server-sent chunks "
@@ -71,14 +81,22 @@ async def get_model(model_id: str, request: Request, who: Authorized) -> dict[st
         **_ERRORS,
     },
 )
-async def chat_completions(
-    body: chat.ChatCompletionRequest, request: Request, who: Authorized
-) -> Response:
+async def chat_completions(request: Request, who: Authorized) -> Response:
     state = state_of(request)
-    model = state.settings.gateway_model_name
-    if body.model != model:
-        raise _unknown_model(body.model, model)
-    convo = chat.conversation(body, state.settings.private_host_allowlist)
+    settings = state.settings
+    model = settings.gateway_model_name
+    raw = await request.body()
+
+    def parse() -> tuple[chat.ChatCompletionRequest, chat.Conversation]:
+        check_json_bounds(raw, settings.max_conversation_chars)
+        body = chat.ChatCompletionRequest.model_validate_json(raw)
+        check_text({**body.model_dump(), **(body.model_extra or {})})
+        if body.model != model:
+            raise _unknown_model(body.model, model)
+        allowlist = settings.private_host_allowlist
+        return body, chat.conversation(body, allowlist, settings.max_image_bytes)
+
+    body, convo = await off_loop_if_large(len(raw), parse)
     try:
         handle = await submit_task(
             state,

@@ -14,6 +14,7 @@ def serve(host: str, port: int, workers: int = 1) -> None:
 
     settings = Settings.from_env(reader="gateway")
     from producer.gateway.app import create_app
+    from producer.gateway.connections import uvicorn_options
 
     create_app(settings)  # refuses a bad configuration here, before any process starts
     logging.basicConfig(
@@ -38,7 +39,9 @@ def serve(host: str, port: int, workers: int = 1) -> None:
         port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
-        # The access log shows method, path and status: no header, so never a key.
-        access_log=True,
+        # The gateway writes its own access lines (producer/gateway/logs.py): no query
+        # string (a key may be in it), clipped, and refusals once per interval.
+        access_log=False,
         timeout_graceful_shutdown=30,
+        **uvicorn_options(settings),
     )

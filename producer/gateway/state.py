@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
@@ -26,6 +26,8 @@ class GatewayState:
     keys: KeyRing
     limiter: Limiter
     metrics: GatewayMetrics
+    # need_worker -> (when, status, body) of the last readiness probe (health.py)
+    readiness: dict[bool, tuple[float, int, bytes]] = field(default_factory=dict)
 
 
 def state_of(request: Request) -> GatewayState:
@@ -36,7 +38,8 @@ def state_of(request: Request) -> GatewayState:
 async def caller(request: Request) -> Caller:
     """FastAPI dependency of every /v1 route: a valid key, within its request rate."""
     state = state_of(request)
-    who = state.keys.authenticate(request)
+    known = request.scope.get("state", {}).get("caller")  # the door checked the key
+    who = known if isinstance(known, Caller) else state.keys.authenticate(request)
     await state.limiter.check_rate(who.key_id)
     return who
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from producer.gateway.resolve import check_names
 from vision_queue.errors import InvalidInput, UnknownTaskId
 from vision_queue.protocol import KEY_PREFIX, Priority, TaskName
-from vision_queue.schemas import ChatMessage, TaskOptions
+from vision_queue.schemas import ChatMessage, ImageRef, TaskOptions
 
 if TYPE_CHECKING:
     from producer.gateway.auth import Caller
@@ -27,7 +28,7 @@ async def submit_task(
     state: GatewayState,
     who: Caller,
     task: TaskName,
-    images: Sequence[str | bytes],
+    images: Sequence[ImageRef | bytes],
     *,
     prompt: str | None = None,
     messages: tuple[ChatMessage, ...] | None = None,
@@ -41,6 +42,12 @@ async def submit_task(
             "webhooks are not configured on this deployment (VQ_WEBHOOK_SECRET)",
             field="callback_url",
         )
+    # Every route meets the same address rules, names resolved included, before a slot
+    # is taken; the client's own checks (schemas, images) run inside submit.
+    settings = state.settings
+    await check_names(
+        images, settings.private_host_allowlist, callback_url, settings.webhook_host_allowlist
+    )
     placeholder = await state.limiter.reserve_task(who.key_id)
     try:
         handle = await state.client.submit(

@@ -34,11 +34,16 @@ from producer.gateway.wire import (
     TaskStatusBody,
     TaskSubmission,
     Unfinished,
+    check_json_bounds,
+    check_text,
+    image_string,
+    off_loop_if_large,
     submission_images,
-    url_image,
 )
 from vision_queue.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
 from vision_queue.results import result_json
+from vision_queue.schemas import ImageRef
+from vision_queue.streams import check_cursor
 
 router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
 
@@ -72,12 +77,19 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
     if kind == "multipart/form-data":
         submission, images = await _from_form(request, state)
     elif kind == "application/json" or kind.endswith("+json"):
-        submission = TaskSubmission.model_validate_json(await request.body())
-        images = submission_images(
-            submission.images,
-            state.settings.max_image_bytes,
-            state.settings.private_host_allowlist,
-        )
+        raw = await request.body()
+
+        def parse() -> tuple[TaskSubmission, list[ImageRef | bytes]]:
+            check_json_bounds(raw, state.settings.max_conversation_chars)
+            submission = TaskSubmission.model_validate_json(raw)
+            check_text(submission.model_dump(exclude={"images"}))
+            settings = state.settings
+            allowlist = settings.private_host_allowlist
+            return submission, submission_images(
+                submission.images, settings.max_image_bytes, allowlist
+            )
+
+        submission, images = await off_loop_if_large(len(raw), parse)
     else:
         raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
     handle = await submit_task(
@@ -126,8 +138,10 @@ async def get_task(task_id: str, request: Request, who: Authorized) -> JSONRespo
 async def task_events(task_id: str, request: Request, who: Authorized) -> StreamingResponse:
     state = state_of(request)
     await check_owner(state, who, task_id)
+    header = request.headers.get("last-event-id")
+    after = header or request.query_params.get("after") or None
+    check_cursor(after, "Last-Event-ID" if header else "after")  # 400, before any stream
     first = await _snapshot(state, task_id)  # 404 before the stream starts
-    after = request.headers.get("last-event-id") or request.query_params.get("after") or None
     return StreamingResponse(
         _events(state, task_id, first, after), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
     )
@@ -239,7 +253,7 @@ def _status_of(snapshot: dict[str, Any]) -> dict[str, Any]:
 
 async def _from_form(
     request: Request, state: GatewayState
-) -> tuple[TaskSubmission, list[str | bytes]]:
+) -> tuple[TaskSubmission, list[ImageRef | bytes]]:
     """Multipart: files (or URL text) under `images`, JSON text under messages/options."""
     settings = state.settings
     form = await request.form(max_files=settings.max_images, max_fields=32)
@@ -259,7 +273,7 @@ async def _from_form(
             else:
                 fields[name] = value
         submission = TaskSubmission.model_validate_json(json.dumps(fields))
-        images: list[str | bytes] = []
+        images: list[ImageRef | bytes] = []
         for index, item in enumerate(form.getlist("images")):
             where = f"images[{index}]"
             if isinstance(item, UploadFile):
@@ -271,7 +285,8 @@ async def _from_form(
                     )
                 images.append(data)
             else:
-                images.append(url_image(item, where, settings.private_host_allowlist))
+                allowlist = settings.private_host_allowlist
+                images.append(image_string(item, where, allowlist, settings.max_image_bytes))
         return submission, images
     finally:
         await form.close()

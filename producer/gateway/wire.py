@@ -9,18 +9,55 @@ so an HTTP caller meets exactly the checks a Python caller does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
+import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 
 from vision_queue.addresses import check_url
 from vision_queue.errors import ImageFetchFailed, InvalidInput
+from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.images import decode_base64_image
 from vision_queue.protocol import Priority, TaskName
 from vision_queue.results import Timings
-from vision_queue.schemas import ChatMessage, TaskOptions
+from vision_queue.schemas import ChatMessage, ImageRef, ImageSource, TaskOptions
+
+T = TypeVar("T")
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
+# Bodies up to this size are parsed on the event loop (well under a millisecond); larger
+# ones, up to VQ_GATEWAY_MAX_BODY_BYTES, in a worker thread, so no parse stalls the loop.
+INLINE_PARSE_BYTES = 64 * 1024
+
+
+# JSON values a request body may hold beyond the characters of its text: structure
+# (messages, parts, options) never comes near it; images are single strings.
+_STRUCTURE_ALLOWANCE = 4096
+
+
+def check_json_bounds(raw: bytes, max_text_chars: int) -> None:
+    """Refuse, before parsing, a body with more JSON values than any request needs.
+
+    Parsing and validating runs in C holding the GIL: a thread does not keep it from
+    the event loop. What makes it slow is the number of values (2 s for 400,000 small
+    objects), not the bytes (a 20 MB base64 image is one string). Each `{` or `,`
+    outside a string starts a value; inside strings they are text, bounded by
+    VQ_MAX_CONVERSATION_CHARS. So more of either than that plus a structural allowance
+    is refused at C speed, and validation stays a few hundred milliseconds at worst."""
+    limit = max_text_chars + _STRUCTURE_ALLOWANCE
+    if raw.count(b"{") > limit or raw.count(b",") > limit:
+        raise InvalidInput(
+            f"the body holds more than {limit} JSON objects or items; no request needs that",
+            field="body",
+        )
+
+
+async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    """`work()` (parsing, base64 decoding) inline for a small body, else in a thread."""
+    if size <= INLINE_PARSE_BYTES:
+        return work()
+    return await anyio.to_thread.run_sync(work)
 _OUTPUT = ConfigDict(extra="ignore")
 
 
@@ -145,32 +182,39 @@ class TaskStatusBody(BaseModel):
     worker: str = ""
 
 
-def url_image(url: str, field: str, allowlist: frozenset[str]) -> str:
-    """A URL for the client to queue; never a path (the client would read the file).
-
-    The address rules run here too, only so that a refusal names the image's field.
-    """
-    if not url.lower().startswith(("http://", "https://")):
+def url_image(url: str, field: str, allowlist: frozenset[str]) -> ImageRef:
+    """A URL for the client to queue, as an explicit URL reference (never a string the
+    client would have to interpret). The address rules run here, so a refusal names the
+    image's field; names are resolved later (`producer.gateway.resolve`)."""
+    if ref_kind(url, field, allow_path=False) is not RefKind.URL:
         raise InvalidInput("image URLs must be http(s)", field=field)
     try:
         check_url(url, allowlist)
     except ImageFetchFailed as exc:
         exc.field = field
         raise
-    return url
+    return ImageRef(ImageSource.URL, url)
 
 
-def data_image(data: str, field: str, max_bytes: int) -> str | bytes:
+def image_string(
+    text: str, field: str, allowlist: frozenset[str], max_bytes: int
+) -> ImageRef | bytes:
+    """What a remote caller sent as an image string: a data: URI (decoded here, with the
+    byte cap before expanding) or an http(s) URL; anything else is refused, never read."""
+    if ref_kind(text, field, allow_path=False) is RefKind.DATA:
+        return decode_base64_image(text, field=field, max_bytes=max_bytes)
+    return url_image(text, field, allowlist)
+
+
+def data_image(data: str, field: str, max_bytes: int) -> bytes:
     """base64 or a data: URI; strict decoding, the byte cap before expanding."""
-    if data[:5].lower() == "data:":
-        return data  # the client decodes and checks it
     return decode_base64_image(data, field=field, max_bytes=max_bytes)
 
 
 def submission_images(
     images: list[ImageInput], max_bytes: int, allowlist: frozenset[str]
-) -> list[str | bytes]:
-    out: list[str | bytes] = []
+) -> list[ImageRef | bytes]:
+    out: list[ImageRef | bytes] = []
     for index, image in enumerate(images):
         field = f"images[{index}]"
         if (image.url is None) == (image.data is None):
@@ -181,3 +225,34 @@ def submission_images(
             assert image.data is not None
             out.append(data_image(image.data, field, max_bytes))
     return out
+
+
+def lone_surrogate_at(value: object, where: str = "") -> str | None:
+    """Where the first text holding a lone surrogate (not UTF-8) is, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(str(key), where) or lone_surrogate_at(
+                item, f"{where}.{key}" if where else str(key)
+            )
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def check_text(value: object) -> None:
+    """Every text field of a request must be valid UTF-8 (no lone surrogates)."""
+    where = lone_surrogate_at(value)
+    if where is not None:
+        field = where[:80]
+        raise InvalidInput(f"{field}: text is not valid UTF-8 (lone surrogate)", field=field)

@@ -44,7 +44,13 @@ class GatewayProcess:
     def __init__(self, redis_url: str, logdir: Path, **env: str) -> None:
         self.port = free_port()
         self.log_path = logdir / f"gateway-{self.port}.log"
-        defaults = {"VQ_API_KEYS": f"{API_KEY},{OTHER_KEY}", "VQ_GATEWAY_MODEL_NAME": MODEL}
+        defaults = {
+            "VQ_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+            "VQ_GATEWAY_MODEL_NAME": MODEL,
+            # The suites send many wrong keys from one address on purpose; the budget of
+            # failed attempts has tests of its own (test_edge_door.py).
+            "VQ_GATEWAY_AUTH_FAILURES_PER_MINUTE": "0",
+        }
         self.env = base_env(redis_url, **{**defaults, **STACK_ENV, **env})
         self.process: subprocess.Popen[bytes] | None = None
 

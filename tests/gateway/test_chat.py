@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
 
 from producer.gateway.chat import ChatCompletionRequest, conversation
 from vision_queue.errors import InvalidInput
-from vision_queue.schemas import ChatMessage, Role, TaskOptions
+from vision_queue.schemas import ChatMessage, ImageRef, ImageSource, Role, TaskOptions
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 
@@ -50,7 +51,9 @@ def test_a_system_message_and_history_become_turns_with_images_in_order():
         ChatMessage(Role.ASSISTANT, "A cat."),
         ChatMessage(Role.USER, "Compare with\nand", 2),
     )
-    assert convo.images == ["https://img.example/a.png", PNG, PNG]
+    # (URLs as explicit URL references, data: URIs decoded here: nothing is a path)
+    png = base64.b64decode(PNG.split(",", 1)[1])
+    assert convo.images == [ImageRef(ImageSource.URL, "https://img.example/a.png"), png, png]
     assert convo.image_params == [
         "messages[1].content[0]",
         "messages[3].content[1]",
@@ -95,6 +98,17 @@ def test_left_out_fields_decode_greedily_with_the_tasks_budget():
         ([{"role": "user", "content": [image("file:///etc/passwd")]}], {},
          "messages[0].content[0]"),
         ([{"role": "user", "content": [image("/etc/passwd")]}], {}, "messages[0].content[0]"),
+        # Any spelling of data: is a data URI, never a path; other schemes are refused.
+        ([{"role": "user", "content": [image("DATA:/etc/passwd")]}], {}, "messages[0].content[0]"),
+        ([{"role": "user", "content": [image("FILE:///etc/passwd")]}], {},
+         "messages[0].content[0]"),
+        ([{"role": "user", "content": [image(" data:image/png;base64,AA==")]}], {},
+         "messages[0].content[0]"),
+        ([{"role": "user", "content": "x"}], {"frequency_penalty": 1.5}, "frequency_penalty"),
+        ([{"role": "user", "content": "x"}], {"logit_bias": {"1": 5}}, "logit_bias"),
+        ([{"role": "user", "content": "x"}], {"best_of": 3}, "best_of"),
+        ([{"role": "user", "content": "x", "tool_calls": [{"id": "a"}]}], {},
+         "messages[0].tool_calls"),
         ([{"role": "user", "content": "x"}], {"n": 2}, "n"),
         ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
         ([{"role": "user", "content": "x"}], {"logprobs": True}, "logprobs"),
@@ -115,3 +129,18 @@ def test_a_client_error_about_an_image_names_the_message_part_it_came_from():
     assert convo.param_of("images[1]") == "messages[0].content[2]"
     assert convo.param_of("max_new_tokens") == "max_tokens"
     assert convo.param_of("temperature") == "temperature"
+
+
+def test_fields_asking_for_nothing_and_bookkeeping_fields_are_accepted():
+    convo = conversation(
+        request(
+            [{"role": "user", "content": "x", "name": "ann", "tool_calls": None}],
+            user="u-1",
+            metadata={"a": "b"},
+            frequency_penalty=0,
+            presence_penalty=0.0,
+            tools=[],
+            parallel_tool_calls=True,
+        )
+    )
+    assert convo.turns == (ChatMessage(Role.USER, "x"),)

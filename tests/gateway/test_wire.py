@@ -17,7 +17,7 @@ from producer.gateway.wire import (
 from vision_queue.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
 from vision_queue.protocol import Priority
 from vision_queue.results import TaskResult, Timings
-from vision_queue.schemas import TaskOptions
+from vision_queue.schemas import ImageRef, ImageSource, TaskOptions
 
 
 def finished(**changes) -> dict:
@@ -111,13 +111,17 @@ def test_images_are_urls_or_base64_never_paths():
         max_bytes=1000,
         allowlist=frozenset(),
     )
-    assert images[0] == "https://img.example/a.png"
-    assert isinstance(images[1], bytes)
-    assert images[2].startswith("data:image/png")
+    # A URL is handed on as an explicit URL reference, data is decoded here: the client
+    # never gets a string it could take for a path.
+    assert images[0] == ImageRef(ImageSource.URL, "https://img.example/a.png")
+    assert images[1] == images[2] == base64.b64decode(png)
 
     for bad, code in [
         (ImageInput(url="/etc/passwd"), InvalidInput),
         (ImageInput(url="file:///etc/passwd"), InvalidInput),
+        (ImageInput(url="DATA:/etc/passwd"), InvalidInput),
+        (ImageInput(data="DATA:/etc/passwd"), InvalidInput),
+        (ImageInput(data="Data:image/png;base64,%%%"), InvalidInput),
         (ImageInput(url="http://169.254.169.254/latest"), ImageFetchFailed),
         (ImageInput(), InvalidInput),
         (ImageInput(url="https://a.example/x", data=png), InvalidInput),

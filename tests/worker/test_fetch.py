@@ -172,12 +172,16 @@ def redirect(location: str, status: int = 302) -> Handler:
     return respond(status, b"", {"Location": location})
 
 
-def drip(interval_s: float = 0.05, total: int = 10_000) -> Handler:
+def drip(
+    interval_s: float = 0.05, total: int = 10_000, headers: dict[str, str] | None = None
+) -> Handler:
     """A slow-loris body: one byte every `interval_s`, for far longer than any deadline."""
 
     def handle(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", str(total))
+        for name, value in (headers or {}).items():
+            h.send_header(name, value)
         h.end_headers()
         for _ in range(total):
             h.wfile.write(b"x")
@@ -447,6 +451,27 @@ def test_a_slowly_dripping_body_is_stopped_at_the_deadline(server: LocalServer) 
     assert error.transient is True
     assert "VQ_FETCH_TIMEOUT_S=0.6s" in error.message
     assert 0.5 < elapsed < 1.5
+
+
+@pytest.mark.parametrize("close", ["Connection: close", "HTTP/1.0"])
+def test_a_dripping_body_on_a_closing_connection_is_stopped_at_the_deadline(
+    server: LocalServer, close: str
+) -> None:
+    # http.client hands the socket to the response and forgets it when the answer closes
+    # the connection (HTTP/1.0, or Connection: close): the watchdog must still reach it.
+    handler = drip(0.05, 10_000, {"Connection": "close"})
+    if close == "HTTP/1.0":
+
+        def handler(h: BaseHTTPRequestHandler) -> None:
+            h.protocol_version = "HTTP/1.0"
+            drip(0.05, 10_000)(h)
+
+    server.routes["/drip-close"] = handler
+    started = time.monotonic()
+    error = refuse(server.url("/drip-close"), loopback_settings(fetch_timeout_s=0.6))
+    # The body would take 500 s; the deadline is 0.6 s (bounded generously for slow CI).
+    assert time.monotonic() - started < 10
+    assert error.transient is True
 
 
 def test_slowly_dripping_headers_are_stopped_at_the_deadline(server: LocalServer) -> None:
