@@ -33,6 +33,7 @@ from vision_queue.protocol import Priority
 from vision_queue.schemas import parse_priority
 
 router = APIRouter(prefix="/v1/batches", tags=["Batches"])
+_MISSING: dict[int | str, dict[str, Any]] = {404: {"description": "No such batch for this key."}}
 
 
 class BatchCreate(BaseModel):
@@ -46,7 +47,14 @@ class BatchCreate(BaseModel):
     )
 
 
-@router.post("", summary="Create a batch from an uploaded JSONL file")
+@router.post(
+    "",
+    summary="Create a batch from an uploaded JSONL file",
+    responses={
+        404: {"description": "No such input file for this key."},
+        409: {"description": "The Idempotency-Key was used with another request."},
+    },
+)
 async def create_batch(body: BatchCreate, request: Request, who: Authorized) -> dict[str, Any]:
     state = state_of(request)
     if body.endpoint not in ENDPOINTS:
@@ -126,7 +134,7 @@ async def list_batches(
     }
 
 
-@router.get("/{batch_id}", summary="A batch")
+@router.get("/{batch_id}", summary="A batch", responses=_MISSING)
 async def get_batch(batch_id: str, request: Request, who: Authorized) -> dict[str, Any]:
     record = await store.owned(state_of(request).redis, batch_id, who.key_id)
     if record is None:
@@ -134,7 +142,11 @@ async def get_batch(batch_id: str, request: Request, who: Authorized) -> dict[st
     return store.batch_object(record)
 
 
-@router.post("/{batch_id}/cancel", summary="Cancel a batch: queued lines stop, running ones end")
+@router.post(
+    "/{batch_id}/cancel",
+    summary="Cancel a batch: queued lines stop, running ones end",
+    responses=_MISSING,
+)
 async def cancel_batch(batch_id: str, request: Request, who: Authorized) -> dict[str, Any]:
     state = state_of(request)
     record = await store.owned(state.redis, batch_id, who.key_id)

@@ -68,6 +68,7 @@ return 1
 """
 
 router = APIRouter(prefix="/v1/files", tags=["Files"])
+_MISSING: dict[int | str, dict[str, Any]] = {404: {"description": "No such file for this key."}}
 
 
 def new_file_id() -> str:
@@ -149,7 +150,11 @@ async def content_of(state: GatewayState, key_id: str, file_id: str) -> bytes:
     return content if isinstance(content, bytes) else content.encode()
 
 
-@router.post("", summary="Upload a JSONL file (purpose=batch)")
+@router.post(
+    "",
+    summary="Upload a JSONL file (purpose=batch)",
+    responses={413: {"description": f"The file has more than {MAX_FILE_BYTES} bytes."}},
+)
 async def upload_file(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
     form = await request.form(max_files=1, max_fields=4)
@@ -216,18 +221,18 @@ async def list_files(
     }
 
 
-@router.get("/{file_id}", summary="A file object")
+@router.get("/{file_id}", summary="A file object", responses=_MISSING)
 async def get_file(file_id: str, request: Request, who: Authorized) -> dict[str, Any]:
     return await meta_of(state_of(request), who.key_id, file_id)
 
 
-@router.get("/{file_id}/content", summary="A file's bytes")
+@router.get("/{file_id}/content", summary="A file's bytes", responses=_MISSING)
 async def get_file_content(file_id: str, request: Request, who: Authorized) -> Response:
     content = await content_of(state_of(request), who.key_id, file_id)
     return Response(content, media_type="application/octet-stream")
 
 
-@router.delete("/{file_id}", summary="Delete a file")
+@router.delete("/{file_id}", summary="Delete a file", responses=_MISSING)
 async def delete_file(file_id: str, request: Request, who: Authorized) -> dict[str, Any]:
     state = state_of(request)
     await meta_of(state, who.key_id, file_id)

@@ -65,7 +65,10 @@ _SUBMIT_BODY = {
     summary="Queue a task (JSON with image URLs or base64, or multipart files)",
     response_model=TaskAccepted,
     openapi_extra={"requestBody": _SUBMIT_BODY},
-    responses={415: {"description": "Not JSON or multipart/form-data."}},
+    responses={
+        409: {"description": "The Idempotency-Key was used with another request."},
+        415: {"description": "Not JSON or multipart/form-data."},
+    },
 )
 async def create_task(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
