@@ -17,10 +17,11 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
-from gateway_support import API_KEY, MODEL, OTHER_KEY, GatewayProcess, data_uri
+from gateway_support import API_KEY, MODEL, OTHER_KEY, GatewayProcess, SentEvents, data_uri
 from support.redis_server import RedisServer
 
 from producer.gateway.batch_feeder import IN_FLIGHT
@@ -108,7 +109,7 @@ def test_files_belong_to_the_key_that_uploaded_them(sdk: openai.OpenAI, other: o
 
 
 def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
-    sdk: openai.OpenAI, other: openai.OpenAI, module_redis: RedisServer
+    sdk: openai.OpenAI, other: openai.OpenAI, module_redis: RedisServer, gateway: GatewayProcess
 ):
     lines = [
         chat_line("first", "Name a colour."),
@@ -123,6 +124,8 @@ def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
         {"type": "image_url", "image_url": {"url": data_uri()}},
     ]
     file_id = upload(sdk, lines)
+    usage_before = _usage(gateway)
+    sent = SentEvents(module_redis.url)
     batch = sdk.batches.create(
         input_file_id=file_id,
         endpoint="/v1/chat/completions",
@@ -134,6 +137,10 @@ def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
     with pytest.raises(openai.NotFoundError):
         other.batches.retrieve(batch.id)
     done = wait_until_ended(sdk, batch.id)
+    queues = sent.queues(3)
+    sent.close()
+    assert len(queues) == 3 and all(queue.endswith(".low") for queue in queues.values())
+    assert _usage(gateway)["tasks"] - usage_before["tasks"] == 3  # counted for the batch's key
     assert done.status == "completed"
     assert done.request_counts.total == 6
     assert done.request_counts.completed == 3
@@ -160,6 +167,20 @@ def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
         tasks.close()
     assert batch.id in [b.id for b in sdk.batches.list()]
     assert batch.id not in [b.id for b in other.batches.list()]
+
+
+def test_a_batch_may_ask_for_another_priority(sdk: openai.OpenAI, module_redis: RedisServer):
+    sent = SentEvents(module_redis.url)
+    batch = sdk.batches.create(
+        input_file_id=upload(sdk, [chat_line("urgent", "Quick.")]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"priority": "high"},
+    )
+    wait_until_ended(sdk, batch.id)
+    queues = sent.queues(1)
+    sent.close()
+    assert [queue[-5:] for queue in queues.values()] == [".high"]
 
 
 def test_the_responses_endpoint_runs_in_a_batch(sdk: openai.OpenAI):
@@ -286,6 +307,11 @@ class _SentCounter:
         self.pubsub.close()
         self.client.close()
         return found
+
+
+def _usage(gateway: GatewayProcess) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return dict(httpx.get(gateway.url("/v1/usage"), headers=headers).json())
 
 
 def _client(process: GatewayProcess) -> openai.OpenAI:
