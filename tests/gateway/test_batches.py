@@ -12,9 +12,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -316,3 +320,25 @@ def _usage(gateway: GatewayProcess) -> dict[str, Any]:
 
 def _client(process: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=process.url("/v1"), api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_the_readmes_batch_example_runs_end_to_end(gateway: GatewayProcess):
+    """The README's batch example, unchanged, as a user would run it from the clone."""
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    section = text.split("### Batches, responses, idempotency keys and usage", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "GATEWAY": gateway.base_url, "VQ_API_KEY": API_KEY}
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("completed ")
+    assert lines[1].startswith("page-0 ")
+    assert any(line.startswith("page-1 ") for line in lines[2:])  # after page 0's text
