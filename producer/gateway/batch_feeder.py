@@ -93,7 +93,9 @@ class BatchFeeder:
             await self.feed(batch_id, meta, cursor, IN_FLIGHT - waiting)
         elif status == "cancelling" and waiting == 0:
             await self.finish(batch_id, "cancelled")
-        elif status in ("in_progress", "finalizing") and waiting == 0:
+        elif status == "finalizing":  # a pass that died while writing the files
+            await self.finish(batch_id, record.get("ending") or "completed")
+        elif status == "in_progress" and waiting == 0:
             await self.finish(batch_id, "completed")
 
     # Lines in flight --------------------------------------------------------------------
@@ -110,7 +112,10 @@ class BatchFeeder:
         for position, task_id, outcome in zip(positions, ids, outcomes, strict=True):
             queued = store._text(flight.get(str(position).encode(), flight.get(str(position))))
             if isinstance(outcome, UnknownTaskId):
-                if _ms() - int(queued) > REQUEUE_AFTER_MS:
+                if status == "cancelling":  # never queued: it need not be now
+                    message = "the batch was cancelled"
+                    await self.unrun(batch_id, position, task_id, "batch_cancelled", message)
+                elif _ms() - int(queued) > REQUEUE_AFTER_MS:
                     await self.requeue(batch_id, meta, position, queued)
                 continue
             if isinstance(outcome, BaseException):
@@ -230,9 +235,8 @@ class BatchFeeder:
             return
         meta, now = record["meta"], int(time.time())
         if record["status"] != "finalizing":
-            await self.redis.hset(
-                store.key(batch_id), mapping={"status": "finalizing", "finalizing_at": now}
-            )
+            moving = {"status": "finalizing", "finalizing_at": now, "ending": final}
+            await self.redis.hset(store.key(batch_id), mapping=moving)  # type: ignore[arg-type]
         done = await self.redis.hgetall(store.key(batch_id, "done"))
         output: list[str] = []
         errors = [

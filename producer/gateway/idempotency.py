@@ -68,9 +68,7 @@ async def once(
     mark = idempotency.fingerprint([request.method, request.url.path, *parts])
     deadline = time.monotonic() + idempotency.WAIT_S
     while True:
-        reply = await state.redis.eval(
-            *idempotency.claim_args(record, mark, new_id())
-        )
+        reply = await state.redis.eval(*idempotency.claim_args(record, mark, new_id()))
         found = idempotency.outcome(reply, mark)
         if found.kind == "conflict":
             raise ApiError(
