@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,14 +31,18 @@ from gateway_support import (
     ENDLESS,
     MODEL,
     OTHER_KEY,
+    STACK_ENV,
     GatewayProcess,
     SentEvents,
     data_uri,
 )
 from support.redis_server import RedisServer
+from support.workers import WorkerProcess
 
+from producer import Client
 from producer.gateway.batch_feeder import IN_FLIGHT
 from producer.gateway.batch_lines import line_task_id
+from vision_queue.errors import UnknownTaskId
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -353,3 +358,47 @@ def test_the_readmes_batch_example_runs_end_to_end(gateway: GatewayProcess):
     assert lines[0].startswith("completed ")
     assert lines[1].startswith("page-0 ")
     assert any(line.startswith("page-1 ") for line in lines[2:])  # after page 0's text
+
+
+def test_a_worker_killed_mid_batch_loses_no_line(
+    sdk: openai.OpenAI, module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+):
+    """A second worker takes lines, and is SIGKILLed while one of them generates: the
+    line's task goes back to the queue (the broker's lease lapses), the module's worker
+    runs it, and the batch still has each line once, each queued once."""
+    count = IN_FLIGHT + 10
+    lines = [chat_line(f"line-{i}", f"Line {i}.", max_tokens=48) for i in range(count)]
+    sent = _SentCounter(module_redis.url)
+    with (
+        WorkerProcess(module_redis.url, tmp_path_factory.mktemp("doomed"), **STACK_ENV) as doomed,
+        Client(redis_url=module_redis.url) as client,
+    ):
+        batch = sdk.batches.create(
+            input_file_id=upload(sdk, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        ids = [line_task_id(batch.id, position) for position in range(IN_FLIGHT)]
+        deadline = time.monotonic() + 120
+        while not any(_generating_on(client, task_id, doomed.name) for task_id in ids):
+            assert time.monotonic() < deadline, "the second worker never took a line"
+            time.sleep(0.05)
+        doomed.signal(signal.SIGKILL)
+        doomed.wait()
+    done = wait_until_ended(sdk, batch.id)
+    outputs = read_lines(sdk, done.output_file_id)
+    assert done.status == "completed" and done.request_counts.failed == 0
+    assert Counter(line["custom_id"] for line in outputs) == Counter(
+        f"line-{i}" for i in range(count)
+    )
+    queued = sent.counts()
+    every = {line_task_id(batch.id, position) for position in range(count)}
+    assert {task_id: queued[task_id] for task_id in every} == dict.fromkeys(every, 1)
+
+
+def _generating_on(client: Client, task_id: str, worker: str) -> bool:
+    try:
+        status = client.status(task_id)
+    except UnknownTaskId:  # not queued yet
+        return False
+    return status.state == "PROGRESS" and status.worker == worker
