@@ -44,6 +44,7 @@ PASS_S = 0.5
 LEASE_MS = 20_000
 IN_FLIGHT = 64
 REQUEUE_AFTER_MS = 15_000
+WARN_EVERY_S = 30.0
 
 
 class BatchFeeder:
@@ -53,13 +54,16 @@ class BatchFeeder:
         self.token = secrets.token_hex(8)
 
     async def run(self) -> None:
+        last_warning = 0.0
         while True:
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, say: try again on the next pass
-                log.warning("batch feeder pass failed: %s", exc)
+                if time.monotonic() - last_warning > WARN_EVERY_S:  # not twice a second
+                    last_warning = time.monotonic()
+                    log.warning("batch feeder pass failed (retrying): %r", exc)
             await asyncio.sleep(PASS_S)
 
     async def run_once(self) -> None:
