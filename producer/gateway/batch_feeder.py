@@ -34,6 +34,7 @@ from producer.gateway import batch_lines as lines
 from producer.gateway import batch_store as store
 from producer.gateway import files, usage
 from producer.gateway.state import GatewayState
+from producer.gateway.submission import OWNER_KEY
 from vision_queue.errors import UnknownTaskId, VisionQueueError
 from vision_queue.protocol import Priority
 from vision_queue.results import result_json
@@ -224,6 +225,9 @@ class BatchFeeder:
                 Priority(meta["priority"]),
                 task_id,
             )
+            # The line's task is the batch key's, as a task it queued itself would be.
+            owner = OWNER_KEY.format(task_id=task_id)
+            await self.redis.set(owner, meta["owner"], ex=settings.result_expires_s)
             await self.state.client.submit_many([request])
         except (ValueError, VisionQueueError) as exc:  # checked at creation: should not happen
             out = lines.unrun(line["custom_id"], task_id, "invalid_request", str(exc)[:500])

@@ -182,6 +182,11 @@ def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
         assert not tasks.exists(f"vq:submitted:{line_task_id(batch.id, 3)}")
     finally:
         tasks.close()
+    # A line's task is the batch key's: another key cannot read it.
+    line_task = line_task_id(batch.id, 0)
+    assert sdk.get(f"/tasks/{line_task}", cast_to=httpx.Response).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        other.get(f"/tasks/{line_task}", cast_to=httpx.Response)
     assert batch.id in [b.id for b in sdk.batches.list()]
     assert batch.id not in [b.id for b in other.batches.list()]
 
