@@ -188,6 +188,11 @@ def test_a_batch_runs_its_lines_at_low_priority_and_writes_openais_files(
     with pytest.raises(openai.NotFoundError):
         other.get(f"/tasks/{line_task}", cast_to=httpx.Response)
     assert batch.id in [b.id for b in sdk.batches.list()]
+    paged = [b.id for b in sdk.batches.list(limit=1)]  # the SDK follows the pages
+    assert batch.id in paged and len(paged) == len(set(paged))
+    files = [f.id for f in sdk.files.list(limit=1)]
+    assert {file_id, done.output_file_id, done.error_file_id} <= set(files)
+    assert len(files) == len(set(files))
     assert batch.id not in [b.id for b in other.batches.list()]
 
 
