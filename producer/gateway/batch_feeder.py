@@ -6,10 +6,11 @@ pass, expiring after `LEASE_MS`) it holds or can take, so one process works on a
 a time and another takes over within `LEASE_MS` if it dies. For a batch it:
 
 1. records the lines whose task has ended (`RECORD`: once, whoever reads it; usage is
-   counted then), re-queues a line whose task never reached the queue (queued-at older
-   than `REQUEUE_AFTER_MS`, no `submitted` marker, no result: the process died between
-   taking the line and queueing it), and when the batch is cancelling, cancels and records
-   the lines still waiting in the queue (running ones finish);
+   counted then), re-queues a line whose task never reached the queue (taken more than
+   `REQUEUE_AFTER_MS` ago, not yet marked queued, no `submitted` marker, no result: the
+   process died between taking the line and queueing it), and when the batch is
+   cancelling, cancels and records the lines still waiting in the queue (running ones
+   finish);
 2. tops up the lines in flight to `IN_FLIGHT`: the cursor moves first (`ADVANCE`, a
    compare-and-set), then the tasks are queued under ids derived from the batch id and the
    line's position (`batch_lines.line_task_id`). A line is queued at most once: re-queueing
@@ -46,6 +47,7 @@ LEASE_MS = 20_000
 IN_FLIGHT = 64
 REQUEUE_AFTER_MS = 15_000
 WARN_EVERY_S = 30.0
+QUEUED = store.QUEUED
 
 
 class BatchFeeder:
@@ -120,7 +122,7 @@ class BatchFeeder:
                 if status == "cancelling":  # never queued: it need not be now
                     message = "the batch was cancelled"
                     await self.unrun(batch_id, position, task_id, "batch_cancelled", message)
-                elif _ms() - int(queued) > REQUEUE_AFTER_MS:
+                elif queued != QUEUED and _ms() - int(queued) > REQUEUE_AFTER_MS:
                     await self.requeue(batch_id, meta, position, queued)
                 continue
             if isinstance(outcome, BaseException):
@@ -229,6 +231,8 @@ class BatchFeeder:
             owner = OWNER_KEY.format(task_id=task_id)
             await self.redis.set(owner, meta["owner"], ex=settings.result_expires_s)
             await self.state.client.submit_many([request])
+            # Queued for sure now: never again, even once its `submitted` marker expires.
+            await self.redis.eval(store.MARK_QUEUED, 1, store.key(batch_id, "inflight"), position)
         except (ValueError, VisionQueueError) as exc:  # checked at creation: should not happen
             out = lines.unrun(line["custom_id"], task_id, "invalid_request", str(exc)[:500])
             await self.record(batch_id, position, False, out)

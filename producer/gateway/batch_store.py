@@ -6,7 +6,8 @@
                                `completed`, `failed`, `<status>_at`, file ids
     vq:gw:batch:{id}:lines     list: the valid input lines, compact JSON, in file order
     vq:gw:batch:{id}:refused   list: error lines of the input lines refused at creation
-    vq:gw:batch:{id}:inflight  hash: position -> when (ms) its task was queued
+    vq:gw:batch:{id}:inflight  hash: position -> when (ms) the feeder took it, then "q" once
+                               its task is on the queue
     vq:gw:batch:{id}:done      hash: position -> "o" or "e" + its output line
     vq:gw:batch:{id}:lease     the feeder process working on the batch (a token, expiring)
     vq:gw:batches:{key_id}     sorted set: the key's batches by creation time
@@ -172,6 +173,14 @@ return at
 REQUEUE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: inflight. ARGV: position. Notes that the line's task is on the queue (if the line
+# is still in flight), so it is never re-queued.
+QUEUED = "q"
+MARK_QUEUED = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 'q') end
 return 1
 """
 
