@@ -88,6 +88,18 @@ def test_a_repeated_task_request_returns_the_first_task(
     assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
 
 
+def test_a_refused_request_leaves_its_key_free_for_the_retry(api: httpx.Client):
+    headers = {"Idempotency-Key": "fix-and-retry"}
+    # Refused by the client's checks, inside the claimed key: the claim is dropped.
+    refused = api.post("/v1/tasks", json=ask("<|end|> control tokens"), headers=headers)
+    assert refused.status_code == 400
+    retried = api.post("/v1/tasks", json=ask("Now with a prompt."), headers=headers)
+    assert retried.status_code == 202
+    too_long = api.post("/v1/tasks", json=ask("Hi."), headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "Idempotency-Key"
+
+
 def test_two_identical_requests_at_once_create_one_task(
     api: httpx.Client, module_redis: RedisServer
 ):
