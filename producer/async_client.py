@@ -16,15 +16,19 @@ the event loop; all waits share one pub/sub connection.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast, overload
 
 import redis.asyncio
 
+from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
-from producer.envelope import Outgoing, batches, cancel_commands, queue_commands
-from producer.submission import ImageInput, SubmitRequest, image_list
+from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
+from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
+from vision_queue.errors import WaitTimeout
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -95,8 +99,10 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         messages: Sequence[ChatMessage] | None = None,
         callback_url: str | None = None,
         priority: Priority | str = Priority.NORMAL,
+        idempotency_key: str | None = None,
+        task_id: str | None = None,
     ) -> TaskHandle:
-        """Validate, stage image bytes, enqueue (see `Client.submit`)."""
+        """Validate, stage image bytes, enqueue (see `Client.submit`, `idempotency_key` too)."""
         request = SubmitRequest(
             task,
             image_list(images),
@@ -110,7 +116,10 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             None if messages is None else tuple(messages),
             callback_url,
             priority,
+            task_id,
         )
+        if idempotency_key is not None:
+            return await self._submit_once(request, idempotency_key)
         return (await self.submit_many([request]))[0]
 
     async def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
@@ -126,6 +135,34 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         for batch in batches(items):
             await self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
+
+    async def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:
+        """`submit` under an idempotency key (producer.idempotency)."""
+        record = idempotency.record_key(idempotency.CLIENT_SCOPE, key)
+        mark = idempotency.request_fingerprint(request)
+        deadline = time.monotonic() + idempotency.WAIT_S
+        while True:
+            reply = await self._call(
+                self._broker_url,
+                lambda: self._redis.eval(*idempotency.claim_args(record, mark, new_id())),
+            )
+            found = idempotency.outcome(reply, mark)
+            if found.kind == "conflict":
+                raise idempotency.conflict(key)
+            if found.kind == "done":
+                return TaskHandle(found.id, task_name(request.task))
+            if found.kind == "new":
+                break
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"the idempotency key {key[:64]!r} is held by a request")
+            await asyncio.sleep(idempotency.POLL_S)
+        try:
+            handle = (await self.submit_many([replace(request, task_id=found.id)]))[0]
+        except BaseException:
+            await self._redis.eval(*idempotency.release_args(record, found.id))
+            raise
+        await self._redis.eval(*idempotency.finish_args(record, found.id))
+        return handle
 
     def _build(self, requests: list[SubmitRequest]) -> list[Outgoing]:
         return [self._envelope.outgoing(draft) for draft in self._drafts(requests)]

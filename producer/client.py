@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast, overload
 
 import redis
 
+from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
-from producer.envelope import Outgoing, batches, cancel_commands, queue_commands
-from producer.submission import ImageInput, SubmitRequest, image_list
+from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
+from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
+from vision_queue.errors import WaitTimeout
 from vision_queue.outages import async_client_options, call, client_options
 from vision_queue.presence import live_workers
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -81,6 +85,8 @@ class Client(ClientCore[redis.Redis]):
         messages: Sequence[ChatMessage] | None = None,
         callback_url: str | None = None,
         priority: Priority | str = Priority.NORMAL,
+        idempotency_key: str | None = None,
+        task_id: str | None = None,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
 
@@ -90,6 +96,11 @@ class Client(ClientCore[redis.Redis]):
         images numbered in order) instead of a `prompt`; with a `callback_url` the worker
         POSTs the signed result there when the task ends. `priority` (high, normal, low)
         picks the list it waits on: a worker takes a waiting high task first.
+
+        With an `idempotency_key`, the same key with the same request returns the task
+        the first call queued (for `producer.idempotency.WINDOW_S`) rather than queuing
+        another; with a different request it raises `IdempotencyConflict`. `task_id`
+        queues under a UUID of the caller's choosing (never one used before).
         """
         request = SubmitRequest(
             task,
@@ -104,7 +115,10 @@ class Client(ClientCore[redis.Redis]):
             None if messages is None else tuple(messages),
             callback_url,
             priority,
+            task_id,
         )
+        if idempotency_key is not None:
+            return self._submit_once(request, idempotency_key)
         return self.submit_many([request])[0]
 
     def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
@@ -118,6 +132,34 @@ class Client(ClientCore[redis.Redis]):
         for batch in batches(items):
             self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
+
+    def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:
+        """`submit` under an idempotency key (producer.idempotency)."""
+        record = idempotency.record_key(idempotency.CLIENT_SCOPE, key)
+        mark = idempotency.request_fingerprint(request)
+        deadline = time.monotonic() + idempotency.WAIT_S
+        while True:
+            reply = self._call(
+                self._broker_url,
+                lambda: self._redis.eval(*idempotency.claim_args(record, mark, new_id())),
+            )
+            found = idempotency.outcome(reply, mark)
+            if found.kind == "conflict":
+                raise idempotency.conflict(key)
+            if found.kind == "done":
+                return TaskHandle(found.id, task_name(request.task))
+            if found.kind == "new":
+                break
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"the idempotency key {key[:64]!r} is held by a request")
+            time.sleep(idempotency.POLL_S)
+        try:
+            handle = self.submit_many([replace(request, task_id=found.id)])[0]
+        except BaseException:
+            self._redis.eval(*idempotency.release_args(record, found.id))
+            raise
+        self._redis.eval(*idempotency.finish_args(record, found.id))
+        return handle
 
     def _send(self, batch: Sequence[Outgoing]) -> None:
         pipe = self._redis.pipeline(transaction=False)

@@ -151,7 +151,7 @@ class Envelope:
             messages=draft.messages,
             callback_url=draft.callback_url,
         )
-        task_id = new_id()
+        task_id = draft.task_id or new_id()
         argsrepr = safe_repr(request)
         queue = priority_queue(self.settings.queue, draft.priority)
         return Outgoing(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class SubmitRequest:
     messages: tuple[ChatMessage, ...] | None = None  # ask: a conversation instead of prompt
     callback_url: str | None = None  # webhook for the result
     priority: Priority | str | None = Priority.NORMAL  # high, normal (None) or low
+    # A caller-chosen task id (a UUID never used before); None: a new random one. The
+    # gateway's idempotency keys and batch lines use it (producer.idempotency).
+    task_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Draft:
     messages: tuple[ChatMessage, ...] | None = None
     callback_url: str | None = None
     priority: Priority = Priority.NORMAL
+    task_id: str | None = None
 
 
 def prepare(
@@ -86,6 +91,8 @@ def prepare(
     Without `local_files` (a server's client) no path or file-like name is ever opened."""
     name = task_name(request.task)
     priority = parse_priority(request.priority)
+    if request.task_id is not None:
+        _check_given_id(request.task_id)
     images = image_list(request.images)
     seed = request.seed
     if request.temperature and request.temperature > 0 and seed is None:
@@ -113,7 +120,16 @@ def prepare(
         _image_named(image, f"images[{i}]", settings, limits, local_files)
         for i, image in enumerate(images)
     )
-    return Draft(name, prepared, request.prompt, options, messages, callback_url, priority)
+    return Draft(
+        name, prepared, request.prompt, options, messages, callback_url, priority, request.task_id
+    )
+
+
+def _check_given_id(task_id: object) -> None:
+    try:
+        uuid.UUID(str(task_id))
+    except ValueError:
+        raise InvalidInput(f"task_id {preview(task_id)} is not a UUID", field="task_id") from None
 
 
 def image_list(images: object) -> tuple[ImageInput, ...]:

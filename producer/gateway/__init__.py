@@ -17,7 +17,11 @@ load balancer and share nothing but Redis (tasks, results, streams, limits). Mod
 * `auth`, `limits`: API keys, per-key limits in Redis;
 * `errors`: every failure as one error shape, in one place;
 * `sse`, `disconnect`: event-stream framing, and cancelling when a caller goes away;
-* `health`, `metrics`, `server`.
+* `health`, `metrics`, `server`;
+* OpenAI's platform APIs (docs/platform.md): `files` (`/v1/files`), `batches`,
+  `batch_store`, `batch_lines`, `batch_feeder` (`/v1/batches` and the background task
+  that runs them), `responses` / `responses_routes` (`POST /v1/responses`),
+  `idempotency` (the `Idempotency-Key` header), `usage` (`GET /v1/usage`, usage counters).
 
 It imports nothing from `worker`.
 """

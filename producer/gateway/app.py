@@ -3,6 +3,8 @@ environment, which is how `producer serve` (and `uvicorn --factory`) starts each
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,8 +14,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from producer.async_client import AsyncClient
-from producer.gateway import connections, health, logs, openai_routes, task_routes
+from producer.gateway import (
+    batches,
+    connections,
+    files,
+    health,
+    logs,
+    openai_routes,
+    responses_routes,
+    task_routes,
+    usage,
+)
 from producer.gateway.auth import KeyRing
+from producer.gateway.batch_feeder import run_feeder
 from producer.gateway.chat import ChatCompletionRequest
 from producer.gateway.door import Door, FailedKeys
 from producer.gateway.errors import COMMON_ERRORS, ErrorBody, install_error_handlers
@@ -64,9 +77,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 limiter=Limiter(connection, settings),
                 metrics=metrics,
             )
+            feeder = asyncio.ensure_future(run_feeder(app.state.gateway))
             try:
                 yield
             finally:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
                 await connection.aclose()
 
     app = FastAPI(
@@ -80,6 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_name = settings.gateway_model_name
     app.include_router(openai_routes.router)
     app.include_router(task_routes.router)
+    app.include_router(responses_routes.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     install_error_handlers(app)
     # Outermost last: metrics see every answer; CORS answers preflights and decorates
@@ -93,7 +114,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-API-Key",
+                "Last-Event-ID",
+                "Idempotency-Key",
+            ],
             expose_headers=["X-Task-Id", "Retry-After", "Location", "X-Request-Id"],
             max_age=600,
         )

@@ -9,8 +9,8 @@ In this order, from headers alone:
    is even looked at), then the API key (401; a wrong key spends the budget);
 3. the body cap of the route: a declared Content-Length above it is 413 at once; without
    one, the bytes are counted as they arrive and the read that passes the cap is 413.
-   Only the two routes that take a body get VQ_GATEWAY_MAX_BODY_BYTES; every other
-   route gets `SMALL_BODY_BYTES`.
+   The routes that take a request or an upload get VQ_GATEWAY_MAX_BODY_BYTES, batch
+   creation 64 KiB, every other route `SMALL_BODY_BYTES`.
 
 So a caller without a key costs one header parse and one hash, never a body read or a
 JSON parse, whatever the route or the body.
@@ -32,8 +32,17 @@ from producer.gateway.errors import ApiError, GatewayCode
 
 # What a route without a body may still receive (a stray `{}` from a generic client).
 SMALL_BODY_BYTES = 1024
-# Routes whose body is a request: the full cap.
-BODY_ROUTES = frozenset({("POST", "/v1/tasks"), ("POST", "/v1/chat/completions")})
+# Routes whose body is a request or an upload: the full cap.
+BODY_ROUTES = frozenset(
+    {
+        ("POST", "/v1/tasks"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/files"),
+    }
+)
+# Routes whose body is a small JSON object (a batch: a file id, a window, metadata).
+SMALL_JSON_ROUTES = {("POST", "/v1/batches"): 64 * 1024}
 # Client addresses whose failures are remembered at once (least recently failed dropped).
 _TRACKED_ADDRESSES = 10_000
 _WINDOW_S = 60.0
@@ -157,9 +166,10 @@ class Door:
 
     def _body_cap(self, scope: Scope) -> int:
         path = scope["path"].rstrip("/") or "/"
-        if (scope["method"], path) in BODY_ROUTES:
+        route = (scope["method"], path)
+        if route in BODY_ROUTES:
             return self.max_body_bytes
-        return SMALL_BODY_BYTES
+        return SMALL_JSON_ROUTES.get(route, SMALL_BODY_BYTES)
 
 
 def _request_id(given: str | None) -> str:

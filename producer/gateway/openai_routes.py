@@ -17,7 +17,8 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from producer.gateway import chat, sse
+from producer.gateway import chat, sse, usage
+from producer.gateway import idempotency as idempotent
 from producer.gateway.auth import Caller
 from producer.gateway.disconnect import (
     Disconnected,
@@ -98,14 +99,22 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
 
     body, convo = await off_loop_if_large(len(raw), parse)
     try:
-        handle = await submit_task(
+        handle = await idempotent.once(
             state,
-            who,
-            TaskName.ASK,
-            convo.images,
-            messages=convo.turns,
-            options=convo.options,
-            priority=convo.priority,
+            who.key_id,
+            request,
+            [await request.body()],
+            lambda task_id: submit_task(
+                state,
+                who,
+                TaskName.ASK,
+                convo.images,
+                messages=convo.turns,
+                options=convo.options,
+                priority=convo.priority,
+                task_id=task_id,
+            ),
+            idempotent.task_of(TaskName.ASK),
         )
     except VisionQueueError as exc:
         exc.field = convo.param_of(exc.field)
@@ -129,6 +138,7 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
             await state.limiter.release(who.key_id, handle.id)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
+    await usage.count(state, who.key_id, handle.id, result)
     if result.get("state") != "SUCCESS":
         error = task_error(result.get("error") or {})
         error.param = convo.param_of(error.param)
@@ -167,6 +177,7 @@ async def _stream(
                 continue
             ended = True
             result = item.result or {}
+            await usage.count(state, who.key_id, task_id, result)
             if result.get("error") or result.get("state") == "FAILURE":
                 # OpenAI's streamed error: SDKs raise it as an APIError.
                 yield sse.json_event(task_error(result.get("error") or {}).body())

@@ -35,6 +35,7 @@ async def submit_task(
     options: TaskOptions = TaskOptions(),  # noqa: B008 (frozen)
     callback_url: str | None = None,
     priority: Priority = Priority.NORMAL,
+    task_id: str | None = None,
 ) -> TaskHandle:
     """Queue after every check; a refusal (400, 429, 503) leaves nothing queued or held."""
     if callback_url is not None and not state.settings.webhook_secret:
@@ -63,6 +64,7 @@ async def submit_task(
             messages=messages,
             callback_url=callback_url,
             priority=priority,
+            task_id=task_id,
         )
     except BaseException:
         await state.limiter.release(who.key_id, placeholder)

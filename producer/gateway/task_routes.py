@@ -22,7 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from producer.gateway import sse
+from producer.gateway import idempotency as idempotent
+from producer.gateway import sse, usage
 from producer.gateway.disconnect import close_stream
 from producer.gateway.errors import ApiError, from_exception
 from producer.gateway.state import Authorized, GatewayState, state_of
@@ -69,7 +70,10 @@ _SUBMIT_BODY = {
     summary="Queue a task (JSON with image URLs or base64, or multipart files)",
     response_model=TaskAccepted,
     openapi_extra={"requestBody": _SUBMIT_BODY},
-    responses={415: {"description": "Not JSON or multipart/form-data."}},
+    responses={
+        409: {"description": "The Idempotency-Key was used with another request."},
+        415: {"description": "Not JSON or multipart/form-data."},
+    },
 )
 async def create_task(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
@@ -92,16 +96,24 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
         submission, images = await off_loop_if_large(len(raw), parse)
     else:
         raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
-    handle = await submit_task(
+    handle = await idempotent.once(
         state,
-        who,
-        submission.task,
-        images,
-        prompt=submission.prompt,
-        messages=None if submission.messages is None else tuple(submission.messages),
-        options=submission.options,
-        callback_url=submission.callback_url,
-        priority=submission.priority,
+        who.key_id,
+        request,
+        [submission.model_dump(mode="json"), *images],
+        lambda task_id: submit_task(
+            state,
+            who,
+            submission.task,
+            images,
+            prompt=submission.prompt,
+            messages=None if submission.messages is None else tuple(submission.messages),
+            options=submission.options,
+            callback_url=submission.callback_url,
+            priority=submission.priority,
+            task_id=task_id,
+        ),
+        idempotent.task_of(submission.task),
     )
     accepted = TaskAccepted(id=handle.id, task=handle.task)
     return JSONResponse(
@@ -120,7 +132,9 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
 async def get_task(task_id: str, request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
     await check_owner(state, who, task_id)
-    return JSONResponse(await _snapshot(state, task_id))
+    snapshot = await _snapshot(state, task_id)
+    await usage.count(state, who.key_id, task_id, snapshot)
+    return JSONResponse(snapshot)
 
 
 @router.get(
