@@ -4,8 +4,10 @@ Every label is a bounded set: the route is the path template (`/v1/tasks/{task_i
 never the path, so task ids do not multiply the series; a path no route matched is
 `unmatched`; a request the door refused before routing is matched against the routes
 here, so its label is the template it would have reached. A method outside the usual
-seven is `OTHER`. Nothing about the caller (key, address) is a label. The same middleware
-writes the access line (`producer.gateway.logs`).
+seven is `OTHER`. Nothing about the caller (key, address) is a label of these; the
+usage counters (`producer.gateway.usage`) are labelled by the key's id, a bounded set the
+operator configures (a hash prefix, never the secret). The same middleware writes the
+access line (`producer.gateway.logs`).
 """
 
 from __future__ import annotations
