@@ -28,6 +28,7 @@ from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
+from vision_queue import tracing
 from vision_queue.errors import WaitTimeout
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
@@ -126,14 +127,17 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         """Queue many tasks in a few round trips; one bad request queues none of them."""
         self._check_loop()
         pending = list(requests)
-        if any(request.images for request in pending) or len(pending) > 50:
-            # File reads, image header checks and building many messages are CPU and disk
-            # work: done in a thread, the loop keeps serving other coroutines meanwhile.
-            items = await asyncio.to_thread(self._build, pending)
-        else:
-            items = self._build(pending)
-        for batch in batches(items):
-            await self._call(self._broker_url, _bound(self._send, batch))
+        # The messages are built inside the span (a thread started here inherits it):
+        # their headers carry it to the worker.
+        with tracing.span("vq.submit", self._submit_attributes(len(pending)), kind="producer"):
+            if any(request.images for request in pending) or len(pending) > 50:
+                # File reads, image header checks and building many messages are CPU and
+                # disk work: done in a thread, the loop keeps serving other coroutines.
+                items = await asyncio.to_thread(self._build, pending)
+            else:
+                items = self._build(pending)
+            for batch in batches(items):
+                await self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
 
     async def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:

@@ -24,6 +24,7 @@ from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
+from vision_queue import tracing
 from vision_queue.errors import WaitTimeout
 from vision_queue.outages import async_client_options, call, client_options
 from vision_queue.presence import live_workers
@@ -127,10 +128,12 @@ class Client(ClientCore[redis.Redis]):
         Every request is validated first: one bad request raises and queues none of them.
         """
         drafts = self._drafts(requests)
-        with self._envelope_lock:
-            items = [self._envelope.outgoing(draft) for draft in drafts]
-        for batch in batches(items):
-            self._call(self._broker_url, _bound(self._send, batch))
+        # The messages are built inside the span: their headers carry it to the worker.
+        with tracing.span("vq.submit", self._submit_attributes(len(drafts)), kind="producer"):
+            with self._envelope_lock:
+                items = [self._envelope.outgoing(draft) for draft in drafts]
+            for batch in batches(items):
+                self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
 
     def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:

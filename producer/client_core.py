@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 from producer.envelope import Envelope, database_number
 from producer.submission import Draft, SubmitRequest, prepare
 from producer.waiting import BACKUP_POLL_S
+from vision_queue import tracing
 from vision_queue.errors import WaitTimeout
 from vision_queue.images import ImageLimits
 from vision_queue.results import (
@@ -57,6 +58,12 @@ class ClientCore(Generic[R]):
         self._envelope = Envelope(s, db=database_number(self._redis))
         # False in a server's client: no string or path a caller sent is opened as a file.
         self.local_files = True
+        # Only when OTEL_EXPORTER_OTLP_ENDPOINT is set; a web backend that configured
+        # OpenTelemetry itself keeps its own provider (vision_queue.tracing).
+        tracing.setup("vq-client")
+
+    def _submit_attributes(self, tasks: int) -> dict[str, Any]:
+        return {"vq.tasks": tasks, "messaging.destination.name": self.settings.queue}
 
     def _drafts(self, requests: Iterable[SubmitRequest]) -> list[Draft]:
         """Every request validated and its images read; the first fault raises."""

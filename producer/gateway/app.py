@@ -34,6 +34,7 @@ from producer.gateway.limits import Limiter
 from producer.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from producer.gateway.state import GatewayState
 from producer.gateway.wire import TaskSubmission, TaskUpload
+from vision_queue import tracing
 from vision_queue.redis_connect import async_redis_client
 from vision_queue.settings import Settings, SettingsError
 
@@ -127,6 +128,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: sees every answer.
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # A server span per request when OTEL_EXPORTER_OTLP_ENDPOINT is set (nothing otherwise);
+    # here, not in `serve`, so that each uvicorn process sets up its own exporter.
+    if tracing.setup("vq-gateway"):
+        tracing.instrument_fastapi(app)
     return app
 
 

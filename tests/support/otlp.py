@@ -41,6 +41,24 @@ class OtlpCollector:
         self._server.shutdown()
         self._server.server_close()
 
+    def services_of_spans(self) -> dict[bytes, str]:
+        """The service that exported each span, by span id."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        found: dict[bytes, str] = {}
+        for body in list(self.bodies):
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for resource_spans in request.resource_spans:
+                names = [a.value.string_value for a in resource_spans.resource.attributes
+                         if a.key == "service.name"]
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        found[span.span_id] = names[0] if names else ""
+        return found
+
     def spans(self) -> tuple[list[Any], set[str]]:
         """Every span received, and the service names they came from."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
