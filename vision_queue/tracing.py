@@ -9,7 +9,7 @@ API by itself when it is installed); no provider, exporter or instrumentation is
 (`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_SAMPLER`,
 `OTEL_RESOURCE_ATTRIBUTES`, ...) are the SDK's own and work as documented there.
 
-How one request becomes one trace (docs/tracing-plan.md): the gateway's and the client's
+How one request becomes one trace (docs/tracing.md): the gateway's and the client's
 submit span injects its context into the task message's headers (`trace_headers`, W3C
 `traceparent`/`tracestate`); the worker's Celery instrumentation extracts it from there
 and runs the task inside it; the worker adds `vq.queue_wait` (from the request's

@@ -69,7 +69,7 @@ def run_worker(settings: Settings) -> int:
     """Load and warm the model, then consume until shut down. Returns the exit code."""
     log.info("settings: %s", settings)
     # Off unless OTEL_EXPORTER_OTLP_ENDPOINT is set: then each task runs inside the trace
-    # its message's traceparent header names (docs/tracing-plan.md).
+    # its message's traceparent header names (docs/tracing.md).
     if tracing.setup("vq-worker"):
         tracing.instrument_celery()
         trace_stages.connect()

@@ -1,4 +1,4 @@
-"""Spans of a task's stages that need no code in the request path (docs/tracing-plan.md).
+"""Spans of a task's stages that need no code in the request path (docs/tracing.md).
 
 Connected only when tracing is on (`worker/runner.py`), after the Celery instrumentation,
 so the task's span is current when these run:

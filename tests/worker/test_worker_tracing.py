@@ -1,7 +1,7 @@
 """A traced worker (OTEL_EXPORTER_OTLP_ENDPOINT set) runs a task inside the trace its
 message's `traceparent` header names: real redis-server, real `worker run`, a loopback
 OTLP collector. The producer's side writes the header as a traced client will
-(docs/tracing-plan.md); the door lets it through."""
+(docs/tracing.md); the door lets it through."""
 
 from __future__ import annotations
 
