@@ -444,8 +444,9 @@ def test_the_proxy_lets_dashboard_users_read_and_revoke_only_by_default(
 
 def test_the_proxy_image_carries_the_tested_template():
     # tests/integration/test_flower.py runs this very template in a real nginx.
-    stage = final_stage(dockerfile_instructions(PROXY_DIR / "Dockerfile"))
-    assert stage[0][1].startswith("nginxinc/nginx-unprivileged:")
+    instructions = dockerfile_instructions(PROXY_DIR / "Dockerfile")
+    stage = final_stage(instructions)
+    assert default_base(instructions, stage[0][1]).startswith("nginxinc/nginx-unprivileged:")
     copies = [args for keyword, args in stage if keyword == "COPY"]
     assert "default.conf.template /etc/nginx/templates/default.conf.template" in copies
     template = (PROXY_DIR / "default.conf.template").read_text()
@@ -543,6 +544,20 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return instructions
 
 
+def first_from(instructions: list[tuple[str, str]]) -> int:
+    return next(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+
+
+def default_base(instructions: list[tuple[str, str]], image: str) -> str:
+    """A FROM image with the global ARG defaults substituted (no --build-arg given)."""
+    defaults: dict[str, str] = {}
+    for keyword, args in instructions[: first_from(instructions)]:
+        if keyword == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            defaults[name] = interpolate(value, defaults)
+    return interpolate(image.split()[0], defaults)
+
+
 def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     return instructions[last_from:]
@@ -576,9 +591,39 @@ def test_worker_image_takes_flash_attn_as_an_optional_build_argument():
 
 
 def test_light_image_is_slim_python():
-    stage = final_stage(dockerfile_instructions(LIGHT_DOCKERFILE))
-    assert stage[0][1].startswith("python:${PYTHON_VERSION}-slim")
+    instructions = dockerfile_instructions(LIGHT_DOCKERFILE)
+    stage = final_stage(instructions)
+    assert default_base(instructions, stage[0][1]) == "python:3.12-slim"
     assert "ARG PYTHON_VERSION=3.12" in LIGHT_DOCKERFILE.read_text()
+
+
+def test_worker_image_is_the_cuda_base_by_default():
+    instructions = dockerfile_instructions(WORKER_DOCKERFILE)
+    stages = [a.split() for keyword, a in instructions if keyword == "FROM"]
+    bases = {stage[2]: default_base(instructions, stage[0]) for stage in stages}
+    assert bases["runtime"] == "nvidia/cuda:13.0.1-base-ubuntu24.04"
+    assert bases["flash-attn-0"] == bases["runtime"]
+    assert bases["flash-attn-1"] == "nvidia/cuda:13.0.1-devel-ubuntu24.04"
+
+
+@pytest.mark.parametrize(
+    "path", [WORKER_DOCKERFILE, LIGHT_DOCKERFILE, PROXY_DIR / "Dockerfile"],
+    ids=lambda p: p.parent.name if p.name == "Dockerfile" else p.name,
+)
+def test_every_base_image_is_a_build_argument(path: Path):
+    # ops/stack-check.sh builds the same recipe on stand-in bases (ops/README.md).
+    instructions = dockerfile_instructions(path)
+    global_args = [a for keyword, a in instructions[: first_from(instructions)]
+                   if keyword == "ARG"]
+    assert any(a.startswith("BASE_IMAGE=") for a in global_args), path.name
+    stage_names = {a.split()[2] for keyword, a in instructions
+                   if keyword == "FROM" and len(a.split()) == 3}
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            image = args.split()[0]
+            # A base from a build argument, or an earlier stage (flash-attn-${WITH_FLASH_ATTN}).
+            from_stage = default_base(instructions, image) in stage_names
+            assert image.startswith("${") or from_stage, f"{path.name}: FROM {image}"
 
 
 def installed_extras(path: Path) -> set[str]:
