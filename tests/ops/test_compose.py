@@ -688,3 +688,67 @@ def test_build_context_holds_only_what_pip_install_needs():
     assert let_in <= {"pyproject.toml", "README.md", "LICENSE", *packages}
     assert {"pyproject.toml", *packages} <= let_in
     assert "**/__pycache__" in patterns
+
+
+# --- The CPU override (ops/compose.cpu.yml, run by ops/stack-check.sh) -----------------------
+
+COMPOSE_CPU = ROOT / "ops" / "compose.cpu.yml"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: `!reset` (drop the value) and `!override`."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _RESET)
+_ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: loader.construct_mapping(node)  # type: ignore[arg-type]
+    if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node),  # type: ignore[arg-type]
+)
+_RESET = object()
+
+
+def merge_override(base: Any, override: Any) -> Any:
+    """Compose's merge of one override file: mappings merged, `environment` by name,
+    `volumes` appended, `!reset` removes the key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if value is _RESET:
+                merged.pop(key, None)
+            elif key == "volumes" and isinstance(value, list):
+                merged[key] = [*merged.get(key, []), *value]
+            elif key in merged:
+                merged[key] = merge_override(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+    return override
+
+
+def test_the_cpu_override_runs_worker_0_on_the_cpu_with_the_small_checkpoint(env: dict[str, str]):
+    # A SafeLoader with two more tags: nothing but plain data is built.
+    override = yaml.load(COMPOSE_CPU.read_text(), Loader=_ComposeLoader)  # noqa: S506
+    assert set(override["services"]) == {"worker-0"}, "the other services run as shipped"
+    merged = merge_override(yaml.safe_load(COMPOSE_FILE.read_text()), override)
+    worker = interpolate_tree(merged, env)["services"]["worker-0"]
+    # Then no GPU reservation is left, and the worker is valid settings for the CPU
+    assert "deploy" not in worker
+    environment = as_dict(worker["environment"])
+    settings = Settings.from_env(environment)
+    assert environment["VQ_DEVICE"] == "cpu"
+    # The model is the tests' checkpoint, mounted read-only where VQ_MODEL points
+    mounts = {v.split(":")[1]: v for v in worker["volumes"]}
+    mount = mounts[settings.model]
+    source = mount.split(":")[0]
+    assert mount.endswith(":ro")
+    assert (ROOT / source).resolve() == ROOT / "tests" / "data" / "phi3v-reference" / "model"
+    assert (ROOT / source / "config.json").is_file()
+    assert any(v.endswith(":/hf-cache") for v in worker["volumes"]), "the base's volumes stay"
+    # torch: a CPU build, not PyPI's CUDA wheel
+    assert "cpu" in worker["build"]["args"]["TORCH_INDEX_URL"]
+    assert worker["build"]["args"]["WITH_FLASH_ATTN"] == "0"
+    schema = json.loads(SCHEMA_FILE.read_text())
+    cpu_stack = interpolate_tree(merged, env)
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(cpu_stack))
+    assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
