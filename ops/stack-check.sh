@@ -343,8 +343,12 @@ for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 |
 t0=$(now_ms)
 # Stop first (each service's stop_grace_period), to see how each one ended: 137 is SIGKILL
 # at the end of the grace period (a shutdown bug); uvicorn (the gateway) exits 143 after
-# its graceful shutdown, re-raising the SIGTERM.
-compose stop || die "podman-compose stop"
+# its graceful shutdown, re-raising the SIGTERM. Redis last, as Docker Compose orders it
+# (dependents first): podman-compose stops every service at once, and a worker whose Redis
+# is already gone can spend half a minute on its last connection attempts.
+compose stop worker-0 gateway flower-proxy flower || die "podman-compose stop"
+compose stop redis || die "podman-compose stop redis"
+for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
 stops=()
 for s in "${SERVICES[@]}"; do
   read -r code finished < <(podman inspect --format '{{.State.ExitCode}} {{.State.FinishedAt}}' "$(container "$s")")
