@@ -29,7 +29,10 @@ fi
 ROOT=$PWD
 STATE=var/stack-check
 PROJECT=${VQ_STACK_CHECK_PROJECT:-vqcheck$$}
-TAG=${VQ_STACK_CHECK_TAG:-stand-in}
+# This run's images carry a tag of their own (a concurrent run on the same host cannot swap
+# them); on success they are also tagged :stand-in, for use by hand (ops/README.md).
+TAG=stand-in-run$$
+KEEP_TAG=stand-in
 PREFIX=localhost/vq-standin
 HEALTHY_WITHIN_S=${VQ_STACK_CHECK_HEALTHY_S:-600}
 PODMAN_COMPOSE_VERSION=1.6.0
@@ -52,6 +55,45 @@ T_START=$(now_ms)
 
 [ "$(id -u)" = 0 ] || die "run as root (rootful podman, debootstrap)"
 
+PC_VENV=var/podman-compose
+ENV_FILE=$STATE/env
+# Only the env file decides (an operator's .env in the repository is not read).
+COMPOSE=("$PC_VENV/bin/podman-compose" --env-file "$ENV_FILE" -p "$PROJECT"
+         -f docker-compose.yml -f ops/compose.cpu.yml)
+compose() { "${COMPOSE[@]}" "$@" >>"$STATE/logs/compose.log" 2>&1; }
+project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
+
+TICKER=
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +e
+  if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null; wait "$TICKER" 2>/dev/null; fi
+  if ! command -v podman >/dev/null 2>&1; then
+    [ "$rc" = 0 ] || say "FAILED (exit $rc); logs in $STATE/logs"
+    exit "$rc"
+  fi
+  if [ -n "$(project_containers)" ]; then
+    for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
+    say "taking the stack down"
+    compose down -v -t 30 || true
+  fi
+  # Whatever down left (a failed start included).
+  for c in $(project_containers); do podman rm -f "$c" >/dev/null 2>&1 || true; done
+  for v in $(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT"); do
+    podman volume rm -f "$v" >/dev/null 2>&1 || true
+  done
+  podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+  rm -f "$ENV_FILE"
+  for image in "$WORKER_IMAGE" "$LIGHT_IMAGE" "$PROXY_IMAGE"; do
+    podman untag "$image" "$image" >/dev/null 2>&1 || true
+  done
+  [ "$rc" = 0 ] || say "FAILED (exit $rc); logs in $STATE/logs"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 124' INT TERM
+
 # --- tools and host settings ---------------------------------------------------------------
 command -v curl >/dev/null 2>&1 || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
@@ -59,14 +101,13 @@ command -v curl >/dev/null 2>&1 || {
 if command -v dpkg >/dev/null 2>&1 && ! dpkg -s python3-venv >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
-# Bases first: the script installs podman, buildah, runc and debootstrap when missing.
+# Bases first: that script installs podman, buildah, runc and debootstrap when missing.
 t0=$(now_ms)
 ops/stand-in/build-bases.sh >"$STATE/logs/bases.log" 2>&1 \
   || { tail -20 "$STATE/logs/bases.log" >&3; die "stand-in bases"; }
 record "stand-in bases" "$(secs $(( $(now_ms) - t0 ))) s"
 
 # podman-compose in its own virtualenv (never the project's .venv).
-PC_VENV=var/podman-compose
 if ! "$PC_VENV/bin/podman-compose" --version 2>/dev/null | grep -q "podman-compose version $PODMAN_COMPOSE_VERSION"; then
   say "installing podman-compose $PODMAN_COMPOSE_VERSION into $PC_VENV"
   python3 -m venv "$PC_VENV"
@@ -153,7 +194,6 @@ REDIS_PASSWORD=$(token 24)
 FLOWER_USER=stackcheck
 FLOWER_PASSWORD=$(token 16)
 VQ_API_KEY=$(token 20)
-ENV_FILE=$STATE/env
 ( umask 077; cat > "$ENV_FILE" <<EOF
 REDIS_PASSWORD=$REDIS_PASSWORD
 FLOWER_USER=$FLOWER_USER
@@ -170,35 +210,6 @@ FLOWER_PORT=$FLOWER_PORT
 VQ_HOST_LABEL=stack-check
 EOF
 )
-# Only the env file decides (an operator's .env in the repository is not read).
-COMPOSE=("$PC_VENV/bin/podman-compose" --env-file "$ENV_FILE" -p "$PROJECT"
-         -f docker-compose.yml -f ops/compose.cpu.yml)
-compose() { "${COMPOSE[@]}" "$@" >>"$STATE/logs/compose.log" 2>&1; }
-project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
-
-TICKER=
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  set +e
-  if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null; wait "$TICKER" 2>/dev/null; fi
-  if [ -n "$(project_containers)" ]; then
-    for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
-    say "taking the stack down"
-    compose down -v -t 30 || true
-  fi
-  # Whatever down left (a failed start included).
-  for c in $(project_containers); do podman rm -f "$c" >/dev/null 2>&1 || true; done
-  for v in $(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT"); do
-    podman volume rm -f "$v" >/dev/null 2>&1 || true
-  done
-  podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
-  rm -f "$ENV_FILE"
-  [ "$rc" = 0 ] || say "FAILED (exit $rc); logs in $STATE/logs"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 124' INT TERM
 
 t0=$(now_ms)
 compose up -d --no-build || die "podman-compose up (see $STATE/logs/compose.log)"
@@ -369,4 +380,7 @@ record "total" "$(secs $(( $(now_ms) - T_START ))) s"
   echo "host: $(nproc) CPUs, podman $(podman version --format '{{.Client.Version}}'), buildah $(buildah version --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])'), podman-compose $PODMAN_COMPOSE_VERSION"
   printf '%s\n' "${RESULTS[@]}"
 } > "$STATE/last-result.txt"
+for image in "$WORKER_IMAGE" "$LIGHT_IMAGE" "$PROXY_IMAGE"; do
+  podman tag "$image" "${image%:*}:$KEEP_TAG"
+done
 say "PASSED; result in $STATE/last-result.txt"

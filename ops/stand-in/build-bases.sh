@@ -11,8 +11,8 @@
 #   redis:7                              vq-standin/redis:bookworm             redis-server, redis-cli
 #
 # Idempotent: an image that exists is kept (VQ_STANDIN_REBUILD=1 rebuilds them all).
-# Needs root, debootstrap, podman and buildah (installed with apt-get when missing), and
-# Debian's package mirror (DEBIAN_MIRROR).
+# Needs root, Debian (dpkg, apt-get: podman, buildah, runc, debootstrap are installed when
+# missing), and Debian's package mirror (DEBIAN_MIRROR).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,9 +27,11 @@ if [ "$(id -u)" != 0 ]; then
   echo "build-bases: run as root (debootstrap, rootful podman)" >&2
   exit 2
 fi
+# podman's own Recommends included: catatonit (compose's `init: true`), and netavark with
+# aardvark-dns (compose networks with service names), in case apt skips recommendations.
 missing=()
-for tool in debootstrap podman buildah runc; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+for package in debootstrap podman buildah runc catatonit netavark aardvark-dns; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "build-bases: installing ${missing[*]} with apt-get"
