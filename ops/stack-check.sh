@@ -367,6 +367,7 @@ for s in "${SERVICES[@]}"; do
   stops+=("$s=exit $code after $(secs $(( finished_ms - t0 ))) s")
 done
 record "stop" "$(secs $(( $(now_ms) - t0 ))) s ($(printf '%s; ' "${stops[@]}" | sed 's/; $//'))"
+case " ${stops[*]} " in *"exit 137 "*) die "a service needed SIGKILL to stop" ;; esac
 t0=$(now_ms)
 compose down -v || die "podman-compose down"
 left="$(project_containers) $(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT") $(podman network ls -q --filter "name=^${PROJECT}_")"
