@@ -64,11 +64,19 @@ compose() { "${COMPOSE[@]}" "$@" >>"$STATE/logs/compose.log" 2>&1; }
 project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
 
 TICKER=
+# The health-check loop, and the `podman healthcheck run` it may be waiting for.
+stop_ticker() {
+  local children
+  children=$(pgrep -P "$TICKER" || true)
+  kill "$TICKER" $children 2>/dev/null || true
+  wait "$TICKER" 2>/dev/null || true
+  TICKER=
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   set +e
-  if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null; wait "$TICKER" 2>/dev/null; fi
+  [ -z "$TICKER" ] || stop_ticker
   if ! command -v podman >/dev/null 2>&1; then
     [ "$rc" = 0 ] || say "FAILED (exit $rc); logs in $STATE/logs"
     exit "$rc"
@@ -347,9 +355,7 @@ done
 record "worker restart mid-task" "task finished once (outcome=success) during the warm shutdown, worker healthy again; $(secs $(( $(now_ms) - t0 ))) s, try $try"
 
 # --- down, and nothing left ------------------------------------------------------------------
-kill "$TICKER" 2>/dev/null || true
-wait "$TICKER" 2>/dev/null || true
-TICKER=
+stop_ticker
 for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
 t0=$(now_ms)
 # Stop first (each service's stop_grace_period), to see how each one ended: 137 is SIGKILL
