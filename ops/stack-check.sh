@@ -360,10 +360,13 @@ for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 |
 t0=$(now_ms)
 # Stop first (each service's stop_grace_period), to see how each one ended: 137 is SIGKILL
 # at the end of the grace period (a shutdown bug); uvicorn (the gateway) exits 143 after
-# its graceful shutdown, re-raising the SIGTERM. Redis last, as Docker Compose orders it
-# (dependents first): podman-compose stops every service at once, and a worker whose Redis
-# is already gone can spend half a minute on its last connection attempts.
-compose stop worker-0 gateway flower-proxy flower || die "podman-compose stop"
+# its graceful shutdown, re-raising the SIGTERM. The worker alone first, then the other
+# dependents, Redis last (podman-compose would stop all at once): a worker whose Redis is
+# gone spends half a minute on its last connection attempts, and while other containers of
+# the network stop, podman 4.3's aardvark-dns can let a name lookup wait 5 s, which the
+# worker's shutdown (it opens Redis connections to withdraw) turned into ~30 s stops.
+compose stop worker-0 || die "podman-compose stop worker-0"
+compose stop gateway flower-proxy flower || die "podman-compose stop"
 compose stop redis || die "podman-compose stop redis"
 for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
 stops=()
