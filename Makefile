@@ -2,13 +2,16 @@
 #   make demo   set up, start a local stack (Redis, one worker, Flower), answer the examples,
 #               print the commands to try against it, and keep it up until Ctrl+C
 #   make test   set up, then lint, type-check and run the whole test suite
+# and, as root on a host without Docker (podman instead; ops/README.md):
+#   make stack-check   build every image on stand-in bases, run the whole stack with
+#                      podman-compose, submit, restart a worker mid-task, take it down
 # Every target calls the virtualenv's programs by path: nothing needs activating first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 DEMO_ARGS ?= --keep
 
-.PHONY: setup demo test lint typecheck pytest bench bench-cold-start
+.PHONY: setup demo test lint typecheck pytest bench bench-cold-start stack-check
 
 setup:
 	bash scripts/setup.sh
@@ -32,3 +35,6 @@ bench: setup
 
 bench-cold-start: setup
 	$(PY) benchmarks/bench_cold_start.py --runs 5
+
+stack-check:
+	bash ops/stack-check.sh

@@ -9,8 +9,12 @@
 # docker-compose.yml runs Flower (celery -A producer.flower_app:app flower ...) and the
 # gateway (producer serve ...) from it.
 
+# BASE_IMAGE replaces the python slim base, e.g. with the stand-in Debian image that
+# ops/stack-check.sh builds on hosts without Docker Hub (ops/README.md, "Stand-in bases"):
+# the recipe needs `python` with the venv module on PATH, nothing else.
 ARG PYTHON_VERSION=3.12
-FROM python:${PYTHON_VERSION}-slim
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -5,6 +5,10 @@
 #   docker build -f ops/worker.Dockerfile -t vision-queue-worker .
 #   docker build -f ops/worker.Dockerfile --build-arg WITH_FLASH_ATTN=1 -t vision-queue-worker .
 #
+# BASE_IMAGE (and DEVEL_IMAGE, for flash-attn) replace the nvidia/cuda bases, e.g. with the
+# stand-in Debian image that ops/stack-check.sh builds on hosts without Docker Hub
+# (ops/README.md, "Stand-in bases"). The recipe only needs apt-get in the base.
+#
 # Base: the PyTorch wheel from PyPI carries its own CUDA user-space libraries (cuBLAS, cuDNN,
 # NCCL as pip packages; torch 2.13 uses CUDA 13.0), so the image needs no CUDA toolkit. The
 # nvidia/cuda "base" flavour adds only cudart, the NVIDIA_* variables the NVIDIA Container
@@ -18,12 +22,14 @@
 ARG CUDA_VERSION=13.0.1
 ARG UBUNTU_VERSION=24.04
 ARG WITH_FLASH_ATTN=0
+ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION}
+ARG DEVEL_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}
 
 # --- flash-attn wheel: empty when not requested -------------------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION} AS flash-attn-0
+FROM ${BASE_IMAGE} AS flash-attn-0
 RUN mkdir /wheels
 
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS flash-attn-1
+FROM ${DEVEL_IMAGE} AS flash-attn-1
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 # Parallel compile jobs (flash-attn's README): each can take several GB of RAM.
@@ -48,7 +54,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM flash-attn-${WITH_FLASH_ATTN} AS flash-attn
 
 # --- runtime --------------------------------------------------------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ARG WITH_FLASH_ATTN
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple

@@ -444,8 +444,9 @@ def test_the_proxy_lets_dashboard_users_read_and_revoke_only_by_default(
 
 def test_the_proxy_image_carries_the_tested_template():
     # tests/integration/test_flower.py runs this very template in a real nginx.
-    stage = final_stage(dockerfile_instructions(PROXY_DIR / "Dockerfile"))
-    assert stage[0][1].startswith("nginxinc/nginx-unprivileged:")
+    instructions = dockerfile_instructions(PROXY_DIR / "Dockerfile")
+    stage = final_stage(instructions)
+    assert default_base(instructions, stage[0][1]).startswith("nginxinc/nginx-unprivileged:")
     copies = [args for keyword, args in stage if keyword == "COPY"]
     assert "default.conf.template /etc/nginx/templates/default.conf.template" in copies
     template = (PROXY_DIR / "default.conf.template").read_text()
@@ -543,6 +544,20 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return instructions
 
 
+def first_from(instructions: list[tuple[str, str]]) -> int:
+    return next(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+
+
+def default_base(instructions: list[tuple[str, str]], image: str) -> str:
+    """A FROM image with the global ARG defaults substituted (no --build-arg given)."""
+    defaults: dict[str, str] = {}
+    for keyword, args in instructions[: first_from(instructions)]:
+        if keyword == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            defaults[name] = interpolate(value, defaults)
+    return interpolate(image.split()[0], defaults)
+
+
 def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     return instructions[last_from:]
@@ -576,9 +591,39 @@ def test_worker_image_takes_flash_attn_as_an_optional_build_argument():
 
 
 def test_light_image_is_slim_python():
-    stage = final_stage(dockerfile_instructions(LIGHT_DOCKERFILE))
-    assert stage[0][1].startswith("python:${PYTHON_VERSION}-slim")
+    instructions = dockerfile_instructions(LIGHT_DOCKERFILE)
+    stage = final_stage(instructions)
+    assert default_base(instructions, stage[0][1]) == "python:3.12-slim"
     assert "ARG PYTHON_VERSION=3.12" in LIGHT_DOCKERFILE.read_text()
+
+
+def test_worker_image_is_the_cuda_base_by_default():
+    instructions = dockerfile_instructions(WORKER_DOCKERFILE)
+    stages = [a.split() for keyword, a in instructions if keyword == "FROM"]
+    bases = {stage[2]: default_base(instructions, stage[0]) for stage in stages}
+    assert bases["runtime"] == "nvidia/cuda:13.0.1-base-ubuntu24.04"
+    assert bases["flash-attn-0"] == bases["runtime"]
+    assert bases["flash-attn-1"] == "nvidia/cuda:13.0.1-devel-ubuntu24.04"
+
+
+@pytest.mark.parametrize(
+    "path", [WORKER_DOCKERFILE, LIGHT_DOCKERFILE, PROXY_DIR / "Dockerfile"],
+    ids=lambda p: p.parent.name if p.name == "Dockerfile" else p.name,
+)
+def test_every_base_image_is_a_build_argument(path: Path):
+    # ops/stack-check.sh builds the same recipe on stand-in bases (ops/README.md).
+    instructions = dockerfile_instructions(path)
+    global_args = [a for keyword, a in instructions[: first_from(instructions)]
+                   if keyword == "ARG"]
+    assert any(a.startswith("BASE_IMAGE=") for a in global_args), path.name
+    stage_names = {a.split()[2] for keyword, a in instructions
+                   if keyword == "FROM" and len(a.split()) == 3}
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            image = args.split()[0]
+            # A base from a build argument, or an earlier stage (flash-attn-${WITH_FLASH_ATTN}).
+            from_stage = default_base(instructions, image) in stage_names
+            assert image.startswith("${") or from_stage, f"{path.name}: FROM {image}"
 
 
 def installed_extras(path: Path) -> set[str]:
@@ -643,3 +688,67 @@ def test_build_context_holds_only_what_pip_install_needs():
     assert let_in <= {"pyproject.toml", "README.md", "LICENSE", *packages}
     assert {"pyproject.toml", *packages} <= let_in
     assert "**/__pycache__" in patterns
+
+
+# --- The CPU override (ops/compose.cpu.yml, run by ops/stack-check.sh) -----------------------
+
+COMPOSE_CPU = ROOT / "ops" / "compose.cpu.yml"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: `!reset` (drop the value) and `!override`."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: _RESET)
+_ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: loader.construct_mapping(node)  # type: ignore[arg-type]
+    if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node),  # type: ignore[arg-type]
+)
+_RESET = object()
+
+
+def merge_override(base: Any, override: Any) -> Any:
+    """Compose's merge of one override file: mappings merged, `environment` by name,
+    `volumes` appended, `!reset` removes the key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if value is _RESET:
+                merged.pop(key, None)
+            elif key == "volumes" and isinstance(value, list):
+                merged[key] = [*merged.get(key, []), *value]
+            elif key in merged:
+                merged[key] = merge_override(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+    return override
+
+
+def test_the_cpu_override_runs_worker_0_on_the_cpu_with_the_small_checkpoint(env: dict[str, str]):
+    # A SafeLoader with two more tags: nothing but plain data is built.
+    override = yaml.load(COMPOSE_CPU.read_text(), Loader=_ComposeLoader)  # noqa: S506
+    assert set(override["services"]) == {"worker-0"}, "the other services run as shipped"
+    merged = merge_override(yaml.safe_load(COMPOSE_FILE.read_text()), override)
+    worker = interpolate_tree(merged, env)["services"]["worker-0"]
+    # Then no GPU reservation is left, and the worker is valid settings for the CPU
+    assert "deploy" not in worker
+    environment = as_dict(worker["environment"])
+    settings = Settings.from_env(environment)
+    assert environment["VQ_DEVICE"] == "cpu"
+    # The model is the tests' checkpoint, mounted read-only where VQ_MODEL points
+    mounts = {v.split(":")[1]: v for v in worker["volumes"]}
+    mount = mounts[settings.model]
+    source = mount.split(":")[0]
+    assert mount.endswith(":ro")
+    assert (ROOT / source).resolve() == ROOT / "tests" / "data" / "phi3v-reference" / "model"
+    assert (ROOT / source / "config.json").is_file()
+    assert any(v.endswith(":/hf-cache") for v in worker["volumes"]), "the base's volumes stay"
+    # torch: a CPU build, not PyPI's CUDA wheel
+    assert "cpu" in worker["build"]["args"]["TORCH_INDEX_URL"]
+    assert worker["build"]["args"]["WITH_FLASH_ATTN"] == "0"
+    schema = json.loads(SCHEMA_FILE.read_text())
+    cpu_stack = interpolate_tree(merged, env)
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(cpu_stack))
+    assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
