@@ -5,8 +5,9 @@
     docker compose -f docker-compose.yml -f compose.gpus.yml up -d
 
 docker-compose.yml runs worker-0 on GPU 0. The file printed here adds worker-1 .. worker-N-1,
-each a copy of worker-0 as docker-compose.yml defines it, changed in two places only: its
-Celery node name (gpu<i>@<host label>) and its GPU (`device_ids: ["<i>"]`).
+each a copy of worker-0 as docker-compose.yml defines it, changed in three places only: its
+Celery node name (gpu<i>@<host label>), its GPU (`device_ids: ["<i>"]`) and the host port
+its metrics are published on (9100 + i).
 
 Why a generated file and not `docker compose up --scale worker-0=N`: replicas of one service
 share its device reservation, so all N would get GPU 0 (`count: 1` does not hand out
@@ -50,6 +51,10 @@ def worker_for_gpu(template: dict[str, Any], index: int) -> dict[str, Any]:
     environment["VQ_WORKER_NAME"] = f"gpu{index}@" + name.removeprefix("gpu0@")
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     device["device_ids"] = [str(index)]
+    # Each copy publishes its metrics on a host port of its own: 9100 + i.
+    service["ports"] = [
+        str(port).replace(":9100:9100", f":{9100 + index}:9100") for port in service["ports"]
+    ]
     return service
 
 

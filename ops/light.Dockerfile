@@ -28,7 +28,7 @@ RUN python -m venv /opt/venv
 # setuptools write its build files without them landing in a layer.
 RUN --mount=type=bind,source=.,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install "/src[monitor,gateway]"
+    pip install "/src[monitor,gateway,otel]"
 
 # /data holds Flower's state (--persistent --db=/data/flower.db); the named volume that
 # docker-compose.yml mounts there starts with this ownership.

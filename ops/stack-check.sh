@@ -58,7 +58,7 @@ T_START=$(now_ms)
 PC_VENV=var/podman-compose
 ENV_FILE=$STATE/env
 # Only the env file decides (an operator's .env in the repository is not read).
-COMPOSE=("$PC_VENV/bin/podman-compose" --env-file "$ENV_FILE" -p "$PROJECT"
+COMPOSE=("$PC_VENV/bin/podman-compose" --env-file "$ENV_FILE" -p "$PROJECT" --profile gateway
          -f docker-compose.yml -f ops/compose.cpu.yml)
 compose() { "${COMPOSE[@]}" "$@" >>"$STATE/logs/compose.log" 2>&1; }
 project_containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
@@ -221,7 +221,7 @@ EOF
 
 t0=$(now_ms)
 compose up -d --no-build || die "podman-compose up (see $STATE/logs/compose.log)"
-SERVICES=(redis worker-0 flower flower-proxy gateway)
+SERVICES=(redis worker-0 flower flower-proxy gateway queue-exporter)
 container() { echo "${PROJECT}_$1_1"; }
 
 # podman runs health checks from systemd timers; without systemd nothing runs them, so this
@@ -366,7 +366,7 @@ t0=$(now_ms)
 # the network stop, podman 4.3's aardvark-dns can let a name lookup wait 5 s, which the
 # worker's shutdown (it opens Redis connections to withdraw) turned into ~30 s stops.
 compose stop worker-0 || die "podman-compose stop worker-0"
-compose stop gateway flower-proxy flower || die "podman-compose stop"
+compose stop gateway queue-exporter flower-proxy flower || die "podman-compose stop"
 compose stop redis || die "podman-compose stop redis"
 for c in $(project_containers); do podman logs "$c" >"$STATE/logs/$c.log" 2>&1 || true; done
 stops=()

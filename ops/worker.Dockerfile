@@ -81,8 +81,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 RUN --mount=type=bind,source=.,target=/src,rw \
     --mount=type=bind,from=flash-attn,source=/wheels,target=/wheels \
     --mount=type=cache,target=/root/.cache/pip \
-    extras=worker; \
-    if [ "${WITH_FLASH_ATTN}" = "1" ]; then extras=worker,flash-attn; fi; \
+    extras=worker,otel; \
+    if [ "${WITH_FLASH_ATTN}" = "1" ]; then extras=worker,otel,flash-attn; fi; \
     pip install --find-links /wheels --only-binary flash-attn "/src[${extras}]" \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

@@ -287,6 +287,11 @@ def test_generated_workers_are_worker_0_with_another_name_and_gpu(gpus: int):
         same = json.loads(json.dumps(service))
         same["environment"]["VQ_WORKER_NAME"] = worker_0["environment"]["VQ_WORKER_NAME"]
         same["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] = ["0"]
+        # and its metrics on a host port of its own
+        assert service["ports"] == [
+            port.replace(":9100:9100", f":{9100 + i}:9100") for port in worker_0["ports"]
+        ]
+        same["ports"] = worker_0["ports"]
         assert same == worker_0, name
 
 
@@ -424,10 +429,13 @@ def test_flower_is_reached_through_its_proxy_on_loopback_only(compose: dict[str,
     proxy = compose["services"]["flower-proxy"]
     ports = published_ports(proxy)
     assert ports and all(host_ip in LOOPBACK for host_ip, _ in ports)
-    assert {target for _, target in ports} == {proxy["environment"]["FLOWER_PROXY_LISTEN"]}
+    # The dashboard, and /metrics on its own listener for Prometheus (published on
+    # VQ_METRICS_BIND, loopback unless the operator names a private address).
+    assert {target for _, target in ports} == {
+        proxy["environment"]["FLOWER_PROXY_LISTEN"], proxy["environment"]["FLOWER_METRICS_LISTEN"]
+    }
     assert proxy["environment"]["FLOWER_UPSTREAM"] == "flower:5555"
     assert proxy["depends_on"]["flower"]["condition"] == "service_healthy"
-    # /metrics: on the compose network only (the metrics listener is exposed, not published).
     assert proxy["environment"]["FLOWER_METRICS_LISTEN"] in [str(p) for p in proxy["expose"]]
 
 
@@ -644,7 +652,11 @@ def declared_extras() -> set[str]:
 
 
 # The extra each command run from the light image needs (pyproject.toml's optional deps).
-EXTRA_FOR_COMMAND = {("celery", "flower"): "monitor", ("producer", "serve"): "gateway"}
+EXTRA_FOR_COMMAND = {
+    ("celery", "flower"): "monitor",
+    ("producer", "serve"): "gateway",
+    ("vq-exporter", "vq-exporter"): "monitor",
+}
 
 
 def test_light_image_installs_what_every_service_run_from_it_needs(compose: dict[str, Any]):
