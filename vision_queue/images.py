@@ -249,7 +249,7 @@ def read_image_file(
     data = b"".join(chunks)
     if len(data) > max_bytes:
         raise ImageTooLarge(
-            f"{Path(path).name} is more than the limit of {max_bytes} bytes", field=field
+            f"{shown_path(path)} is more than the limit of {max_bytes} bytes", field=field
         )
     return data
 
@@ -260,7 +260,14 @@ def read_image_path(path: str | os.PathLike[str], max_bytes: int, *, field: str)
         return read_image_file(path, max_bytes, field=field)
     except OSError as exc:
         reason = exc.strerror or "unreadable"
-        raise InvalidInput(f"cannot read {Path(path).name[:80]}: {reason}", field=field) from None
+        raise InvalidInput(f"cannot read {shown_path(path)}: {reason}", field=field) from None
+
+
+def shown_path(path: str | os.PathLike[str], limit: int = 200) -> str:
+    """A path as the caller gave it, folder included, for an error message; a very long one
+    keeps its end (the file's name and nearest folders), which is what tells it apart."""
+    text = os.fspath(path)
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
 # Internals ------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from vision_queue.images import (
     decode_base64_image,
     decode_image,
     inspect_image,
+    read_image_path,
+    shown_path,
     sniff_format,
 )
 from vision_queue.settings import Settings
@@ -500,3 +502,18 @@ def test_every_error_carries_a_stable_code() -> None:
             call()
         codes.add(caught.value.to_dict()["code"])
     assert codes == {"unsupported_image", "image_too_large", "invalid_input"}
+
+
+def test_a_path_that_cannot_be_read_is_named_with_its_folder(tmp_path: Path) -> None:
+    # Two files of one name in different folders: the error must say which one.
+    missing = tmp_path / "scans" / "2026" / "page.png"
+    with pytest.raises(InvalidInput) as raised:
+        read_image_path(missing, 1024, field="images[0]")
+    assert str(missing) in raised.value.message
+    assert raised.value.field == "images[0]"
+
+
+def test_a_very_long_path_keeps_its_end_in_the_error() -> None:
+    long = "/" + "d" * 500 + "/scans/page.png"
+    shown = shown_path(long)
+    assert len(shown) == 200 and shown.endswith("/scans/page.png")
