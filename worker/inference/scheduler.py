@@ -186,8 +186,8 @@ class Scheduler:
         self._decoding: list[_Row] = []
         self._decode_limit = max_rows  # halved by an out-of-memory in a decode step
         self._in_flight: collections.deque[_Launch] = collections.deque()
-        # Launches left unread at the end of an iteration: 1 overlaps, 0 is synchronous.
-        self._keep_in_flight = 1 if overlap else 0
+        # Leave this iteration's last launch unread at its end (else wait for it too).
+        self.overlap = overlap
         self.sync_wait_s = 0.0  # time the device thread spent waiting for the device
         self._wake = threading.Condition()
         self._stopping = False
@@ -279,7 +279,7 @@ class Scheduler:
             self._decode_step()
         # Only a launch of this iteration stays in flight: nothing waits for a next one.
         launched = len(self._in_flight) > before
-        self._read(keep=self._keep_in_flight if launched else 0)
+        self._read(keep=1 if launched and self.overlap else 0)
 
     def _read(self, *, keep: int) -> None:
         """Wait for every launch but the newest `keep`, then take the ones already done."""
