@@ -343,3 +343,22 @@ def test_the_device_thread_serves_simulated_requests_to_the_end(overlap: bool) -
     scheduler.stop()
     runner.stream.close()
     assert got == expected
+
+
+def test_the_host_overhead_benchmark_writes_its_figures(tmp_path: Any) -> None:
+    # The benchmark's own plumbing (not its figures): a tiny simulated run, its JSON keys.
+    import json
+
+    from benchmarks import bench_host_overhead
+
+    out = tmp_path / "host.json"
+
+    bench_host_overhead.main(
+        ["--batches", "2", "--warmup", "0.2", "--seconds", "0.3", "--step-ms", "2",
+         "--new-tokens", "20", "--json", str(out)]
+    )
+
+    figures = json.loads(out.read_text())["batches"]["2"]
+    for key in ("device_busy", "host_ms_per_step", "step_ms", "tokens_per_s"):
+        assert figures[key] >= 0
+    assert figures["step_ms"] in (0.0, pytest.approx(2.0))  # 0: no step in the window
