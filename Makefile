@@ -1,14 +1,15 @@
 # The two commands a fresh machine needs:
 #   make demo   set up, start a local stack (Redis, one worker, Flower), answer the examples,
 #               print the commands to try against it, and keep it up until Ctrl+C
-#   make test   set up, then lint, type-check and run the whole test suite
+#   make test   set up, then lint, type-check, run the whole test suite, and dry-run the GPU
+#               check script on the CPU (so it cannot rot before a GPU runs it)
 # Every target calls the virtualenv's programs by path: nothing needs activating first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 DEMO_ARGS ?= --keep
 
-.PHONY: setup demo test lint typecheck pytest bench bench-cold-start
+.PHONY: setup demo test lint typecheck pytest gpu-dry-run bench bench-cold-start bench-host
 
 setup:
 	bash scripts/setup.sh
@@ -16,7 +17,7 @@ setup:
 demo: setup
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
-test: setup lint typecheck pytest
+test: setup lint typecheck pytest gpu-dry-run
 
 lint:
 	$(VENV)/bin/ruff check producer vision_queue worker tests benchmarks scripts
@@ -27,8 +28,16 @@ typecheck:
 pytest:
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# benchmarks/gpu_batching.sh's DRY_RUN: the same steps, tiny, on the CPU (about 35 s).
+gpu-dry-run:
+	out=$$(mktemp -d) && DRY_RUN=1 PYTHON=$(PY) bash benchmarks/gpu_batching.sh "$$out" \
+		&& rm -rf "$$out"
+
 bench: setup
 	$(PY) benchmarks/bench_engine.py --config small
 
 bench-cold-start: setup
 	$(PY) benchmarks/bench_cold_start.py --runs 5
+
+bench-host: setup
+	$(PY) benchmarks/bench_host_overhead.py --sync
