@@ -69,8 +69,11 @@ class CudaTokens:
     """A step's tokens copied to pinned host memory behind the step, read after its event."""
 
     def __init__(self, chosen: torch.Tensor | None) -> None:
-        # Non-blocking to a CPU tensor allocates it pinned: the copy is queued, not waited.
-        self._host = None if chosen is None else chosen.to("cpu", non_blocking=True)
+        self._host = None
+        if chosen is not None:
+            # Into pinned memory, so the copy is queued behind the step, not waited for.
+            self._host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            self._host.copy_(chosen, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
 
