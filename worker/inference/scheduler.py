@@ -124,6 +124,7 @@ class _Launch:
     rows: list[_Row]
     tokens: StepTokens
     what: str  # "decoding" | "prefill": which failure its errors are
+    prefill_from: float = 0.0  # a prompt's first token: until it is read counts as prefill
 
 
 @dataclass(eq=False)
@@ -297,6 +298,8 @@ class Scheduler:
                 continue
             finally:
                 self.sync_wait_s += time.perf_counter() - began
+            if launch.prefill_from:
+                launch.rows[0].prefill_s += time.perf_counter() - launch.prefill_from
             for row, token in zip(launch.rows, tokens, strict=True):
                 if not row.done:
                     self._deliver(row, token)
@@ -379,7 +382,8 @@ class Scheduler:
         self._prefilling.remove(row)
         self._decoding.append(row)
         self._launched(row)
-        self._in_flight.append(_Launch([row], first, "prefill"))
+        from_ = 0.0 if row.recomputing else time.perf_counter()
+        self._in_flight.append(_Launch([row], first, "prefill", from_))
         if row.recomputing:
             row.recomputing = False
             log.info(
