@@ -201,7 +201,7 @@ class ModelRunner:
         prompt, it is rotated with the factors of its whole length, the long ones.
         """
         with model_errors("prefill"):
-            tokens = torch.tensor([list(generated)], device=self.device)
+            tokens = self._buffers.staged(torch.tensor([list(generated)]))
             embeds = torch.cat([prompt_embeds, self.model.embed_tokens(tokens)], dim=1)
         return PromptPrefill(input_ids=[*input_ids, *generated], start=start, embeds=embeds)
 
@@ -228,7 +228,7 @@ class ModelRunner:
             features, prompt.features, prompt.crops = prompt.features, [], None
             projected = vision.project(torch.cat(features), prompt.grids) if features else []
             del features  # every crop's CLIP features: gone before the embeddings exist
-            input_ids = torch.tensor([prompt.input_ids], device=self.device)
+            input_ids = self._buffers.staged(torch.tensor([prompt.input_ids]))
             prompt.embeds = vision.place(input_ids, projected, prompt.spans)
         return True
 
@@ -240,7 +240,8 @@ class ModelRunner:
         """
         n = int(embeds.shape[1])
         positions = torch.arange(offset, offset + n, device=self.device).unsqueeze(0)
-        extent = torch.tensor([total], device=self.device)
+        # Staged: a plain host-to-device copy would wait for every step queued before it.
+        extent = self._buffers.staged(torch.tensor([total]))
         mask, causal = None, True
         if offset and self.kernel != "flash_attention_2":
             # Bottom-right causal: query i sees the offset cached keys and keys <= i.
