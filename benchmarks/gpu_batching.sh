@@ -11,7 +11,7 @@
 #      (H200, else H100 figures): prediction and measurement side by side.
 # Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json}.
 #
-#   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 10-12 minutes
+#   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 9-11 minutes
 #   DRY_RUN=1 bash benchmarks/gpu_batching.sh [OUT]   # the same steps, tiny, on the CPU
 #                                                     # (part of `make test`)
 #   COMPILE=0 ...                                     # skip torch.compile (faster warmup)
@@ -43,12 +43,12 @@ else
     "$compile_flag" --json "$OUT/engine.json" || status=1
   "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 48 --new-tokens 200 \
     "$compile_flag" --json "$OUT/batching.json" || status=1
-  "$PY" benchmarks/bench_host_overhead.py --device cuda --batches 1,8,16,32 \
-    "$compile_flag" --json "$OUT/host-overhead-gpu.json" || status=1
+  "$PY" benchmarks/bench_host_overhead.py --device cuda --batches 1,8,16,32 --warmup 3 \
+    --seconds 6 "$compile_flag" --json "$OUT/host-overhead-gpu.json" || status=1
   model=h100
   grep -qi h200 "$OUT/gpu.txt" && model=h200
   "$PY" benchmarks/bench_host_overhead.py --device-model "$model" --batches 1,8,16,32 \
-    --json "$OUT/host-overhead-sim.json" || status=1
+    --warmup 3 --seconds 6 --json "$OUT/host-overhead-sim.json" || status=1
 fi
 echo "gpu_batching: results in $OUT (status $status)"
 exit $status
