@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,16 @@ STOP = 32007
 STEP = DeviceModel("fixed", bandwidth=1.0, flops=1e12, step_s=0.005)
 
 
+_devices: list[SimulatedDevice] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_devices() -> Iterator[None]:
+    yield
+    while _devices:
+        _devices.pop().close()
+
+
 def simulated(
     *,
     max_rows: int,
@@ -46,6 +56,7 @@ def simulated(
 ) -> tuple[Scheduler, SimulatedDevice]:
     clock = VirtualClock()
     device = SimulatedDevice(clock=clock, sleep=clock.sleep)
+    _devices.append(device)
     pool = KVPool(
         num_layers=1, kv_heads=1, head_dim=1, positions=positions, dtype=torch.float32,
         device=torch.device("cpu"), tokens_first=False, zeroed=False,
