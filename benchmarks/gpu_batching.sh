@@ -5,11 +5,15 @@
 #   2. decode step time at batch 1, 4, 8, 16 on the full-size config (random weights),
 #      next to the bandwidth floor;
 #   3. describe-like tasks/s (one image at 16 crops, 200 new tokens) at concurrency
-#      1, 8, 16, 32 and the floor.
-# Writes $OUT/{gpu-tests.txt,engine.json,batching.json}.
+#      1, 8, 16, 32 and the floor;
+#   4. host work against device time (issue 20): bench_host_overhead.py on the real GPU
+#      at batch 1, 8, 16, 32, next to the same load on the simulated device of that GPU
+#      (H200, else H100 figures): prediction and measurement side by side.
+# Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json}.
 #
-#   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 6-8 minutes
+#   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 9-11 minutes
 #   DRY_RUN=1 bash benchmarks/gpu_batching.sh [OUT]   # the same steps, tiny, on the CPU
+#                                                     # (part of `make test`)
 #   COMPILE=0 ...                                     # skip torch.compile (faster warmup)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +30,11 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     --decode-tokens 8 --repeats 1 --skip-preprocess --json "$OUT/engine.json" || status=1
   "$PY" benchmarks/bench_batching.py --gpu --config small --device cpu --levels 1,2 \
     --tasks 4 --new-tokens 8 --no-compile --json "$OUT/batching.json" || status=1
+  "$PY" benchmarks/bench_host_overhead.py --device cpu --config small --batches 1,2 \
+    --new-tokens 8 --warmup 0.5 --seconds 1 --no-compile --json "$OUT/host-overhead-gpu.json" \
+    || status=1
+  "$PY" benchmarks/bench_host_overhead.py --batches 1,4 --warmup 0.5 --seconds 1 \
+    --json "$OUT/host-overhead-sim.json" || status=1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/inference/test_engine.py -rA \
@@ -34,6 +43,12 @@ else
     "$compile_flag" --json "$OUT/engine.json" || status=1
   "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 48 --new-tokens 200 \
     "$compile_flag" --json "$OUT/batching.json" || status=1
+  "$PY" benchmarks/bench_host_overhead.py --device cuda --batches 1,8,16,32 --warmup 3 \
+    --seconds 6 "$compile_flag" --json "$OUT/host-overhead-gpu.json" || status=1
+  model=h100
+  grep -qi h200 "$OUT/gpu.txt" && model=h200
+  "$PY" benchmarks/bench_host_overhead.py --device-model "$model" --batches 1,8,16,32 \
+    --warmup 3 --seconds 6 --json "$OUT/host-overhead-sim.json" || status=1
 fi
 echo "gpu_batching: results in $OUT (status $status)"
 exit $status

@@ -14,6 +14,18 @@ serve them. One device thread owns the model and loops:
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
+Overlap with the device (worker.model.steps): steps 3 and 4 only *launch* work; the
+iteration then reads the previous iteration's decode step (the one host-device sync per
+step) and delivers its tokens, while the step it just launched keeps the device busy. So
+the host work of a step (cancels, admission, building inputs, delivering tokens) runs
+while the device works. A row's input token that the host has not read yet stays on the
+device (`UNKNOWN_TOKEN`). Whatever launch is already done is read at once, so on the CPU,
+where a launch is synchronous, each iteration delivers its own tokens exactly as a
+synchronous loop (`overlap=False` makes every iteration wait for its own launches).
+What the host cannot know ahead is whether a row's in-flight token ends it (an end
+token, a cancel): such a row may be in one more launched step, whose token is dropped;
+its budget, position and the LongRoPE switch are known ahead and never overrun.
+
 LongRoPE switch under `recompute` (Phi-3.5-vision's code; `recompute_past` set): a row
 whose sequence is about to grow past `recompute_past` positions (its prompt within it,
 its next fed token the first beyond) leaves the decode batch and goes back to
@@ -53,9 +65,11 @@ from worker.inference import faults
 from worker.model.config import RopeFactors
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner, PromptPrefill, RowInput
+from worker.model.model_runner import PromptPrefill
 from worker.model.processor import EncodedPrompt
+from worker.model.runner_api import Runner
 from worker.model.sampling import SamplingParams, TokenSampler
+from worker.model.steps import UNKNOWN_TOKEN, RowInput, StepTokens
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +118,16 @@ class Job:
 
 
 @dataclass(eq=False)
+class _Launch:
+    """Launched work not read yet: the rows whose tokens it chooses, in order."""
+
+    rows: list[_Row]
+    tokens: StepTokens
+    what: str  # "decoding" | "prefill": which failure its errors are
+    prefill_from: float = 0.0  # a prompt's first token: until it is read counts as prefill
+
+
+@dataclass(eq=False)
 class _Row:
     job: Job
     start: int  # the job's region in the KV pool
@@ -111,8 +135,10 @@ class _Row:
     admitted_at: float
     prompt: PromptPrefill | None  # None once prefilled (or released)
     position: int = 0  # where the next fed token goes
-    token: int = 0  # the last token chosen, fed in the next step
-    generated: int = 0
+    token: int = 0  # the token fed next; UNKNOWN_TOKEN while only the device has it
+    generated: int = 0  # tokens handed to the job
+    launched: int = 0  # tokens whose choice is launched (generated + those in flight)
+    done: bool = False  # left the batch: tokens of its steps still in flight are dropped
     prefill_s: float = 0.0
     decode_began: float = 0.0
     # The factor set the keys of the region's prefix (the prompt, or after a recompute
@@ -134,7 +160,7 @@ class _Row:
 class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         pool: KVPool,
         *,
         stop_ids: frozenset[int],
@@ -144,6 +170,7 @@ class Scheduler:
         vision_unit_crops: int | None = None,
         recompute_past: int | None = None,
         recover: Callable[[], None] = lambda: None,
+        overlap: bool = True,
     ) -> None:
         self.runner = runner
         self.pool = pool
@@ -159,6 +186,10 @@ class Scheduler:
         self._prefilling: list[_Row] = []
         self._decoding: list[_Row] = []
         self._decode_limit = max_rows  # halved by an out-of-memory in a decode step
+        self._in_flight: collections.deque[_Launch] = collections.deque()
+        # Leave this iteration's last launch unread at its end (else wait for it too).
+        self.overlap = overlap
+        self.sync_wait_s = 0.0  # time the device thread spent waiting for the device
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -234,16 +265,44 @@ class Scheduler:
         self._fail_all(ModelError("the engine stopped"))
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._decoding)
+        return bool(self._waiting or self._prefilling or self._decoding or self._in_flight)
 
     def step(self) -> None:
-        """One iteration: drop cancelled rows, admit, one prefill unit, one decode step."""
+        """One iteration: drop cancelled rows, admit, launch one prefill unit and one decode
+        step, then read what was launched before (waiting for all but the newest launch)."""
         self._drop_cancelled()
         self._admit()
+        before = len(self._in_flight)
         if self._prefilling:
             self._prefill_unit(self._prefilling[0])
+            self._read(keep=len(self._in_flight))  # a first token already chosen (the CPU)
         if self._decoding:
             self._decode_step()
+        # Only a launch of this iteration stays in flight: nothing waits for a next one.
+        launched = len(self._in_flight) > before
+        self._read(keep=1 if launched and self.overlap else 0)
+
+    def _read(self, *, keep: int) -> None:
+        """Wait for every launch but the newest `keep`, then take the ones already done."""
+        in_flight = self._in_flight
+        while in_flight and (len(in_flight) > keep or in_flight[0].tokens.ready()):
+            launch = in_flight.popleft()
+            began = time.perf_counter()
+            try:
+                with model_errors(launch.what):
+                    tokens = launch.tokens.tokens()
+            except VisionQueueError as error:
+                for row in launch.rows:
+                    if not row.done:
+                        self._fail(row, error)
+                continue
+            finally:
+                self.sync_wait_s += time.perf_counter() - began
+            if launch.prefill_from:
+                launch.rows[0].prefill_s += time.perf_counter() - launch.prefill_from
+            for row, token in zip(launch.rows, tokens, strict=True):
+                if not row.done:
+                    self._deliver(row, token)
 
     def _drop_cancelled(self) -> None:
         for rows in (self._prefilling, self._decoding):
@@ -304,15 +363,16 @@ class Scheduler:
                 max_tokens=self.prefill_chunk_tokens,
                 max_crops=self.vision_unit_crops,
             )
-            if hidden is None:
-                return  # more units to come
+            if hidden is None:  # more units to come; the marker bounds the work queued
+                self._in_flight.append(_Launch([], self.runner.marker(), "prefill"))
+                return
             row.prompt = None
             row.position = prompt.length
             row.kv_factors = self.runner.rope_factors(prompt.length)
             if prompt.keep_embeds:
                 row.prompt_embeds, prompt.embeds = prompt.embeds, None
             with model_errors("prefill"):
-                (token,) = self.runner.choose(hidden, [row.as_input()])
+                first = self.runner.launch_first_token(hidden, row.as_input())
         except VisionQueueError as error:
             self._fail(row, error)
             return
@@ -321,6 +381,9 @@ class Scheduler:
                 row.prefill_s += time.perf_counter() - began
         self._prefilling.remove(row)
         self._decoding.append(row)
+        self._launched(row)
+        from_ = 0.0 if row.recomputing else time.perf_counter()
+        self._in_flight.append(_Launch([row], first, "prefill", from_))
         if row.recomputing:
             row.recomputing = False
             log.info(
@@ -329,10 +392,23 @@ class Scheduler:
             )
         else:
             row.decode_began = time.perf_counter()
-        self._deliver(row, token)
+
+    def _launched(self, row: _Row) -> None:
+        """The row's next token is chosen on the device: count it, move on a position."""
+        row.launched += 1
+        row.token = UNKNOWN_TOKEN
 
     def _decode_step(self) -> None:
-        rows = list(self._decoding)
+        # Rows with budget left, and not about to cross the LongRoPE switch (they wait for
+        # their last token on the host, then go back to prefill).
+        switch = self.recompute_past
+        rows = [
+            row for row in self._decoding
+            if row.launched < row.job.max_new_tokens
+            and (row.position != switch or row.prompt_embeds is None)
+        ]
+        if not rows:
+            return
         limit = self._decode_limit
         for index in range(0, len(rows), limit):
             self._decode_group(rows[index : index + limit])
@@ -343,7 +419,7 @@ class Scheduler:
             with model_errors("decoding"):
                 if any(row.job.decode_fault for row in rows):
                     faults.allocate_impossibly(str(self.runner.device))
-                tokens = self.runner.decode([row.as_input() for row in rows])
+                tokens = self.runner.launch_decode([row.as_input() for row in rows])
         except ResourceExhausted as error:
             self.recover()
             if len(rows) == 1:
@@ -363,13 +439,15 @@ class Scheduler:
             for row in rows:
                 self._fail(row, error)
             return
-        for row, token in zip(rows, tokens, strict=True):
+        for row in rows:
+            self._launched(row)
             row.position += 1
-            self._deliver(row, token)
+        self._in_flight.append(_Launch(rows, tokens, "decoding"))
 
     def _deliver(self, row: _Row, token: int) -> None:
         row.generated += 1
-        row.token = token
+        if row.generated == row.launched:  # no launched step has fed it on the device
+            row.token = token
         if row.prompt_embeds is not None:
             row.history.append(token)
         row.job.events.put(Token(token))
@@ -377,7 +455,11 @@ class Scheduler:
             self._finish(row, f"eos:{token}")
         elif row.generated >= row.job.max_new_tokens:
             self._finish(row, "length")
-        elif row.position == self.recompute_past and row.prompt_embeds is not None:
+        elif (
+            row.position == self.recompute_past
+            and row.prompt_embeds is not None
+            and row.generated == row.launched
+        ):
             self._recompute(row, row.prompt_embeds)
 
     def _finish(self, row: _Row, reason: str) -> None:
@@ -394,6 +476,9 @@ class Scheduler:
             self.recover()
 
     def _release(self, row: _Row) -> None:
+        # Steps still in flight may write its region: they run before any later launch
+        # (one stream), so the region is free for whatever is launched next.
+        row.done = True
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)

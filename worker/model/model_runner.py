@@ -21,6 +21,16 @@ Two decode paths share the model code:
   runs uncaptured on the CPU with the "gather" kernel, which is how its shared logic
   (bucketing, padding, buffers) is tested without a GPU.
 
+Launching (`launch_decode`, `launch_first_token`, `marker`; worker.model.steps): the
+scheduler's way in. On the graph path a step is queued and the call returns at once: the
+inputs are staged through pinned memory, a row's input token still on the device (a
+launched step chose it, nobody read it yet) is gathered there from where every launch
+leaves each row's token, the graph is replayed, greedy rows take the argmax and sampled
+rows are drawn by `sample_rows` on the device (host work: one uniform number per sampled
+row), and the step's tokens are copied to the host behind it: one copy, read later.
+Elsewhere (the host path, the CPU) a launch runs `decode`/`choose` synchronously, so
+CPU tokens are exactly those of the synchronous engine.
+
 Token choice (`choose`): greedy rows take the argmax; sampled rows use their own
 `TokenSampler`. With `row_independent` (CPU float32) every row's hidden state is computed
 exactly as at batch 1, and the batched lm_head product, whose rounding differs from the
@@ -43,22 +53,20 @@ from worker.model.errors import is_out_of_memory, model_errors
 from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
 from worker.model.modeling import Phi3VForCausalLM
 from worker.model.processor import EncodedPrompt
-from worker.model.sampling import TokenSampler
+from worker.model.sampling import TokenSampler, sample_rows
+from worker.model.steps import (
+    UNKNOWN_TOKEN,
+    CudaTokens,
+    DoneTokens,
+    RowInput,
+    StepBuffers,
+    StepTokens,
+)
 
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16)
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-@dataclass(frozen=True)
-class RowInput:
-    """One row of a decode step: feed `token` at `position` of the region at `start`."""
-
-    token: int
-    position: int
-    start: int
-    sampler: TokenSampler | None = None
 
 
 @dataclass(eq=False)  # identity: two prompts with the same text are still two prompts
@@ -138,7 +146,7 @@ class ModelRunner:
         # max |w| per input feature: Σ_k |h_k| · max_n |w_nk| bounds Σ_k |h_k w_nk| for all n.
         self._weight_max = weight.detach().abs().amax(dim=0).float()
         self.buckets = graph_buckets(max_rows)
-        self._buffers = _StepBuffers(max_rows, pool.scratch_slot, device)
+        self._buffers = StepBuffers(max_rows, pool.scratch_slot, device)
         self._step: Callable[[int], torch.Tensor] = self._graph_step
         if self.compile:
             self._step = torch.compile(
@@ -193,7 +201,7 @@ class ModelRunner:
         prompt, it is rotated with the factors of its whole length, the long ones.
         """
         with model_errors("prefill"):
-            tokens = torch.tensor([list(generated)], device=self.device)
+            tokens = self._buffers.staged(torch.tensor([list(generated)]))
             embeds = torch.cat([prompt_embeds, self.model.embed_tokens(tokens)], dim=1)
         return PromptPrefill(input_ids=[*input_ids, *generated], start=start, embeds=embeds)
 
@@ -220,7 +228,7 @@ class ModelRunner:
             features, prompt.features, prompt.crops = prompt.features, [], None
             projected = vision.project(torch.cat(features), prompt.grids) if features else []
             del features  # every crop's CLIP features: gone before the embeddings exist
-            input_ids = torch.tensor([prompt.input_ids], device=self.device)
+            input_ids = self._buffers.staged(torch.tensor([prompt.input_ids]))
             prompt.embeds = vision.place(input_ids, projected, prompt.spans)
         return True
 
@@ -232,7 +240,8 @@ class ModelRunner:
         """
         n = int(embeds.shape[1])
         positions = torch.arange(offset, offset + n, device=self.device).unsqueeze(0)
-        extent = torch.tensor([total], device=self.device)
+        # Staged: a plain host-to-device copy would wait for every step queued before it.
+        extent = self._buffers.staged(torch.tensor([total]))
         mask, causal = None, True
         if offset and self.kernel != "flash_attention_2":
             # Bottom-right causal: query i sees the offset cached keys and keys <= i.
@@ -247,6 +256,67 @@ class ModelRunner:
             causal=causal,
             rope_extent=extent,
         )
+
+    # Launching ----------------------------------------------------------------------------
+
+    def launch_decode(self, batch: Sequence[RowInput]) -> StepTokens:
+        """Queue one decode step for every row; its tokens, to read later (worker.model.steps)."""
+        if not self.graph_path:
+            tokens = self.decode(self._known(batch))
+            self._remember(batch, tokens)
+            return DoneTokens(tokens)
+        logits = self._decode_graphed(batch)
+        chosen = self._choose_on_device(logits, batch)
+        self._buffers.last[self._buffers.starts[: len(batch)].long()] = chosen
+        return self._handle(chosen)
+
+    def launch_first_token(self, hidden: torch.Tensor, row: RowInput) -> StepTokens:
+        """The token a finished prefill chooses (`prefill_unit`'s hidden state), queued."""
+        if self.device.type != "cuda":
+            tokens = self.choose(hidden, [row])
+            self._remember([row], tokens)
+            return DoneTokens(tokens)
+        chosen = self._choose_on_device(self.model.logits(hidden), [row])
+        self._buffers.last[row.start] = chosen[0]
+        return self._handle(chosen)
+
+    def marker(self) -> StepTokens:
+        """Done when everything launched so far is (a prefill unit that chose no token)."""
+        return CudaTokens(None) if self.device.type == "cuda" else DoneTokens([])
+
+    def _handle(self, chosen: torch.Tensor) -> StepTokens:
+        if self.device.type == "cuda":
+            return CudaTokens(chosen)
+        return DoneTokens(chosen.tolist())
+
+    def _choose_on_device(self, logits: torch.Tensor, batch: Sequence[RowInput]) -> torch.Tensor:
+        """Each row's token as a device tensor [B]: the argmax, or drawn on the device."""
+        tokens = logits.argmax(dim=-1)
+        sampled = [(i, row.sampler) for i, row in enumerate(batch) if row.sampler is not None]
+        if sampled:
+            params = torch.tensor(
+                [[s.params.temperature, s.params.top_p, s.draw()] for _, s in sampled],
+                dtype=torch.float64,
+            )
+            index = self._buffers.staged(torch.tensor([i for i, _ in sampled]))
+            params = self._buffers.staged(params)
+            tokens[index] = sample_rows(logits[index], params[:, 0], params[:, 1], params[:, 2])
+        return tokens
+
+    def _known(self, batch: Sequence[RowInput]) -> Sequence[RowInput]:
+        """The batch with every row's token on the host (the synchronous path)."""
+        if all(row.token != UNKNOWN_TOKEN for row in batch):
+            return batch
+        last = self._buffers.last
+        return [
+            row if row.token != UNKNOWN_TOKEN
+            else RowInput(int(last[row.start]), row.position, row.start, row.sampler)
+            for row in batch
+        ]
+
+    def _remember(self, batch: Sequence[RowInput], tokens: Sequence[int]) -> None:
+        starts = torch.tensor([row.start for row in batch])
+        self._buffers.last[starts.to(self.device)] = torch.tensor(tokens, device=self.device)
 
     # Decode -------------------------------------------------------------------------------
 
@@ -390,34 +460,3 @@ class ModelRunner:
         unsure = (margin <= 8 * gamma * spread).tolist()
         exact = {i for i, flag in enumerate(unsure) if flag or samplers[i] is not None}
         return top2.indices[:, 0].tolist(), exact
-
-
-class _StepBuffers:
-    """Static device inputs of the graph path; idle rows point at the pool's scratch slot."""
-
-    def __init__(self, max_rows: int, scratch_slot: int, device: torch.device) -> None:
-        self.scratch = scratch_slot
-        self.device = device
-        self.tokens = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.slots = torch.full((max_rows,), scratch_slot, dtype=torch.long, device=device)
-        self.starts = torch.full((max_rows,), scratch_slot, dtype=torch.int32, device=device)
-        self.used = torch.ones(max_rows, dtype=torch.int32, device=device)
-
-    def fill(self, batch: Sequence[RowInput], bucket: int) -> None:
-        idle = bucket - len(batch)
-        values = torch.tensor(
-            [
-                [r.token for r in batch] + [0] * idle,
-                [r.position for r in batch] + [0] * idle,
-                [r.start + r.position for r in batch] + [self.scratch] * idle,
-                [r.start for r in batch] + [self.scratch] * idle,
-                [r.position + 1 for r in batch] + [1] * idle,
-            ],
-            dtype=torch.long,
-        ).to(self.device, non_blocking=True)
-        self.tokens[:bucket].copy_(values[0])
-        self.positions[:bucket].copy_(values[1])
-        self.slots[:bucket].copy_(values[2])
-        self.starts[:bucket].copy_(values[3])
-        self.used[:bucket].copy_(values[4])

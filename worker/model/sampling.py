@@ -40,7 +40,11 @@ class TokenSampler:
     def choose(self, logits: torch.Tensor) -> int:
         """A token from one row's logits, [vocab]."""
         params = self.params
-        return sample_token(logits, params.temperature, params.top_p, self._random.random())
+        return sample_token(logits, params.temperature, params.top_p, self.draw())
+
+    def draw(self) -> float:
+        """The stream's next uniform number: one per generated token, whoever uses it."""
+        return self._random.random()
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, uniform: float) -> int:
@@ -62,3 +66,28 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, uniform
     target = torch.tensor(uniform, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
     index = int(torch.searchsorted(cdf, target.view(1), right=True).clamp(max=cdf.numel() - 1))
     return index if ids is None else int(ids[index])
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """`sample_token` for many rows at once, on the logits' device, without a host sync.
+
+    logits [S, V]; temperature, top_p, uniform [S] (float64, same device). Rows with
+    top_p < 1 draw from their sorted nucleus, the others from the vocabulary in its own
+    order, as `sample_token` does; tokens [S] (long). Tokens outside a row's nucleus get
+    probability 0, so its CDF is flat past the nucleus and the draw lands inside it.
+    """
+    probs = torch.softmax(logits.double() / temperature.unsqueeze(1), dim=-1)
+    nucleus = (top_p < 1.0).unsqueeze(1)
+    ordered, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = ordered.cumsum(-1) - ordered
+    keep = before < top_p.unsqueeze(1)
+    ordered = torch.where(nucleus, ordered * keep, probs)
+    identity = torch.arange(probs.shape[1], device=probs.device).expand_as(order)
+    order = torch.where(nucleus, order, identity)
+    kept = torch.where(nucleus, keep, True).sum(-1, keepdim=True)
+    cdf = ordered.cumsum(-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(cdf, target, right=True).clamp(max=kept - 1)
+    return order.gather(1, index).squeeze(1)

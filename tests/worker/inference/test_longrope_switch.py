@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.in_flight import keep_in_flight
 from support.phi35v import (
     CROSSING,
     PHI35_CASES,
@@ -211,11 +212,17 @@ def record_prefills(scheduler: Scheduler) -> list[tuple[int, int, int]]:
     return units
 
 
-def test_every_phi35_case_batched_together_gets_the_reference(engine: Engine) -> None:
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_every_phi35_case_batched_together_gets_the_reference(
+    engine: Engine, in_flight: bool
+) -> None:
     # Given all seventeen cases at once, five rows, prompts (and recomputes) prefilled 512
     # positions at a time, the image tower 8 crops a unit, and a pool that holds only some
-    # of them at once (rows crossing the switch next to rows that never do),
+    # of them at once (rows crossing the switch next to rows that never do), with each
+    # step launched before the previous one is read, as on a GPU, or read at once,
     scheduler = scheduler_for(engine, max_rows=5, positions=12288, chunk=512, vision_unit_crops=8)
+    if in_flight:
+        keep_in_flight(scheduler.runner)
     jobs = {case_id: phi35_job(engine, case_id) for case_id in PHI35_CASES}
     units = record_prefills(scheduler)
     outcomes = submit(scheduler, jobs.values())

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.in_flight import keep_in_flight
 from support.reference import CASES, TINY_MODEL, case_job
 
 from vision_queue.errors import ModelError, ResourceExhausted
@@ -22,6 +23,7 @@ from worker.inference.engine import Engine, EngineConfig
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, RowInput
+from worker.model.steps import UNKNOWN_TOKEN
 
 CPU = torch.device("cpu")
 CROSSING = "decode_crosses_2048_c16"  # a 2,043-token prompt: short factors, then long
@@ -161,6 +163,34 @@ def test_every_reference_case_batched_together_gets_the_reference_tokens(engine:
         assert_reference(outcomes[job], case_id)
     assert max(len(batch) for batch in batches) >= 3
     assert scheduler.pool.allocator.free_positions == 12288  # every region returned
+
+
+@pytest.mark.parametrize("decode_kernel", ["rows", "gather"])
+def test_steps_launched_before_the_last_is_read_give_the_reference_tokens(
+    engine: Engine, decode_kernel: str
+) -> None:
+    # Given launches that stay in flight until the scheduler must wait (as on a GPU), so
+    # every step after a row's first is fed a token only the runner's device tensor has,
+    scheduler = scheduler_for(engine, max_rows=4, chunk=512, decode_kernel=decode_kernel)
+    runner = scheduler.runner
+    keep_in_flight(runner)
+    fed_unknown: list[bool] = []
+    launch_decode = runner.launch_decode
+
+    def recording(batch: Any) -> Any:
+        fed_unknown.extend(row.token == UNKNOWN_TOKEN for row in batch)
+        return launch_decode(batch)
+
+    runner.launch_decode = recording  # type: ignore[method-assign]
+    case_ids = [CROSSING, "text_eos_stop", "two_images_c4", "wide_800x400_c1", "text_only"]
+    outcomes = submit(scheduler, [case_job(engine, c) for c in case_ids])
+
+    # when they are served, then every job gets the reference's tokens.
+    run_until(scheduler, outcomes)
+    for case_id, outcome in zip(case_ids, outcomes.values(), strict=True):
+        assert_reference(outcome, case_id)
+    assert sum(fed_unknown) > len(fed_unknown) // 2
+    assert scheduler.pool.allocator.free_positions == 32768
 
 
 def test_rows_in_different_rope_regimes_share_steps_and_keep_their_own(engine: Engine) -> None:

@@ -18,6 +18,7 @@ from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, RowInput, bucket_for, graph_buckets
 from worker.model.sampling import SamplingParams, TokenSampler
+from worker.model.steps import UNKNOWN_TOKEN
 
 CPU = torch.device("cpu")
 
@@ -143,6 +144,38 @@ def test_the_graph_step_pads_to_buckets_and_gives_the_reference_tokens(cpu_engin
     assert buffers.slots[:2].tolist() == [74, runner.pool.scratch_slot]
     assert buffers.starts[:2].tolist() == [64, runner.pool.scratch_slot]
     assert buffers.used[:2].tolist() == [11, 1]
+
+
+@pytest.mark.parametrize("decode_kernel", ["gather", "rows"])
+def test_a_launch_reads_a_token_left_on_the_device_as_if_it_were_given(
+    cpu_engine: Engine, decode_kernel: str
+) -> None:
+    # Given rows (one sampled) whose next input token only the device has (UNKNOWN_TOKEN),
+    def rows(tokens: list[int], at: int, samplers: list[Any]) -> list[RowInput]:
+        return [
+            RowInput(token, 1500 + at - 50 * i, 2048 * i, samplers[i])
+            for i, token in enumerate(tokens)
+        ]
+
+    def samplers() -> list[Any]:
+        return [None, TokenSampler(SamplingParams(0.9, 0.8, seed=3)), None]
+
+    launched, given = (runner_for(cpu_engine, decode_kernel=decode_kernel) for _ in range(2))
+    for runner in (launched, given):
+        for index in range(3):
+            filled_region(runner, 2048 * index, 1600, seed=index)
+    ours, theirs = samplers(), samplers()
+
+    # when one runner launches two steps, the second fed from the device,
+    with torch.inference_mode():
+        first = launched.launch_decode(rows([7, 8, 9], 0, ours)).tokens()
+        second = launched.launch_decode(rows([UNKNOWN_TOKEN] * 3, 1, ours)).tokens()
+        # and the other decodes the same steps with every token given,
+        expected_first = given.decode(rows([7, 8, 9], 0, theirs))
+        expected_second = given.decode(rows(expected_first, 1, theirs))
+
+    # then both give the same tokens.
+    assert (first, second) == (expected_first, expected_second)
 
 
 def test_the_graph_step_traces_as_one_graph(cpu_engine: Engine) -> None:

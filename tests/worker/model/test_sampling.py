@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from worker.model.sampling import SamplingParams, TokenSampler, sample_token
+from worker.model.sampling import SamplingParams, TokenSampler, sample_rows, sample_token
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
 
@@ -60,3 +60,19 @@ def test_a_sampler_is_only_for_sampled_requests() -> None:
     unseeded = [TokenSampler(SamplingParams(temperature=1.0)) for _ in range(2)]
     logits = torch.zeros(1000)
     assert all(0 <= s.choose(logits) < 1000 for s in unseeded)  # seeded from the OS
+
+
+def test_many_rows_sampled_at_once_get_the_tokens_each_would_get_alone() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 2000, generator=generator) * 3
+    temperature = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0], dtype=torch.float64)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 1.0], dtype=torch.float64)
+    for draw in (0.0, 0.25, 0.5, 0.999999):
+        uniform = torch.full((5,), draw, dtype=torch.float64)
+
+        together = sample_rows(logits, temperature, top_p, uniform).tolist()
+
+        alone = [
+            sample_token(logits[i], float(temperature[i]), float(top_p[i]), draw) for i in range(5)
+        ]
+        assert together == alone
