@@ -32,9 +32,20 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 
 
 def parse_response_format(value: Any) -> dict[str, Any] | None:
-    """A caller's response_format as the canonical dict the task message carries."""
+    """A caller's response_format as the canonical dict the task message carries.
+
+    A pydantic model class is taken too (its JSON schema, named after the class, strict)."""
     if value is None:
         return None
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):
+        value = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": value.__name__[:64],
+                "schema": value.model_json_schema(),
+                "strict": True,
+            },
+        }
     if not isinstance(value, dict):
         raise InvalidInput("response_format must be an object", field=FIELD)
     kind = value.get("type")

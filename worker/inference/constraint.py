@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
-from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 from tokenizers import Tokenizer
 
 from vision_queue.errors import InvalidInput
@@ -43,7 +42,9 @@ class RowConstraint:
         self.vocab_size = vocab_size
         self.logits_size = logits_size
         self.end_token = end_token
-        self._bitmask = allocate_token_bitmask(1, vocab_size)
+        # llguidance's token bitmask (32 ids per int32), filled in place; not through
+        # llguidance.torch, whose import pulls in torch's compiler stack (and redis).
+        self._bitmask = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._allowed = torch.zeros(logits_size, dtype=torch.bool)
 
     def allowed(self) -> torch.Tensor:
@@ -53,8 +54,9 @@ class RowConstraint:
             allowed.zero_()
             allowed[self.end_token] = True
             return allowed
-        fill_next_token_bitmask(self.matcher, self._bitmask)
-        bits = (self._bitmask[0].unsqueeze(-1) >> _BITS) & 1
+        bitmask = self._bitmask
+        self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
+        bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
         allowed[: self.vocab_size] = bits.view(-1)[: self.vocab_size].bool()
         allowed[self.vocab_size :] = False  # the padded logits: never
         return allowed
