@@ -21,6 +21,7 @@ import logging
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
 from tokenizers import Tokenizer
@@ -31,7 +32,6 @@ from vision_queue.structured import FIELD, grammar_for
 log = logging.getLogger(__name__)
 
 CACHED_GRAMMARS = 256
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class RowConstraint:
@@ -56,8 +56,9 @@ class RowConstraint:
             return allowed
         bitmask = self._bitmask
         self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
-        bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
-        allowed[: self.vocab_size] = bits.view(-1)[: self.vocab_size].bool()
+        # Little-endian bits: id i is bit i % 32 of word i // 32, as numpy unpacks them.
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
+        allowed[: self.vocab_size] = torch.from_numpy(bits[: self.vocab_size]).view(torch.bool)
         allowed[self.vocab_size :] = False  # the padded logits: never
         return allowed
 

@@ -436,9 +436,14 @@ class ModelRunner:
             logits = self.model.logits(hidden)
         samplers = [row.sampler if row is not None else None for row in batch]
         masks = [row.allowed if row is not None else None for row in batch]
+        if any(mask is not None for mask in masks):
+            # A grammar's tokens only: the margin test below then runs on the masked logits.
+            logits = logits.clone()
+            for index, mask in enumerate(masks):
+                if mask is not None:
+                    logits[index].masked_fill_(~mask.to(logits.device), float("-inf"))
         if self.row_independent and hidden is not None and logits.shape[0] > 1:
             tokens, exact = self._greedy_where_sure(hidden, logits, samplers)
-            exact |= {i for i, mask in enumerate(masks) if mask is not None}
         else:
             tokens, exact = logits.argmax(dim=-1).tolist(), set()
         for index, sampler in enumerate(samplers):
@@ -446,11 +451,11 @@ class ModelRunner:
             if index in exact:
                 assert hidden is not None
                 row_logits = self.model.logits(hidden[index : index + 1])[0]
-            mask = masks[index]
-            if mask is not None:  # the grammar's tokens only (a constrained row)
-                row_logits = row_logits.masked_fill(~mask.to(row_logits.device), float("-inf"))
-            if sampler is None and (index in exact or mask is not None):
-                tokens[index] = int(row_logits.argmax())
+                mask = masks[index]
+                if mask is not None:
+                    row_logits.masked_fill_(~mask.to(row_logits.device), float("-inf"))
+                if sampler is None:
+                    tokens[index] = int(row_logits.argmax())
             if sampler is not None:
                 tokens[index] = sampler.choose(row_logits)
         return tokens
