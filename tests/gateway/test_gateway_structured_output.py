@@ -1,6 +1,7 @@
 """Structured output through the gateway: the official `openai` SDK's `parse()` with a
-pydantic model, `response_format` streamed, the native task API's
-`options.response_format`, and a schema outside the subset refused with a 400 naming it.
+pydantic model (chat completions and the Responses API), `response_format` streamed, the
+native task API's `options.response_format`, and a schema outside the subset refused with
+a 400 naming it.
 
 Real parts: `producer serve`, redis-server, a worker on the tiny random-weight checkpoint.
 """
@@ -122,3 +123,17 @@ def test_the_task_api_takes_options_response_format(api: httpx.Client) -> None:
     refused = api.post("/v1/tasks", json=body)
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "response_format"
+
+
+def test_the_responses_apis_parse_returns_the_pydantic_model(sdk: openai.OpenAI) -> None:
+    response = sdk.responses.parse(
+        model=MODEL,
+        input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "The book's title and author?"},
+            {"type": "input_image", "image_url": data_uri()},
+        ]}],
+        text_format=BookCover,
+        max_output_tokens=120,
+    )
+    assert response.status == "completed"
+    assert isinstance(response.output_parsed, BookCover)
