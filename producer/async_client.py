@@ -102,6 +102,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         priority: Priority | str = Priority.NORMAL,
         idempotency_key: str | None = None,
         task_id: str | None = None,
+        response_format: Any = None,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue (see `Client.submit`, `idempotency_key` too)."""
         request = SubmitRequest(
@@ -118,6 +119,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             callback_url,
             priority,
             task_id,
+            response_format,
         )
         if idempotency_key is not None:
             return await self._submit_once(request, idempotency_key)

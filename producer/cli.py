@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from producer.cli_output import (
     WaitReporter,
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="end the text before TEXT (repeat, up to 4 times)",
     )
+    shape = submit.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer in JSON that validates against the JSON schema in FILE ('-': stdin)",
+    )
+    shape.add_argument("--json-object", action="store_true", help="answer in a JSON object")
     submit.add_argument(
         "--priority",
         choices=[p.value for p in Priority],
@@ -214,11 +223,32 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         priority=args.priority,
+        response_format=_response_format(args),
     )
     if not (args.wait or args.stream):
         print(json.dumps({"id": handle.id}) if args.json else handle.id)
         return EXIT_OK
     return _print_result(client, handle.id, args)
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--json-schema FILE` (its name is the file's stem) or `--json-object`."""
+    if args.json_object:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    path = Path(args.json_schema)
+    try:
+        text = sys.stdin.read() if args.json_schema == "-" else path.read_text("utf-8")
+        schema = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInput(
+            f"--json-schema {args.json_schema[-200:]}: not a readable JSON file ({exc})",
+            field="response_format",
+        ) from None
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "response"
+    schema_format = {"name": name, "schema": schema, "strict": True}
+    return {"type": "json_schema", "json_schema": schema_format}
 
 
 def _images(values: Sequence[str], max_bytes: int) -> list[str | bytes]:

@@ -88,6 +88,7 @@ class Client(ClientCore[redis.Redis]):
         priority: Priority | str = Priority.NORMAL,
         idempotency_key: str | None = None,
         task_id: str | None = None,
+        response_format: Any = None,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
 
@@ -102,6 +103,11 @@ class Client(ClientCore[redis.Redis]):
         the first call queued (for `producer.idempotency.WINDOW_S`) rather than queuing
         another; with a different request it raises `IdempotencyConflict`. `task_id`
         queues under a UUID of the caller's choosing (never one used before).
+
+        `response_format` (OpenAI's `json_schema` or `json_object` shape, or a pydantic
+        model class) constrains decoding: a text that ends by `stop` is JSON that
+        validates (vision_queue/structured.py); a schema outside the supported subset
+        raises InvalidInput before anything is queued.
         """
         request = SubmitRequest(
             task,
@@ -117,6 +123,7 @@ class Client(ClientCore[redis.Redis]):
             callback_url,
             priority,
             task_id,
+            response_format,
         )
         if idempotency_key is not None:
             return self._submit_once(request, idempotency_key)

@@ -38,6 +38,7 @@ from vision_queue.schemas import (
     stop_strings,
 )
 from vision_queue.settings import Settings
+from vision_queue.structured import parse_response_format
 
 # What `submit` accepts per image: bytes, an http(s) URL, a `data:` URI, a local file
 # (read and staged by the client), or an explicit ImageRef (e.g. a path on the workers).
@@ -67,6 +68,9 @@ class SubmitRequest:
     # A caller-chosen task id (a UUID never used before); None: a new random one. The
     # gateway's idempotency keys and batch lines use it (producer.idempotency).
     task_id: str | None = None
+    # OpenAI's shape ({"type": "json_schema", "json_schema": {...}} or {"type":
+    # "json_object"}) or a pydantic model class: the text is JSON that validates.
+    response_format: Any = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def prepare(
         top_p=request.top_p,
         seed=seed,
         stop=stop_strings(request.stop),
+        response_format=parse_response_format(request.response_format),
     )
     # The cheap rules first, before reading or uploading any image.
     placeholder = (ImageRef(ImageSource.URL, "-"),) * len(images)

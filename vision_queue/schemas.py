@@ -18,6 +18,7 @@ from vision_queue.addresses import check_url, check_url_length
 from vision_queue.errors import ImageFetchFailed, InvalidInput
 from vision_queue.protocol import TASK_SPECS, Priority, TaskName, control_token_in
 from vision_queue.settings import Settings
+from vision_queue.structured import check_response_format, parse_response_format
 
 SCHEMA_VERSION = 1
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -79,6 +80,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
+_OPTIONAL = ("response_format",)  # on the wire only when set: older workers read the rest
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class TaskOptions:
     top_p: float = 1.0  # nucleus sampling: the smallest set of ids whose mass reaches top_p
     seed: int | None = None  # same seed + same inputs = same text, whatever shares the batch
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
+    response_format: dict[str, Any] | None = None  # vision_queue.structured's canonical form
 
     def to_dict(self) -> dict[str, Any]:
         # Spelled out, not dataclasses.asdict (which deep-copies): built once per submit.
@@ -101,7 +104,7 @@ class TaskOptions:
             "top_p": self.top_p,
             "seed": self.seed,
             "stop": list(self.stop),
-        }
+        } | {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,7 @@ def check_generation_options(options: TaskOptions) -> None:
     seed = options.seed
     if seed is not None and (not _is_integer(seed) or not 0 <= seed <= MAX_SEED):
         raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
+    check_response_format(options.response_format)
     stop = options.stop
     if not isinstance(stop, tuple) or len(stop) > MAX_STOP_STRINGS:
         raise InvalidInput(f"stop takes at most {MAX_STOP_STRINGS} strings", field="stop")
@@ -477,4 +481,5 @@ def _parse_options(raw: Any) -> TaskOptions:
     if not isinstance(stop, list):
         raise InvalidInput("stop must be a list of strings", field="stop")
     values["stop"] = tuple(stop)
+    values["response_format"] = parse_response_format(raw.get("response_format"))
     return TaskOptions(**values)

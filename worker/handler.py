@@ -187,6 +187,7 @@ def _generation_request(
         top_p=request.options.top_p,
         seed=request.options.seed,
         stop=request.options.stop,
+        response_format=request.options.response_format,
         control=ctx.control,
     )
 

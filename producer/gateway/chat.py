@@ -10,10 +10,15 @@ field (the OpenAI SDKs send it with `extra_body`).
 
 Every other field of OpenAI's request is either refused with a 400 naming it, when it asks
 for something this server does not do (`REFUSED`: tools, several choices, log
-probabilities, JSON mode, penalties, logit bias, audio...; a value that asks for nothing,
+probabilities, penalties, logit bias, audio...; a value that asks for nothing,
 such as `null`, `[]`, `false` or a penalty of 0, passes), or accepted and ignored
 (`IGNORED`: bookkeeping such as `user` or `metadata`). A field in neither list is refused
 as unknown. The README's gateway section lists both.
+
+`response_format` in OpenAI's shapes (`json_schema`, `json_object`, `text`) is the task's
+own (vision_queue.structured): the worker's decoding is constrained by the schema, so the
+SDK's `parse()` gets JSON that validates; a schema outside the supported subset is a 400
+naming `response_format`, before anything is queued.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vision_queue.schemas import (
     parse_priority,
     stop_strings,
 )
+from vision_queue.structured import parse_response_format
 
 _REQUEST = ConfigDict(strict=True, extra="allow")
 _PART = ConfigDict(strict=True, extra="ignore")
@@ -169,8 +175,6 @@ def conversation(
         raise InvalidInput("n must be 1", field="n")
     if request.logprobs:
         raise InvalidInput("logprobs are not supported", field="logprobs")
-    if request.response_format and request.response_format.get("type") not in (None, "text"):
-        raise InvalidInput("only the text response format is supported", field="response_format")
 
     turns: list[ChatMessage] = []
     images: list[ImageRef | bytes] = []
@@ -227,6 +231,7 @@ def _options(request: ChatCompletionRequest) -> TaskOptions:
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
         stop=() if request.stop is None else stop_strings(request.stop),
+        response_format=parse_response_format(request.response_format),
     )
 
 

@@ -5,7 +5,9 @@ parts: `input_text`, `input_image` (`image_url`: https or a data: URI) and, in a
 messages, `output_text`. `instructions` becomes the system turn. The gateway is stateless:
 nothing is stored (`store` is answered false) and `previous_response_id` is refused with a
 400. Sampling: `max_output_tokens`, `temperature` (left out: greedy), `top_p`. `text.format`
-may only be `text`: this model has no structured output yet. Tools are refused.
+is `text`, `json_object` or `json_schema` (`name`, `schema`, `strict`: the chat API's
+`response_format`, flattened; decoding follows the schema, vision_queue.structured); a
+schema outside the supported subset is a 400 naming `text.format`. Tools are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer.gateway import chat
 from vision_queue.errors import InvalidInput
+from vision_queue.structured import check_response_format, parse_response_format
 
 _UNSUPPORTED = ("tools", "tool_choice", "reasoning", "conversation", "prompt", "background")
 
@@ -53,11 +56,7 @@ def chat_request(request: ResponsesRequest) -> chat.ChatCompletionRequest:
             "(store is false); send the whole conversation in input",
             field="previous_response_id",
         )
-    fmt = (request.text or {}).get("format") or {"type": "text"}
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        raise InvalidInput(
-            "only the text format is supported (no structured output yet)", field="text.format"
-        )
+    response_format = _response_format((request.text or {}).get("format"))
     messages: list[dict[str, Any]] = []
     if request.instructions:
         messages.append({"role": "system", "content": request.instructions})
@@ -75,10 +74,37 @@ def chat_request(request: ResponsesRequest) -> chat.ChatCompletionRequest:
         value = getattr(request, name)
         if value is not None:
             body[name] = value
+    if response_format is not None:
+        body["response_format"] = response_format
     try:
         return chat.ChatCompletionRequest.model_validate(body)
     except ValueError as exc:
         raise InvalidInput(f"input is not valid: {str(exc)[:300]}", field="input") from None
+
+
+def _response_format(fmt: Any) -> dict[str, Any] | None:
+    """`text.format` as the chat API's response_format, checked; InvalidInput naming it."""
+    if fmt is None:
+        return None
+    try:
+        if not isinstance(fmt, dict):
+            raise InvalidInput("text.format must be an object", field="text.format")
+        if fmt.get("type") == "json_schema":
+            spec = {key: value for key, value in fmt.items() if key != "type"}
+            fmt = {"type": "json_schema", "json_schema": spec}
+        canonical = parse_response_format(fmt)
+        check_response_format(canonical)
+    except InvalidInput as exc:
+        message = exc.message.replace("response_format.json_schema.", "text.format.")
+        raise InvalidInput(message.replace("response_format", "text.format"),
+                           field="text.format") from None
+    return canonical
+
+
+def text_format(request: ResponsesRequest) -> dict[str, Any]:
+    """The `text.format` a response echoes: the request's, or text."""
+    fmt = (request.text or {}).get("format")
+    return fmt if isinstance(fmt, dict) else {"type": "text"}
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -167,7 +193,7 @@ def response(
         "reasoning": None,
         "store": False,
         "temperature": 0.0 if request.temperature is None else request.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": text_format(request)},
         "tool_choice": "none",
         "tools": [],
         "top_p": 1.0 if request.top_p is None else request.top_p,

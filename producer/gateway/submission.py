@@ -65,6 +65,7 @@ async def submit_task(
             callback_url=callback_url,
             priority=priority,
             task_id=task_id,
+            response_format=options.response_format,
         )
     except BaseException:
         await state.limiter.release(who.key_id, placeholder)

@@ -88,7 +88,9 @@ class TaskSubmission(BaseModel):
     options: TaskOptions = Field(
         default_factory=TaskOptions,
         description="max_new_tokens (capped per task), num_crops 1..16, temperature 0..2 "
-        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings.",
+        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, response_format (OpenAI's "
+        'shape: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} or '
+        '{"type": "json_object"}).',
     )
     callback_url: str | None = Field(
         None, description="When the task ends, its result is POSTed here, signed."

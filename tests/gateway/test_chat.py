@@ -112,7 +112,10 @@ def test_left_out_fields_decode_greedily_with_the_tasks_budget():
         ([{"role": "user", "content": "x"}], {"n": 2}, "n"),
         ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
         ([{"role": "user", "content": "x"}], {"logprobs": True}, "logprobs"),
-        ([{"role": "user", "content": "x"}], {"response_format": {"type": "json_object"}},
+        ([{"role": "user", "content": "x"}], {"response_format": {"type": "xml"}},
+         "response_format"),
+        ([{"role": "user", "content": "x"}],
+         {"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
          "response_format"),
     ],
 )

@@ -118,7 +118,7 @@ def test_the_sdks_stream_helper_reads_the_events(sdk: openai.OpenAI):
     assert events[-1].response.output_text == streamed
 
 
-def test_stored_state_and_structured_output_are_refused_clearly(sdk: openai.OpenAI):
+def test_stored_state_and_unsupported_schemas_are_refused_clearly(sdk: openai.OpenAI):
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.responses.create(model=MODEL, input="Go on.", previous_response_id="resp_123")
     assert refused.value.body["param"] == "previous_response_id"
@@ -127,7 +127,7 @@ def test_stored_state_and_structured_output_are_refused_clearly(sdk: openai.Open
         sdk.responses.create(
             model=MODEL,
             input="A JSON object, please.",
-            text={"format": {"type": "json_object"}},
+            text={"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}},
         )
     assert structured.value.body["param"] == "text.format"
     with pytest.raises(openai.NotFoundError):

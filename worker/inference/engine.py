@@ -32,6 +32,7 @@ import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -39,6 +40,7 @@ from PIL import Image
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from vision_queue.schemas import ChatMessage
 from worker.inference import faults
+from worker.inference.constraint import Grammars
 from worker.inference.control import RunControl
 from worker.inference.engine_setup import (
     Batching,
@@ -83,6 +85,8 @@ class GenerationRequest:
     seed: int | None = None
     # Generation ends before any of these strings (up to 4), which are not part of the text.
     stop: Sequence[str] = ()
+    # A checked response_format (vision_queue.structured): decoding follows its grammar.
+    response_format: dict[str, Any] | None = None
     # Cancel, deadline and the like, progress and streamed text, for this run only.
     control: RunControl = field(default_factory=RunControl)
 
@@ -130,6 +134,10 @@ class Engine:
         self.model = model
         self.processor = processor
         self.vocabulary = Vocabulary(processor.tokenizer)
+        # A finished JSON may only be followed by <|end|>, a stop token (else another one).
+        end = processor.tokenizer.token_to_id("<|end|>")
+        end = end if end in processor.stop_token_ids else min(processor.stop_token_ids)
+        self.grammars = Grammars(processor.tokenizer, end, model.config.vocab_size)
         self.num_crops = num_crops
         self.max_batch = batching.max_rows
         self.pool = batching.pool
@@ -300,7 +308,13 @@ class Engine:
                 crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         decode_fault = faults.fault_for(text) == "decode_oom"
-        return Job(encoded, crops, request.max_new_tokens, sampling, decode_fault=decode_fault)
+        constraint = None
+        if request.response_format is not None:  # compiled here, off the device thread
+            constraint = self.grammars.constraint(request.response_format)
+        return Job(
+            encoded, crops, request.max_new_tokens, sampling,
+            constraint=constraint, decode_fault=decode_fault,
+        )
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

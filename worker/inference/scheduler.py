@@ -62,6 +62,10 @@ import torch
 
 from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
+from worker.inference.constraint import RowConstraint
+from worker.inference.events import Event, Failed, Finished, Token
+
+__all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
 from worker.model.config import RopeFactors
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
@@ -74,27 +78,6 @@ from worker.model.steps import UNKNOWN_TOKEN, RowInput, StepTokens
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Token:
-    token_id: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    stop_reason: str  # "length" | "eos:<id>" | "cancelled"
-    wait_s: float
-    prefill_s: float
-    decode_s: float
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: VisionQueueError
-
-
-Event = Token | Finished | Failed
-
-
 @dataclass(eq=False)  # identity: a job is itself, whatever it holds
 class Job:
     """One request as the scheduler sees it; `events` is read by the request's own thread."""
@@ -103,6 +86,7 @@ class Job:
     crops: torch.Tensor | None  # the images' CPU crops; handed to the runner on admission
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    constraint: RowConstraint | None = None  # a response_format's grammar
     decode_fault: bool = False  # test-only: decode steps with this job run out of memory
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -154,7 +138,14 @@ class _Row:
         return self.job.encoded.prompt_tokens
 
     def as_input(self) -> RowInput:
-        return RowInput(self.token, self.position, self.start, self.sampler)
+        constraint = self.job.constraint
+        allowed = None if constraint is None else constraint.allowed()
+        return RowInput(self.token, self.position, self.start, self.sampler, allowed)
+
+    @property
+    def awaits_token(self) -> bool:
+        """A constrained row whose last token is still on the device: its mask needs it."""
+        return self.job.constraint is not None and self.generated < self.launched
 
 
 class Scheduler:
@@ -401,18 +392,25 @@ class Scheduler:
     def _decode_step(self) -> None:
         # Rows with budget left, and not about to cross the LongRoPE switch (they wait for
         # their last token on the host, then go back to prefill).
-        switch = self.recompute_past
-        rows = [
-            row for row in self._decoding
-            if row.launched < row.job.max_new_tokens
-            and (row.position != switch or row.prompt_embeds is None)
-        ]
+        rows = self._decodable()
+        if any(row.awaits_token for row in rows):
+            # A grammar's mask follows the row's last token: read what is in flight first.
+            self._read(keep=0)
+            rows = self._decodable()
         if not rows:
             return
         limit = self._decode_limit
         for index in range(0, len(rows), limit):
             self._decode_group(rows[index : index + limit])
         self.steps += 1
+
+    def _decodable(self) -> list[_Row]:
+        switch = self.recompute_past
+        return [
+            row for row in self._decoding
+            if row.launched < row.job.max_new_tokens
+            and (row.position != switch or row.prompt_embeds is None)
+        ]
 
     def _decode_group(self, rows: list[_Row]) -> None:
         try:
@@ -451,6 +449,8 @@ class Scheduler:
         if row.prompt_embeds is not None:
             row.history.append(token)
         row.job.events.put(Token(token))
+        if row.job.constraint is not None:
+            row.job.constraint.advance(token)
         if token in self.stop_ids:
             self._finish(row, f"eos:{token}")
         elif row.generated >= row.job.max_new_tokens:

@@ -291,6 +291,12 @@ class ModelRunner:
 
     def _choose_on_device(self, logits: torch.Tensor, batch: Sequence[RowInput]) -> torch.Tensor:
         """Each row's token as a device tensor [B]: the argmax, or drawn on the device."""
+        masked = [(i, row.allowed) for i, row in enumerate(batch) if row.allowed is not None]
+        if masked:
+            keep = torch.ones(logits.shape, dtype=torch.bool)
+            for i, allowed in masked:
+                keep[i] = allowed
+            logits = logits.masked_fill(~self._buffers.staged(keep), float("-inf"))
         tokens = logits.argmax(dim=-1)
         sampled = [(i, row.sampler) for i, row in enumerate(batch) if row.sampler is not None]
         if sampled:
@@ -310,7 +316,9 @@ class ModelRunner:
         last = self._buffers.last
         return [
             row if row.token != UNKNOWN_TOKEN
-            else RowInput(int(last[row.start]), row.position, row.start, row.sampler)
+            else RowInput(
+                int(last[row.start]), row.position, row.start, row.sampler, row.allowed
+            )
             for row in batch
         ]
 
@@ -427,6 +435,13 @@ class ModelRunner:
             assert hidden is not None
             logits = self.model.logits(hidden)
         samplers = [row.sampler if row is not None else None for row in batch]
+        masks = [row.allowed if row is not None else None for row in batch]
+        if any(mask is not None for mask in masks):
+            # A grammar's tokens only: the margin test below then runs on the masked logits.
+            logits = logits.clone()
+            for index, mask in enumerate(masks):
+                if mask is not None:
+                    logits[index].masked_fill_(~mask.to(logits.device), float("-inf"))
         if self.row_independent and hidden is not None and logits.shape[0] > 1:
             tokens, exact = self._greedy_where_sure(hidden, logits, samplers)
         else:
@@ -436,6 +451,9 @@ class ModelRunner:
             if index in exact:
                 assert hidden is not None
                 row_logits = self.model.logits(hidden[index : index + 1])[0]
+                mask = masks[index]
+                if mask is not None:
+                    row_logits.masked_fill_(~mask.to(row_logits.device), float("-inf"))
                 if sampler is None:
                     tokens[index] = int(row_logits.argmax())
             if sampler is not None:

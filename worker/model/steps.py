@@ -40,6 +40,9 @@ class RowInput:
     position: int
     start: int
     sampler: TokenSampler | None = None
+    # A constrained row's allowed tokens, bool [V] on the host (worker.inference.constraint):
+    # every other logit is -inf before the row's token is chosen.
+    allowed: torch.Tensor | None = None
 
 
 class StepTokens(Protocol):

@@ -1,0 +1,28 @@
+"""What a job's thread reads from the scheduler: its tokens, then how it ended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vision_queue.errors import VisionQueueError
+
+
+@dataclass(frozen=True)
+class Token:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    stop_reason: str  # "length" | "eos:<id>" | "cancelled"
+    wait_s: float
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: VisionQueueError
+
+
+Event = Token | Finished | Failed
