@@ -117,24 +117,19 @@ def _stream(dictionary: bytes, data: bytes) -> bytes:
     )
 
 
-def endless_page_pdf(levels: int = 12, fanout: int = 10) -> bytes:
-    """One page that draws form X0, which draws X1 `fanout` times, ... : fanout**levels
-    rectangles (10**12 by default), from a file of a few kilobytes."""
-    npages = 1
-    extra_first = 3 + 2 * npages
+def endless_page_pdf(levels: int = 12, fanout: int = 10, plain_pages: int = 0) -> bytes:
+    """`plain_pages` pages with a square, then one page that draws form X0, which draws X1
+    `fanout` times, ...: fanout**levels rectangles (10**12 by default) from a few kilobytes."""
+    extra_first = 3 + 2 * (plain_pages + 1)
     forms = []
     for level in range(levels):
         last = level == levels - 1
         body = b"0 0 1 1 re f" if last else f"/X{level + 1} Do ".encode() * fanout
         inner = "" if last else f"/XObject << /X{level + 1} {extra_first + level + 1} 0 R >>"
         form = f"/Type /XObject /Subtype /Form /BBox [0 0 612 792] /Resources << {inner} >>"
-        forms.append(
-            _stream(
-                form.encode(),
-                body,
-            )
-        )
-    return raw_pdf([(612, 792, b"/X0 Do")], forms)
+        forms.append(_stream(form.encode(), body))
+    plain = [(300.0, 200.0, b"0 0 0 rg 10 10 100 50 re f")] * plain_pages
+    return raw_pdf([*plain, (612.0, 792.0, b"/X0 Do")], forms)
 
 
 def enormous_page_pdf() -> bytes:
