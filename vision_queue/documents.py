@@ -11,6 +11,8 @@ like any task's.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,8 @@ PAGE_FIELD = "document_page"
 # Between the texts of two pages in the document's `text`.
 PAGE_SEPARATOR = "\n\n--- page {page} ---\n\n"
 MAX_FAILED_PAGES_LIMIT = 10_000
+# What a document's result adds to a task's (worker/document_join.py).
+DOCUMENT_RESULT_FIELDS = ("pages", "pages_total", "pages_done", "pages_failed")
 
 # pdfium is not thread-safe: every call into it in this process holds this lock.
 PDFIUM_LOCK = threading.Lock()
@@ -174,6 +178,33 @@ def check_pdf(data: bytes, settings: Settings) -> int:
             pdf.close()
     check_page_count(pages, settings)
     return pages
+
+
+def decode_base64_document(text: Any, max_bytes: int, field: str = "document") -> bytes:
+    """PDF bytes from raw base64 or a `data:application/pdf;base64,` URI; strict, and the
+    byte cap is checked before anything is decoded."""
+    if not isinstance(text, str):
+        raise InvalidInput("document data must be a base64 string", field=field)
+    payload = text.strip()
+    if payload[:5].lower() == "data:":
+        head, sep, rest = payload.partition(",")
+        params = [part.strip().lower() for part in head[5:].split(";")]
+        if not sep or params[0] != "application/pdf" or "base64" not in params[1:]:
+            raise InvalidInput(
+                "document data URI must be data:application/pdf;base64,...", field=field
+            )
+        payload = rest
+    payload = "".join(payload.split())
+    if not payload:
+        raise InvalidInput("document data is empty", field=field)
+    if (len(payload) // 4) * 3 - 2 > max_bytes:
+        raise InvalidDocument(
+            f"the PDF is larger than VQ_DOCUMENT_MAX_BYTES={max_bytes}", field=field
+        )
+    try:
+        return base64.b64decode(payload.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise InvalidInput("document data is not valid base64", field=field) from None
 
 
 def page_marker(message: Any) -> tuple[str, int] | None:
