@@ -49,6 +49,7 @@ from vision_queue.protocol import (
     CANCEL_KEY,
     PROGRESS_STATE,
     STAGED_IMAGE_KEY,
+    SUBMITTED_KEY,
     priority_queue,
 )
 from vision_queue.results import TaskResult
@@ -56,7 +57,7 @@ from vision_queue.staging import load_staged_image
 from worker.delivery.results import STORED, StreamTail
 from worker.delivery.webhooks import notify_task_end
 from worker.document_join import join_pages, page_entry
-from worker.pdf_render import render_page
+from worker.pdf_render import render_pages
 
 # `runtime` below is worker.tasks.WorkerRuntime (not imported: tasks.py imports this module).
 WorkerRuntime = Any
@@ -135,26 +136,21 @@ def _render_all(
     settings = runtime.settings
     data = load_staged_image(runtime.redis, request.pdf.ref)
     check_pdf(data, settings)
-    pages: list[bytes | VisionQueueError] = []
     with tempfile.TemporaryDirectory(prefix="vq-doc-") as folder:
         path = str(Path(folder) / "document.pdf")
         Path(path).write_bytes(data)
-        for index in range(request.pages):
-            if _cancelled(runtime.redis, doc_id):
-                raise Cancelled("cancelled by the client")
-            try:
-                pages.append(
-                    render_page(
-                        path,
-                        index,
-                        settings.document_dpi,
-                        settings.max_image_pixels,
-                        settings.document_page_time_limit_s,
-                    )
-                )
-            except VisionQueueError as error:
-                log.info("document id=%s page=%d not drawn: %s", doc_id, index + 1, error)
-                pages.append(error)
+        if _cancelled(runtime.redis, doc_id):
+            raise Cancelled("cancelled by the client")
+        pages = render_pages(
+            path,
+            request.pages,
+            settings.document_dpi,
+            settings.max_image_pixels,
+            settings.document_page_time_limit_s,
+        )
+    for number, page in enumerate(pages, start=1):
+        if isinstance(page, VisionQueueError):
+            log.info("document id=%s page=%d not drawn: %s", doc_id, number, page)
     return pages
 
 
@@ -185,6 +181,8 @@ def _fan_out(
             digests.append(sha)
         else:
             digests.append(None)
+    for page_id in ids:  # known ids: a page's status reads PENDING until it starts
+        pipe.set(SUBMITTED_KEY.format(task_id=page_id), request.request.task.value, ex=ttl)
     key = record_key(doc_id)
     pipe.hset(key, mapping={"total": len(pages), "done": 0, "ids": json.dumps(ids)})
     pipe.hset(key, "meta", json.dumps(meta))
