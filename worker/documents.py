@@ -52,7 +52,13 @@ from vision_queue.protocol import (
     SUBMITTED_KEY,
     priority_queue,
 )
-from vision_queue.results import TaskResult
+from vision_queue.results import (
+    TaskResult,
+    decode_meta,
+    failure_carried,
+    is_final,
+    result_key,
+)
 from vision_queue.staging import load_staged_image
 from worker.delivery.results import STORED, StreamTail
 from worker.delivery.webhooks import notify_task_end
@@ -95,9 +101,15 @@ def run_document(
     doc_id: str = task.request.id
     started_at = time.time()
     client = runtime.redis
-    if runtime.results.final_state(doc_id) is not None or client.exists(record_key(doc_id)):
-        raise Ignore()  # redelivered after its pages were queued: they carry on
+    if runtime.results.final_state(doc_id) is not None:
+        raise Ignore()
     message = args[0] if len(args) == 1 and not kwargs else None
+    if client.exists(record_key(doc_id)):
+        # Redelivered after its record was written (its worker died while queuing the
+        # pages): queue again every page not ended yet, under the same ids. A page already
+        # queued runs once more at most; the second copy stores nothing (first writer wins).
+        _requeue_pages(task, doc_id, parse_document(message, runtime.settings), runtime)
+        return
     task_value = str(message.get("task", "")) if isinstance(message, dict) else ""
     try:
         request = parse_document(message, runtime.settings)
@@ -184,7 +196,15 @@ def _fan_out(
     for page_id in ids:  # known ids: a page's status reads PENDING until it starts
         pipe.set(SUBMITTED_KEY.format(task_id=page_id), request.request.task.value, ex=ttl)
     key = record_key(doc_id)
-    pipe.hset(key, mapping={"total": len(pages), "done": 0, "ids": json.dumps(ids)})
+    pipe.hset(
+        key,
+        mapping={
+            "total": len(pages),
+            "done": 0,
+            "ids": json.dumps(ids),
+            "digests": json.dumps(digests),
+        },
+    )
     pipe.hset(key, "meta", json.dumps(meta))
     pipe.expire(key, ttl)
     pipe.execute()
@@ -194,25 +214,54 @@ def _fan_out(
         for number in range(1, len(pages) + 1):
             _record(runtime, doc_id, number, "CANCELLED", _empty(ids[number - 1], request))
         return
-    name = request.request.task
-    queue = priority_queue(settings.queue, request.priority)
-    message = request.request.to_message()
     for number, (digest, page) in enumerate(zip(digests, pages, strict=True), start=1):
-        page_id = ids[number - 1]
         if digest is None:
             assert isinstance(page, VisionQueueError)
-            failed = _empty(page_id, request)
+            failed = _empty(ids[number - 1], request)
             failed["error"] = page.to_dict()
             _record(runtime, doc_id, number, "FAILURE", failed)
+    _queue_pages(task, doc_id, request, ids, digests, settings.queue, skip=set())
+    log.info("document id=%s pages=%d queued", doc_id, len(pages))
+
+
+def _queue_pages(
+    task: Task,
+    doc_id: str,
+    request: DocumentRequest,
+    ids: list[str],
+    digests: list[str | None],
+    queue_name: str,
+    skip: set[int],
+) -> None:
+    """One ordinary task per drawn page: the document's task, options and priority."""
+    name = request.request.task
+    queue = priority_queue(queue_name, request.priority)
+    message = request.request.to_message()
+    message.pop("callback_url", None)  # the document's webhook fires once, for all pages
+    for number, digest in enumerate(digests, start=1):
+        if digest is None or number in skip:
             continue
         page_message = {
             **message,
             "images": [{"source": "staged", "ref": digest}],
             PAGE_FIELD: {"id": doc_id, "page": number},
         }
-        page_message.pop("callback_url", None)  # the document's webhook fires once, for all
-        task.app.send_task(name.celery_name, args=[page_message], task_id=page_id, queue=queue)
-    log.info("document id=%s pages=%d queued", doc_id, len(pages))
+        task.app.send_task(
+            name.celery_name, args=[page_message], task_id=ids[number - 1], queue=queue
+        )
+
+
+def _requeue_pages(
+    task: Task, doc_id: str, request: DocumentRequest, runtime: WorkerRuntime
+) -> None:
+    record = runtime.redis.hgetall(record_key(doc_id))
+    ids = json.loads(record.get(b"ids") or b"[]")
+    digests = json.loads(record.get(b"digests") or b"[]")
+    if len(ids) != len(digests):
+        return
+    ended = {n for n in range(1, len(ids) + 1) if f"page:{n}".encode() in record}
+    log.info("document id=%s redelivered: queuing %d pages again", doc_id, len(ids) - len(ended))
+    _queue_pages(task, doc_id, request, ids, digests, runtime.settings.queue, skip=ended)
 
 
 def _empty(task_id: str, request: DocumentRequest) -> dict[str, Any]:
@@ -235,6 +284,21 @@ def page_ended(
         _record(runtime, doc_id, page, shown, result)
     except Exception:
         log.exception("document id=%s page=%d: outcome not recorded", doc_id, page)
+
+
+def page_ended_again(runtime: WorkerRuntime, doc_id: str, page: int, task_id: str) -> None:
+    """A page redelivered after its result was stored: report that stored result (a page
+    already recorded is not counted twice). Never raises."""
+    try:
+        meta = decode_meta(runtime.results.results.get(result_key(task_id)))
+        if meta is None or not is_final(meta):
+            return
+        state = str(meta["status"])
+        value = meta.get("result") if state == "SUCCESS" else failure_carried(meta.get("result"))
+        if isinstance(value, dict):
+            page_ended(runtime, doc_id, page, task_id, state, value)
+    except Exception:
+        log.exception("document id=%s page=%d: stored outcome not recorded", doc_id, page)
 
 
 def _record(

@@ -44,7 +44,7 @@ from vision_queue.settings import Settings
 from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import WebhookSender, notify_task_end
-from worker.documents import page_ended, register_document_task
+from worker.documents import page_ended, page_ended_again, register_document_task
 from worker.handler import LeaseLost, TaskContext, TaskControl, handle
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ def execute(
             page_ended(
                 runtime, page[0], page[1], run.result.id, run.stored_state, run.result.to_dict()
             )
+        elif page is not None and run.outcome == "duplicate":
+            # Stored by a worker that died before reporting it: report it now (once).
+            page_ended_again(runtime, page[0], page[1], run.result.id)
 
 
 def _start(
