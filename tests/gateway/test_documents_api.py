@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
+import time
 
 import httpx
 import pytest
-from gateway_support import wait_for_result
+from gateway_support import WEBHOOK_SECRET, wait_for_result
 from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
+from support.webhook_receiver import WebhookReceiver, documented_verifier
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,3 +48,27 @@ def test_an_unusable_pdf_is_a_400_before_anything_is_queued(api: httpx.Client, t
     response = api.post("/v1/tasks", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_document"
+
+
+def test_a_documents_webhook_fires_once_for_the_whole_document(api: httpx.Client):
+    receiver = WebhookReceiver()
+    try:
+        body = {
+            "task": "ocr",
+            "document": {"data": base64.b64encode(pillow_pdf(3)).decode()},
+            "callback_url": receiver.url("/hooks/doc"),
+        }
+        response = api.post("/v1/tasks", json=body)
+        assert response.status_code == 202, response.text
+        task_id = response.json()["id"]
+        result = wait_for_result(api, task_id, timeout_s=240)
+        (hook,) = receiver.wait_for(1)
+        time.sleep(2)  # no page sends one of its own, now or a little later
+        assert len(receiver.hooks) == 1
+    finally:
+        receiver.close()
+    assert documented_verifier()(WEBHOOK_SECRET, hook.headers["X-VQ-Signature"], hook.body)
+    assert hook.headers["X-VQ-Task-Id"] == task_id
+    sent = json.loads(hook.body)
+    assert [page["page"] for page in sent["pages"]] == [1, 2, 3]
+    assert sent | {"state": result["state"]} == result
