@@ -185,13 +185,13 @@ class Settings(GatewaySettings):
         "VQ_DOCUMENT_DPI",
         150,
         "Resolution a PDF page is rendered at (scaled down to fit VQ_MAX_IMAGE_PIXELS).",
-        WORKER_ONLY,
+        ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
     )
     document_page_time_limit_s: float = setting(
         "VQ_DOCUMENT_PAGE_TIME_LIMIT_S",
         30.0,
         "Longest time rendering one PDF page may take (in a child process, then killed).",
-        WORKER_ONLY,
+        ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
     )
     max_prompt_chars: int = setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.", ALL, same=True)
     max_conversation_chars: int = setting(

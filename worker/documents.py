@@ -1,7 +1,7 @@
 """A document job on the worker: render its pages, fan them out, join their results.
 
 The `vision_queue.document` task renders every page of the staged PDF (each in a child
-process, bounded in time and pixels: worker/pdf_render.py), stages each page image in
+process, bounded in time and pixels: vision_queue/pdf_render.py), stages each page image in
 Redis like an uploaded image, writes the document's record and queues one ordinary task
 per page (same task, options and priority, marked with the document and page). It then
 ends: nothing waits for the pages while holding a slot. Rendering happens here, on the
@@ -45,6 +45,7 @@ from vision_queue.errors import (
     TaskFailed,
     VisionQueueError,
 )
+from vision_queue.pdf_render import render_pages
 from vision_queue.protocol import (
     CANCEL_KEY,
     PROGRESS_STATE,
@@ -63,7 +64,6 @@ from vision_queue.staging import load_staged_image
 from worker.delivery.results import STORED, StreamTail
 from worker.delivery.webhooks import notify_task_end
 from worker.document_join import join_pages, page_entry
-from worker.pdf_render import render_pages
 
 # `runtime` below is worker.tasks.WorkerRuntime (not imported: tasks.py imports this module).
 WorkerRuntime = Any

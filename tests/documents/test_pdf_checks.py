@@ -16,9 +16,9 @@ from support.pdfs import (
 
 from vision_queue.documents import check_pdf
 from vision_queue.errors import InvalidDocument, TaskTimeout
+from vision_queue.pdf_render import render_page
 from vision_queue.settings import Settings
 from worker.document_join import join_pages, page_entry
-from worker.pdf_render import render_page
 
 pytestmark = pytest.mark.timeout(180)
 

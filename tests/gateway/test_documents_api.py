@@ -7,8 +7,9 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
-from gateway_support import WEBHOOK_SECRET, wait_for_result
+from gateway_support import API_KEY, MODEL, WEBHOOK_SECRET, GatewayProcess, wait_for_result
 from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
 from support.webhook_receiver import WebhookReceiver, documented_verifier
 
@@ -72,3 +73,53 @@ def test_a_documents_webhook_fires_once_for_the_whole_document(api: httpx.Client
     sent = json.loads(hook.body)
     assert [page["page"] for page in sent["pages"]] == [1, 2, 3]
     assert sent | {"state": result["state"]} == result
+
+
+def file_part(pdf: bytes) -> dict:
+    data = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    return {"type": "file", "file": {"filename": "report.pdf", "file_data": data}}
+
+
+def test_a_pdf_file_part_becomes_the_prompts_page_images(gateway: GatewayProcess, api):
+    with openai.OpenAI(
+        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=240
+    ) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Transcribe this document."},
+                        file_part(pillow_pdf(2)),
+                    ],
+                }
+            ],
+            max_tokens=6,
+        )
+        completion = raw.parse()
+        stored = api.get(f"/v1/tasks/{raw.headers['x-task-id']}").json()
+        assert stored["state"] == "SUCCESS"
+        assert completion.choices[0].message.content == stored["text"]
+        # Two page images in the prompt: more prompt tokens than one page alone.
+        one = sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [file_part(pillow_pdf(1))]}],
+            max_tokens=1,
+        )
+        assert completion.usage is not None and one.usage is not None
+        assert completion.usage.prompt_tokens > one.usage.prompt_tokens
+
+        # A document longer than the request's image cap goes to the task API.
+        with pytest.raises(openai.BadRequestError, match="/v1/tasks"):
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [file_part(pillow_pdf(9))]}],
+                max_tokens=1,
+            )
+        with pytest.raises(openai.BadRequestError, match="truncated"):
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [file_part(pillow_pdf(1)[:-100])]}],
+                max_tokens=1,
+            )

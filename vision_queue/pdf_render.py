@@ -2,7 +2,7 @@
 
 pdfium is not thread-safe and a hostile page can take unbounded time to draw (nested forms
 drawing each other a billion times) or ask for a bitmap of gigabytes (a 200-inch page at
-print resolution). So the pages are drawn by `python -m worker.pdf_render` in a child
+print resolution). So the pages are drawn by `python -m vision_queue.pdf_render` in a child
 process, which reports each page as it is done and which the worker kills once one page
 takes longer than VQ_DOCUMENT_PAGE_TIME_LIMIT_S; the scale is reduced so
 the bitmap never exceeds VQ_MAX_IMAGE_PIXELS before anything is allocated.
@@ -79,7 +79,7 @@ def _render_from(
     folder: str,
 ) -> list[bytes | VisionQueueError]:
     """Pages first..end-1 from one child, stopping after the first page that runs late."""
-    command = [sys.executable, "-m", "worker.pdf_render", pdf_path, str(first), str(end)]
+    command = [sys.executable, "-m", "vision_queue.pdf_render", pdf_path, str(first), str(end)]
     command += [str(dpi), str(max_pixels), folder]
     child = subprocess.Popen(  # our own module, fixed arguments
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
