@@ -25,11 +25,12 @@ import redis.asyncio
 
 from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
+from producer.documents import DocumentInput, document_outgoing, prepare_document
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 from vision_queue import tracing
-from vision_queue.errors import WaitTimeout
+from vision_queue.errors import InvalidInput, WaitTimeout
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -103,8 +104,11 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        document: DocumentInput | None = None,
+        max_failed_pages: int = 0,
     ) -> TaskHandle:
-        """Validate, stage image bytes, enqueue (see `Client.submit`, `idempotency_key` too)."""
+        """Validate, stage image bytes, enqueue (see `Client.submit`, `idempotency_key` and
+        `document` too)."""
         request = SubmitRequest(
             task,
             image_list(images),
@@ -121,9 +125,30 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             task_id,
             response_format,
         )
+        if document is not None:
+            if idempotency_key is not None:
+                raise InvalidInput("documents take no idempotency_key yet", field="idempotency_key")
+            return await self._submit_document(request, document, max_failed_pages)
         if idempotency_key is not None:
             return await self._submit_once(request, idempotency_key)
         return (await self.submit_many([request]))[0]
+
+    async def _submit_document(
+        self, request: SubmitRequest, document: Any, max_failed: int
+    ) -> TaskHandle:
+        self._check_loop()
+
+        def build() -> Outgoing:
+            # Reading and opening the PDF is disk and CPU work: off the loop.
+            draft, data, pages = prepare_document(
+                request, document, max_failed, self.settings, self._limits, self.local_files
+            )
+            return document_outgoing(self._envelope, draft, data, pages, max_failed)
+
+        with tracing.span("vq.submit", self._submit_attributes(1), kind="producer"):
+            item = await asyncio.to_thread(build)
+            await self._call(self._broker_url, _bound(self._send, [item]))
+        return item.handle
 
     async def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
         """Queue many tasks in a few round trips; one bad request queues none of them."""

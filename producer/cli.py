@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_URL",
         help="image file, http(s) URL, or - for the bytes on stdin; repeat for several images",
     )
+    submit.add_argument(
+        "--document",
+        metavar="PDF",
+        help="a PDF instead of images (ocr, describe, ask): one job, its pages run in parallel",
+    )
+    submit.add_argument(
+        "--max-failed-pages",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --document: the job still succeeds when at most N pages failed (default 0)",
+    )
     submit.add_argument("--prompt", help="your question (ask needs it; the others refuse it)")
     submit.add_argument(
         "--max-new-tokens", type=int, help="generation budget (capped per task, see below)"
@@ -224,6 +236,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         stop=args.stop,
         priority=args.priority,
         response_format=_response_format(args),
+        document=args.document,
+        max_failed_pages=args.max_failed_pages,
     )
     if not (args.wait or args.stream):
         print(json.dumps({"id": handle.id}) if args.json else handle.id)

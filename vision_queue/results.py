@@ -82,6 +82,9 @@ class TaskStatus:
     state: str  # PENDING (queued), STARTED, PROGRESS, RETRY, SUCCESS, FAILURE
     tokens: int = 0  # generated so far while running; in all, once finished
     worker: str = ""
+    # A document job (vision_queue/documents.py): pages ended so far, and its page count.
+    pages_done: int = 0
+    pages_total: int = 0
 
     @property
     def done(self) -> bool:
@@ -141,7 +144,22 @@ def is_final(meta: dict[str, Any]) -> bool:
 def status_of(task_id: str, meta: dict[str, Any]) -> TaskStatus:
     state = str(meta["status"])
     worker = str(meta.get("worker") or "")
-    return TaskStatus(task_id, "FAILURE" if state == "REVOKED" else state, _tokens(meta), worker)
+    shown = "FAILURE" if state == "REVOKED" else state
+    done, total = _pages(meta)
+    return TaskStatus(task_id, shown, _tokens(meta), worker, done, total)
+
+
+def _pages(meta: dict[str, Any]) -> tuple[int, int]:
+    """A document's (pages ended, pages in all), from its progress or its result."""
+    value = meta.get("result")
+    if is_final(meta) and meta.get("status") != "SUCCESS":
+        value = failure_carried(value)
+    if not isinstance(value, dict):
+        return 0, 0
+    done, total = value.get("pages_done", 0), value.get("pages_total", 0)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (done, total)):
+        return 0, 0
+    return done, total
 
 
 def _tokens(meta: dict[str, Any]) -> int:

@@ -175,6 +175,24 @@ class Settings(GatewaySettings):
         same=True,
     )
     max_images: int = setting("VQ_MAX_IMAGES", 8, "Most images in one request.", ALL, same=True)
+    document_max_pages: int = setting(
+        "VQ_DOCUMENT_MAX_PAGES", 100, "Most pages in one PDF document.", ALL, same=True
+    )
+    document_max_bytes: int = setting(
+        "VQ_DOCUMENT_MAX_BYTES", 50 * 1024 * 1024, "Largest PDF document file.", ALL, same=True
+    )
+    document_dpi: int = setting(
+        "VQ_DOCUMENT_DPI",
+        150,
+        "Resolution a PDF page is rendered at (scaled down to fit VQ_MAX_IMAGE_PIXELS).",
+        ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
+    )
+    document_page_time_limit_s: float = setting(
+        "VQ_DOCUMENT_PAGE_TIME_LIMIT_S",
+        30.0,
+        "Longest time rendering one PDF page may take (in a child process, then killed).",
+        ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
+    )
     max_prompt_chars: int = setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.", ALL, same=True)
     max_conversation_chars: int = setting(
         "VQ_MAX_CONVERSATION_CHARS",

@@ -30,6 +30,7 @@ from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
 from vision_queue import tracing
+from vision_queue.documents import page_marker
 from vision_queue.errors import (
     Cancelled,
     InvalidInput,
@@ -43,6 +44,7 @@ from vision_queue.settings import Settings
 from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import WebhookSender, notify_task_end
+from worker.documents import page_ended, page_ended_again, register_document_task
 from worker.handler import LeaseLost, TaskContext, TaskControl, handle
 
 if TYPE_CHECKING:
@@ -85,6 +87,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
             # Coded outcomes, not crashes: Celery logs them without a traceback.
             throws=(TaskFailed, Terminated),
         )(_task_function(runtime, name))
+    register_document_task(app, runtime)
     task_revoked.connect(_revoked_handler(runtime), weak=False, dispatch_uid="vq-revoked")
 
 
@@ -109,6 +112,7 @@ class _Run:
     stream: StreamWriter
     outcome: str = "success"
     delivery: int = 0
+    stored_state: str | None = None  # the final state this run stored, if it stored one
 
     @property
     def retries(self) -> int:
@@ -122,7 +126,9 @@ def execute(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> dict[str, Any]:
-    run = _start(task, runtime, name)
+    # A page of a document (worker/documents.py) stops when its document is cancelled too.
+    page = page_marker(args[0]) if len(args) == 1 else None
+    run = _start(task, runtime, name, page[0] if page else None)
     runtime.health.task_started(run.result.id)
     try:
         state = _run_request(run, args, kwargs)
@@ -131,9 +137,18 @@ def execute(
         runtime.health.task_finished(run.result.id)
         _log_and_measure(runtime, run.result, run.outcome, run.ctx.started_at, run.delivery)
         notify_task_end(runtime.webhooks, args, run.result.to_dict(), run.outcome)
+        if page is not None and run.stored_state is not None:
+            page_ended(
+                runtime, page[0], page[1], run.result.id, run.stored_state, run.result.to_dict()
+            )
+        elif page is not None and run.outcome == "duplicate":
+            # Stored by a worker that died before reporting it: report it now (once).
+            page_ended_again(runtime, page[0], page[1], run.result.id)
 
 
-def _start(task: Task, runtime: WorkerRuntime, name: TaskName) -> _Run:
+def _start(
+    task: Task, runtime: WorkerRuntime, name: TaskName, document_id: str | None = None
+) -> _Run:
     task_id: str = task.request.id
     lease = runtime.leases.for_task(task_id) if runtime.leases is not None else None
     results = runtime.results
@@ -153,7 +168,7 @@ def _start(task: Task, runtime: WorkerRuntime, name: TaskName) -> _Run:
         deadline=started_at + settings.task_time_limit_s,
         time_limit_s=settings.task_time_limit_s,
         still_ours=lease.valid if lease is not None else (lambda: True),
-        is_cancelled=_CancelWatch(task_id, runtime.redis),
+        is_cancelled=_CancelWatch(task_id, runtime.redis, document_id),
         report_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
         stream_text=stream.write,
     )
@@ -264,6 +279,7 @@ def _store_outcome(run: _Run, state: str) -> dict[str, Any]:
     if stored == EXISTS:
         run.outcome = "duplicate"
         raise Ignore()
+    run.stored_state = state
     if state == "SUCCESS":
         return payload
     if state == "REVOKED":
@@ -341,14 +357,17 @@ class _CancelWatch:
     """Cheap per-token check: the revoke broadcast lands in worker state at once; the Redis
     key (set by `Client.cancel`) covers a worker that started after the broadcast."""
 
-    def __init__(self, task_id: str, client: redis.Redis) -> None:
+    def __init__(self, task_id: str, client: redis.Redis, document_id: str | None = None) -> None:
         self.task_id = task_id
         self.client = client
+        # A page task also stops when its document is cancelled.
+        self.ids = (task_id,) if document_id is None else (task_id, document_id)
+        self.keys = [CANCEL_KEY.format(task_id=one) for one in self.ids]
         self._next_poll = 0.0
         self._cancelled = False
 
     def __call__(self) -> bool:
-        if self._cancelled or self.task_id in worker_state.revoked:
+        if self._cancelled or any(one in worker_state.revoked for one in self.ids):
             self._cancelled = True
             return True
         now = time.monotonic()
@@ -356,7 +375,7 @@ class _CancelWatch:
             self._next_poll = now + _CANCEL_POLL_INTERVAL_S
             # Redis restarting: keep generating; the revoke broadcast still applies.
             with contextlib.suppress(redis.RedisError):
-                self._cancelled = bool(self.client.exists(CANCEL_KEY.format(task_id=self.task_id)))
+                self._cancelled = bool(self.client.exists(*self.keys))
         return self._cancelled
 
 

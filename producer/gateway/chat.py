@@ -24,6 +24,7 @@ naming `response_format`, before anything is queued.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -100,7 +101,23 @@ class ImagePart(BaseModel):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class FileData(BaseModel):
+    model_config = _PART
+    filename: str | None = None
+    file_data: str = Field(description="data:application/pdf;base64,...")
+
+
+class FilePart(BaseModel):
+    """A PDF: its pages become the prompt's images, in order (gateway/chat_documents.py)."""
+
+    model_config = _PART
+    type: Literal["file"]
+    file: FileData
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
+# Draws a `file` part's pages: (file_data, where, images so far) -> PNG bytes per page.
+DocumentPages = Callable[[str, str, int], list[bytes]]
 
 
 class ChatCompletionMessage(BaseModel):
@@ -164,6 +181,7 @@ def conversation(
     request: ChatCompletionRequest,
     allowlist: frozenset[str] = frozenset(),
     max_image_bytes: int = 20 * 1024 * 1024,
+    documents: DocumentPages | None = None,
 ) -> Conversation:
     """The turns, images and options for `request`; InvalidInput naming the field if not.
 
@@ -194,6 +212,14 @@ def conversation(
                     continue
                 if role is not Role.USER:
                     raise InvalidInput("only user messages may carry images", field=where)
+                if isinstance(part, FilePart):
+                    if documents is None:
+                        raise InvalidInput("file parts are not accepted here", field=where)
+                    pages = documents(part.file.file_data, where, len(images))
+                    images.extend(pages)
+                    params.extend([where] * len(pages))
+                    shown += len(pages)
+                    continue
                 images.append(image_string(part.image_url.url, where, allowlist, max_image_bytes))
                 params.append(where)
                 shown += 1
@@ -203,9 +229,7 @@ def conversation(
     return Conversation(tuple(turns), images, params, _options(request), budget, priority)
 
 
-def _check_extra(
-    extra: dict[str, Any], prefix: str, ignored: tuple[str, ...] = IGNORED
-) -> None:
+def _check_extra(extra: dict[str, Any], prefix: str, ignored: tuple[str, ...] = IGNORED) -> None:
     for name, value in extra.items():
         if name in ignored:
             continue

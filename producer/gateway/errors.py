@@ -67,6 +67,8 @@ _TASK_STATUS = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.CANCELLED: 409,
     ErrorCode.MODEL_ERROR: 500,
+    ErrorCode.INVALID_DOCUMENT: 400,
+    ErrorCode.DOCUMENT_FAILED: 500,
 }
 _TYPES = {
     400: "invalid_request_error",

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from producer.gateway import chat, sse, usage
 from producer.gateway import idempotency as idempotent
 from producer.gateway.auth import Caller
+from producer.gateway.chat_documents import document_pages
 from producer.gateway.disconnect import (
     Disconnected,
     cancel_quietly,
@@ -95,9 +96,17 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
         if body.model != model:
             raise _unknown_model(body.model, model)
         allowlist = settings.private_host_allowlist
-        return body, chat.conversation(body, allowlist, settings.max_image_bytes)
 
-    body, convo = await off_loop_if_large(len(raw), parse)
+        def documents(file_data: str, where: str, images: int) -> list[bytes]:
+            return document_pages(file_data, where, images, settings)
+
+        return body, chat.conversation(body, allowlist, settings.max_image_bytes, documents)
+
+    # A `file` part's pages are drawn while parsing: never on the event loop.
+    if b'"file"' in raw:
+        body, convo = await anyio.to_thread.run_sync(parse)
+    else:
+        body, convo = await off_loop_if_large(len(raw), parse)
     try:
         handle = await idempotent.once(
             state,

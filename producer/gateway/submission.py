@@ -36,8 +36,13 @@ async def submit_task(
     callback_url: str | None = None,
     priority: Priority = Priority.NORMAL,
     task_id: str | None = None,
+    document: bytes | None = None,
+    max_failed_pages: int = 0,
 ) -> TaskHandle:
-    """Queue after every check; a refusal (400, 429, 503) leaves nothing queued or held."""
+    """Queue after every check; a refusal (400, 429, 503) leaves nothing queued or held.
+
+    A `document` (PDF bytes) is checked by the client, off the loop; its pages are drawn on
+    a worker, never in the gateway's process."""
     if callback_url is not None and not state.settings.webhook_secret:
         raise InvalidInput(
             "webhooks are not configured on this deployment (VQ_WEBHOOK_SECRET)",
@@ -66,6 +71,8 @@ async def submit_task(
             priority=priority,
             task_id=task_id,
             response_format=options.response_format,
+            document=document,
+            max_failed_pages=max_failed_pages,
         )
     except BaseException:
         await state.limiter.release(who.key_id, placeholder)

@@ -41,9 +41,17 @@ from producer.gateway.wire import (
     off_loop_if_large,
     submission_images,
 )
-from vision_queue.errors import ClientError, ImageTooLarge, InvalidInput, TaskFailed
+from vision_queue.documents import decode_base64_document
+from vision_queue.errors import (
+    ClientError,
+    ImageTooLarge,
+    InvalidDocument,
+    InvalidInput,
+    TaskFailed,
+)
 from vision_queue.results import result_json
 from vision_queue.schemas import ImageRef
+from vision_queue.settings import Settings
 from vision_queue.streams import check_cursor
 
 router = APIRouter(prefix="/v1/tasks", tags=["Tasks"])
@@ -78,15 +86,16 @@ _SUBMIT_BODY = {
 async def create_task(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    document: bytes | None = None
     if kind == "multipart/form-data":
-        submission, images = await _from_form(request, state)
+        submission, images, document = await _from_form(request, state)
     elif kind == "application/json" or kind.endswith("+json"):
         raw = await request.body()
 
         def parse() -> tuple[TaskSubmission, list[ImageRef | bytes]]:
             check_json_bounds(raw, state.settings.max_conversation_chars)
             submission = TaskSubmission.model_validate_json(raw)
-            check_text(submission.model_dump(exclude={"images"}))
+            check_text(submission.model_dump(exclude={"images", "document"}))
             settings = state.settings
             allowlist = settings.private_host_allowlist
             return submission, submission_images(
@@ -94,13 +103,19 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
             )
 
         submission, images = await off_loop_if_large(len(raw), parse)
+        if submission.document is not None:
+            data = submission.document.data
+            document = await off_loop_if_large(
+                len(data),
+                lambda: decode_base64_document(data, state.settings.document_max_bytes),
+            )
     else:
         raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
     handle = await idempotent.once(
         state,
         who.key_id,
         request,
-        [submission.model_dump(mode="json"), *images],
+        [submission.model_dump(mode="json"), *images, *([document] if document else [])],
         lambda task_id: submit_task(
             state,
             who,
@@ -112,6 +127,8 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
             callback_url=submission.callback_url,
             priority=submission.priority,
             task_id=task_id,
+            document=document,
+            max_failed_pages=submission.max_failed_pages,
         ),
         idempotent.task_of(submission.task),
     )
@@ -193,9 +210,14 @@ async def _snapshot(state: GatewayState, task_id: str) -> dict[str, Any]:
         if result is not None:
             return TaskResultBody.of(result_json(result)).to_json()
     current = cast("Unfinished", status.state if status.state in _UNFINISHED else "PENDING")
+    pages = {"pages_done": status.pages_done, "pages_total": status.pages_total}
     return TaskStatusBody(
-        id=task_id, state=current, tokens=status.tokens, worker=status.worker
-    ).model_dump(mode="json")
+        id=task_id,
+        state=current,
+        tokens=status.tokens,
+        worker=status.worker,
+        **(pages if status.pages_total else {}),
+    ).model_dump(mode="json", exclude_none=True)
 
 
 async def _events(
@@ -257,6 +279,21 @@ async def _pump(
             await close_stream(events)
 
 
+async def _form_document(item: Any, settings: Settings) -> bytes | None:
+    """The multipart `document` field: a PDF file, read up to VQ_DOCUMENT_MAX_BYTES."""
+    if item is None:
+        return None
+    if not isinstance(item, UploadFile):
+        raise InvalidInput("document must be a file (a PDF)", field="document")
+    data = await item.read(settings.document_max_bytes + 1)
+    if len(data) > settings.document_max_bytes:
+        raise InvalidDocument(
+            f"the PDF is larger than VQ_DOCUMENT_MAX_BYTES={settings.document_max_bytes}",
+            field="document",
+        )
+    return data
+
+
 def _status_of(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": snapshot["id"],
@@ -267,19 +304,21 @@ def _status_of(snapshot: dict[str, Any]) -> dict[str, Any]:
 
 async def _from_form(
     request: Request, state: GatewayState
-) -> tuple[TaskSubmission, list[ImageRef | bytes]]:
-    """Multipart: files (or URL text) under `images`, JSON text under messages/options."""
+) -> tuple[TaskSubmission, list[ImageRef | bytes], bytes | None]:
+    """Multipart: files (or URL text) under `images`, a PDF file under `document`, JSON
+    text under messages/options."""
     settings = state.settings
     form = await request.form(max_files=settings.max_images, max_fields=32)
     try:
         fields: dict[str, Any] = {}
-        for name in ("task", "prompt", "callback_url", "messages", "options", "priority"):
+        names = ("task", "prompt", "callback_url", "messages", "options", "priority")
+        for name in (*names, "max_failed_pages"):
             value = form.get(name)
             if value is None:
                 continue
             if not isinstance(value, str):
                 raise InvalidInput(f"{name} must be a text field, not a file", field=name)
-            if name in ("messages", "options"):
+            if name in ("messages", "options", "max_failed_pages"):
                 try:
                     fields[name] = json.loads(value)
                 except ValueError:
@@ -301,6 +340,6 @@ async def _from_form(
             else:
                 allowlist = settings.private_host_allowlist
                 images.append(image_string(item, where, allowlist, settings.max_image_bytes))
-        return submission, images
+        return submission, images, await _form_document(form.get("document"), settings)
     finally:
         await form.close()

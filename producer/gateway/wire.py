@@ -16,6 +16,7 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 
 from vision_queue.addresses import check_url
+from vision_queue.documents import DOCUMENT_RESULT_FIELDS
 from vision_queue.errors import ImageFetchFailed, InvalidInput
 from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.images import decode_base64_image
@@ -58,6 +59,8 @@ async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
     if size <= INLINE_PARSE_BYTES:
         return work()
     return await anyio.to_thread.run_sync(work)
+
+
 _OUTPUT = ConfigDict(extra="ignore")
 
 
@@ -69,6 +72,13 @@ class ImageInput(BaseModel):
     data: str | None = Field(
         None, description="The file as base64, or a data:image/...;base64, URI."
     )
+
+
+class DocumentData(BaseModel):
+    """A PDF, as base64 (or a data:application/pdf;base64, URI)."""
+
+    model_config = _STRICT
+    data: str
 
 
 class TaskSubmission(BaseModel):
@@ -100,6 +110,14 @@ class TaskSubmission(BaseModel):
         description="high, normal (default) or low: a worker takes a waiting high task "
         "before normal ones, and those before low ones.",
     )
+    document: DocumentData | None = Field(
+        None,
+        description="ocr, describe, ask: a PDF instead of images; its pages run in parallel "
+        "as one task whose result lists every page.",
+    )
+    max_failed_pages: int = Field(
+        0, description="With a document: it still succeeds when at most this many pages failed."
+    )
 
 
 class TaskUpload(BaseModel):
@@ -112,6 +130,8 @@ class TaskUpload(BaseModel):
     options: str | None = Field(None, description="JSON object, as in the JSON form.")
     callback_url: str | None = None
     priority: Priority = Priority.NORMAL
+    document: bytes | None = Field(None, json_schema_extra={"format": "binary"})
+    max_failed_pages: int = 0
 
 
 class TaskAccepted(BaseModel):
@@ -148,6 +168,11 @@ class TaskResultBody(BaseModel):
     worker: str = ""
     device: str = ""
     error: TaskError | None = None
+    # A document's pages, in order (page, id, state, text, usage, error when it failed).
+    pages: list[dict[str, Any]] | None = None
+    pages_total: int | None = None
+    pages_done: int | None = None
+    pages_failed: int | None = None
 
     @classmethod
     def of(cls, result: dict[str, Any]) -> TaskResultBody:
@@ -160,6 +185,9 @@ class TaskResultBody(BaseModel):
             del body["error"]
         elif body["error"]["field"] is None:
             del body["error"]["field"]
+        for name in DOCUMENT_RESULT_FIELDS:
+            if body[name] is None:
+                del body[name]
         return body
 
 
@@ -182,6 +210,8 @@ class TaskStatusBody(BaseModel):
     state: Unfinished
     tokens: int = Field(0, description="Tokens generated so far, while running.")
     worker: str = ""
+    pages_done: int | None = Field(None, description="A document: its pages ended so far.")
+    pages_total: int | None = Field(None, description="A document: its page count.")
 
 
 def url_image(url: str, field: str, allowlist: frozenset[str]) -> ImageRef:

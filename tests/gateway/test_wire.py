@@ -14,6 +14,7 @@ from producer.gateway.wire import (
     TaskSubmission,
     submission_images,
 )
+from vision_queue.documents import DOCUMENT_RESULT_FIELDS
 from vision_queue.errors import ImageFetchFailed, ImageTooLarge, InvalidInput
 from vision_queue.protocol import Priority
 from vision_queue.results import TaskResult, Timings
@@ -53,7 +54,15 @@ def test_the_result_schema_carries_every_field_of_the_contracts_result(result, s
 
 def test_the_result_schema_has_no_field_the_contract_lacks():
     keys = set(finished(error={"code": "cancelled", "message": ""}))
-    assert set(TaskResultBody.model_fields) == keys | {"state"}
+    # A document's result (vision_queue/documents.py) adds its pages.
+    assert set(TaskResultBody.model_fields) == keys | {"state", *DOCUMENT_RESULT_FIELDS}
+
+
+def test_a_documents_result_reads_back_unchanged():
+    page = {"page": 1, "id": "p", "state": "SUCCESS", "text": "t", "usage": {}, "worker": "w"}
+    pages = {"pages": [page], "pages_total": 1, "pages_done": 1, "pages_failed": 0}
+    stored = {**finished(), **pages, "state": "SUCCESS"}
+    assert TaskResultBody.of(stored).to_json() == stored
 
 
 def test_a_failure_before_any_worker_ran_still_fits_the_schema():

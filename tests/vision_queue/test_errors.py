@@ -7,9 +7,11 @@ import pytest
 from vision_queue.errors import (
     MAX_MESSAGE_CHARS,
     Cancelled,
+    DocumentFailed,
     ErrorCode,
     ImageFetchFailed,
     ImageTooLarge,
+    InvalidDocument,
     InvalidInput,
     ModelError,
     ResourceExhausted,
@@ -28,6 +30,8 @@ ALL = [
     ResourceExhausted,
     TaskTimeout,
     Cancelled,
+    InvalidDocument,
+    DocumentFailed,
 ]
 
 
@@ -41,6 +45,8 @@ def test_the_codes_are_the_documented_ones():
         "resource_exhausted",
         "timeout",
         "cancelled",
+        "invalid_document",
+        "document_failed",
     }
     assert {code.value for code in ErrorCode} == {cls.code.value for cls in ALL}
 

@@ -45,6 +45,7 @@ from celery.utils.time import maybe_iso8601
 from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
+from vision_queue.documents import DOCUMENT_TASK
 from vision_queue.protocol import TaskName
 
 # Our messages are well under 10 KB (images are references); this leaves room for the
@@ -52,7 +53,8 @@ from vision_queue.protocol import TaskName
 MAX_BODY_BYTES = 256 * 1024
 UNREADABLE_CONTENT_TYPE = "application/x-vq-unreadable"
 UNREADABLE_REASON_HEADER = "x-vq-unreadable"
-TASK_NAMES = frozenset(task.celery_name for task in TaskName)
+# The four tasks, and the document job whose pages run as those (vision_queue/documents.py).
+TASK_NAMES = frozenset(task.celery_name for task in TaskName) | {DOCUMENT_TASK}
 # An eta further ahead than this is refused: only Celery's own retries set one, at most
 # VQ_RETRY_BACKOFF_MAX_S ahead; this much more absorbs clock skew between workers.
 ETA_SLACK_S = 300.0

@@ -1,0 +1,114 @@
+"""Submitting a PDF: checked here, before anything is queued; rendered by the workers.
+
+`submit(..., document=...)` reads the PDF (a path, bytes or a binary file), checks it
+(`vision_queue.documents.check_pdf`: not a PDF, truncated, damaged, encrypted, no pages, too
+many, too large; a coded `invalid_document`), stages its bytes under their SHA-256 and
+queues one document job. The pages are drawn on a worker (CPU, in a child process per
+page), not in the client's process: a web backend never runs pdfium's drawing code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from producer.envelope import Envelope, Outgoing, new_id, safe_repr
+from producer.submission import Draft, SubmitRequest, prepare
+from vision_queue.documents import (
+    DOCUMENT_TASK,
+    check_document_task,
+    check_max_failed_pages,
+    check_pdf,
+    document_message,
+)
+from vision_queue.errors import InvalidDocument, InvalidInput
+from vision_queue.images import ImageLimits
+from vision_queue.protocol import STAGED_IMAGE_KEY, priority_queue
+from vision_queue.results import TaskHandle
+from vision_queue.schemas import ImageRef, ImageSource, TaskRequest
+from vision_queue.settings import Settings
+
+# What `submit(document=...)` accepts: PDF bytes, a local path, or a binary file object.
+DocumentInput = bytes | str | os.PathLike[str] | BinaryIO
+
+
+def read_document(document: Any, settings: Settings, local_files: bool = True) -> bytes:
+    """The PDF's bytes, at most VQ_DOCUMENT_MAX_BYTES of them read."""
+    cap = settings.document_max_bytes
+    if isinstance(document, (bytes, bytearray, memoryview)):
+        return bytes(document)
+    if isinstance(document, (str, os.PathLike)):
+        if not local_files:
+            raise InvalidInput("this client takes no paths", field="document")
+        path = os.fspath(document)
+        try:
+            with Path(path).open("rb") as file:
+                data = file.read(cap + 1)
+        except OSError as exc:
+            raise InvalidDocument(
+                f"{path[-200:]}: cannot be read ({exc.strerror or type(exc).__name__})",
+                field="document",
+            ) from None
+        return data
+    read = getattr(document, "read", None)
+    if callable(read):
+        data = read(cap + 1)
+        if isinstance(data, (bytes, bytearray)):
+            return bytes(data)
+    raise InvalidInput("document must be PDF bytes, a path or a binary file", field="document")
+
+
+def prepare_document(
+    request: SubmitRequest,
+    document: Any,
+    max_failed_pages: int,
+    settings: Settings,
+    limits: ImageLimits,
+    local_files: bool = True,
+) -> tuple[Draft, bytes, int]:
+    """Check everything (request rules first, then the PDF); nothing is written here."""
+    if request.images:
+        raise InvalidInput("give either images or a document, not both", field="document")
+    check_max_failed_pages(max_failed_pages)
+    data = read_document(document, settings, local_files)
+    digest = hashlib.sha256(data).hexdigest()
+    staged = ImageRef(ImageSource.STAGED, digest)
+    draft = prepare(
+        SubmitRequest(**{**request.__dict__, "images": (staged,)}), settings, limits, local_files
+    )
+    check_document_task(draft.task)
+    pages = check_pdf(data, settings)
+    return draft, data, pages
+
+
+def document_outgoing(
+    envelope: Envelope, draft: Draft, data: bytes, pages: int, max_failed_pages: int
+) -> Outgoing:
+    """Everything one document job writes: the staged PDF and the job's message."""
+    pdf = draft.images[0]
+    assert isinstance(pdf, ImageRef)
+    request = TaskRequest(
+        draft.task,
+        (pdf,),
+        draft.prompt,
+        draft.options,
+        messages=draft.messages,
+        callback_url=draft.callback_url,
+    )
+    task_id = draft.task_id or new_id()
+    argsrepr = safe_repr(request)
+    queue = priority_queue(envelope.settings.queue, draft.priority)
+    message = document_message(request, pages, draft.priority, max_failed_pages)
+    return Outgoing(
+        handle=TaskHandle(task_id, draft.task),
+        staged=((STAGED_IMAGE_KEY.format(digest=pdf.ref), data),),
+        message=envelope.task_message(
+            task_id, draft.task, message, argsrepr, queue, celery_name=DOCUMENT_TASK
+        ),
+        queue=queue,
+        sent_event=envelope.sent_event(
+            task_id, draft.task, argsrepr, queue, celery_name=DOCUMENT_TASK
+        ),
+    )

@@ -1,0 +1,125 @@
+"""PDF documents through the native task API: JSON base64 and multipart, on a real gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from gateway_support import API_KEY, MODEL, WEBHOOK_SECRET, GatewayProcess, wait_for_result
+from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
+from support.webhook_receiver import WebhookReceiver, documented_verifier
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_a_json_document_runs_as_one_task_with_its_pages(api: httpx.Client, tmp_path):
+    pdf = chromium_pdf("<h1>Invoice 42</h1><p>Total: 17 EUR</p>", tmp_path)
+    data = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    response = api.post("/v1/tasks", json={"task": "ocr", "document": {"data": data}})
+    assert response.status_code == 202, response.text
+    task_id = response.json()["id"]
+    result = wait_for_result(api, task_id, timeout_s=240)
+    assert result["state"] == "SUCCESS", result
+    assert result["pages_total"] == 1 and [p["page"] for p in result["pages"]] == [1]
+    assert result["text"] == result["pages"][0]["text"]
+
+
+def test_a_multipart_document_with_allowed_failures(api: httpx.Client):
+    files = {"document": ("report.pdf", pillow_pdf(2), "application/pdf")}
+    response = api.post("/v1/tasks", data={"task": "ocr", "max_failed_pages": "1"}, files=files)
+    assert response.status_code == 202, response.text
+    result = wait_for_result(api, response.json()["id"], timeout_s=240)
+    assert result["state"] == "SUCCESS", result
+    assert [p["state"] for p in result["pages"]] == ["SUCCESS", "SUCCESS"]
+    assert "\n\n--- page 2 ---\n\n" in result["text"]
+
+
+@pytest.mark.parametrize("kind", ["not-pdf", "truncated", "encrypted"])
+def test_an_unusable_pdf_is_a_400_before_anything_is_queued(api: httpx.Client, tmp_path, kind):
+    pdf = {
+        "not-pdf": lambda: b"GIF89a not a pdf",
+        "truncated": lambda: pillow_pdf(2)[:-200],
+        "encrypted": lambda: encrypted_pdf(pillow_pdf(1), tmp_path),
+    }[kind]()
+    body = {"task": "ocr", "document": {"data": base64.b64encode(pdf).decode()}}
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_document"
+
+
+def test_a_documents_webhook_fires_once_for_the_whole_document(api: httpx.Client):
+    receiver = WebhookReceiver()
+    try:
+        body = {
+            "task": "ocr",
+            "document": {"data": base64.b64encode(pillow_pdf(3)).decode()},
+            "callback_url": receiver.url("/hooks/doc"),
+        }
+        response = api.post("/v1/tasks", json=body)
+        assert response.status_code == 202, response.text
+        task_id = response.json()["id"]
+        result = wait_for_result(api, task_id, timeout_s=240)
+        (hook,) = receiver.wait_for(1)
+        time.sleep(2)  # no page sends one of its own, now or a little later
+        assert len(receiver.hooks) == 1
+    finally:
+        receiver.close()
+    assert documented_verifier()(WEBHOOK_SECRET, hook.headers["X-VQ-Signature"], hook.body)
+    assert hook.headers["X-VQ-Task-Id"] == task_id
+    sent = json.loads(hook.body)
+    assert [page["page"] for page in sent["pages"]] == [1, 2, 3]
+    assert sent | {"state": result["state"]} == result
+
+
+def file_part(pdf: bytes) -> dict:
+    data = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    return {"type": "file", "file": {"filename": "report.pdf", "file_data": data}}
+
+
+def test_a_pdf_file_part_becomes_the_prompts_page_images(gateway: GatewayProcess, api):
+    with openai.OpenAI(
+        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=240
+    ) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Transcribe this document."},
+                        file_part(pillow_pdf(2)),
+                    ],
+                }
+            ],
+            max_tokens=6,
+        )
+        completion = raw.parse()
+        stored = api.get(f"/v1/tasks/{raw.headers['x-task-id']}").json()
+        assert stored["state"] == "SUCCESS"
+        assert completion.choices[0].message.content == stored["text"]
+        # Two page images in the prompt: more prompt tokens than one page alone.
+        one = sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [file_part(pillow_pdf(1))]}],
+            max_tokens=1,
+        )
+        assert completion.usage is not None and one.usage is not None
+        assert completion.usage.prompt_tokens > one.usage.prompt_tokens
+
+        # A document longer than the request's image cap goes to the task API.
+        with pytest.raises(openai.BadRequestError, match="/v1/tasks"):
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [file_part(pillow_pdf(9))]}],
+                max_tokens=1,
+            )
+        with pytest.raises(openai.BadRequestError, match="truncated"):
+            sdk.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": [file_part(pillow_pdf(1)[:-100])]}],
+                max_tokens=1,
+            )

@@ -1,0 +1,183 @@
+"""PDF documents on a real worker: one job of page tasks, one result, partial failure, cancel.
+
+The PDFs come from tools this project does not own (headless Chromium, Pillow's PDF writer,
+qpdf) or are hand-assembled hostile files (tests/support/pdfs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
+from support.workers import WorkerProcess, base_env, run_cli, wait_until_generating
+
+from producer import Client
+from vision_queue.documents import DOCUMENT_KEY
+from vision_queue.errors import InvalidDocument
+from vision_queue.settings import Settings
+
+pytestmark = pytest.mark.timeout(300)
+
+LONG = 100_000
+CAPS = f"describe=16,ocr=16,compare=16,ask={LONG}"
+WORKER_ENV = {
+    "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "3",
+    "VQ_DOCUMENT_DPI": "72",
+    "VQ_MAX_NEW_TOKENS_CAPS": CAPS,
+    "VQ_TASK_TIME_LIMIT_S": "120",
+}
+
+
+@pytest.fixture(scope="module")
+def doc_worker(module_redis, tmp_path_factory) -> Iterator[WorkerProcess]:
+    with WorkerProcess(module_redis.url, tmp_path_factory.mktemp("doc-worker"), **WORKER_ENV) as w:
+        yield w
+
+
+@pytest.fixture
+def doc_client(module_redis, doc_worker) -> Iterator[Client]:
+    settings = Settings.from_env(
+        {}, redis_url=module_redis.url, connect_timeout_s=3.0, max_new_tokens_caps=CAPS
+    )
+    with Client(settings) as client:
+        yield client
+
+
+def page_ids(client: Client, doc_id: str) -> list[str]:
+    raw = redis.Redis.from_url(client.settings.effective_broker_url).hget(
+        DOCUMENT_KEY.format(doc_id=doc_id), "ids"
+    )
+    return json.loads(raw) if raw else []
+
+
+def test_a_pdf_printed_by_chromium_becomes_one_job_of_pages(doc_client: Client, tmp_path):
+    html = (
+        "<h1>Quarterly report</h1><p>Revenue grew 12 percent.</p>"
+        '<div style="page-break-after: always"></div><h1>Outlook</h1><p>Stable.</p>'
+    )
+    handle = doc_client.submit("ocr", document=chromium_pdf(html, tmp_path))
+    result = doc_client.result(handle.id, wait=True, timeout=240)
+    assert result is not None and result["state"] == "SUCCESS", result
+    doc = dict(result)
+    pages = doc["pages"]
+    assert [page["page"] for page in pages] == [1, 2]
+    assert all(page["state"] == "SUCCESS" for page in pages)
+    # Each page ran as a task of its own, under its own id.
+    ids = page_ids(doc_client, handle.id)
+    assert [page["id"] for page in pages] == ids and handle.id not in ids
+    assert doc["usage"]["completion_tokens"] == sum(
+        page["usage"]["completion_tokens"] for page in pages
+    )
+    assert doc["text"] == pages[0]["text"] + "\n\n--- page 2 ---\n\n" + pages[1]["text"]
+    status = doc_client.status(handle.id)
+    assert (status.state, status.pages_done, status.pages_total) == ("SUCCESS", 2, 2)
+
+
+def test_partial_failure_is_explicit(doc_client: Client):
+    # Page 2 draws forms nested 10**12 times: its drawing is stopped at the time limit.
+    document = endless_page_pdf(plain_pages=1)
+    allowed = doc_client.submit("ocr", document=document, max_failed_pages=1)
+    strict = doc_client.submit("ocr", document=document)
+    ok = doc_client.result(allowed.id, wait=True, timeout=240)
+    failed = doc_client.result(strict.id, wait=True, timeout=240)
+    assert ok is not None and ok["state"] == "SUCCESS", ok
+    assert [page["state"] for page in dict(ok)["pages"]] == ["SUCCESS", "FAILURE"]
+    assert dict(ok)["pages"][1]["error"]["code"] == "timeout"
+    assert failed is not None and failed["state"] == "FAILURE"
+    assert failed["error"]["code"] == "document_failed"
+    assert [page["state"] for page in dict(failed)["pages"]] == ["SUCCESS", "FAILURE"]
+
+
+def test_cancelling_a_document_cancels_its_running_and_queued_pages(doc_client: Client):
+    handle = doc_client.submit(
+        "ask", document=pillow_pdf(3), prompt="Tell a very long story.", max_new_tokens=LONG
+    )
+    deadline = time.monotonic() + 120
+    while not page_ids(doc_client, handle.id):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ids = page_ids(doc_client, handle.id)
+    wait_until_generating(doc_client, ids[0], timeout_s=120)
+    assert doc_client.status(handle.id).pages_total == 3
+    cancelled_at = time.monotonic()
+    doc_client.cancel(handle.id)
+    result = doc_client.result(handle.id, wait=True, timeout=60)
+    assert time.monotonic() - cancelled_at < 20
+    assert result is not None and result["state"] == "FAILURE"
+    assert result["error"]["code"] == "cancelled"
+    pages = dict(result)["pages"]
+    assert len(pages) == 3 and all(page["state"] == "CANCELLED" for page in pages)
+    # The running page kept what it generated before the cancel.
+    assert pages[0]["usage"]["completion_tokens"] > 0
+    for page_id in ids:
+        page = doc_client.result(page_id)
+        assert page is not None and page["error"]["code"] == "cancelled"
+
+
+def test_hostile_pdfs_are_refused_before_anything_is_queued(doc_client: Client, tmp_path):
+    queue = redis.Redis.from_url(doc_client.settings.effective_broker_url)
+    before = queue.llen(doc_client.settings.queue)
+    for bad in (b"not a pdf", pillow_pdf(2)[:-200], encrypted_pdf(pillow_pdf(1), tmp_path)):
+        with pytest.raises(InvalidDocument):
+            doc_client.submit("ocr", document=bad)
+    small = Settings.from_env({}, redis_url=doc_client.settings.redis_url, document_max_pages=2)
+    with Client(small) as other, pytest.raises(InvalidDocument, match="MAX_PAGES=2"):
+        other.submit("ocr", document=pillow_pdf(3))
+    assert queue.llen(doc_client.settings.queue) == before
+
+
+def test_the_cli_runs_a_document_and_shows_its_pages(module_redis, doc_worker, tmp_path):
+    env = base_env(module_redis.url, VQ_MAX_NEW_TOKENS_CAPS=CAPS)
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pillow_pdf(2))
+    done = run_cli(
+        "producer",
+        ["submit", "--task", "ocr", "--document", str(path), "--wait", "--json"],
+        env,
+        timeout_s=240,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [page["page"] for page in result["pages"]] == [1, 2]
+    status = run_cli("producer", ["status", result["id"], "--json"], env)
+    assert json.loads(status.stdout)["pages_total"] == 2
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(pillow_pdf(2)[:-200])
+    refused = run_cli("producer", ["submit", "--task", "ocr", "--document", str(bad)], env)
+    assert refused.returncode == 2 and "invalid_document" in refused.stderr
+
+
+def test_a_worker_killed_mid_document_loses_no_page(tmp_path):
+    from support.redis_server import RedisServer
+
+    env = {**WORKER_ENV, "VQ_LEASE_TTL_S": "2"}
+    with RedisServer(tmp_path / "redis") as server:
+        settings = Settings.from_env(
+            {}, redis_url=server.url, connect_timeout_s=3.0, max_new_tokens_caps=CAPS
+        )
+        with Client(settings) as client:
+            first = WorkerProcess(server.url, tmp_path / "a", **env).start()
+            try:
+                handle = client.submit(
+                    "ask", document=pillow_pdf(2), prompt="Tell a story.", max_new_tokens=1500
+                )
+                deadline = time.monotonic() + 120
+                while not page_ids(client, handle.id):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                wait_until_generating(client, page_ids(client, handle.id)[0], timeout_s=120)
+            finally:
+                first.signal(signal.SIGKILL)
+                first.wait()
+            with WorkerProcess(server.url, tmp_path / "b", **env) as second:
+                result = client.result(handle.id, wait=True, timeout=280)
+                assert result is not None and result["state"] == "SUCCESS", result
+                pages = dict(result)["pages"]
+                assert [page["state"] for page in pages] == ["SUCCESS", "SUCCESS"]
+                # The page the first worker was generating ran again on the second.
+                assert pages[0]["worker"] == second.name

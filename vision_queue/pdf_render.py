@@ -1,0 +1,149 @@
+"""Rendering one PDF page to PNG, bounded: in a child process, at most so many pixels.
+
+pdfium is not thread-safe and a hostile page can take unbounded time to draw (nested forms
+drawing each other a billion times) or ask for a bitmap of gigabytes (a 200-inch page at
+print resolution). So the pages are drawn by `python -m vision_queue.pdf_render` in a child
+process, which reports each page as it is done and which the worker kills once one page
+takes longer than VQ_DOCUMENT_PAGE_TIME_LIMIT_S; the scale is reduced so
+the bitmap never exceeds VQ_MAX_IMAGE_PIXELS before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import selectors
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from vision_queue.errors import ImageTooLarge, InvalidDocument, TaskTimeout, VisionQueueError
+
+_POINTS_PER_INCH = 72.0
+# A page whose scaled bitmap would be smaller than this on a side is refused rather than
+# drawn as a smear (an absurdly long, thin page).
+_MIN_SIDE = 16
+# Starting the child (Python, pdfium) counts apart from the first page's drawing time.
+_START_ALLOWANCE_S = 10.0
+
+
+def page_scale(width_pt: float, height_pt: float, dpi: int, max_pixels: int) -> float:
+    """The scale (pixels per point) to draw a page at: `dpi`, or less to fit `max_pixels`."""
+    if not (width_pt > 0 and height_pt > 0 and math.isfinite(width_pt * height_pt)):
+        raise InvalidDocument("the page has no size", field="document")
+    scale = dpi / _POINTS_PER_INCH
+    if width_pt * height_pt * scale * scale > max_pixels:
+        scale = math.sqrt(max_pixels / (width_pt * height_pt)) * 0.999
+    if min(width_pt, height_pt) * scale < _MIN_SIDE:
+        raise ImageTooLarge(
+            f"the page ({width_pt:.0f} x {height_pt:.0f} pt) cannot be drawn within "
+            f"VQ_MAX_IMAGE_PIXELS={max_pixels}",
+            field="document",
+        )
+    return scale
+
+
+def render_pages(
+    pdf_path: str, pages: int, dpi: int, max_pixels: int, time_limit_s: float
+) -> list[bytes | VisionQueueError]:
+    """Every page of the PDF at `pdf_path` as PNG bytes, or the coded error it failed with.
+
+    One child process draws the pages in order, reporting each on a line; a page that takes
+    longer than `time_limit_s` gets its child killed (that page fails with `timeout`) and a
+    new child goes on from the next page."""
+    out: list[bytes | VisionQueueError] = []
+    with tempfile.TemporaryDirectory(prefix="vq-pages-") as folder:
+        while len(out) < pages:
+            out.extend(
+                _render_from(pdf_path, len(out), pages, dpi, max_pixels, time_limit_s, folder)
+            )
+    return out
+
+
+def render_page(pdf_path: str, index: int, dpi: int, max_pixels: int, time_limit_s: float) -> bytes:
+    """Page `index` (0-based) as PNG bytes; coded errors only."""
+    with tempfile.TemporaryDirectory(prefix="vq-page-") as folder:
+        page = _render_from(pdf_path, index, index + 1, dpi, max_pixels, time_limit_s, folder)[0]
+    if isinstance(page, VisionQueueError):
+        raise page
+    return page
+
+
+def _render_from(
+    pdf_path: str,
+    first: int,
+    end: int,
+    dpi: int,
+    max_pixels: int,
+    time_limit_s: float,
+    folder: str,
+) -> list[bytes | VisionQueueError]:
+    """Pages first..end-1 from one child, stopping after the first page that runs late."""
+    command = [sys.executable, "-m", "vision_queue.pdf_render", pdf_path, str(first), str(end)]
+    command += [str(dpi), str(max_pixels), folder]
+    child = subprocess.Popen(  # our own module, fixed arguments
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert child.stdout is not None
+    out: list[bytes | VisionQueueError] = []
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(child.stdout, selectors.EVENT_READ)
+            for index in range(first, end):
+                # The first page's limit also covers the child's start (imports).
+                limit = time_limit_s + (_START_ALLOWANCE_S if index == first else 0.0)
+                if not selector.select(timeout=limit):
+                    out.append(
+                        TaskTimeout(
+                            f"page {index + 1} took longer than VQ_DOCUMENT_PAGE_TIME_LIMIT_S="
+                            f"{time_limit_s:g}s to draw",
+                            field="document",
+                        )
+                    )
+                    return out
+                line = child.stdout.readline().decode("utf-8", "replace").strip()
+                out.append(_page_outcome(line, index, folder))
+                if not line:
+                    return out  # the child died: the next child goes on from the next page
+    finally:
+        child.kill()
+        child.wait()
+    return out
+
+
+def _page_outcome(line: str, index: int, folder: str) -> bytes | VisionQueueError:
+    if line == "ok":
+        path = Path(folder) / f"page-{index}.png"
+        data = path.read_bytes()
+        path.unlink()
+        return data
+    if line.startswith("image_too_large:"):
+        return ImageTooLarge(line.split(":", 1)[1].strip(), field="document")
+    reason = line.split(":", 1)[1].strip() if ":" in line else "the renderer stopped"
+    return InvalidDocument(f"page {index + 1} could not be drawn ({reason})", field="document")
+
+
+def _main(argv: list[str]) -> int:
+    import pypdfium2 as pdfium
+
+    pdf_path, first, end, dpi, max_pixels, folder = argv[0], *map(int, argv[1:5]), argv[5]
+    pdf = pdfium.PdfDocument(pdf_path)
+    for index in range(first, end):
+        try:
+            page = pdf[index]
+            width, height = page.get_size()
+            scale = page_scale(width, height, dpi, max_pixels)
+            image = page.render(scale=scale).to_pil().convert("RGB")
+            image.save(Path(folder) / f"page-{index}.png", format="PNG")
+            line = "ok"
+        except ImageTooLarge as exc:
+            line = f"image_too_large: {exc.message}"
+        except Exception as exc:  # one page's fault; the next page is drawn
+            line = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        sys.stdout.write(line.replace("\n", " ") + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
