@@ -27,6 +27,7 @@ from producer.gateway import files
 from producer.gateway import idempotency as idempotent
 from producer.gateway.batch_lines import ENDPOINTS, MAX_LINES, check_file
 from producer.gateway.errors import ApiError, GatewayCode
+from producer.gateway.listing import list_page
 from producer.gateway.state import Authorized, state_of
 from vision_queue.errors import InvalidInput
 from vision_queue.protocol import Priority
@@ -114,24 +115,12 @@ async def list_batches(
     state = state_of(request)
     index = store.KEY_BATCHES_KEY.format(key_id=who.key_id)
     ids = [store._text(i) for i in await state.redis.zrevrange(index, 0, -1)]
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1 :]
-    data: list[dict[str, Any]] = []
-    for batch_id in ids:
-        if len(data) > limit:
-            break
+
+    async def load(batch_id: str) -> dict[str, Any] | None:
         record = await store.owned(state.redis, batch_id, who.key_id)
-        if record is not None:
-            data.append(store.batch_object(record))
-    more = len(data) > limit
-    data = data[:limit]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
+        return None if record is None else store.batch_object(record)
+
+    return await list_page(ids, after, limit, load)
 
 
 @router.get("/{batch_id}", summary="A batch", responses=_MISSING)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from producer.gateway.errors import ApiError, GatewayCode
+from producer.gateway.listing import list_page
 from producer.gateway.state import Authorized, GatewayState, state_of
 from vision_queue.errors import InvalidInput
 from vision_queue.protocol import KEY_PREFIX
@@ -197,28 +198,16 @@ async def list_files(
     index = KEY_FILES_KEY.format(key_id=who.key_id)
     found = await state.redis.zrange(index, 0, -1, desc=order == "desc")
     ids = [_text(i) for i in found]  # type: ignore[arg-type]
-    if after is not None and after in ids:
-        ids = ids[ids.index(after) + 1 :]
-    data: list[dict[str, Any]] = []
-    for file_id in ids:
-        if len(data) > limit:
-            break
+
+    async def load(file_id: str) -> dict[str, Any] | None:
         raw = await state.redis.hget(FILE_KEY.format(file_id=file_id), "meta")
         if raw is None:
-            continue
-        meta = json.loads(raw)
+            return None
+        meta: dict[str, Any] = json.loads(raw)
         meta.pop("owner", None)
-        if purpose is None or meta["purpose"] == purpose:
-            data.append(meta)
-    more = len(data) > limit
-    data = data[:limit]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
+        return meta if purpose is None or meta["purpose"] == purpose else None
+
+    return await list_page(ids, after, limit, load)
 
 
 @router.get("/{file_id}", summary="A file object", responses=_MISSING)

@@ -19,26 +19,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.gateway import chat, sse, usage
 from producer.gateway import idempotency as idempotent
+from producer.gateway.answers import check_model, finished_task
 from producer.gateway.auth import Caller
 from producer.gateway.chat_documents import document_pages
 from producer.gateway.disconnect import (
-    Disconnected,
     cancel_quietly,
     close_stream,
-    unless_disconnected,
 )
-from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
+from producer.gateway.errors import from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
 from producer.gateway.wire import check_json_bounds, check_text, off_loop_if_large
-from vision_queue.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
+from vision_queue.errors import ClientError, TaskFailed, VisionQueueError
 from vision_queue.protocol import TaskName
-from vision_queue.results import result_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 # nginx's convention for "the client closed the request": only metrics ever see it.
-CLIENT_CLOSED = 499
 # Beside the errors every /v1 route documents (app._document_errors).
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown model."},
@@ -57,8 +54,7 @@ async def list_models(request: Request, who: Authorized) -> dict[str, Any]:
 @router.get("/models/{model_id}", summary="One model", responses={404: _ERRORS[404]})
 async def get_model(model_id: str, request: Request, who: Authorized) -> dict[str, Any]:
     name = state_of(request).settings.gateway_model_name
-    if model_id != name:
-        raise _unknown_model(model_id, name)
+    check_model(model_id, name)
     return chat.model_card(name)
 
 
@@ -93,8 +89,7 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
         check_json_bounds(raw, settings.max_conversation_chars)
         body = chat.ChatCompletionRequest.model_validate_json(raw)
         check_text({**body.model_dump(), **(body.model_extra or {})})
-        if body.model != model:
-            raise _unknown_model(body.model, model)
+        check_model(body.model, model)
         allowlist = settings.private_host_allowlist
 
         def documents(file_data: str, where: str, images: int) -> list[bytes]:
@@ -136,38 +131,10 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
             media_type=sse.MEDIA_TYPE,
             headers={**sse.HEADERS, **headers},
         )
-    try:
-        result = await _wait(state, request, handle.id)
-    except WaitTimeout as exc:
-        error = from_exception(exc)
-        error.headers = headers
-        raise error from None
-    finally:
-        with anyio.CancelScope(shield=True):
-            await state.limiter.release(who.key_id, handle.id)
-    if result is None:
-        return Response(status_code=CLIENT_CLOSED)
-    await usage.count(state, who.key_id, handle.id, result)
-    if result.get("state") != "SUCCESS":
-        error = task_error(result.get("error") or {})
-        error.param = convo.param_of(error.param)
-        error.headers = headers
-        raise error
-    return JSONResponse(chat.completion(handle.id, model, result), headers=headers)
-
-
-async def _wait(state: GatewayState, request: Request, task_id: str) -> dict[str, Any] | None:
-    """The result, or None when the caller went away (the task is cancelled then)."""
-    waiting = state.client.result(task_id, wait=True, timeout=state.settings.gateway_wait_timeout_s)
-    try:
-        result = result_json(await unless_disconnected(request, waiting))
-    except Disconnected:
-        await cancel_quietly(state.client.cancel(task_id), task_id)
-        return None
-    except WaitTimeout:
-        await cancel_quietly(state.client.cancel(task_id), task_id)
-        raise
-    return result
+    outcome = await finished_task(state, request, who, handle.id, headers, convo.param_of)
+    if isinstance(outcome, Response):
+        return outcome
+    return JSONResponse(chat.completion(handle.id, model, outcome), headers=headers)
 
 
 async def _stream(
@@ -208,12 +175,3 @@ async def _stream(
             if not ended:
                 await cancel_quietly(state.client.cancel(task_id), task_id)
             await state.limiter.release(who.key_id, task_id)
-
-
-def _unknown_model(asked: str, served: str) -> ApiError:
-    return ApiError(
-        404,
-        GatewayCode.MODEL_NOT_FOUND.value,
-        f"the model {asked[:100]!r} does not exist here; this gateway serves {served!r}",
-        param="model",
-    )

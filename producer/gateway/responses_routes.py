@@ -21,22 +21,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.gateway import chat, sse, usage
 from producer.gateway import responses as shapes
+from producer.gateway.answers import check_model, finished_task
 from producer.gateway.auth import Caller
 from producer.gateway.disconnect import (
-    Disconnected,
     cancel_quietly,
     close_stream,
-    unless_disconnected,
 )
-from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
+from producer.gateway.errors import from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import submit_task
-from vision_queue.errors import ClientError, TaskFailed, VisionQueueError, WaitTimeout
+from vision_queue.errors import ClientError, TaskFailed, VisionQueueError
 from vision_queue.protocol import TaskName
-from vision_queue.results import result_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
-CLIENT_CLOSED = 499
 
 
 @router.post(
@@ -56,13 +53,7 @@ async def create_response(
 ) -> Response:
     state = state_of(request)
     model = state.settings.gateway_model_name
-    if body.model != model:
-        raise ApiError(
-            404,
-            GatewayCode.MODEL_NOT_FOUND.value,
-            f"the model {body.model[:100]!r} does not exist here; this gateway serves {model!r}",
-            param="model",
-        )
+    check_model(body.model, model)
     convo = chat.conversation(shapes.chat_request(body), state.settings.private_host_allowlist)
     try:
         handle = await submit_task(
@@ -85,24 +76,12 @@ async def create_response(
             media_type=sse.MEDIA_TYPE,
             headers={**sse.HEADERS, **headers},
         )
-    try:
-        result = await _wait(state, request, handle.id)
-    except WaitTimeout as exc:
-        error = from_exception(exc)
-        error.headers = headers
-        raise error from None
-    finally:
-        with anyio.CancelScope(shield=True):
-            await state.limiter.release(who.key_id, handle.id)
-    if result is None:
-        return Response(status_code=CLIENT_CLOSED)
-    await usage.count(state, who.key_id, handle.id, result)
-    if result.get("state") != "SUCCESS":
-        error = task_error(result.get("error") or {})
-        error.param = _param(convo.param_of(error.param))
-        error.headers = headers
-        raise error
-    return JSONResponse(shapes.response(handle.id, model, body, created, result), headers=headers)
+    outcome = await finished_task(
+        state, request, who, handle.id, headers, lambda field: _param(convo.param_of(field))
+    )
+    if isinstance(outcome, Response):
+        return outcome
+    return JSONResponse(shapes.response(handle.id, model, body, created, outcome), headers=headers)
 
 
 def _param(field: str | None) -> str | None:
@@ -110,18 +89,6 @@ def _param(field: str | None) -> str | None:
     if field and field.startswith("messages["):
         return "input"
     return field
-
-
-async def _wait(state: GatewayState, request: Request, task_id: str) -> dict[str, Any] | None:
-    waiting = state.client.result(task_id, wait=True, timeout=state.settings.gateway_wait_timeout_s)
-    try:
-        return result_json(await unless_disconnected(request, waiting))
-    except Disconnected:
-        await cancel_quietly(state.client.cancel(task_id), task_id)
-        return None
-    except WaitTimeout:
-        await cancel_quietly(state.client.cancel(task_id), task_id)
-        raise
 
 
 class _Events:
