@@ -309,14 +309,18 @@ def _submit_into(client: Client, ids: list[str], accepted_at: list[float], count
 
 
 def _runs(worker: WorkerProcess, expected: list[str]) -> dict[str, list[str]]:
-    """Outcomes per task id from the worker's one line per task, leaving out `duplicate`
-    (a redelivered message whose result was already stored: skipped, not run). Each line is
-    logged just after the result is stored, so wait (bounded) for every expected id's."""
+    """Outcomes per task id from the worker's one line per task, leaving out what did not
+    run: `duplicate` (a redelivered message whose result was already stored) and an
+    `abandoned` take that processed no token (the worker found its lease gone before the
+    task started, on the new master, and handed the message back). Each line is logged just
+    after the result is stored, so wait (bounded) for every expected id's."""
     deadline = time.monotonic() + 30
+    line = r"task id=(\S+) task=\S+ outcome=(\S+) .*?prompt_tokens=(\d+) completion_tokens=(\d+)"
     while True:
         runs: dict[str, list[str]] = {}
-        for task_id, outcome in re.findall(r"task id=(\S+) task=\S+ outcome=(\S+)", worker.log()):
-            if outcome != "duplicate":
+        for task_id, outcome, prompt, completion in re.findall(line, worker.log()):
+            never_started = outcome == "abandoned" and prompt == completion == "0"
+            if outcome != "duplicate" and not never_started:
                 runs.setdefault(task_id, []).append(outcome)
         if all(task_id in runs for task_id in expected) or time.monotonic() > deadline:
             return runs
