@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from vision_queue.errors import InvalidInput
+from vision_queue.schema_finite import require_finite
 
 FIELD = "response_format"
 MAX_SCHEMA_BYTES = 16 * 1024  # the schema's compact JSON
@@ -122,6 +123,7 @@ def grammar_for(response_format: dict[str, Any]) -> str:
             f"response_format schema is {len(text)} bytes as JSON, more than {MAX_SCHEMA_BYTES}",
             field=FIELD,
         )
+    require_finite(schema, FIELD)
     # The grammar is plain JSON: {"grammars": [{"json_schema": ..., ...}]}, as llguidance's
     # grammar_from_json_schema writes it; built here so the producer needs no llguidance.
     return orjson.dumps(

@@ -109,6 +109,16 @@ UNSUPPORTED: dict[str, dict[str, Any]] = {
     "if_then_else": {"type": "object", "if": {"required": ["a"]}, "then": {}},
     "unknown_type": {"type": "object", "properties": {"a": {"type": "strin"}}},
     "dependent_schemas": {"type": "object", "dependentSchemas": {"a": {}}},
+    # No finite JSON satisfies these: every value must follow the $ref cycle.
+    "required_ref_cycle": {
+        "$defs": {"node": {
+            "type": "object",
+            "properties": {"next": {"$ref": "#/$defs/node"}},
+            "required": ["next"],
+        }},
+        "$ref": "#/$defs/node",
+    },
+    "ref_to_itself": {"$ref": "#"},
 }
 
 
