@@ -1,6 +1,7 @@
 """One request, one trace: with OTEL_EXPORTER_OTLP_ENDPOINT set on the gateway, a client
 and the worker, the spans of a task's whole way (HTTP handling, submit, the queue wait,
-fetch, preprocess, prefill, decode, store) share one trace id, each under its parent.
+fetch, preprocess, prefill, decode, store, its webhook's attempts) share one trace id,
+each under its parent.
 Real processes: redis-server, `producer serve`, `worker run`, a loopback OTLP collector."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from gateway_support import API_KEY, STACK_ENV, GatewayProcess
 from support.otlp import OtlpCollector
+from support.webhook_receiver import WebhookReceiver
 from support.workers import WorkerProcess, base_env
 
 pytest.importorskip("opentelemetry.instrumentation.fastapi", reason="no otel extra")
@@ -72,19 +74,26 @@ def test_a_gateway_request_is_one_trace_down_to_the_decode(
         httpx.Client(
             base_url=gateway.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
         ) as api,
+        WebhookReceiver(statuses=(503, 200)) as receiver,
     ):
-        # Given a traced gateway and worker, when a task is submitted over HTTP and runs
+        # Given a traced gateway and worker, when a task is submitted over HTTP, runs, and
+        # its webhook is answered 503 once, then 200
         answer = api.post("/v1/tasks", json={"task": "ask", "prompt": "Hi", "options": {
-            "max_new_tokens": 4}})
+            "max_new_tokens": 4}, "callback_url": receiver.url("/hooks/traced?token=secret")})
         assert answer.status_code == 202, answer.text
         task_id = answer.json()["id"]
         deadline = time.monotonic() + 60
         while api.get(f"/v1/tasks/{task_id}").json().get("state") not in ("SUCCESS", "FAILURE"):
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        spans = _trace_of(collector, task_id, {"vq.submit", *WORKER_STAGES})
+        receiver.wait_for(2)
+        spans = _trace_of(collector, task_id, {"vq.submit", "vq.webhook", *WORKER_STAGES})
+        while len([s for s in spans if s.name == "vq.webhook"]) < 2:
+            time.sleep(0.2)
+            spans = _trace_of(collector, task_id, {"vq.webhook"})
     # Then its spans form one trace: the HTTP request, the submit in it, the worker's run
-    # under the submit, and the worker's stages under the run
+    # under the submit, the worker's stages under the run, and each webhook attempt (a
+    # client span naming the host and the outcome, never the URL) under the run too
     services = collector.services_of_spans()
     (submit,) = [s for s in spans if s.name == "vq.submit"]
     (run,) = [s for s in spans if s.name.startswith("run/")]
@@ -94,6 +103,14 @@ def test_a_gateway_request_is_one_trace_down_to_the_decode(
     for name in WORKER_STAGES:
         (stage,) = [s for s in spans if s.name == name]
         assert stage.parent_span_id == run.span_id, name
+    attempts = sorted(
+        ({a.key: a.value for a in s.attributes} for s in spans if s.name == "vq.webhook"),
+        key=lambda about: about["vq.webhook.attempt"].int_value,
+    )
+    assert [a["vq.webhook.outcome"].string_value for a in attempts] == ["503", "delivered"]
+    hooks = [s for s in spans if s.name == "vq.webhook"]
+    assert all(_parent(spans, hook) is run for hook in hooks)
+    assert not any("secret" in str(a) for a in attempts)
 
 
 CLIENT_SCRIPT = """

@@ -21,15 +21,15 @@ import redis
 
 from vision_queue.protocol import STATS_KEY, WEBHOOK_KEY, WEBHOOK_OUTBOX_KEY
 
-# KEYS: outbox, record. ARGV: task id, url, body, hold ms, ttl s. 1 if recorded, 0 if the
-# task already has a delivery (a second end of the same task sends nothing more).
+# KEYS: outbox, record. ARGV: task id, url, body, hold ms, ttl s, trace. 1 if recorded, 0
+# if the task already has a delivery (a second end of the same task sends nothing more).
 _RECORD = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return 0
 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('HSET', KEYS[2], 'url', ARGV[2], 'body', ARGV[3], 'attempts', 0)
+redis.call('HSET', KEYS[2], 'url', ARGV[2], 'body', ARGV[3], 'attempts', 0, 'trace', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[4]), ARGV[1])
 return 1
@@ -45,21 +45,22 @@ end
 return 1
 """
 # KEYS: outbox. ARGV: most to claim, hold ms, record key prefix. Returns, per delivery
-# claimed, its task id, url, body and attempts made. A due id whose record expired is
-# dropped.
+# claimed, its task id, url, body, attempts made and trace context. A due id whose record
+# expired is dropped.
 _CLAIM = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
 local claimed = {}
 for _, task_id in ipairs(due) do
-  local record = redis.call('HMGET', ARGV[3] .. task_id, 'url', 'body', 'attempts')
+  local record = redis.call('HMGET', ARGV[3] .. task_id, 'url', 'body', 'attempts', 'trace')
   if record[1] then
     redis.call('ZADD', KEYS[1], 'XX', now_ms + tonumber(ARGV[2]), task_id)
     table.insert(claimed, task_id)
     table.insert(claimed, record[1])
     table.insert(claimed, record[2])
     table.insert(claimed, record[3])
+    table.insert(claimed, record[4] or '')
   else
     redis.call('ZREM', KEYS[1], task_id)
   end
@@ -74,6 +75,9 @@ class Delivery:
     task_id: str
     body: bytes
     attempts_made: int = 0  # by this or earlier senders; the next attempt is one more
+    # The ended task's trace context (W3C headers as JSON, "" untraced): a sender, this
+    # worker's or one that takes the delivery over, opens its attempts' spans under it.
+    trace: str = ""
 
 
 class WebhookOutbox:
@@ -90,7 +94,10 @@ class WebhookOutbox:
         """Keep `delivery`, held by the caller for `hold_s`; False if its task has one."""
         recorded = self._record(
             keys=[WEBHOOK_OUTBOX_KEY, _record_key(delivery.task_id)],
-            args=[delivery.task_id, delivery.url, delivery.body, _ms(hold_s), self.ttl_s],
+            args=[
+                delivery.task_id, delivery.url, delivery.body, _ms(hold_s), self.ttl_s,
+                delivery.trace,
+            ],
         )
         return bool(recorded)
 
@@ -110,8 +117,9 @@ class WebhookOutbox:
                 task_id=flat[i - 1].decode(),
                 body=bytes(flat[i + 1]),
                 attempts_made=int(flat[i + 2]),
+                trace=bytes(flat[i + 3]).decode(),
             )
-            for i in range(1, len(flat), 4)
+            for i in range(1, len(flat), 5)
         ]
 
     def finish(self, task_id: str, delivered: bool | None = None) -> None:

@@ -20,6 +20,9 @@ watchdog.
 Every delivery is kept in Redis until it ends (`worker.delivery.webhook_outbox`), so one whose
 worker stops or dies (between attempts, or before the first) is taken over by another
 worker's sender: delivery is at least once, bounded by VQ_WEBHOOK_MAX_ATTEMPTS in all.
+
+Traced (docs/tracing.md): the task's trace context is kept with the delivery, so each
+attempt is a `vq.webhook` client span in the task's trace, whichever sender makes it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 
 import redis
 
+from vision_queue import tracing
 from vision_queue.addresses import ParsedUrl, check_url
 from vision_queue.errors import VisionQueueError
 from vision_queue.schemas import check_callback_url
@@ -111,7 +115,9 @@ def _queue_webhook(
         return
     state = "SUCCESS" if outcome == "success" else "FAILURE"
     body = json.dumps({**result, "state": state}, ensure_ascii=False, separators=(",", ":"))
-    sender.submit(Delivery(url, task_id, body.encode()))
+    headers = tracing.trace_headers()  # the task's span is current here
+    trace = json.dumps(headers, separators=(",", ":")) if headers else ""
+    sender.submit(Delivery(url, task_id, body.encode(), trace=trace))
 
 
 class WebhookSender:
@@ -188,9 +194,15 @@ class WebhookSender:
             return False
         status: int | str = "none"
         attempt = delivery.attempts_made
+        trace = tracing.context_from_headers(json.loads(delivery.trace or "{}"))
         for attempt in range(delivery.attempts_made + 1, settings.webhook_max_attempts + 1):
             self._hold(delivery.task_id, attempt)
-            status, retry = self._attempt(hop, delivery, attempt)
+            # The host, never the URL: its path or query may carry a token.
+            about = {"vq.webhook.attempt": attempt, "server.address": hop.host}
+            with tracing.span("vq.webhook", about, kind="client", context=trace) as span:
+                status, retry = self._attempt(hop, delivery, attempt)
+                if span is not None:
+                    span.set_attribute("vq.webhook.outcome", str(status))
             if status == "delivered" or not retry:
                 break
             if attempt < settings.webhook_max_attempts:
