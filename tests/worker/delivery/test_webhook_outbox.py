@@ -144,3 +144,21 @@ def test_a_due_delivery_whose_record_expired_is_dropped(outbox: WebhookOutbox, a
     admin.delete(WEBHOOK_KEY.format(task_id=TASK_ID))  # expired with its result
     assert outbox.claim_due(10, hold_s=30) == []
     assert admin.zscore(WEBHOOK_OUTBOX_KEY, TASK_ID) is None
+
+
+def test_a_taken_over_delivery_keeps_its_tasks_trace_context(outbox: WebhookOutbox):
+    # Given a traced task's delivery whose sender died before its first attempt
+    trace = '{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    outbox.record(Delivery("https://hooks.example.com/a", TASK_ID, BODY, trace=trace), 0.0)
+    # When another sender takes it over, then its attempts open spans in the same trace
+    (claimed,) = outbox.claim_due(10, hold_s=30)
+    assert claimed.trace == trace
+
+
+def test_a_delivery_recorded_by_an_older_worker_has_no_trace(
+    outbox: WebhookOutbox, admin: redis.Redis
+):
+    left_by_a_dead_sender(outbox, "https://hooks.example.com/a", attempts_made=1)
+    admin.hdel(WEBHOOK_KEY.format(task_id=TASK_ID), "trace")  # written before traces
+    (claimed,) = outbox.claim_due(10, hold_s=30)
+    assert claimed.trace == "" and claimed.attempts_made == 1
