@@ -87,7 +87,8 @@ async def write_new(
     for name in all_keys(batch_id)[:3]:
         pipe.expire(name, keep)
     index = KEY_BATCHES_KEY.format(key_id=meta["owner"])
-    pipe.zadd(index, {batch_id: meta["created_at"]})
+    # Microseconds, not created_at's seconds: batches of one second list in creation order.
+    pipe.zadd(index, {batch_id: time.time_ns() // 1000})
     pipe.expire(index, keep)
     pipe.sadd(ACTIVE_KEY, batch_id)
     await pipe.execute()
@@ -96,7 +97,18 @@ async def write_new(
 
 async def read(redis: Any, batch_id: str) -> dict[str, Any] | None:
     """The stored fields, `meta` decoded; None if there is no such batch."""
-    raw = await redis.hgetall(key(batch_id[:100]))
+    return _decoded(await redis.hgetall(key(batch_id[:100])))
+
+
+async def read_many(redis: Any, batch_ids: list[str]) -> list[dict[str, Any] | None]:
+    """`read` for many batches in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for batch_id in batch_ids:
+        pipe.hgetall(key(batch_id[:100]))
+    return [_decoded(raw) for raw in await pipe.execute()]
+
+
+def _decoded(raw: dict[Any, Any]) -> dict[str, Any] | None:
     if not raw:
         return None
     record = {_text(k): _text(v) for k, v in raw.items()}

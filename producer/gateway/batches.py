@@ -116,9 +116,14 @@ async def list_batches(
     index = store.KEY_BATCHES_KEY.format(key_id=who.key_id)
     ids = [store._text(i) for i in await state.redis.zrevrange(index, 0, -1)]
 
-    async def load(batch_id: str) -> dict[str, Any] | None:
-        record = await store.owned(state.redis, batch_id, who.key_id)
-        return None if record is None else store.batch_object(record)
+    async def load(batch_ids: list[str]) -> list[dict[str, Any] | None]:
+        records = await store.read_many(state.redis, batch_ids)
+        return [
+            store.batch_object(record)
+            if record is not None and record["meta"]["owner"] == who.key_id
+            else None
+            for record in records
+        ]
 
     return await list_page(ids, after, limit, load)
 

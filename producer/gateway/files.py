@@ -42,9 +42,10 @@ MAX_KEY_BYTES = 256 * 1024 * 1024
 RETENTION_S = 7 * 24 * 3600
 PURPOSES = ("batch",)
 
-# KEYS: the file, the key's index, the key's sizes. ARGV: id, meta, content, created,
-# size, quota (0: none), retention seconds, key prefix of files. Frees the shares of
-# files gone (expired or deleted), refuses past the quota, then stores. -> 1, or 0 (full).
+# KEYS: the file, the key's index, the key's sizes. ARGV: id, meta, content, the index's
+# score (creation time in microseconds: files of one second list in upload order), size,
+# quota (0: none), retention seconds, key prefix of files. Frees the shares of files gone
+# (expired or deleted), refuses past the quota, then stores. -> 1, or 0 (full).
 _STORE = """
 local ids = redis.call('HKEYS', KEYS[3])
 local held = 0
@@ -118,7 +119,7 @@ async def store(
         file_id,
         json.dumps({**meta, "owner": key_id}),
         content,
-        created,
+        time.time_ns() // 1000,
         len(content),
         MAX_KEY_BYTES if quota else 0,
         RETENTION_S,
@@ -199,15 +200,21 @@ async def list_files(
     found = await state.redis.zrange(index, 0, -1, desc=order == "desc")
     ids = [_text(i) for i in found]  # type: ignore[arg-type]
 
-    async def load(file_id: str) -> dict[str, Any] | None:
-        raw = await state.redis.hget(FILE_KEY.format(file_id=file_id), "meta")
-        if raw is None:
-            return None
-        meta: dict[str, Any] = json.loads(raw)
-        meta.pop("owner", None)
-        return meta if purpose is None or meta["purpose"] == purpose else None
+    async def load(file_ids: list[str]) -> list[dict[str, Any] | None]:
+        pipe = state.redis.pipeline(transaction=False)
+        for file_id in file_ids:
+            pipe.hget(FILE_KEY.format(file_id=file_id), "meta")
+        return [_listed(raw, purpose) for raw in await pipe.execute()]
 
     return await list_page(ids, after, limit, load)
+
+
+def _listed(raw: Any, purpose: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    meta: dict[str, Any] = json.loads(raw)
+    meta.pop("owner", None)
+    return meta if purpose is None or meta["purpose"] == purpose else None
 
 
 @router.get("/{file_id}", summary="A file object", responses=_MISSING)

@@ -11,20 +11,18 @@ async def list_page(
     ids: list[str],
     after: str | None,
     limit: int,
-    load: Callable[[str], Awaitable[dict[str, Any] | None]],
+    load: Callable[[list[str]], Awaitable[list[dict[str, Any] | None]]],
 ) -> dict[str, Any]:
-    """The page of `ids` (already in the list's order) after `after`: each loaded with
-    `load`, which skips an id by returning None. One more than `limit` is loaded, to know
-    whether there are more."""
+    """The page of `ids` (already in the list's order) after `after`, loaded with `load`
+    (one object or None per id: None skips it). One more than `limit` is loaded, to know
+    whether there are more. `load` takes the ids the page still needs at once, so a page
+    is one Redis round trip (more only where ids were skipped), whatever its `limit`."""
     if after is not None and after in ids:
         ids = ids[ids.index(after) + 1 :]
     data: list[dict[str, Any]] = []
-    for item_id in ids:
-        if len(data) > limit:
-            break
-        item = await load(item_id)
-        if item is not None:
-            data.append(item)
+    while ids and len(data) <= limit:
+        wanted, ids = ids[: limit + 1 - len(data)], ids[limit + 1 - len(data) :]
+        data.extend(item for item in await load(wanted) if item is not None)
     more = len(data) > limit
     data = data[:limit]
     return {

@@ -101,6 +101,34 @@ def read_lines(sdk: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in sdk.files.content(file_id).text.splitlines()]
 
 
+def test_a_files_list_pages_in_order_past_files_that_expired(
+    sdk: openai.OpenAI, module_redis: RedisServer
+):
+    # Given five files of this key, the middle one's record expired (its id still indexed)
+    ids = [
+        sdk.files.create(
+            file=(f"{n}.jsonl", io.BytesIO(jsonl([chat_line("a", "Hi")]))), purpose="batch"
+        ).id
+        for n in range(5)
+    ]
+    redis.Redis.from_url(module_redis.url).delete(f"vq:gw:file:{ids[2]}")
+    wanted = [i for i in ids if i != ids[2]]
+    # When they are listed oldest first, two at a time, following `after`
+    pages: list[Any] = []
+    after: str | None = None
+    while True:
+        page = sdk.files.with_raw_response.list(limit=2, order="asc", after=after).parse()
+        mine = [f.id for f in page.data if f.id in ids]
+        pages.append(mine)
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+    # Then every page is full but the last, in order, and the expired file is in none
+    listed = [file_id for page in pages for file_id in page]
+    assert listed[-4:] == wanted
+    assert all(len(page) == 2 for page in pages[:-1])
+
+
 def test_files_belong_to_the_key_that_uploaded_them(sdk: openai.OpenAI, other: openai.OpenAI):
     created = sdk.files.create(
         file=("in.jsonl", io.BytesIO(jsonl([chat_line("a", "Hi")]))), purpose="batch"
