@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 from gateway_support import API_KEY, STACK_ENV, GatewayProcess
 from support.redis_server import RedisServer
@@ -37,4 +38,14 @@ def api(gateway: GatewayProcess) -> Iterator[httpx.Client]:
     """An HTTP client with the test key, as a backend in any language would hold."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=gateway.base_url, headers=headers, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    """The official OpenAI SDK with the test key. No retries: a test must see the gateway's
+    first answer."""
+    with openai.OpenAI(
+        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
+    ) as client:
         yield client

@@ -48,14 +48,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
-    ) as client:
-        yield client
-
-
-@pytest.fixture
 def other(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(
         base_url=gateway.url("/v1"), api_key=OTHER_KEY, max_retries=0, timeout=60

@@ -9,13 +9,12 @@ Real parts: `producer serve`, redis-server, a worker on the tiny random-weight c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from gateway_support import API_KEY, MODEL, GatewayProcess, data_uri, wait_for_result
+from gateway_support import MODEL, data_uri, wait_for_result
 from pydantic import BaseModel, Field
 from support.schemas import BOOK, SCHEMAS, UNSUPPORTED, response_format
 
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.timeout(300)
 class BookCover(BaseModel):
     title: str = Field(max_length=30)
     author: str = Field(max_length=30)
-
-
-@pytest.fixture
-def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
-    ) as client:
-        yield client
 
 
 def cover_question(text: str = "The book's title and author?") -> list[dict]:

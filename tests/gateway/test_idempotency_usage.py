@@ -12,7 +12,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,14 +35,6 @@ from vision_queue.settings import Settings
 pytestmark = pytest.mark.timeout(300)
 
 KEY_NAME = hashlib.sha256(API_KEY.encode()).hexdigest()[:12]
-
-
-@pytest.fixture
-def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
-    ) as client:
-        yield client
 
 
 def ask(prompt: str, tokens: int = 4) -> dict[str, Any]:

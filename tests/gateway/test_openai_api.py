@@ -9,14 +9,12 @@ against what the worker stored.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from gateway_support import (
-    API_KEY,
     MODEL,
     GatewayProcess,
     SentEvents,
@@ -29,15 +27,6 @@ from support.http_server import Route, serve
 from support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    # No retries: a test must see the gateway's first answer.
-    with openai.OpenAI(
-        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
-    ) as client:
-        yield client
 
 
 def looking_at(image: str, question: str = "What shapes are in this picture?") -> list[Any]:

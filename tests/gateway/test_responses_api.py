@@ -6,21 +6,11 @@ greedy, so a response's text is the chat completion's text for the same conversa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
-from gateway_support import API_KEY, MODEL, GatewayProcess, data_uri
+from gateway_support import MODEL, data_uri
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def sdk(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gateway.url("/v1"), api_key=API_KEY, max_retries=0, timeout=120
-    ) as client:
-        yield client
 
 
 def test_a_response_has_the_chat_completions_text_and_usage(sdk: openai.OpenAI):
