@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--document",
-        metavar="PDF",
-        help="a PDF instead of images (ocr, describe, ask): one job, its pages run in parallel",
+        metavar="PDF_PATH_OR_URL",
+        help="a PDF file or http(s) URL instead of images (ocr, describe, ask): one job, its "
+        "pages run in parallel",
     )
     submit.add_argument(
         "--max-failed-pages",

@@ -2,11 +2,14 @@
 
 A client checks the PDF (`check_pdf`) before anything is queued, stages its bytes like an
 image (under their SHA-256) and queues one `DOCUMENT_TASK` whose request is
-`document_message`'s. A worker renders the pages (worker/documents.py), stages each page
-image, writes the document's record (`DOCUMENT_KEY`, a hash) and queues one ordinary task
-of the document's task per page, marked with `PAGE_FIELD`; the last page to end writes the
-document's result under the document's own id, so status, result, wait and webhooks read it
-like any task's.
+`document_message`'s. A PDF given by URL is queued with its URL and a page count of 0
+(unknown): the worker downloads it (the guarded fetch images use, capped at
+VQ_DOCUMENT_MAX_BYTES) and applies every check to the bytes it got.
+
+A worker renders the pages (worker/documents.py), stages each page image, writes the
+document's record (`DOCUMENT_KEY`, a hash) and queues one ordinary task of the document's
+task per page, marked with `PAGE_FIELD`; the last page to end writes the document's result
+under the document's own id, so status, result, wait and webhooks read it like any task's.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ PDFIUM_LOCK = threading.Lock()
 class DocumentRequest:
     """A document job: the task each page runs, the staged PDF and how pages may fail."""
 
-    request: TaskRequest  # the task, prompt, options; its one image is the staged PDF
-    pages: int
+    request: TaskRequest  # the task, prompt, options; its one image is the PDF (staged or URL)
+    pages: int  # 0 for a PDF by URL: counted once it is downloaded
     priority: Priority
     max_failed_pages: int
 
@@ -65,7 +68,8 @@ class DocumentRequest:
 def document_message(
     request: TaskRequest, pages: int, priority: Priority, max_failed_pages: int
 ) -> dict[str, Any]:
-    """The wire form of a document job (`request.images` holds the staged PDF only)."""
+    """The wire form of a document job (`request.images` holds the PDF only: staged, or a
+    URL with `pages` 0)."""
     message = request.to_message()
     message["document"] = {
         "pages": pages,
@@ -82,13 +86,15 @@ def parse_document(message: Any, settings: Settings) -> DocumentRequest:
     request = parse_request(message, settings)
     if request.task not in DOCUMENT_TASKS:
         raise InvalidInput(f"documents run {task_list()}", field="task")
-    if len(request.images) != 1 or request.images[0].source is not ImageSource.STAGED:
-        raise InvalidInput("a document job names one staged PDF", field="document")
+    sources = (ImageSource.STAGED, ImageSource.URL)
+    if len(request.images) != 1 or request.images[0].source not in sources:
+        raise InvalidInput("a document job names one staged PDF or its URL", field="document")
     info = message["document"]
     pages = info.get("pages")
     if not isinstance(pages, int) or isinstance(pages, bool):
         raise InvalidInput("document pages must be a count", field="document")
-    check_page_count(pages, settings)
+    if request.images[0].source is ImageSource.STAGED or pages != 0:
+        check_page_count(pages, settings)
     return DocumentRequest(
         request,
         pages,

@@ -41,6 +41,9 @@ from vision_queue.documents import (
 )
 from vision_queue.errors import (
     Cancelled,
+    ImageFetchFailed,
+    ImageTooLarge,
+    InvalidDocument,
     ModelError,
     TaskFailed,
     VisionQueueError,
@@ -60,10 +63,13 @@ from vision_queue.results import (
     is_final,
     result_key,
 )
+from vision_queue.schemas import ImageSource
+from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
 from worker.delivery.results import STORED, StreamTail
 from worker.delivery.webhooks import notify_task_end
 from worker.document_join import join_pages, page_entry
+from worker.fetch import fetch_image_bytes
 
 # `runtime` below is worker.tasks.WorkerRuntime (not imported: tasks.py imports this module).
 WorkerRuntime = Any
@@ -126,6 +132,13 @@ def run_document(
     except (redis.RedisError, Ignore):
         raise
     except VisionQueueError as error:
+        retries = int(task.request.retries or 0)
+        settings = runtime.settings
+        if error.transient and retries < settings.max_retries:
+            # A PDF by URL whose server failed for now: fetched again later, like an image.
+            log.info("document id=%s: %s; retrying", doc_id, error.code.value)
+            backoff = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**retries)
+            raise task.retry(exc=error, countdown=backoff) from None
         _store_document(runtime, doc_id, task_value, error, started_at, message)
     except Exception as exc:
         log.exception("document id=%s crashed", doc_id)
@@ -146,8 +159,11 @@ def _render_all(
 ) -> list[bytes | VisionQueueError]:
     """Every page as PNG bytes, or the coded error that page failed with."""
     settings = runtime.settings
-    data = load_staged_image(runtime.redis, request.pdf.ref)
-    check_pdf(data, settings)
+    if request.pdf.source is ImageSource.URL:
+        data = fetch_document(request.pdf.ref, settings)
+    else:
+        data = load_staged_image(runtime.redis, request.pdf.ref)
+    count = check_pdf(data, settings)
     with tempfile.TemporaryDirectory(prefix="vq-doc-") as folder:
         path = str(Path(folder) / "document.pdf")
         Path(path).write_bytes(data)
@@ -155,7 +171,7 @@ def _render_all(
             raise Cancelled("cancelled by the client")
         pages = render_pages(
             path,
-            request.pages,
+            count,
             settings.document_dpi,
             settings.max_image_pixels,
             settings.document_page_time_limit_s,
@@ -164,6 +180,21 @@ def _render_all(
         if isinstance(page, VisionQueueError):
             log.info("document id=%s page=%d not drawn: %s", doc_id, number, page)
     return pages
+
+
+def fetch_document(url: str, settings: Settings) -> bytes:
+    """A PDF by URL: the guarded fetch images use (public addresses, redirects checked, one
+    deadline), its body capped at VQ_DOCUMENT_MAX_BYTES; over the cap is invalid_document."""
+    try:
+        return fetch_image_bytes(url, settings, max_bytes=settings.document_max_bytes)
+    except ImageTooLarge:
+        raise InvalidDocument(
+            f"the PDF is larger than VQ_DOCUMENT_MAX_BYTES={settings.document_max_bytes}",
+            field="document",
+        ) from None
+    except ImageFetchFailed as exc:
+        exc.field = "document"
+        raise
 
 
 def _fan_out(

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from gateway_support import API_KEY, MODEL, WEBHOOK_SECRET, GatewayProcess, wait_for_result
+from support.http_server import Route, serve
 from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
 from support.webhook_receiver import WebhookReceiver, documented_verifier
 
@@ -36,6 +37,37 @@ def test_a_multipart_document_with_allowed_failures(api: httpx.Client):
     assert result["state"] == "SUCCESS", result
     assert [p["state"] for p in result["pages"]] == ["SUCCESS", "SUCCESS"]
     assert "\n\n--- page 2 ---\n\n" in result["text"]
+
+
+def test_a_json_document_by_url_is_downloaded_by_a_worker(api: httpx.Client):
+    routes = {"/scan.pdf": Route(body=pillow_pdf(2), content_type="application/pdf")}
+    with serve(routes) as server:
+        body = {"task": "ocr", "document": {"url": server.url("/scan.pdf")}}
+        response = api.post("/v1/tasks", json=body)
+        assert response.status_code == 202, response.text
+        result = wait_for_result(api, response.json()["id"], timeout_s=240)
+    assert result["state"] == "SUCCESS", result.get("error")
+    assert [page["page"] for page in result["pages"]] == [1, 2]
+    assert server.requests == ["/scan.pdf"]
+
+
+@pytest.mark.parametrize(
+    ("document", "code"),
+    [
+        ({"url": "http://169.254.169.254/latest/meta-data/x.pdf"}, "image_fetch_failed"),
+        ({"url": "http://10.1.2.3/report.pdf"}, "image_fetch_failed"),
+        ({"url": "file:///etc/passwd"}, "invalid_input"),
+        ({"url": "https://docs.example/a.pdf", "data": "JVBERi0="}, "invalid_input"),
+        ({}, "invalid_input"),
+    ],
+)
+def test_a_document_url_that_is_refused_is_a_400_naming_the_document(
+    api: httpx.Client, document, code
+):
+    response = api.post("/v1/tasks", json={"task": "ocr", "document": document})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, "document")
 
 
 @pytest.mark.parametrize("kind", ["not-pdf", "truncated", "encrypted"])

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from support.http_server import IMAGE_HOST, Route, serve
 from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
 from support.workers import WorkerProcess, base_env, run_cli, wait_until_generating
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 LONG = 100_000
 CAPS = f"describe=16,ocr=16,compare=16,ask={LONG}"
 WORKER_ENV = {
+    "VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST,  # PDFs by URL from the tests' loopback server
     "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "3",
     "VQ_DOCUMENT_DPI": "72",
     "VQ_MAX_NEW_TOKENS_CAPS": CAPS,
@@ -181,3 +183,29 @@ def test_a_worker_killed_mid_document_loses_no_page(tmp_path):
                 assert [page["state"] for page in pages] == ["SUCCESS", "SUCCESS"]
                 # The page the first worker was generating ran again on the second.
                 assert pages[0]["worker"] == second.name
+
+
+def test_a_pdf_by_url_is_downloaded_by_the_worker_and_checked_there(module_redis, doc_worker):
+    settings = Settings.from_env(
+        {}, redis_url=module_redis.url, max_new_tokens_caps=CAPS, allowed_private_hosts=IMAGE_HOST
+    )
+    routes = {
+        "/report.pdf": Route(body=pillow_pdf(2), content_type="application/pdf"),
+        "/cat.pdf": Route(body=b"GIF89a this is no PDF", content_type="application/pdf"),
+        "/gone.pdf": Route(404, b"not here"),
+    }
+    with serve(routes) as server, Client(settings) as client:
+        good = client.submit("ocr", document=server.url("/report.pdf"))
+        fake = client.submit("ocr", document=server.url("/cat.pdf"))
+        gone = client.submit("ocr", document=server.url("/gone.pdf"))
+        result = client.result(good.id, wait=True, timeout=240)
+        assert result is not None and result["state"] == "SUCCESS", result.get("error")
+        assert [page["page"] for page in dict(result)["pages"]] == [1, 2]
+        # The checks that a client runs on bytes it holds, the worker runs on the download.
+        refused = client.result(fake.id, wait=True, timeout=60)
+        assert refused is not None and refused["state"] == "FAILURE"
+        assert refused["error"]["code"] == "invalid_document"
+        assert "not a PDF" in refused["error"]["message"]
+        missing = client.result(gone.id, wait=True, timeout=60)
+        assert missing is not None and missing["error"]["code"] == "image_fetch_failed"
+        assert server.requests.count("/report.pdf") == 1
