@@ -39,6 +39,10 @@ DOCUMENT_TASKS = (TaskName.OCR, TaskName.DESCRIBE, TaskName.ASK)
 # `meta` (JSON: task, max_failed_pages, callback_url, submitted_at, started_at) and one
 # `page:<n>` field per ended page (JSON: state and result). Expires with the results.
 DOCUMENT_KEY = KEY_PREFIX + ":doc:{doc_id}"
+# Beside a document's events stream (results Redis): the next entry's `seq`, how many
+# characters of each page's text are in the stream (`p<n>`), and `ended` (worker side:
+# worker/delivery/document_stream.py). Delta entries of a document carry `page`.
+DOCUMENT_STREAM_STATE_KEY = KEY_PREFIX + ":doc:{doc_id}:stream"
 # The field of a page task's request that names its document: {"id": ..., "page": n}.
 PAGE_FIELD = "document_page"
 # Between the texts of two pages in the document's `text`.

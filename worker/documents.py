@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,14 @@ from vision_queue.results import (
 from vision_queue.schemas import ImageSource
 from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
+from worker.delivery.document_stream import (
+    PageStreamWriter,
+    close_document_stream,
+    tee,
+    write_page_rest,
+)
 from worker.delivery.results import STORED, StreamTail
+from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import notify_task_end
 from worker.document_join import join_pages, page_entry
 from worker.fetch import fetch_image_bytes
@@ -299,6 +307,22 @@ def _empty(task_id: str, request: DocumentRequest) -> dict[str, Any]:
     return TaskResult(id=task_id, task=request.request.task.value).to_dict()
 
 
+def page_stream_text(
+    runtime: WorkerRuntime, page: tuple[str, int], own: StreamWriter
+) -> Callable[[str], None]:
+    """Where a page task's generated text goes: its own stream and its document's."""
+    results = runtime.results
+    doc = PageStreamWriter(
+        results.results,
+        page[0],
+        page[1],
+        own.lease,
+        runtime.settings.result_expires_s,
+        same_server=results.same_server,
+    )
+    return tee(own.write, doc.write)
+
+
 def page_ended(
     runtime: WorkerRuntime, doc_id: str, page: int, task_id: str, state: str, result: dict[str, Any]
 ) -> None:
@@ -311,6 +335,13 @@ def page_ended(
         if not 1 <= page <= len(ids) or ids[page - 1] != task_id:
             log.warning("task id=%s claims page %d of document %s: ignored", task_id, page, doc_id)
             return
+        text = result.get("text")
+        if isinstance(text, str) and text:
+            # Before the page counts as ended: the document's stream ends after every page's
+            # text is in it.
+            write_page_rest(
+                runtime.results.results, doc_id, page, text, runtime.settings.result_expires_s
+            )
         shown = {"SUCCESS": "SUCCESS", "REVOKED": "CANCELLED"}.get(state, "FAILURE")
         _record(runtime, doc_id, page, shown, result)
     except Exception:
@@ -353,7 +384,9 @@ def _record(
     payload["worker"] = runtime.name
     payload["device"] = runtime.engine.device
     payload["model"] = runtime.engine.model_id
-    stored = runtime.results.finish(doc_id, DOCUMENT_TASK, state_, payload, None, 0, StreamTail())
+    stored = runtime.results.finish(
+        doc_id, DOCUMENT_TASK, state_, payload, None, 0, _end_of_stream(runtime, doc_id)
+    )
     if stored == STORED:
         outcome = {"SUCCESS": "success", "REVOKED": "cancelled"}.get(state_, "document_failed")
         log.info("document id=%s outcome=%s pages=%d", doc_id, outcome, total)
@@ -388,8 +421,16 @@ def _store_document(
     payload = result.to_dict()
     payload["pages"] = []
     state = "REVOKED" if isinstance(error, Cancelled) else "FAILURE"
-    stored = runtime.results.finish(doc_id, DOCUMENT_TASK, state, payload, None, 0, StreamTail())
+    tail = _end_of_stream(runtime, doc_id)
+    stored = runtime.results.finish(doc_id, DOCUMENT_TASK, state, payload, None, 0, tail)
     log.info("document id=%s outcome=%s", doc_id, error.code.value)
     if stored == STORED:
         callback = message.get("callback_url") if isinstance(message, dict) else None
         notify_task_end(runtime.webhooks, ({"callback_url": callback},), payload, error.code.value)
+
+
+def _end_of_stream(runtime: WorkerRuntime, doc_id: str) -> StreamTail:
+    """The document's end entry follows every page delta its stream holds (and no page
+    appends after it)."""
+    seq = close_document_stream(runtime.results.results, doc_id)
+    return StreamTail("", seq, seq)

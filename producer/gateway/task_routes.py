@@ -159,8 +159,9 @@ async def get_task(task_id: str, request: Request, who: Authorized) -> JSONRespo
     summary="Server-sent events: status, text deltas, the result; resumable",
     responses={
         200: {
-            "description": "`event: status` (state, tokens), `event: delta` (seq, text; "
-            "`id:` is the cursor for Last-Event-ID), `event: end` (the result object).",
+            "description": "`event: status` (state, tokens), `event: delta` (seq, text, and "
+            "for a document the page it belongs to; `id:` is the cursor for Last-Event-ID), "
+            "`event: end` (the result object).",
             "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
         },
         **_COMMON,
@@ -248,7 +249,9 @@ async def _events(
                 yield sse.json_event(await _snapshot(state, task_id), name="end")
                 return
             if item.kind == "delta":
-                data = {"seq": item.seq, "text": item.text}
+                data: dict[str, Any] = {"seq": item.seq, "text": item.text}
+                if item.page is not None:  # a document's pages stream side by side
+                    data["page"] = item.page
                 yield sse.json_event(data, name="delta", event_id=item.cursor)
                 continue
             result = TaskResultBody.of({"id": task_id, **(item.result or {})}).to_json()

@@ -21,6 +21,7 @@ from producer import Client
 from vision_queue.documents import DOCUMENT_KEY
 from vision_queue.errors import InvalidDocument
 from vision_queue.settings import Settings
+from vision_queue.streams import StreamEvent
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -148,6 +149,18 @@ def test_the_cli_runs_a_document_and_shows_its_pages(module_redis, doc_worker, t
     assert [page["page"] for page in result["pages"]] == [1, 2]
     status = run_cli("producer", ["status", result["id"], "--json"], env)
     assert json.loads(status.stdout)["pages_total"] == 2
+    streamed = run_cli(
+        "producer",
+        [
+            *("submit", "--task", "ask", "--prompt", "Hi", "--max-new-tokens", "8"),
+            *("--document", str(path), "--stream"),
+        ],
+        env,
+        timeout_s=240,
+    )
+    # The pages' texts arrive interleaved, each run of text headed by its page.
+    assert streamed.returncode == 0, streamed.stderr
+    assert "[page 1] " in streamed.stdout and "[page 2] " in streamed.stdout
     bad = tmp_path / "bad.pdf"
     bad.write_bytes(pillow_pdf(2)[:-200])
     refused = run_cli("producer", ["submit", "--task", "ocr", "--document", str(bad)], env)
@@ -209,3 +222,47 @@ def test_a_pdf_by_url_is_downloaded_by_the_worker_and_checked_there(module_redis
         missing = client.result(gone.id, wait=True, timeout=60)
         assert missing is not None and missing["error"]["code"] == "image_fetch_failed"
         assert server.requests.count("/report.pdf") == 1
+
+
+def test_each_pages_text_streams_on_the_documents_events_marked_with_its_page(
+    doc_client: Client,
+):
+    handle = doc_client.submit(
+        "ask", document=pillow_pdf(3), prompt="Read this page aloud.", max_new_tokens=24
+    )
+    events = list(doc_client.stream_events(handle.id))
+    deltas, ends = events[:-1], events[-1:]
+    # One stream for the document, numbered without gaps (the follower refuses gaps), that
+    # ends once, after every page's text.
+    assert [event.kind for event in ends] == ["end"] and all(e.kind == "delta" for e in deltas)
+    assert [event.seq for event in events] == list(range(len(events)))
+    result = doc_client.result(handle.id)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    assert ends[0].result is not None and ends[0].result["text"] == result["text"]
+    pages = dict(result)["pages"]
+    assert {event.page for event in deltas} == {1, 2, 3}
+    for page in pages:
+        streamed = "".join(e.text for e in deltas if e.page == page["page"])
+        assert streamed == page["text"] and page["usage"]["completion_tokens"] > 0
+
+
+def test_the_async_client_follows_a_documents_stream_from_a_cursor(doc_client: Client):
+    import asyncio
+
+    from producer import AsyncClient
+
+    handle = doc_client.submit(
+        "ask", document=pillow_pdf(2), prompt="Read this page aloud.", max_new_tokens=16
+    )
+    result = doc_client.result(handle.id, wait=True, timeout=240)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    everything = list(doc_client.stream_events(handle.id))
+
+    async def resume() -> list[StreamEvent]:
+        async with AsyncClient(doc_client.settings) as client:
+            return [event async for event in client.stream_events(handle.id, everything[0].cursor)]
+
+    resumed = asyncio.run(resume())
+    assert resumed == everything[1:] and resumed[-1].kind == "end"
+    assert {event.page for event in resumed[:-1]} <= {1, 2}
+    assert all(event.page is not None for event in resumed[:-1])
