@@ -47,6 +47,22 @@ def pdf_pages(pages: int) -> list[bytes]:
     return [*singles, out.getvalue()]
 
 
+def timeline(client: object, doc: dict) -> None:
+    """When each page of `doc` started and ended, in seconds after the document's submit
+    (a page's request carries the document's submit time, so its `queued` is that offset)."""
+    started = doc["timings"]["queued"]
+    print(f"  document: started {started:.3f} s, ended {doc['timings']['total']:.3f} s")
+    for page in doc["pages"]:
+        result = dict(client.result(page["id"]) or {})  # type: ignore[attr-defined]
+        t = result.get("timings", {})
+        print(
+            f"  page {page['page']}: started {t.get('queued', 0):.3f} s, preprocess "
+            f"{t.get('preprocess', 0):.3f} s, generate {t.get('generate', 0):.3f} s, ended "
+            f"{t.get('queued', 0) + t.get('total', 0):.3f} s, "
+            f"{page['usage']['completion_tokens']} tokens"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--pages", type=int, default=6)
@@ -55,6 +71,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the worker")
     parser.add_argument("--num-crops", type=int, default=1, help="VQ_NUM_CROPS of the worker")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print the last document's page timings"
+    )
     args = parser.parse_args()
 
     from support.redis_server import RedisServer
@@ -97,6 +116,8 @@ def main() -> None:
                     f"{parallel[-1]:.2f} s ({result['usage']['completion_tokens']} tokens)",
                     flush=True,
                 )
+            if args.timeline:
+                timeline(client, result)
     seq, doc = statistics.median(sequential), statistics.median(parallel)
     print(
         f"{args.pages} pages, VQ_MAX_BATCH={args.batch}, {args.new_tokens} new tokens each: "

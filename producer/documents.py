@@ -81,6 +81,13 @@ def document_url(document: Any, settings: Settings, local_files: bool = True) ->
     return document
 
 
+def document_for_key(document: Any, settings: Settings, local_files: bool = True) -> bytes | str:
+    """The document as an idempotency fingerprint sees it: its URL, or its bytes (a path or
+    file is read once here, fingerprinted by content and then submitted from those bytes)."""
+    url = document_url(document, settings, local_files)
+    return url if url is not None else read_document(document, settings, local_files)
+
+
 def prepare_document(
     request: SubmitRequest,
     document: Any,

@@ -6,6 +6,7 @@ qpdf) or are hand-assembled hostile files (tests/support/pdfs.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -17,7 +18,8 @@ from support.http_server import IMAGE_HOST, Route, serve
 from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
 from support.workers import WorkerProcess, base_env, run_cli, wait_until_generating
 
-from producer import Client
+from producer import AsyncClient, Client
+from producer.idempotency import IdempotencyConflict
 from vision_queue.documents import DOCUMENT_KEY
 from vision_queue.errors import InvalidDocument
 from vision_queue.settings import Settings
@@ -247,10 +249,6 @@ def test_each_pages_text_streams_on_the_documents_events_marked_with_its_page(
 
 
 def test_the_async_client_follows_a_documents_stream_from_a_cursor(doc_client: Client):
-    import asyncio
-
-    from producer import AsyncClient
-
     handle = doc_client.submit(
         "ask", document=pillow_pdf(2), prompt="Read this page aloud.", max_new_tokens=16
     )
@@ -266,3 +264,25 @@ def test_the_async_client_follows_a_documents_stream_from_a_cursor(doc_client: C
     assert resumed == everything[1:] and resumed[-1].kind == "end"
     assert {event.page for event in resumed[:-1]} <= {1, 2}
     assert all(event.page is not None for event in resumed[:-1])
+
+
+def test_an_idempotency_key_queues_a_document_once(doc_client: Client, tmp_path):
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(pillow_pdf(1))
+    first = doc_client.submit("ocr", document=path, idempotency_key="scan-7")
+    # The same request again (the bytes this time, not the path): the same document.
+    again = doc_client.submit("ocr", document=path.read_bytes(), idempotency_key="scan-7")
+    assert again.id == first.id
+
+    async def from_async_client() -> str:
+        async with AsyncClient(doc_client.settings) as client:
+            return (await client.submit("ocr", document=path, idempotency_key="scan-7")).id
+
+    assert asyncio.run(from_async_client()) == first.id
+    with pytest.raises(IdempotencyConflict):
+        doc_client.submit("ocr", document=pillow_pdf(2), idempotency_key="scan-7")
+    with pytest.raises(IdempotencyConflict):
+        doc_client.submit("ocr", document=path, max_failed_pages=1, idempotency_key="scan-7")
+    result = doc_client.result(first.id, wait=True, timeout=240)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    assert dict(result)["pages_total"] == 1
