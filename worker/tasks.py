@@ -44,12 +44,8 @@ from vision_queue.settings import Settings
 from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import WebhookSender, notify_task_end
-from worker.documents import (
-    page_ended,
-    page_ended_again,
-    page_stream_text,
-    register_document_task,
-)
+from worker.document_pages import page_ended, page_ended_again, page_stream_text
+from worker.documents import register_document_task
 from worker.handler import LeaseLost, TaskContext, TaskControl, handle
 
 if TYPE_CHECKING:
