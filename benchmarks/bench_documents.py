@@ -47,9 +47,18 @@ def pdf_pages(pages: int) -> list[bytes]:
     return [*singles, out.getvalue()]
 
 
-def timeline(client: object, doc: dict) -> None:
+def timeline(client: object, doc: dict, ones: list[dict]) -> None:
     """When each page of `doc` started and ended, in seconds after the document's submit
-    (a page's request carries the document's submit time, so its `queued` is that offset)."""
+    (a page's request carries the document's submit time, so its `queued` is that offset),
+    and, for the one-page documents of the last sequential run, how long their page took
+    to start and to generate."""
+    for one in ones:
+        page = dict(client.result(one["pages"][0]["id"]) or {})  # type: ignore[attr-defined]
+        t = page.get("timings", {})
+        print(
+            f"  one-page document: page started {t.get('queued', 0):.3f} s, generate "
+            f"{t.get('generate', 0):.3f} s, document ended {one['timings']['total']:.3f} s"
+        )
     started = doc["timings"]["queued"]
     print(f"  document: started {started:.3f} s, ended {doc['timings']['total']:.3f} s")
     for page in doc["pages"]:
@@ -105,8 +114,9 @@ def main() -> None:
             sequential, parallel = [], []
             for _ in range(args.runs):
                 began = time.perf_counter()
-                tokens = sum(run(single)["usage"]["completion_tokens"] for single in singles)
+                ones = [run(single) for single in singles]
                 sequential.append(time.perf_counter() - began)
+                tokens = sum(one["usage"]["completion_tokens"] for one in ones)
                 began = time.perf_counter()
                 result = run(whole)
                 parallel.append(time.perf_counter() - began)
@@ -117,7 +127,7 @@ def main() -> None:
                     flush=True,
                 )
             if args.timeline:
-                timeline(client, result)
+                timeline(client, result, ones)
     seq, doc = statistics.median(sequential), statistics.median(parallel)
     print(
         f"{args.pages} pages, VQ_MAX_BATCH={args.batch}, {args.new_tokens} new tokens each: "
