@@ -200,6 +200,47 @@ def test_a_worker_killed_mid_document_loses_no_page(tmp_path):
                 assert pages[0]["worker"] == second.name
 
 
+def test_a_worker_killed_while_drawing_resumes_the_document_under_the_same_pages(tmp_path):
+    from support.redis_server import RedisServer
+
+    env = {**WORKER_ENV, "VQ_LEASE_TTL_S": "2"}
+    with RedisServer(tmp_path / "redis") as server:
+        settings = Settings.from_env(
+            {}, redis_url=server.url, connect_timeout_s=3.0, max_new_tokens_caps=CAPS
+        )
+        record = redis.Redis.from_url(server.url)
+        with Client(settings) as client:
+            # Given a worker that has queued page 1 and is still drawing page 2 (whose
+            # drawing never ends; the page time limit is far away)
+            first = WorkerProcess(
+                server.url, tmp_path / "a", **{**env, "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "60"}
+            ).start()
+            try:
+                handle = client.submit(
+                    "ocr", document=endless_page_pdf(plain_pages=1), max_failed_pages=1
+                )
+                key = DOCUMENT_KEY.format(doc_id=handle.id)
+                deadline = time.monotonic() + 120
+                while not record.hexists(key, "digest:1"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                ids = page_ids(client, handle.id)
+            finally:
+                # When it dies there
+                first.signal(signal.SIGKILL)
+                first.wait()
+            # Then the next worker takes the document again, draws what was never drawn,
+            # and queues the pages under the ids the first one chose: one result, each
+            # page once.
+            with WorkerProcess(server.url, tmp_path / "b", **env):
+                result = client.result(handle.id, wait=True, timeout=240)
+            assert result is not None and result["state"] == "SUCCESS", result.get("error")
+            pages = dict(result)["pages"]
+            assert [page["id"] for page in pages] == ids == page_ids(client, handle.id)
+            assert [page["state"] for page in pages] == ["SUCCESS", "FAILURE"]
+            assert pages[1]["error"]["code"] == "timeout"
+
+
 def test_a_pdf_by_url_is_downloaded_by_the_worker_and_checked_there(module_redis, doc_worker):
     settings = Settings.from_env(
         {}, redis_url=module_redis.url, max_new_tokens_caps=CAPS, allowed_private_hosts=IMAGE_HOST
