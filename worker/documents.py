@@ -146,6 +146,16 @@ def fetch_document(url: str, settings: Settings) -> bytes:
         raise
 
 
+# KEYS: the record. ARGV: ids (JSON), total, meta (JSON), expiry s. Writes the whole record
+# at once unless an earlier delivery did (1 = written, 0 = it exists).
+_OPEN_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'ids', ARGV[1], 'total', ARGV[2], 'done', 0, 'meta', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
 class _FanOut:
     """Draw a document's pages and queue each one as soon as it is drawn.
 
@@ -208,20 +218,19 @@ class _FanOut:
         """Write the record, or read the one an earlier delivery wrote: {page: digest} of
         the pages already drawn (and `self.ended`, the pages already ended)."""
         ids = [str(uuid.uuid4()) for _ in range(self.pages)]
-        if self.client.hsetnx(self.key, "ids", json.dumps(ids)):
-            meta = {
-                "task": self.request.request.task.value,
-                "max_failed_pages": self.request.max_failed_pages,
-                "callback_url": self.request.request.callback_url,
-                "submitted_at": self.request.request.submitted_at,
-                "started_at": self.started_at,
-            }
+        meta = {
+            "task": self.request.request.task.value,
+            "max_failed_pages": self.request.max_failed_pages,
+            "callback_url": self.request.request.callback_url,
+            "submitted_at": self.request.request.submitted_at,
+            "started_at": self.started_at,
+        }
+        args = (json.dumps(ids), self.pages, json.dumps(meta), self.ttl)
+        if self.client.eval(_OPEN_RECORD, 1, self.key, *args):
             pipe = self.client.pipeline(transaction=False)
             for page_id in ids:  # known ids: a page's status reads PENDING until it starts
                 task_name = self.request.request.task.value
                 pipe.set(SUBMITTED_KEY.format(task_id=page_id), task_name, ex=self.ttl)
-            pipe.hset(self.key, mapping={"total": self.pages, "done": 0, "meta": json.dumps(meta)})
-            pipe.expire(self.key, self.ttl)
             pipe.execute()
             self.ids = ids
             report_progress(self.runtime, self.doc_id, 0, self.pages)
