@@ -313,7 +313,8 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
     async def stream_events(
         self, task_id: str, after: str | None = None
     ) -> AsyncIterator[StreamEvent]:
-        """Stream entries after cursor `after` (None: from the start), ending with "end"."""
+        """Stream entries after cursor `after` (None: from the start), ending with "end"
+        (a document's deltas carry `page`; see `Client.stream_events`)."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)

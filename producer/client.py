@@ -309,7 +309,9 @@ class Client(ClientCore[redis.Redis]):
 
     def stream_events(self, task_id: str, after: str | None = None) -> Iterator[StreamEvent]:
         """Every stream entry after cursor `after` (None: from the start), ending with the
-        "end" event that carries the final result. Reconnect by passing the last cursor."""
+        "end" event that carries the final result. Reconnect by passing the last cursor.
+        A document's deltas carry `page`: its pages generate side by side, so their texts
+        interleave here."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)
