@@ -47,6 +47,31 @@ def pdf_pages(pages: int) -> list[bytes]:
     return [*singles, out.getvalue()]
 
 
+def timeline(client: object, doc: dict, ones: list[dict]) -> None:
+    """When each page of `doc` started and ended, in seconds after the document's submit
+    (a page's request carries the document's submit time, so its `queued` is that offset),
+    and, for the one-page documents of the last sequential run, how long their page took
+    to start and to generate."""
+    for one in ones:
+        page = dict(client.result(one["pages"][0]["id"]) or {})  # type: ignore[attr-defined]
+        t = page.get("timings", {})
+        print(
+            f"  one-page document: page started {t.get('queued', 0):.3f} s, generate "
+            f"{t.get('generate', 0):.3f} s, document ended {one['timings']['total']:.3f} s"
+        )
+    started = doc["timings"]["queued"]
+    print(f"  document: started {started:.3f} s, ended {doc['timings']['total']:.3f} s")
+    for page in doc["pages"]:
+        result = dict(client.result(page["id"]) or {})  # type: ignore[attr-defined]
+        t = result.get("timings", {})
+        print(
+            f"  page {page['page']}: started {t.get('queued', 0):.3f} s, preprocess "
+            f"{t.get('preprocess', 0):.3f} s, generate {t.get('generate', 0):.3f} s, ended "
+            f"{t.get('queued', 0) + t.get('total', 0):.3f} s, "
+            f"{page['usage']['completion_tokens']} tokens"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--pages", type=int, default=6)
@@ -55,6 +80,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the worker")
     parser.add_argument("--num-crops", type=int, default=1, help="VQ_NUM_CROPS of the worker")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print the last document's page timings"
+    )
     args = parser.parse_args()
 
     from support.redis_server import RedisServer
@@ -86,8 +114,9 @@ def main() -> None:
             sequential, parallel = [], []
             for _ in range(args.runs):
                 began = time.perf_counter()
-                tokens = sum(run(single)["usage"]["completion_tokens"] for single in singles)
+                ones = [run(single) for single in singles]
                 sequential.append(time.perf_counter() - began)
+                tokens = sum(one["usage"]["completion_tokens"] for one in ones)
                 began = time.perf_counter()
                 result = run(whole)
                 parallel.append(time.perf_counter() - began)
@@ -97,6 +126,8 @@ def main() -> None:
                     f"{parallel[-1]:.2f} s ({result['usage']['completion_tokens']} tokens)",
                     flush=True,
                 )
+            if args.timeline:
+                timeline(client, result, ones)
     seq, doc = statistics.median(sequential), statistics.median(parallel)
     print(
         f"{args.pages} pages, VQ_MAX_BATCH={args.batch}, {args.new_tokens} new tokens each: "

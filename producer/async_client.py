@@ -25,12 +25,17 @@ import redis.asyncio
 
 from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
-from producer.documents import DocumentInput, document_outgoing, prepare_document
+from producer.documents import (
+    DocumentInput,
+    document_for_key,
+    document_outgoing,
+    prepare_document,
+)
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 from vision_queue import tracing
-from vision_queue.errors import InvalidInput, WaitTimeout
+from vision_queue.errors import WaitTimeout
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -125,9 +130,19 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             task_id,
             response_format,
         )
+        if document is not None and idempotency_key is not None:
+            given = await asyncio.to_thread(
+                document_for_key, document, self.settings, self.local_files
+            )
+            mark = idempotency.fingerprint(
+                [idempotency.request_fingerprint(request), given, max_failed_pages]
+            )
+
+            async def create(once: SubmitRequest) -> TaskHandle:
+                return await self._submit_document(once, given, max_failed_pages)
+
+            return await self._submit_once(request, idempotency_key, mark, create)
         if document is not None:
-            if idempotency_key is not None:
-                raise InvalidInput("documents take no idempotency_key yet", field="idempotency_key")
             return await self._submit_document(request, document, max_failed_pages)
         if idempotency_key is not None:
             return await self._submit_once(request, idempotency_key)
@@ -167,10 +182,17 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
                 await self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
 
-    async def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:
-        """`submit` under an idempotency key (producer.idempotency)."""
+    async def _submit_once(
+        self,
+        request: SubmitRequest,
+        key: str,
+        mark: str | None = None,
+        create: Callable[[SubmitRequest], Awaitable[TaskHandle]] | None = None,
+    ) -> TaskHandle:
+        """`submit` under an idempotency key (producer.idempotency); `create` queues the
+        request under the id the key claimed (a document: `_submit_document`)."""
         record = idempotency.record_key(idempotency.CLIENT_SCOPE, key)
-        mark = idempotency.request_fingerprint(request)
+        mark = mark or idempotency.request_fingerprint(request)
         deadline = time.monotonic() + idempotency.WAIT_S
         while True:
             reply = await self._call(
@@ -188,7 +210,8 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
                 raise WaitTimeout(f"the idempotency key {key[:64]!r} is held by a request")
             await asyncio.sleep(idempotency.POLL_S)
         try:
-            handle = (await self.submit_many([replace(request, task_id=found.id)]))[0]
+            claimed = replace(request, task_id=found.id)
+            handle = await create(claimed) if create else (await self.submit_many([claimed]))[0]
         except BaseException:
             await self._redis.eval(*idempotency.release_args(record, found.id))
             raise
@@ -290,7 +313,8 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
     async def stream_events(
         self, task_id: str, after: str | None = None
     ) -> AsyncIterator[StreamEvent]:
-        """Stream entries after cursor `after` (None: from the start), ending with "end"."""
+        """Stream entries after cursor `after` (None: from the start), ending with "end"
+        (a document's deltas carry `page`; see `Client.stream_events`)."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)

@@ -32,6 +32,7 @@ from vision_queue.errors import (
 from vision_queue.protocol import Priority, TaskName
 from vision_queue.results import Result, ResultError
 from vision_queue.settings import SettingsError
+from vision_queue.streams import raise_if_failed
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -86,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--document",
-        metavar="PDF",
-        help="a PDF instead of images (ocr, describe, ask): one job, its pages run in parallel",
+        metavar="PDF_PATH_OR_URL",
+        help="a PDF file or http(s) URL instead of images (ocr, describe, ask): one job, its "
+        "pages run in parallel",
     )
     submit.add_argument(
         "--max-failed-pages",
@@ -379,13 +381,23 @@ def _print_stream(
         for event in client.stream_events(task_id):
             line = {"cursor": event.cursor, "kind": event.kind, "seq": event.seq}
             line.update({"text": event.text} if event.kind == "delta" else {"result": event.result})
+            if event.page is not None:
+                line["page"] = event.page
             print(json.dumps(line, ensure_ascii=False), flush=True)
             if event.failed:
                 return EXIT_TASK_FAILED
         return EXIT_OK
     try:
-        for text in client.stream(task_id):
-            sys.stdout.write(text)
+        page: int | None = None
+        for event in client.stream_events(task_id):
+            raise_if_failed(event)
+            if event.kind != "delta":
+                continue
+            if event.page is not None and event.page != page:
+                # A document's pages arrive interleaved: say whose text follows.
+                sys.stdout.write(("" if page is None else "\n") + f"[page {event.page}] ")
+                page = event.page
+            sys.stdout.write(event.text)
             sys.stdout.flush()
     except TaskFailed as failure:
         print(flush=True)

@@ -21,12 +21,17 @@ import redis
 
 from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
-from producer.documents import DocumentInput, document_outgoing, prepare_document
+from producer.documents import (
+    DocumentInput,
+    document_for_key,
+    document_outgoing,
+    prepare_document,
+)
 from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_commands
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, LoopThread, Notifier
 from vision_queue import tracing
-from vision_queue.errors import InvalidInput, WaitTimeout
+from vision_queue.errors import WaitTimeout
 from vision_queue.outages import async_client_options, call, client_options
 from vision_queue.presence import live_workers
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -132,17 +137,26 @@ class Client(ClientCore[redis.Redis]):
             task_id,
             response_format,
         )
+        if document is not None and idempotency_key is not None:
+            given = document_for_key(document, self.settings, self.local_files)
+            mark = idempotency.fingerprint(
+                [idempotency.request_fingerprint(request), given, max_failed_pages]
+            )
+            return self._submit_once(
+                request,
+                idempotency_key,
+                mark,
+                lambda once: self._submit_document(once, given, max_failed_pages),
+            )
         if document is not None:
-            return self._submit_document(request, document, max_failed_pages, idempotency_key)
+            return self._submit_document(request, document, max_failed_pages)
         if idempotency_key is not None:
             return self._submit_once(request, idempotency_key)
         return self.submit_many([request])[0]
 
     def _submit_document(
-        self, request: SubmitRequest, document: Any, max_failed: int, key: str | None
+        self, request: SubmitRequest, document: Any, max_failed: int
     ) -> TaskHandle:
-        if key is not None:
-            raise InvalidInput("documents take no idempotency_key yet", field="idempotency_key")
         draft, data, pages = prepare_document(
             request, document, max_failed, self.settings, self._limits, self.local_files
         )
@@ -166,10 +180,17 @@ class Client(ClientCore[redis.Redis]):
                 self._call(self._broker_url, _bound(self._send, batch))
         return [item.handle for item in items]
 
-    def _submit_once(self, request: SubmitRequest, key: str) -> TaskHandle:
-        """`submit` under an idempotency key (producer.idempotency)."""
+    def _submit_once(
+        self,
+        request: SubmitRequest,
+        key: str,
+        mark: str | None = None,
+        create: Callable[[SubmitRequest], TaskHandle] | None = None,
+    ) -> TaskHandle:
+        """`submit` under an idempotency key (producer.idempotency); `create` queues the
+        request under the id the key claimed (a document: `_submit_document`)."""
         record = idempotency.record_key(idempotency.CLIENT_SCOPE, key)
-        mark = idempotency.request_fingerprint(request)
+        mark = mark or idempotency.request_fingerprint(request)
         deadline = time.monotonic() + idempotency.WAIT_S
         while True:
             reply = self._call(
@@ -187,7 +208,8 @@ class Client(ClientCore[redis.Redis]):
                 raise WaitTimeout(f"the idempotency key {key[:64]!r} is held by a request")
             time.sleep(idempotency.POLL_S)
         try:
-            handle = self.submit_many([replace(request, task_id=found.id)])[0]
+            claimed = replace(request, task_id=found.id)
+            handle = create(claimed) if create else self.submit_many([claimed])[0]
         except BaseException:
             self._redis.eval(*idempotency.release_args(record, found.id))
             raise
@@ -287,7 +309,9 @@ class Client(ClientCore[redis.Redis]):
 
     def stream_events(self, task_id: str, after: str | None = None) -> Iterator[StreamEvent]:
         """Every stream entry after cursor `after` (None: from the start), ending with the
-        "end" event that carries the final result. Reconnect by passing the last cursor."""
+        "end" event that carries the final result. Reconnect by passing the last cursor.
+        A document's deltas carry `page`: its pages generate side by side, so their texts
+        interleave here."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)

@@ -3,8 +3,11 @@
 `submit(..., document=...)` reads the PDF (a path, bytes or a binary file), checks it
 (`vision_queue.documents.check_pdf`: not a PDF, truncated, damaged, encrypted, no pages, too
 many, too large; a coded `invalid_document`), stages its bytes under their SHA-256 and
-queues one document job. The pages are drawn on a worker (CPU, in a child process per
-page), not in the client's process: a web backend never runs pdfium's drawing code.
+queues one document job. An http(s) URL is checked like an image URL (no internal
+addresses) and queued as it is: a worker downloads the PDF and checks the bytes it got,
+so those refusals end the document (coded) rather than the call. The pages are drawn on a
+worker (CPU, in a child process), not in the client's process: a web backend never runs
+pdfium's drawing code.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, BinaryIO
 
 from producer.envelope import Envelope, Outgoing, new_id, safe_repr
 from producer.submission import Draft, SubmitRequest, prepare
+from vision_queue.addresses import check_url, check_url_length
 from vision_queue.documents import (
     DOCUMENT_TASK,
     check_document_task,
@@ -23,14 +27,16 @@ from vision_queue.documents import (
     check_pdf,
     document_message,
 )
-from vision_queue.errors import InvalidDocument, InvalidInput
+from vision_queue.errors import ImageFetchFailed, InvalidDocument, InvalidInput
+from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.images import ImageLimits
 from vision_queue.protocol import STAGED_IMAGE_KEY, priority_queue
 from vision_queue.results import TaskHandle
 from vision_queue.schemas import ImageRef, ImageSource, TaskRequest
 from vision_queue.settings import Settings
 
-# What `submit(document=...)` accepts: PDF bytes, a local path, or a binary file object.
+# What `submit(document=...)` accepts: PDF bytes, an http(s) URL, a local path, or a binary
+# file object.
 DocumentInput = bytes | str | os.PathLike[str] | BinaryIO
 
 
@@ -60,6 +66,28 @@ def read_document(document: Any, settings: Settings, local_files: bool = True) -
     raise InvalidInput("document must be PDF bytes, a path or a binary file", field="document")
 
 
+def document_url(document: Any, settings: Settings, local_files: bool = True) -> str | None:
+    """The URL when `document` is an http(s) URL (checked: no internal address), else None."""
+    if not isinstance(document, str):
+        return None
+    if ref_kind(document, "document", allow_path=local_files) is not RefKind.URL:
+        return None
+    check_url_length(document, "document")
+    try:
+        check_url(document, settings.private_host_allowlist)
+    except ImageFetchFailed as exc:
+        exc.field = "document"
+        raise
+    return document
+
+
+def document_for_key(document: Any, settings: Settings, local_files: bool = True) -> bytes | str:
+    """The document as an idempotency fingerprint sees it: its URL, or its bytes (a path or
+    file is read once here, fingerprinted by content and then submitted from those bytes)."""
+    url = document_url(document, settings, local_files)
+    return url if url is not None else read_document(document, settings, local_files)
+
+
 def prepare_document(
     request: SubmitRequest,
     document: Any,
@@ -67,11 +95,25 @@ def prepare_document(
     settings: Settings,
     limits: ImageLimits,
     local_files: bool = True,
-) -> tuple[Draft, bytes, int]:
-    """Check everything (request rules first, then the PDF); nothing is written here."""
+) -> tuple[Draft, bytes | None, int]:
+    """Check everything (request rules first, then the PDF); nothing is written here.
+
+    A PDF by URL comes back as (draft, None, 0): its bytes and page count are the worker's
+    to get and check."""
     if request.images:
         raise InvalidInput("give either images or a document, not both", field="document")
     check_max_failed_pages(max_failed_pages)
+    url = document_url(document, settings, local_files)
+    if url is not None:
+        by_url = ImageRef(ImageSource.URL, url)
+        draft = prepare(
+            SubmitRequest(**{**request.__dict__, "images": (by_url,)}),
+            settings,
+            limits,
+            local_files,
+        )
+        check_document_task(draft.task)
+        return draft, None, 0
     data = read_document(document, settings, local_files)
     digest = hashlib.sha256(data).hexdigest()
     staged = ImageRef(ImageSource.STAGED, digest)
@@ -84,9 +126,10 @@ def prepare_document(
 
 
 def document_outgoing(
-    envelope: Envelope, draft: Draft, data: bytes, pages: int, max_failed_pages: int
+    envelope: Envelope, draft: Draft, data: bytes | None, pages: int, max_failed_pages: int
 ) -> Outgoing:
-    """Everything one document job writes: the staged PDF and the job's message."""
+    """Everything one document job writes: the staged PDF (none for a URL) and the job's
+    message."""
     pdf = draft.images[0]
     assert isinstance(pdf, ImageRef)
     request = TaskRequest(
@@ -103,7 +146,7 @@ def document_outgoing(
     message = document_message(request, pages, draft.priority, max_failed_pages)
     return Outgoing(
         handle=TaskHandle(task_id, draft.task),
-        staged=((STAGED_IMAGE_KEY.format(digest=pdf.ref), data),),
+        staged=() if data is None else ((STAGED_IMAGE_KEY.format(digest=pdf.ref), data),),
         message=envelope.task_message(
             task_id, draft.task, message, argsrepr, queue, celery_name=DOCUMENT_TASK
         ),

@@ -2,11 +2,14 @@
 
 A client checks the PDF (`check_pdf`) before anything is queued, stages its bytes like an
 image (under their SHA-256) and queues one `DOCUMENT_TASK` whose request is
-`document_message`'s. A worker renders the pages (worker/documents.py), stages each page
-image, writes the document's record (`DOCUMENT_KEY`, a hash) and queues one ordinary task
-of the document's task per page, marked with `PAGE_FIELD`; the last page to end writes the
-document's result under the document's own id, so status, result, wait and webhooks read it
-like any task's.
+`document_message`'s. A PDF given by URL is queued with its URL and a page count of 0
+(unknown): the worker downloads it (the guarded fetch images use, capped at
+VQ_DOCUMENT_MAX_BYTES) and applies every check to the bytes it got.
+
+A worker renders the pages (worker/documents.py), stages each page image, writes the
+document's record (`DOCUMENT_KEY`, a hash) and queues one ordinary task of the document's
+task per page, marked with `PAGE_FIELD`; the last page to end writes the document's result
+under the document's own id, so status, result, wait and webhooks read it like any task's.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ DOCUMENT_TASKS = (TaskName.OCR, TaskName.DESCRIBE, TaskName.ASK)
 # `meta` (JSON: task, max_failed_pages, callback_url, submitted_at, started_at) and one
 # `page:<n>` field per ended page (JSON: state and result). Expires with the results.
 DOCUMENT_KEY = KEY_PREFIX + ":doc:{doc_id}"
+# Beside a document's events stream (results Redis): the next entry's `seq`, how many
+# characters of each page's text are in the stream (`p<n>`), and `ended` (worker side:
+# worker/delivery/document_stream.py). Delta entries of a document carry `page`.
+DOCUMENT_STREAM_STATE_KEY = KEY_PREFIX + ":doc:{doc_id}:stream"
 # The field of a page task's request that names its document: {"id": ..., "page": n}.
 PAGE_FIELD = "document_page"
 # Between the texts of two pages in the document's `text`.
@@ -52,8 +59,8 @@ PDFIUM_LOCK = threading.Lock()
 class DocumentRequest:
     """A document job: the task each page runs, the staged PDF and how pages may fail."""
 
-    request: TaskRequest  # the task, prompt, options; its one image is the staged PDF
-    pages: int
+    request: TaskRequest  # the task, prompt, options; its one image is the PDF (staged or URL)
+    pages: int  # 0 for a PDF by URL: counted once it is downloaded
     priority: Priority
     max_failed_pages: int
 
@@ -65,7 +72,8 @@ class DocumentRequest:
 def document_message(
     request: TaskRequest, pages: int, priority: Priority, max_failed_pages: int
 ) -> dict[str, Any]:
-    """The wire form of a document job (`request.images` holds the staged PDF only)."""
+    """The wire form of a document job (`request.images` holds the PDF only: staged, or a
+    URL with `pages` 0)."""
     message = request.to_message()
     message["document"] = {
         "pages": pages,
@@ -82,13 +90,15 @@ def parse_document(message: Any, settings: Settings) -> DocumentRequest:
     request = parse_request(message, settings)
     if request.task not in DOCUMENT_TASKS:
         raise InvalidInput(f"documents run {task_list()}", field="task")
-    if len(request.images) != 1 or request.images[0].source is not ImageSource.STAGED:
-        raise InvalidInput("a document job names one staged PDF", field="document")
+    sources = (ImageSource.STAGED, ImageSource.URL)
+    if len(request.images) != 1 or request.images[0].source not in sources:
+        raise InvalidInput("a document job names one staged PDF or its URL", field="document")
     info = message["document"]
     pages = info.get("pages")
     if not isinstance(pages, int) or isinstance(pages, bool):
         raise InvalidInput("document pages must be a count", field="document")
-    check_page_count(pages, settings)
+    if request.images[0].source is ImageSource.STAGED or pages != 0:
+        check_page_count(pages, settings)
     return DocumentRequest(
         request,
         pages,

@@ -15,6 +15,7 @@ import selectors
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from vision_queue.errors import ImageTooLarge, InvalidDocument, TaskTimeout, VisionQueueError
@@ -43,19 +44,31 @@ def page_scale(width_pt: float, height_pt: float, dpi: int, max_pixels: int) -> 
     return scale
 
 
+# Told each page (1-based number, PNG bytes or its coded error) as soon as it is drawn.
+PageCallback = Callable[[int, "bytes | VisionQueueError"], None]
+
+
 def render_pages(
-    pdf_path: str, pages: int, dpi: int, max_pixels: int, time_limit_s: float
+    pdf_path: str,
+    pages: int,
+    dpi: int,
+    max_pixels: int,
+    time_limit_s: float,
+    on_page: PageCallback | None = None,
 ) -> list[bytes | VisionQueueError]:
     """Every page of the PDF at `pdf_path` as PNG bytes, or the coded error it failed with.
 
     One child process draws the pages in order, reporting each on a line; a page that takes
     longer than `time_limit_s` gets its child killed (that page fails with `timeout`) and a
-    new child goes on from the next page."""
+    new child goes on from the next page. `on_page` hears of each page as it is drawn
+    (while the child draws the next), so a caller can put it to work at once."""
     out: list[bytes | VisionQueueError] = []
     with tempfile.TemporaryDirectory(prefix="vq-pages-") as folder:
         while len(out) < pages:
             out.extend(
-                _render_from(pdf_path, len(out), pages, dpi, max_pixels, time_limit_s, folder)
+                _render_from(
+                    pdf_path, len(out), pages, dpi, max_pixels, time_limit_s, folder, on_page
+                )
             )
     return out
 
@@ -77,6 +90,7 @@ def _render_from(
     max_pixels: int,
     time_limit_s: float,
     folder: str,
+    on_page: PageCallback | None = None,
 ) -> list[bytes | VisionQueueError]:
     """Pages first..end-1 from one child, stopping after the first page that runs late."""
     command = [sys.executable, "-m", "vision_queue.pdf_render", pdf_path, str(first), str(end)]
@@ -93,16 +107,19 @@ def _render_from(
                 # The first page's limit also covers the child's start (imports).
                 limit = time_limit_s + (_START_ALLOWANCE_S if index == first else 0.0)
                 if not selector.select(timeout=limit):
-                    out.append(
-                        TaskTimeout(
-                            f"page {index + 1} took longer than VQ_DOCUMENT_PAGE_TIME_LIMIT_S="
-                            f"{time_limit_s:g}s to draw",
-                            field="document",
-                        )
+                    late = TaskTimeout(
+                        f"page {index + 1} took longer than VQ_DOCUMENT_PAGE_TIME_LIMIT_S="
+                        f"{time_limit_s:g}s to draw",
+                        field="document",
                     )
+                    out.append(late)
+                    if on_page is not None:
+                        on_page(index + 1, late)
                     return out
                 line = child.stdout.readline().decode("utf-8", "replace").strip()
                 out.append(_page_outcome(line, index, folder))
+                if on_page is not None:
+                    on_page(index + 1, out[-1])
                 if not line:
                     return out  # the child died: the next child goes on from the next page
     finally:

@@ -2,10 +2,11 @@
 
 A worker appends entries to `vq:stream:<id>` while it generates: `seq` (0, 1, 2...),
 `kind` ("delta" with `text`, whole characters only, or "end" with `result`, the final
-result JSON including `state`). The end entry is written in the same Lua call that stores
-the result, so a stream never ends without a result and a result never exists without its
-end entry. Every entry's id is also PUBLISHed on the channel of the same name, which is
-how readers wait without polling.
+result JSON including `state`); a document's deltas also carry `page`, the page whose
+text they are (its pages stream side by side into the document's one stream). The end
+entry is written in the same Lua call that stores the result, so a stream never ends
+without a result and a result never exists without its end entry. Every entry's id is also
+PUBLISHed on the channel of the same name, which is how readers wait without polling.
 
 `StreamFollower` is the reading logic without I/O: it turns entries into `StreamEvent`s
 from a cursor on, refuses gaps or repeats (sequence numbers), and ends at "end". The
@@ -36,6 +37,7 @@ class StreamEvent:
     text: str = ""  # the delta ("" on end)
     seq: int = 0
     result: dict[str, Any] | None = None  # the final result JSON (with `state`) on end
+    page: int | None = None  # a document's delta: the page (1-based) whose text this is
 
     @property
     def failed(self) -> bool:
@@ -122,7 +124,9 @@ def _event(entry_id: str, fields: dict[Any, Any]) -> StreamEvent:
         except ValueError:
             result = {"error": {"code": "model_error", "message": "unreadable end entry"}}
         return StreamEvent(entry_id, "end", "", seq, result if isinstance(result, dict) else {})
-    return StreamEvent(entry_id, "delta", values.get("text", ""), seq, None)
+    page = values.get("page")
+    number = int(page) if page is not None and page.isdigit() else None
+    return StreamEvent(entry_id, "delta", values.get("text", ""), seq, None, number)
 
 
 def _text(value: Any) -> str:

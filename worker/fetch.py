@@ -58,21 +58,24 @@ def fetch_image_bytes(
     *,
     resolve: Resolver = socket.getaddrinfo,
     ssl_context: ssl.SSLContext | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
     """GET an image over http(s) within the limits in `settings`; raise coded errors only.
 
     `resolve` replaces socket.getaddrinfo (tests inject names); `ssl_context` replaces the
-    default verifying context (tests trust their own CA). Raises ImageFetchFailed
+    default verifying context (tests trust their own CA); `max_bytes` replaces
+    VQ_MAX_IMAGE_BYTES (a document's cap is its own). Raises ImageFetchFailed
     (`transient` as described in the module docstring) or ImageTooLarge.
     """
     clock = Deadline(settings.fetch_timeout_s)
     allowlist = settings.private_host_allowlist
     context = ssl_context or default_ssl_context()
     hop = check_url(url, allowlist)
+    cap = settings.max_image_bytes if max_bytes is None else max_bytes
     redirects = 0
     while True:
         addresses = resolve_checked(hop, resolve, clock)
-        status, location, body = _get(hop, addresses, clock, settings.max_image_bytes, context)
+        status, location, body = _get(hop, addresses, clock, cap, context)
         if status not in _REDIRECTS:
             log.debug("fetched %s: %d bytes, %d redirect(s)", hop.redacted, len(body), redirects)
             return body

@@ -44,7 +44,8 @@ from vision_queue.settings import Settings
 from worker.delivery.results import EXISTS, LOST, STORED, ResultStore, StoreGaveUp, StreamTail
 from worker.delivery.streams import StreamWriter
 from worker.delivery.webhooks import WebhookSender, notify_task_end
-from worker.documents import page_ended, page_ended_again, register_document_task
+from worker.document_pages import page_ended, page_ended_again, page_stream_text
+from worker.documents import register_document_task
 from worker.handler import LeaseLost, TaskContext, TaskControl, handle
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def execute(
 ) -> dict[str, Any]:
     # A page of a document (worker/documents.py) stops when its document is cancelled too.
     page = page_marker(args[0]) if len(args) == 1 else None
-    run = _start(task, runtime, name, page[0] if page else None)
+    run = _start(task, runtime, name, page)
     runtime.health.task_started(run.result.id)
     try:
         state = _run_request(run, args, kwargs)
@@ -147,9 +148,10 @@ def execute(
 
 
 def _start(
-    task: Task, runtime: WorkerRuntime, name: TaskName, document_id: str | None = None
+    task: Task, runtime: WorkerRuntime, name: TaskName, page: tuple[str, int] | None = None
 ) -> _Run:
     task_id: str = task.request.id
+    document_id = page[0] if page else None
     lease = runtime.leases.for_task(task_id) if runtime.leases is not None else None
     results = runtime.results
     stream = StreamWriter(
@@ -170,7 +172,8 @@ def _start(
         still_ours=lease.valid if lease is not None else (lambda: True),
         is_cancelled=_CancelWatch(task_id, runtime.redis, document_id),
         report_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
-        stream_text=stream.write,
+        # A document's page streams into the document's stream too, marked with its page.
+        stream_text=stream.write if page is None else page_stream_text(runtime, page, stream),
     )
     ctx = TaskContext(
         task_id=task_id,

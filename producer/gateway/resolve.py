@@ -45,9 +45,16 @@ async def check_names(
     image_allowlist: frozenset[str],
     callback_url: str | None,
     callback_allowlist: frozenset[str],
+    document_url: str | None = None,
 ) -> None:
-    """Resolve every image URL and the callback; refuse naming the field (`images[i]`,
-    `callback_url`)."""
+    """Resolve every image URL, the document's URL and the callback; refuse naming the
+    field (`images[i]`, `document`, `callback_url`)."""
+    if document_url is not None:
+        try:
+            await _check(check_url(document_url, image_allowlist), "document URL")
+        except ImageFetchFailed as exc:
+            exc.field = "document"
+            raise
     for index, image in enumerate(images):
         if isinstance(image, ImageRef) and image.source is ImageSource.URL:
             try:

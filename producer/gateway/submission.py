@@ -36,13 +36,14 @@ async def submit_task(
     callback_url: str | None = None,
     priority: Priority = Priority.NORMAL,
     task_id: str | None = None,
-    document: bytes | None = None,
+    document: bytes | str | None = None,
     max_failed_pages: int = 0,
 ) -> TaskHandle:
     """Queue after every check; a refusal (400, 429, 503) leaves nothing queued or held.
 
     A `document` (PDF bytes) is checked by the client, off the loop; its pages are drawn on
-    a worker, never in the gateway's process."""
+    a worker, never in the gateway's process. A document URL (a str) has its host resolved
+    and checked here like an image URL's; a worker downloads it and checks the PDF."""
     if callback_url is not None and not state.settings.webhook_secret:
         raise InvalidInput(
             "webhooks are not configured on this deployment (VQ_WEBHOOK_SECRET)",
@@ -52,7 +53,11 @@ async def submit_task(
     # is taken; the client's own checks (schemas, images) run inside submit.
     settings = state.settings
     await check_names(
-        images, settings.private_host_allowlist, callback_url, settings.webhook_host_allowlist
+        images,
+        settings.private_host_allowlist,
+        callback_url,
+        settings.webhook_host_allowlist,
+        document if isinstance(document, str) else None,
     )
     placeholder = await state.limiter.reserve_task(who.key_id)
     try:

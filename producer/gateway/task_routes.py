@@ -30,6 +30,7 @@ from producer.gateway.state import Authorized, GatewayState, state_of
 from producer.gateway.submission import check_owner, submit_task
 from producer.gateway.wire import (
     CancelAccepted,
+    DocumentData,
     TaskAccepted,
     TaskResultBody,
     TaskStatusBody,
@@ -41,14 +42,17 @@ from producer.gateway.wire import (
     off_loop_if_large,
     submission_images,
 )
+from vision_queue.addresses import check_url, check_url_length
 from vision_queue.documents import decode_base64_document
 from vision_queue.errors import (
     ClientError,
+    ImageFetchFailed,
     ImageTooLarge,
     InvalidDocument,
     InvalidInput,
     TaskFailed,
 )
+from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.results import result_json
 from vision_queue.schemas import ImageRef
 from vision_queue.settings import Settings
@@ -86,7 +90,7 @@ _SUBMIT_BODY = {
 async def create_task(request: Request, who: Authorized) -> JSONResponse:
     state = state_of(request)
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    document: bytes | None = None
+    document: bytes | str | None = None
     if kind == "multipart/form-data":
         submission, images, document = await _from_form(request, state)
     elif kind == "application/json" or kind.endswith("+json"):
@@ -104,11 +108,7 @@ async def create_task(request: Request, who: Authorized) -> JSONResponse:
 
         submission, images = await off_loop_if_large(len(raw), parse)
         if submission.document is not None:
-            data = submission.document.data
-            document = await off_loop_if_large(
-                len(data),
-                lambda: decode_base64_document(data, state.settings.document_max_bytes),
-            )
+            document = await _json_document(submission.document, state.settings)
     else:
         raise ApiError(415, "invalid_input", "send application/json or multipart/form-data")
     handle = await idempotent.once(
@@ -159,8 +159,9 @@ async def get_task(task_id: str, request: Request, who: Authorized) -> JSONRespo
     summary="Server-sent events: status, text deltas, the result; resumable",
     responses={
         200: {
-            "description": "`event: status` (state, tokens), `event: delta` (seq, text; "
-            "`id:` is the cursor for Last-Event-ID), `event: end` (the result object).",
+            "description": "`event: status` (state, tokens), `event: delta` (seq, text, and "
+            "for a document the page it belongs to; `id:` is the cursor for Last-Event-ID), "
+            "`event: end` (the result object).",
             "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
         },
         **_COMMON,
@@ -248,7 +249,9 @@ async def _events(
                 yield sse.json_event(await _snapshot(state, task_id), name="end")
                 return
             if item.kind == "delta":
-                data = {"seq": item.seq, "text": item.text}
+                data: dict[str, Any] = {"seq": item.seq, "text": item.text}
+                if item.page is not None:  # a document's pages stream side by side
+                    data["page"] = item.page
                 yield sse.json_event(data, name="delta", event_id=item.cursor)
                 continue
             result = TaskResultBody.of({"id": task_id, **(item.result or {})}).to_json()
@@ -277,6 +280,28 @@ async def _pump(
     finally:
         with contextlib.suppress(Exception):
             await close_stream(events)
+
+
+async def _json_document(given: DocumentData, settings: Settings) -> bytes | str:
+    """PDF bytes (base64 decoded off the loop when large) or the checked URL of a PDF
+    that a worker downloads."""
+    data, url = given.data, given.url
+    if (data is None) == (url is None):
+        raise InvalidInput("give a document as exactly one of data and url", field="document")
+    if url is not None:
+        if ref_kind(url, "document", allow_path=False) is not RefKind.URL:
+            raise InvalidInput("document url must be an http(s) URL", field="document")
+        check_url_length(url, "document")
+        try:
+            check_url(url, settings.private_host_allowlist)
+        except ImageFetchFailed as exc:
+            exc.field = "document"
+            raise
+        return url
+    assert data is not None
+    return await off_loop_if_large(
+        len(data), lambda: decode_base64_document(data, settings.document_max_bytes)
+    )
 
 
 async def _form_document(item: Any, settings: Settings) -> bytes | None:

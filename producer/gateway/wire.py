@@ -75,10 +75,13 @@ class ImageInput(BaseModel):
 
 
 class DocumentData(BaseModel):
-    """A PDF, as base64 (or a data:application/pdf;base64, URI)."""
+    """A PDF: exactly one of `data` (base64 or a data:application/pdf;base64, URI) and `url`."""
 
     model_config = _STRICT
-    data: str
+    data: str | None = Field(None, description="The PDF as base64 or a data: URI.")
+    url: str | None = Field(
+        None, description="http(s) URL of the PDF; a worker downloads it (public hosts)."
+    )
 
 
 class TaskSubmission(BaseModel):

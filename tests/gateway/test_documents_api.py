@@ -9,7 +9,15 @@ import time
 import httpx
 import openai
 import pytest
-from gateway_support import API_KEY, MODEL, WEBHOOK_SECRET, GatewayProcess, wait_for_result
+from gateway_support import (
+    API_KEY,
+    MODEL,
+    WEBHOOK_SECRET,
+    GatewayProcess,
+    read_events,
+    wait_for_result,
+)
+from support.http_server import Route, serve
 from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
 from support.webhook_receiver import WebhookReceiver, documented_verifier
 
@@ -36,6 +44,61 @@ def test_a_multipart_document_with_allowed_failures(api: httpx.Client):
     assert result["state"] == "SUCCESS", result
     assert [p["state"] for p in result["pages"]] == ["SUCCESS", "SUCCESS"]
     assert "\n\n--- page 2 ---\n\n" in result["text"]
+
+
+def test_a_json_document_by_url_is_downloaded_by_a_worker(api: httpx.Client):
+    routes = {"/scan.pdf": Route(body=pillow_pdf(2), content_type="application/pdf")}
+    with serve(routes) as server:
+        body = {"task": "ocr", "document": {"url": server.url("/scan.pdf")}}
+        response = api.post("/v1/tasks", json=body)
+        assert response.status_code == 202, response.text
+        result = wait_for_result(api, response.json()["id"], timeout_s=240)
+    assert result["state"] == "SUCCESS", result.get("error")
+    assert [page["page"] for page in result["pages"]] == [1, 2]
+    assert server.requests == ["/scan.pdf"]
+
+
+def test_the_documents_events_carry_each_pages_text_with_its_page(api: httpx.Client):
+    body = {
+        "task": "ask",
+        "prompt": "Read this page aloud.",
+        "options": {"max_new_tokens": 16},
+        "document": {"data": base64.b64encode(pillow_pdf(2)).decode()},
+    }
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 202, response.text
+    task_id = response.json()["id"]
+    with api.stream("GET", f"/v1/tasks/{task_id}/events") as stream:
+        assert stream.status_code == 200
+        events = list(read_events(stream.iter_lines()))
+    deltas = [event.json() for event in events if event.name == "delta"]
+    ends = [event.json() for event in events if event.name == "end"]
+    assert len(ends) == 1 and events[-1].name == "end"
+    result = ends[0]
+    assert result["state"] == "SUCCESS" and result["pages_total"] == 2
+    for page in result["pages"]:
+        streamed = "".join(d["text"] for d in deltas if d["page"] == page["page"])
+        assert streamed == page["text"] != ""
+    assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+
+
+@pytest.mark.parametrize(
+    ("document", "code"),
+    [
+        ({"url": "http://169.254.169.254/latest/meta-data/x.pdf"}, "image_fetch_failed"),
+        ({"url": "http://10.1.2.3/report.pdf"}, "image_fetch_failed"),
+        ({"url": "file:///etc/passwd"}, "invalid_input"),
+        ({"url": "https://docs.example/a.pdf", "data": "JVBERi0="}, "invalid_input"),
+        ({}, "invalid_input"),
+    ],
+)
+def test_a_document_url_that_is_refused_is_a_400_naming_the_document(
+    api: httpx.Client, document, code
+):
+    response = api.post("/v1/tasks", json={"task": "ocr", "document": document})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, "document")
 
 
 @pytest.mark.parametrize("kind", ["not-pdf", "truncated", "encrypted"])

@@ -6,6 +6,7 @@ qpdf) or are hand-assembled hostile files (tests/support/pdfs.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -13,19 +14,23 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from support.http_server import IMAGE_HOST, Route, serve
 from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
 from support.workers import WorkerProcess, base_env, run_cli, wait_until_generating
 
-from producer import Client
+from producer import AsyncClient, Client
+from producer.idempotency import IdempotencyConflict
 from vision_queue.documents import DOCUMENT_KEY
 from vision_queue.errors import InvalidDocument
 from vision_queue.settings import Settings
+from vision_queue.streams import StreamEvent
 
 pytestmark = pytest.mark.timeout(300)
 
 LONG = 100_000
 CAPS = f"describe=16,ocr=16,compare=16,ask={LONG}"
 WORKER_ENV = {
+    "VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST,  # PDFs by URL from the tests' loopback server
     "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "3",
     "VQ_DOCUMENT_DPI": "72",
     "VQ_MAX_NEW_TOKENS_CAPS": CAPS,
@@ -146,6 +151,18 @@ def test_the_cli_runs_a_document_and_shows_its_pages(module_redis, doc_worker, t
     assert [page["page"] for page in result["pages"]] == [1, 2]
     status = run_cli("producer", ["status", result["id"], "--json"], env)
     assert json.loads(status.stdout)["pages_total"] == 2
+    streamed = run_cli(
+        "producer",
+        [
+            *("submit", "--task", "ask", "--prompt", "Hi", "--max-new-tokens", "8"),
+            *("--document", str(path), "--stream"),
+        ],
+        env,
+        timeout_s=240,
+    )
+    # The pages' texts arrive interleaved, each run of text headed by its page.
+    assert streamed.returncode == 0, streamed.stderr
+    assert "[page 1] " in streamed.stdout and "[page 2] " in streamed.stdout
     bad = tmp_path / "bad.pdf"
     bad.write_bytes(pillow_pdf(2)[:-200])
     refused = run_cli("producer", ["submit", "--task", "ocr", "--document", str(bad)], env)
@@ -181,3 +198,132 @@ def test_a_worker_killed_mid_document_loses_no_page(tmp_path):
                 assert [page["state"] for page in pages] == ["SUCCESS", "SUCCESS"]
                 # The page the first worker was generating ran again on the second.
                 assert pages[0]["worker"] == second.name
+
+
+def test_a_worker_killed_while_drawing_resumes_the_document_under_the_same_pages(tmp_path):
+    from support.redis_server import RedisServer
+
+    env = {**WORKER_ENV, "VQ_LEASE_TTL_S": "2"}
+    with RedisServer(tmp_path / "redis") as server:
+        settings = Settings.from_env(
+            {}, redis_url=server.url, connect_timeout_s=3.0, max_new_tokens_caps=CAPS
+        )
+        record = redis.Redis.from_url(server.url)
+        with Client(settings) as client:
+            # Given a worker that has queued page 1 and is still drawing page 2 (whose
+            # drawing never ends; the page time limit is far away)
+            first = WorkerProcess(
+                server.url, tmp_path / "a", **{**env, "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "60"}
+            ).start()
+            try:
+                handle = client.submit(
+                    "ocr", document=endless_page_pdf(plain_pages=1), max_failed_pages=1
+                )
+                key = DOCUMENT_KEY.format(doc_id=handle.id)
+                deadline = time.monotonic() + 120
+                while not record.hexists(key, "digest:1"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                ids = page_ids(client, handle.id)
+            finally:
+                # When it dies there
+                first.signal(signal.SIGKILL)
+                first.wait()
+            # Then the next worker takes the document again, draws what was never drawn,
+            # and queues the pages under the ids the first one chose: one result, each
+            # page once.
+            with WorkerProcess(server.url, tmp_path / "b", **env):
+                result = client.result(handle.id, wait=True, timeout=240)
+            assert result is not None and result["state"] == "SUCCESS", result.get("error")
+            pages = dict(result)["pages"]
+            assert [page["id"] for page in pages] == ids == page_ids(client, handle.id)
+            assert [page["state"] for page in pages] == ["SUCCESS", "FAILURE"]
+            assert pages[1]["error"]["code"] == "timeout"
+
+
+def test_a_pdf_by_url_is_downloaded_by_the_worker_and_checked_there(module_redis, doc_worker):
+    settings = Settings.from_env(
+        {}, redis_url=module_redis.url, max_new_tokens_caps=CAPS, allowed_private_hosts=IMAGE_HOST
+    )
+    routes = {
+        "/report.pdf": Route(body=pillow_pdf(2), content_type="application/pdf"),
+        "/cat.pdf": Route(body=b"GIF89a this is no PDF", content_type="application/pdf"),
+        "/gone.pdf": Route(404, b"not here"),
+    }
+    with serve(routes) as server, Client(settings) as client:
+        good = client.submit("ocr", document=server.url("/report.pdf"))
+        fake = client.submit("ocr", document=server.url("/cat.pdf"))
+        gone = client.submit("ocr", document=server.url("/gone.pdf"))
+        result = client.result(good.id, wait=True, timeout=240)
+        assert result is not None and result["state"] == "SUCCESS", result.get("error")
+        assert [page["page"] for page in dict(result)["pages"]] == [1, 2]
+        # The checks that a client runs on bytes it holds, the worker runs on the download.
+        refused = client.result(fake.id, wait=True, timeout=60)
+        assert refused is not None and refused["state"] == "FAILURE"
+        assert refused["error"]["code"] == "invalid_document"
+        assert "not a PDF" in refused["error"]["message"]
+        missing = client.result(gone.id, wait=True, timeout=60)
+        assert missing is not None and missing["error"]["code"] == "image_fetch_failed"
+        assert server.requests.count("/report.pdf") == 1
+
+
+def test_each_pages_text_streams_on_the_documents_events_marked_with_its_page(
+    doc_client: Client,
+):
+    handle = doc_client.submit(
+        "ask", document=pillow_pdf(3), prompt="Read this page aloud.", max_new_tokens=24
+    )
+    events = list(doc_client.stream_events(handle.id))
+    deltas, ends = events[:-1], events[-1:]
+    # One stream for the document, numbered without gaps (the follower refuses gaps), that
+    # ends once, after every page's text.
+    assert [event.kind for event in ends] == ["end"] and all(e.kind == "delta" for e in deltas)
+    assert [event.seq for event in events] == list(range(len(events)))
+    result = doc_client.result(handle.id)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    assert ends[0].result is not None and ends[0].result["text"] == result["text"]
+    pages = dict(result)["pages"]
+    assert {event.page for event in deltas} == {1, 2, 3}
+    for page in pages:
+        streamed = "".join(e.text for e in deltas if e.page == page["page"])
+        assert streamed == page["text"] and page["usage"]["completion_tokens"] > 0
+
+
+def test_the_async_client_follows_a_documents_stream_from_a_cursor(doc_client: Client):
+    handle = doc_client.submit(
+        "ask", document=pillow_pdf(2), prompt="Read this page aloud.", max_new_tokens=16
+    )
+    result = doc_client.result(handle.id, wait=True, timeout=240)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    everything = list(doc_client.stream_events(handle.id))
+
+    async def resume() -> list[StreamEvent]:
+        async with AsyncClient(doc_client.settings) as client:
+            return [event async for event in client.stream_events(handle.id, everything[0].cursor)]
+
+    resumed = asyncio.run(resume())
+    assert resumed == everything[1:] and resumed[-1].kind == "end"
+    assert {event.page for event in resumed[:-1]} <= {1, 2}
+    assert all(event.page is not None for event in resumed[:-1])
+
+
+def test_an_idempotency_key_queues_a_document_once(doc_client: Client, tmp_path):
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(pillow_pdf(1))
+    first = doc_client.submit("ocr", document=path, idempotency_key="scan-7")
+    # The same request again (the bytes this time, not the path): the same document.
+    again = doc_client.submit("ocr", document=path.read_bytes(), idempotency_key="scan-7")
+    assert again.id == first.id
+
+    async def from_async_client() -> str:
+        async with AsyncClient(doc_client.settings) as client:
+            return (await client.submit("ocr", document=path, idempotency_key="scan-7")).id
+
+    assert asyncio.run(from_async_client()) == first.id
+    with pytest.raises(IdempotencyConflict):
+        doc_client.submit("ocr", document=pillow_pdf(2), idempotency_key="scan-7")
+    with pytest.raises(IdempotencyConflict):
+        doc_client.submit("ocr", document=path, max_failed_pages=1, idempotency_key="scan-7")
+    result = doc_client.result(first.id, wait=True, timeout=240)
+    assert result is not None and result["state"] == "SUCCESS", result.get("error")
+    assert dict(result)["pages_total"] == 1
