@@ -52,100 +52,26 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
-from worker.inference.constraint import RowConstraint
 from worker.inference.events import Event, Failed, Finished, Token
-
-__all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
-from worker.model.config import RopeFactors
+from worker.inference.rows import Job, Launch, Row
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
-from worker.model.processor import EncodedPrompt
 from worker.model.runner_api import Runner
-from worker.model.sampling import SamplingParams, TokenSampler
-from worker.model.steps import UNKNOWN_TOKEN, RowInput, StepTokens
+from worker.model.sampling import TokenSampler
+from worker.model.steps import UNKNOWN_TOKEN
+
+__all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity: a job is itself, whatever it holds
-class Job:
-    """One request as the scheduler sees it; `events` is read by the request's own thread."""
-
-    encoded: EncodedPrompt
-    crops: torch.Tensor | None  # the images' CPU crops; handed to the runner on admission
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    constraint: RowConstraint | None = None  # a response_format's grammar
-    decode_fault: bool = False  # test-only: decode steps with this job run out of memory
-    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
-    submitted_at: float = field(default_factory=time.perf_counter)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def positions_needed(self) -> int:
-        return self.encoded.prompt_tokens + self.max_new_tokens
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-@dataclass(eq=False)
-class _Launch:
-    """Launched work not read yet: the rows whose tokens it chooses, in order."""
-
-    rows: list[_Row]
-    tokens: StepTokens
-    what: str  # "decoding" | "prefill": which failure its errors are
-    prefill_from: float = 0.0  # a prompt's first token: until it is read counts as prefill
-
-
-@dataclass(eq=False)
-class _Row:
-    job: Job
-    start: int  # the job's region in the KV pool
-    sampler: TokenSampler | None
-    admitted_at: float
-    prompt: PromptPrefill | None  # None once prefilled (or released)
-    position: int = 0  # where the next fed token goes
-    token: int = 0  # the token fed next; UNKNOWN_TOKEN while only the device has it
-    generated: int = 0  # tokens handed to the job
-    launched: int = 0  # tokens whose choice is launched (generated + those in flight)
-    done: bool = False  # left the batch: tokens of its steps still in flight are dropped
-    prefill_s: float = 0.0
-    decode_began: float = 0.0
-    # The factor set the keys of the region's prefix (the prompt, or after a recompute
-    # the whole sequence it rebuilt) were rotated with: what a prefix cache must key on.
-    kv_factors: RopeFactors = "short"
-    # Held only by a row that will recompute at the LongRoPE switch, until it has:
-    prompt_embeds: torch.Tensor | None = None  # the first prefill's embeddings
-    history: list[int] = field(default_factory=list)  # every token generated so far
-    recomputing: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.job.encoded.prompt_tokens
-
-    def as_input(self) -> RowInput:
-        constraint = self.job.constraint
-        allowed = None if constraint is None else constraint.allowed()
-        return RowInput(self.token, self.position, self.start, self.sampler, allowed)
-
-    @property
-    def awaits_token(self) -> bool:
-        """A constrained row whose last token is still on the device: its mask needs it."""
-        return self.job.constraint is not None and self.generated < self.launched
 
 
 class Scheduler:
@@ -174,10 +100,10 @@ class Scheduler:
         self.recompute_past = recompute_past
         self.recover = recover
         self._waiting: collections.deque[Job] = collections.deque()
-        self._prefilling: list[_Row] = []
-        self._decoding: list[_Row] = []
+        self._prefilling: list[Row] = []
+        self._decoding: list[Row] = []
         self._decode_limit = max_rows  # halved by an out-of-memory in a decode step
-        self._in_flight: collections.deque[_Launch] = collections.deque()
+        self._in_flight: collections.deque[Launch] = collections.deque()
         # Leave this iteration's last launch unread at its end (else wait for it too).
         self.overlap = overlap
         self.sync_wait_s = 0.0  # time the device thread spent waiting for the device
@@ -319,7 +245,7 @@ class Scheduler:
             # The runner's prompt holds the crops from here on; the job keeps no copy.
             prompt, job.crops = PromptPrefill.of(job.encoded, job.crops, start), None
             prompt.keep_embeds = self._will_recompute(job)
-            self._prefilling.append(_Row(job, start, sampler, time.perf_counter(), prompt))
+            self._prefilling.append(Row(job, start, sampler, time.perf_counter(), prompt))
 
     def _will_recompute(self, job: Job) -> bool:
         """Whether the job's sequence can first pass the switch while decoding: a prompt
@@ -329,7 +255,7 @@ class Scheduler:
             job.positions_needed - 1
         )
 
-    def _recompute(self, row: _Row, prompt_embeds: torch.Tensor) -> None:
+    def _recompute(self, row: Row, prompt_embeds: torch.Tensor) -> None:
         """The row's next fed token would be the first past the switch: back to prefill."""
         try:
             row.prompt = self.runner.regrown(
@@ -344,7 +270,7 @@ class Scheduler:
         # By admission: a request already streaming is not put behind later prompts.
         self._prefilling.sort(key=lambda r: r.admitted_at)
 
-    def _prefill_unit(self, row: _Row) -> None:
+    def _prefill_unit(self, row: Row) -> None:
         prompt = row.prompt
         assert prompt is not None
         began = time.perf_counter()
@@ -355,7 +281,7 @@ class Scheduler:
                 max_crops=self.vision_unit_crops,
             )
             if hidden is None:  # more units to come; the marker bounds the work queued
-                self._in_flight.append(_Launch([], self.runner.marker(), "prefill"))
+                self._in_flight.append(Launch([], self.runner.marker(), "prefill"))
                 return
             row.prompt = None
             row.position = prompt.length
@@ -374,7 +300,7 @@ class Scheduler:
         self._decoding.append(row)
         self._launched(row)
         from_ = 0.0 if row.recomputing else time.perf_counter()
-        self._in_flight.append(_Launch([row], first, "prefill", from_))
+        self._in_flight.append(Launch([row], first, "prefill", from_))
         if row.recomputing:
             row.recomputing = False
             log.info(
@@ -384,7 +310,7 @@ class Scheduler:
         else:
             row.decode_began = time.perf_counter()
 
-    def _launched(self, row: _Row) -> None:
+    def _launched(self, row: Row) -> None:
         """The row's next token is chosen on the device: count it, move on a position."""
         row.launched += 1
         row.token = UNKNOWN_TOKEN
@@ -404,7 +330,7 @@ class Scheduler:
             self._decode_group(rows[index : index + limit])
         self.steps += 1
 
-    def _decodable(self) -> list[_Row]:
+    def _decodable(self) -> list[Row]:
         switch = self.recompute_past
         return [
             row for row in self._decoding
@@ -412,7 +338,7 @@ class Scheduler:
             and (row.position != switch or row.prompt_embeds is None)
         ]
 
-    def _decode_group(self, rows: list[_Row]) -> None:
+    def _decode_group(self, rows: list[Row]) -> None:
         try:
             with model_errors("decoding"):
                 if any(row.job.decode_fault for row in rows):
@@ -440,9 +366,9 @@ class Scheduler:
         for row in rows:
             self._launched(row)
             row.position += 1
-        self._in_flight.append(_Launch(rows, tokens, "decoding"))
+        self._in_flight.append(Launch(rows, tokens, "decoding"))
 
-    def _deliver(self, row: _Row, token: int) -> None:
+    def _deliver(self, row: Row, token: int) -> None:
         row.generated += 1
         if row.generated == row.launched:  # no launched step has fed it on the device
             row.token = token
@@ -462,20 +388,20 @@ class Scheduler:
         ):
             self._recompute(row, row.prompt_embeds)
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: Row, reason: str) -> None:
         self._release(row)
         now = time.perf_counter()
         decode_s = now - row.decode_began if row.decode_began else 0.0
         wait_s = row.admitted_at - row.job.submitted_at
         row.job.events.put(Finished(reason, wait_s, row.prefill_s, decode_s))
 
-    def _fail(self, row: _Row, error: VisionQueueError) -> None:
+    def _fail(self, row: Row, error: VisionQueueError) -> None:
         self._release(row)
         row.job.events.put(Failed(error))
         if isinstance(error, ResourceExhausted):
             self.recover()
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: Row) -> None:
         # Steps still in flight may write its region: they run before any later launch
         # (one stream), so the region is free for whatever is launched next.
         row.done = True
