@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
+from vision_queue.logprobs import TokenLogprob, alternative, entry
 from vision_queue.schemas import ChatMessage
 from worker.inference import faults
 from worker.inference.constraint import Grammars
@@ -61,6 +62,7 @@ from worker.model.errors import model_errors
 from worker.model.modeling import Phi3VForCausalLM, build_model
 from worker.model.processor import MAX_NUM_CROPS, EncodedPrompt, Phi3VProcessor, chat_text
 from worker.model.sampling import SamplingParams
+from worker.model.steps import RowLogprobs
 from worker.model.weights import load_weights, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     # A checked response_format (vision_queue.structured): decoding follows its grammar.
     response_format: dict[str, Any] | None = None
+    # Each generated token's logprob and this many alternatives (0..20); None: no logprobs.
+    logprobs: int | None = None
     # Cancel, deadline and the like, progress and streamed text, for this run only.
     control: RunControl = field(default_factory=RunControl)
 
@@ -102,6 +106,8 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     wait_s: float = 0.0  # waiting for a batch row and KV space
+    # One entry per generated token but end tokens, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finish_reason(self) -> str:
@@ -227,6 +233,7 @@ class Engine:
         self.scheduler.submit(job)
         stream = TextStream(self.vocabulary, request.stop)
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
         finished: Finished | None = None
         failure: VisionQueueError | None = None
         decode_began = 0.0
@@ -246,6 +253,9 @@ class Engine:
                 if not tokens:
                     decode_began = time.perf_counter()
                 tokens.append(event.token_id)
+                if logprobs is not None and event.token_id not in self.processor.stop_token_ids:
+                    logprobs.append(self._logprob_entry(event.token_id, event.logprobs))
+                    control.on_logprobs(logprobs[-1])
                 piece = stream.push(event.token_id)
                 if piece:
                     control.on_text(piece)
@@ -279,7 +289,16 @@ class Engine:
             prefill_s=prefill_s,
             decode_s=decode_s,
             wait_s=wait_s,
+            logprobs=logprobs,
         )
+
+    def _logprob_entry(self, token_id: int, chosen: RowLogprobs | None) -> TokenLogprob:
+        """A token's logprobs in the result's shape (vision_queue.logprobs)."""
+        text, data = self.vocabulary.piece(token_id)
+        if chosen is None:  # a device that reports none (the simulated one)
+            return entry(text, data, 0.0, [])
+        top = [alternative(*self.vocabulary.piece(i), logprob) for i, logprob in chosen.top]
+        return entry(text, data, chosen.logprob, top)
 
     def close(self) -> None:
         """Stop the scheduler's device thread; requests still queued fail with ModelError."""
@@ -313,7 +332,7 @@ class Engine:
             constraint = self.grammars.constraint(request.response_format)
         return Job(
             encoded, crops, request.max_new_tokens, sampling,
-            constraint=constraint, decode_fault=decode_fault,
+            constraint=constraint, decode_fault=decode_fault, logprobs=request.logprobs,
         )
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:

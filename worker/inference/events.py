@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vision_queue.errors import VisionQueueError
+from worker.model.steps import RowLogprobs
 
 
 @dataclass(frozen=True)
 class Token:
     token_id: int
+    logprobs: RowLogprobs | None = None  # only for a job that asked for them
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class Job:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     constraint: RowConstraint | None = None  # a response_format's grammar
+    logprobs: int | None = None  # alternatives per token with its logprobs; None: no logprobs
     decode_fault: bool = False  # test-only: decode steps with this job run out of memory
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -85,7 +86,9 @@ class Row:
     def as_input(self) -> RowInput:
         constraint = self.job.constraint
         allowed = None if constraint is None else constraint.allowed()
-        return RowInput(self.token, self.position, self.start, self.sampler, allowed)
+        return RowInput(
+            self.token, self.position, self.start, self.sampler, allowed, self.job.logprobs
+        )
 
     @property
     def awaits_token(self) -> bool:

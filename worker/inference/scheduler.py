@@ -67,7 +67,7 @@ from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
 from worker.model.runner_api import Runner
 from worker.model.sampling import TokenSampler
-from worker.model.steps import UNKNOWN_TOKEN
+from worker.model.steps import UNKNOWN_TOKEN, RowLogprobs
 
 __all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
 
@@ -217,9 +217,10 @@ class Scheduler:
                 self.sync_wait_s += time.perf_counter() - began
             if launch.prefill_from:
                 launch.rows[0].prefill_s += time.perf_counter() - launch.prefill_from
-            for row, token in zip(launch.rows, tokens, strict=True):
+            logprobs = launch.tokens.logprobs()
+            for row, token, chosen in zip(launch.rows, tokens, logprobs, strict=True):
                 if not row.done:
-                    self._deliver(row, token)
+                    self._deliver(row, token, chosen)
 
     def _drop_cancelled(self) -> None:
         for rows in (self._prefilling, self._decoding):
@@ -368,13 +369,13 @@ class Scheduler:
             row.position += 1
         self._in_flight.append(Launch(rows, tokens, "decoding"))
 
-    def _deliver(self, row: Row, token: int) -> None:
+    def _deliver(self, row: Row, token: int, logprobs: RowLogprobs | None = None) -> None:
         row.generated += 1
         if row.generated == row.launched:  # no launched step has fed it on the device
             row.token = token
         if row.prompt_embeds is not None:
             row.history.append(token)
-        row.job.events.put(Token(token))
+        row.job.events.put(Token(token, logprobs))
         if row.job.constraint is not None:
             row.job.constraint.advance(token)
         if token in self.stop_ids:

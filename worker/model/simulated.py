@@ -33,7 +33,7 @@ import torch
 from worker.model.config import RopeFactors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
-from worker.model.steps import UNKNOWN_TOKEN, RowInput
+from worker.model.steps import UNKNOWN_TOKEN, RowInput, RowLogprobs
 
 _MASK = (1 << 61) - 1
 
@@ -107,6 +107,10 @@ class SimTokens:
         if self._error is not None:
             raise self._error
         return self._tokens
+
+    def logprobs(self) -> list[RowLogprobs | None]:
+        """The stand-in device has no distribution to report."""
+        return [None] * len(self._tokens)
 
 
 class SimulatedDevice:
