@@ -104,6 +104,8 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -124,6 +126,8 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             priority,
             task_id,
             response_format,
+            logprobs,
+            top_logprobs,
         )
         if document is not None:
             if idempotency_key is not None:

@@ -90,6 +90,8 @@ class Client(ClientCore[redis.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -115,6 +117,9 @@ class Client(ClientCore[redis.Redis]):
         model class) constrains decoding: a text that ends by `stop` is JSON that
         validates (vision_queue/structured.py); a schema outside the supported subset
         raises InvalidInput before anything is queued.
+
+        `logprobs` puts each generated token's log probability in the result (its
+        `logprobs` list, OpenAI's shape), with `top_logprobs` (0..20) alternatives each.
         """
         request = SubmitRequest(
             task,
@@ -131,6 +136,8 @@ class Client(ClientCore[redis.Redis]):
             priority,
             task_id,
             response_format,
+            logprobs,
+            top_logprobs,
         )
         if document is not None:
             return self._submit_document(request, document, max_failed_pages, idempotency_key)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from vision_queue.errors import FAILURE_EXC_MODULES, Cancelled, UnknownTaskId
+from vision_queue.logprobs import TokenLogprob
 from vision_queue.protocol import FINAL_STATES, PROGRESS_STATE, RESULT_KEY, SUBMITTED_KEY, TaskName
 from vision_queue.schemas import preview
 
@@ -59,10 +60,12 @@ class _ResultFields(TypedDict):
 class Result(_ResultFields, total=False):
     """A finished task's result, as `Client.result` returns it (the JSON, typed).
 
-    A failure (`state` FAILURE) adds `error`.
+    A failure (`state` FAILURE) adds `error`; a task that asked for `options.logprobs`
+    adds `logprobs`, one entry per generated token (vision_queue.logprobs).
     """
 
     error: ResultError
+    logprobs: list[TokenLogprob]
 
 
 def result_json(result: Result) -> dict[str, Any]:
@@ -268,6 +271,7 @@ class TaskResult:
     # the task failed before generating.
     finish_reason: str = ""
     error: dict[str, Any] | None = None
+    logprobs: list[TokenLogprob] | None = None  # only when the task asked for them
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -286,4 +290,6 @@ class TaskResult:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
         return out

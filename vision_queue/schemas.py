@@ -16,6 +16,7 @@ from typing import Any
 
 from vision_queue.addresses import check_url, check_url_length
 from vision_queue.errors import ImageFetchFailed, InvalidInput
+from vision_queue.logprobs import check_logprobs_options
 from vision_queue.protocol import TASK_SPECS, Priority, TaskName, control_token_in
 from vision_queue.settings import Settings
 from vision_queue.structured import check_response_format, parse_response_format
@@ -80,7 +81,8 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
-_OPTIONAL = ("response_format",)  # on the wire only when set: older workers read the rest
+# On the wire only when set (not None, not False): older workers read the rest.
+_OPTIONAL = ("response_format", "logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class TaskOptions:
     seed: int | None = None  # same seed + same inputs = same text, whatever shares the batch
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
     response_format: dict[str, Any] | None = None  # vision_queue.structured's canonical form
+    logprobs: bool = False  # each token's logprob in the result (vision_queue.logprobs)
+    top_logprobs: int | None = None  # 0..20 alternatives per token, with logprobs
 
     def to_dict(self) -> dict[str, Any]:
         # Spelled out, not dataclasses.asdict (which deep-copies): built once per submit.
@@ -104,7 +108,7 @@ class TaskOptions:
             "top_p": self.top_p,
             "seed": self.seed,
             "stop": list(self.stop),
-        } | {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None}
+        } | {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None and v is not False}
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ def check_generation_options(options: TaskOptions) -> None:
     if seed is not None and (not _is_integer(seed) or not 0 <= seed <= MAX_SEED):
         raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
     check_response_format(options.response_format)
+    check_logprobs_options(options.logprobs, options.top_logprobs)
     stop = options.stop
     if not isinstance(stop, tuple) or len(stop) > MAX_STOP_STRINGS:
         raise InvalidInput(f"stop takes at most {MAX_STOP_STRINGS} strings", field="stop")
@@ -467,7 +472,7 @@ def _parse_options(raw: Any) -> TaskOptions:
     if unknown:
         raise InvalidInput(f"unknown option {preview(unknown[0])}", field=unknown[0][:40])
     values: dict[str, Any] = {}
-    for name in ("max_new_tokens", "num_crops", "seed"):
+    for name in ("max_new_tokens", "num_crops", "seed", "top_logprobs"):
         value = raw.get(name)
         if value is not None and not _is_integer(value):
             raise InvalidInput(f"{name} must be an integer", field=name)
@@ -482,4 +487,7 @@ def _parse_options(raw: Any) -> TaskOptions:
         raise InvalidInput("stop must be a list of strings", field="stop")
     values["stop"] = tuple(stop)
     values["response_format"] = parse_response_format(raw.get("response_format"))
+    values["logprobs"] = raw.get("logprobs", False)
+    if not isinstance(values["logprobs"], bool):
+        raise InvalidInput("logprobs must be true or false", field="logprobs")
     return TaskOptions(**values)

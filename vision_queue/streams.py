@@ -1,7 +1,8 @@
 """Streamed text as both clients read it: one Redis Stream per task, followed by cursor.
 
 A worker appends entries to `vq:stream:<id>` while it generates: `seq` (0, 1, 2...),
-`kind` ("delta" with `text`, whole characters only, or "end" with `result`, the final
+`kind` ("delta" with `text`, whole characters only, and with `logprobs` when the task
+asked for them, or "end" with `result`, the final
 result JSON including `state`). The end entry is written in the same Lua call that stores
 the result, so a stream never ends without a result and a result never exists without its
 end entry. Every entry's id is also PUBLISHed on the channel of the same name, which is
@@ -36,6 +37,8 @@ class StreamEvent:
     text: str = ""  # the delta ("" on end)
     seq: int = 0
     result: dict[str, Any] | None = None  # the final result JSON (with `state`) on end
+    # A delta's tokens' logprobs, for a task that asked (vision_queue.logprobs); else None.
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def failed(self) -> bool:
@@ -122,7 +125,19 @@ def _event(entry_id: str, fields: dict[Any, Any]) -> StreamEvent:
         except ValueError:
             result = {"error": {"code": "model_error", "message": "unreadable end entry"}}
         return StreamEvent(entry_id, "end", "", seq, result if isinstance(result, dict) else {})
-    return StreamEvent(entry_id, "delta", values.get("text", ""), seq, None)
+    return StreamEvent(
+        entry_id, "delta", values.get("text", ""), seq, None, _logprobs(values.get("logprobs"))
+    )
+
+
+def _logprobs(value: str | None) -> list[dict[str, Any]] | None:
+    if not value:
+        return None
+    try:
+        entries = json.loads(value)
+    except ValueError:
+        return None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else None
 
 
 def _text(value: Any) -> str:

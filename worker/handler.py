@@ -20,6 +20,7 @@ from PIL import Image
 from vision_queue import tracing
 from vision_queue.errors import Cancelled, TaskTimeout
 from vision_queue.images import ImageLimits, decode_image
+from vision_queue.logprobs import TokenLogprob, top_count
 from vision_queue.results import TaskResult
 from vision_queue.schemas import ImageRef, ImageSource, TaskRequest, parse_request
 from vision_queue.settings import Settings
@@ -43,9 +44,11 @@ class _SoFar:
     pieces: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # when the task asked for them
 
     def fill(self, result: TaskResult, finish_reason: str) -> None:
         result.text = "".join(self.pieces)
+        result.logprobs = self.logprobs
         result.prompt_tokens = self.prompt_tokens
         result.completion_tokens = self.completion_tokens
         result.finish_reason = finish_reason if self.prompt_tokens else ""
@@ -71,6 +74,8 @@ class TaskControl(RunControl):
     report_progress: Callable[[int], None] = lambda tokens: None
     # Each new piece of final text (the task's stream).
     stream_text: Callable[[str], None] = lambda text: None
+    # Each token's logprobs, ahead of its text (the task's stream too).
+    stream_logprobs: Callable[[TokenLogprob], None] = lambda entry: None
     so_far: _SoFar = field(default_factory=_SoFar)
 
     def check(self) -> None:
@@ -90,6 +95,12 @@ class TaskControl(RunControl):
         self.so_far.completion_tokens = count
         self.check()
         self.report_progress(count)
+
+    def on_logprobs(self, entry: TokenLogprob) -> None:
+        if self.so_far.logprobs is None:
+            self.so_far.logprobs = []
+        self.so_far.logprobs.append(entry)
+        self.stream_logprobs(entry)
 
     def on_text(self, piece: str) -> None:
         self.so_far.pieces.append(piece)
@@ -147,6 +158,7 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     result.finish_reason = output.finish_reason
     result.prompt_tokens = output.prompt_tokens
     result.completion_tokens = output.completion_tokens
+    result.logprobs = output.logprobs
     result.timings.preprocess = decode_s + output.preprocess_s
     result.timings.generate = output.prefill_s + output.decode_s
     result.timings.total = time.time() - ctx.started_at
@@ -188,6 +200,7 @@ def _generation_request(
         seed=request.options.seed,
         stop=request.options.stop,
         response_format=request.options.response_format,
+        logprobs=top_count(request.options.logprobs, request.options.top_logprobs),
         control=ctx.control,
     )
 

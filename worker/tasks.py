@@ -171,6 +171,7 @@ def _start(
         is_cancelled=_CancelWatch(task_id, runtime.redis, document_id),
         report_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
         stream_text=stream.write,
+        stream_logprobs=stream.write_logprobs,
     )
     ctx = TaskContext(
         task_id=task_id,

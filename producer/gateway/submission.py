@@ -71,6 +71,8 @@ async def submit_task(
             priority=priority,
             task_id=task_id,
             response_format=options.response_format,
+            logprobs=options.logprobs,
+            top_logprobs=options.top_logprobs,
             document=document,
             max_failed_pages=max_failed_pages,
         )

@@ -98,7 +98,8 @@ class TaskSubmission(BaseModel):
     options: TaskOptions = Field(
         default_factory=TaskOptions,
         description="max_new_tokens (capped per task), num_crops 1..16, temperature 0..2 "
-        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, response_format (OpenAI's "
+        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, logprobs (true) with "
+        "top_logprobs 0..20, response_format (OpenAI's "
         'shape: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} or '
         '{"type": "json_object"}).',
     )
@@ -173,6 +174,9 @@ class TaskResultBody(BaseModel):
     pages_total: int | None = None
     pages_done: int | None = None
     pages_failed: int | None = None
+    # With options.logprobs: per generated token, OpenAI's {token, logprob, bytes,
+    # top_logprobs} (vision_queue.logprobs).
+    logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, result: dict[str, Any]) -> TaskResultBody:
@@ -185,7 +189,7 @@ class TaskResultBody(BaseModel):
             del body["error"]
         elif body["error"]["field"] is None:
             del body["error"]["field"]
-        for name in DOCUMENT_RESULT_FIELDS:
+        for name in (*DOCUMENT_RESULT_FIELDS, "logprobs"):
             if body[name] is None:
                 del body[name]
         return body
