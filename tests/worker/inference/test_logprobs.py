@@ -18,8 +18,11 @@ from support.reference import CASES, REFERENCE_DIR, TINY_MODEL, case_job, case_r
 
 from worker.inference.engine import Engine, EngineConfig
 from worker.inference.scheduler import Finished, Job, Scheduler, Token
+from worker.model.kvcache import KVPool
+from worker.model.model_runner import ModelRunner
 from worker.model.steps import RowLogprobs
 
+CPU = torch.device("cpu")
 CASE = "img_640x480_png_c16"
 TOLERANCE = 1e-4  # float32 logits, compared with the reference's recorded values
 
@@ -27,6 +30,34 @@ TOLERANCE = 1e-4  # float32 logits, compared with the reference's recorded value
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine.load(EngineConfig(model=str(TINY_MODEL), device="cpu", max_batch=4))
+
+
+def scheduler_for(engine: Engine, decode_kernel: str = "rows") -> Scheduler:
+    """A scheduler the test steps itself (the engine's own runs on its own thread)."""
+    config = engine.model.config
+    pool = KVPool(
+        num_layers=config.num_hidden_layers,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        positions=8192,
+        dtype=torch.float32,
+        device=CPU,
+        tokens_first=False,
+        zeroed=decode_kernel != "rows",
+    )
+    runner = ModelRunner(
+        engine.model, pool, device=CPU, kernel="sdpa", decode_kernel=decode_kernel,
+        row_independent=True, max_rows=4, window=4096, graphs=False,
+    )
+    return Scheduler(
+        runner, pool, stop_ids=engine.processor.stop_token_ids, max_rows=4,
+        max_row_positions=8192,
+    )
+
+
+@pytest.fixture(scope="module")
+def host(engine: Engine) -> Scheduler:
+    return scheduler_for(engine)
 
 
 def run(scheduler: Scheduler, jobs: list[Job]) -> dict[Job, list[Token]]:
@@ -60,12 +91,12 @@ def asking(engine: Engine, case_id: str, top: int | None) -> Job:
 
 
 def test_under_greedy_the_chosen_token_is_the_most_likely_and_gaps_match_the_reference(
-    engine: Engine,
+    engine: Engine, host: Scheduler,
 ) -> None:
     # Given a greedy job asking for 5 alternatives per token
     job = asking(engine, CASE, 5)
     # When it runs
-    events = run(engine.scheduler, [job])[job]
+    events = run(host, [job])[job]
     case = CASES[CASE]
     # Then it gets the reference's tokens, each with logprobs whose first alternative is
     # the token itself, at the top of a sorted list of 5
@@ -83,7 +114,7 @@ def test_under_greedy_the_chosen_token_is_the_most_likely_and_gaps_match_the_ref
         assert chosen.top[1][0] == step["runner_up"]
         assert chosen.top[0][1] - chosen.top[1][1] == pytest.approx(step["margin"], abs=TOLERANCE)
     # And the first step's ten most likely ids are the reference's, in its order
-    first = run(engine.scheduler, [asking(engine, CASE, 10)])
+    first = run(host, [asking(engine, CASE, 10)])
     (top10,) = first.values()
     reference = case["first_step_logits"]
     assert top10[0].logprobs is not None
@@ -94,14 +125,14 @@ def test_under_greedy_the_chosen_token_is_the_most_likely_and_gaps_match_the_ref
 
 
 def test_the_chosen_logprob_is_the_maximum_of_the_log_softmax_of_the_reference_logits(
-    engine: Engine,
+    engine: Engine, host: Scheduler,
 ) -> None:
     # Given the original model's first-step logits for a prompt (the reference set)
     logits = load_file(REFERENCE_DIR / "logits_step0.safetensors")[CASE].double()
     reference = torch.log_softmax(logits, dim=-1)
     # When the engine runs the prompt asking for logprobs and 20 alternatives
     job = asking(engine, CASE, 20)
-    events = run(engine.scheduler, [job])[job]
+    events = run(host, [job])[job]
     # Then the first token is the reference's argmax, its logprob the log-softmax's
     # maximum, and the alternatives the reference's 20 most likely, with their logprobs
     first = events[0].logprobs
@@ -113,20 +144,22 @@ def test_the_chosen_logprob_is_the_maximum_of_the_log_softmax_of_the_reference_l
     assert [v for _, v in first.top] == pytest.approx(values.tolist(), abs=TOLERANCE)
 
 
-def test_logprobs_without_alternatives_carry_an_empty_list(engine: Engine) -> None:
+def test_logprobs_without_alternatives_carry_an_empty_list(engine: Engine, host: Scheduler) -> None:
     job = asking(engine, "text_only", 0)
-    events = run(engine.scheduler, [job])[job]
+    events = run(host, [job])[job]
     assert events and all(e.logprobs is not None and e.logprobs.top == () for e in events)
 
 
-def test_a_row_reports_the_same_logprobs_alone_and_in_a_batch(engine: Engine) -> None:
+def test_a_row_reports_the_same_logprobs_alone_and_in_a_batch(
+    engine: Engine, host: Scheduler
+) -> None:
     # Given a job's logprobs when it runs alone
-    alone = run(engine.scheduler, [asking(engine, CASE, 3)])
+    alone = run(host, [asking(engine, CASE, 3)])
     (expected,) = alone.values()
     # When the same job shares its steps with two others (one asking, one not)
     job = asking(engine, CASE, 3)
     neighbours = [asking(engine, "two_images_c4", 20), asking(engine, "text_only", None)]
-    together = run(engine.scheduler, [neighbours[0], job, neighbours[1]])
+    together = run(host, [neighbours[0], job, neighbours[1]])
     # Then its tokens and logprobs are the same (exactly: CPU rows are row-independent)
     assert together[job] == expected
     assert all(event.logprobs is None for event in together[neighbours[1]])
@@ -155,3 +188,24 @@ def test_the_engine_reports_each_token_with_its_text_and_bytes(engine: Engine) -
         assert len(item["top_logprobs"]) == 2
     joined = b"".join(bytes(item["bytes"]) for item in result.logprobs)
     assert joined.decode("utf-8", errors="replace").strip() == plain.text.strip()
+
+
+def test_the_graph_paths_packed_copy_carries_the_same_logprobs(
+    engine: Engine, host: Scheduler
+) -> None:
+    # Given the graph path's step (device-side choice, tokens and logprobs packed in one
+    # tensor), run uncaptured on the CPU with the gather kernel
+    graphed = scheduler_for(engine, "gather")
+    # When a job asking for 4 alternatives runs there beside one that asks nothing
+    job, other = asking(engine, CASE, 4), asking(engine, "text_only", None)
+    events = run(graphed, [job, other])
+    host = run(host, [asking(engine, CASE, 4)])
+    (expected,) = host.values()
+    # Then it reports the host path's tokens and logprobs (within float tolerance: the
+    # batched logits), and the other row none
+    assert [e.token_id for e in events[job]] == [e.token_id for e in expected]
+    for got, want in zip(events[job], expected, strict=True):
+        assert got.logprobs is not None and want.logprobs is not None
+        assert [i for i, _ in got.logprobs.top] == [i for i, _ in want.logprobs.top]
+        assert got.logprobs.logprob == pytest.approx(want.logprobs.logprob, abs=TOLERANCE)
+    assert all(e.logprobs is None for e in events[other])
