@@ -20,9 +20,15 @@ from vision_queue.protocol import FINAL_STATES, PROGRESS_STATE, RESULT_KEY, SUBM
 from vision_queue.schemas import preview
 
 
-class Usage(TypedDict):
+class _UsageCounts(TypedDict):
     prompt_tokens: int
     completion_tokens: int
+
+
+class Usage(_UsageCounts, total=False):
+    # Prompt positions a worker took from its image cache instead of computing them
+    # (worker/model/image_cache.py); part of prompt_tokens. Absent from older workers.
+    cached_tokens: int
 
 
 class ResultTimings(TypedDict):
@@ -272,6 +278,7 @@ class TaskResult:
     finish_reason: str = ""
     error: dict[str, Any] | None = None
     logprobs: list[TokenLogprob] | None = None  # only when the task asked for them
+    cached_tokens: int = 0  # prompt positions taken from the worker's image cache
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -282,6 +289,7 @@ class TaskResult:
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
             },
             "finish_reason": self.finish_reason,
             "timings": self.timings.rounded(),

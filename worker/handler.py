@@ -10,6 +10,7 @@ once per run and the engine calls between tokens. A task stopped while generatin
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,7 +144,8 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     began = time.perf_counter()
     try:
-        output = ctx.engine.generate(_generation_request(request, images, ctx))
+        hashes = [hashlib.sha256(blob).hexdigest() for blob in blobs]
+        output = ctx.engine.generate(_generation_request(request, images, hashes, ctx))
         _record_engine_spans(output, ended_at=time.time())
     except (Cancelled, TaskTimeout) as stopped:
         control.so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
@@ -159,6 +161,7 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
     result.prompt_tokens = output.prompt_tokens
     result.completion_tokens = output.completion_tokens
     result.logprobs = output.logprobs
+    result.cached_tokens = output.cached_tokens
     result.timings.preprocess = decode_s + output.preprocess_s
     result.timings.generate = output.prefill_s + output.decode_s
     result.timings.total = time.time() - ctx.started_at
@@ -188,7 +191,7 @@ def _record_engine_spans(output: GenerationResult, ended_at: float) -> None:
 
 
 def _generation_request(
-    request: TaskRequest, images: list[Image.Image], ctx: TaskContext
+    request: TaskRequest, images: list[Image.Image], hashes: list[str], ctx: TaskContext
 ) -> GenerationRequest:
     return GenerationRequest(
         prompt=request.effective_prompt(),
@@ -201,6 +204,7 @@ def _generation_request(
         stop=request.options.stop,
         response_format=request.options.response_format,
         logprobs=top_count(request.options.logprobs, request.options.top_logprobs),
+        image_hashes=hashes,
         control=ctx.control,
     )
 

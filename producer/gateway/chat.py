@@ -272,14 +272,17 @@ def completion_id(task_id: str) -> str:
     return f"chatcmpl-{task_id}"
 
 
-def usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, Any]:
     counts = result.get("usage") or {}
     prompt = int(counts.get("prompt_tokens", 0))
     completion = int(counts.get("completion_tokens", 0))
+    cached = int(counts.get("cached_tokens", 0))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        # OpenAI's field: prompt tokens the worker's image cache served (no work redone).
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

@@ -145,6 +145,8 @@ class Usage(BaseModel):
     model_config = _OUTPUT
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens served from the worker's image cache (part of prompt_tokens).
+    cached_tokens: int = 0
 
 
 class TaskError(BaseModel):

@@ -55,6 +55,7 @@ from worker.inference.engine_setup import (
 
 # Re-exported: callers of `Engine.load(EngineConfig(...))` import both names from here.
 from worker.inference.engine_setup import EngineConfig as EngineConfig
+from worker.inference.image_crops import ImageCrops, pixels_hash
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
@@ -91,6 +92,9 @@ class GenerationRequest:
     response_format: dict[str, Any] | None = None
     # Each generated token's logprob and this many alternatives (0..20); None: no logprobs.
     logprobs: int | None = None
+    # Each image's SHA-256 (of its file: what staging names it by), for image reuse;
+    # None: the engine hashes the decoded pixels instead.
+    image_hashes: Sequence[str] | None = None
     # Cancel, deadline and the like, progress and streamed text, for this run only.
     control: RunControl = field(default_factory=RunControl)
 
@@ -108,6 +112,7 @@ class GenerationResult:
     wait_s: float = 0.0  # waiting for a batch row and KV space
     # One entry per generated token but end tokens, when the request asked for them.
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt positions whose KV came from the image cache
 
     @property
     def finish_reason(self) -> str:
@@ -148,6 +153,7 @@ class Engine:
         self.max_batch = batching.max_rows
         self.pool = batching.pool
         self.runner = batching.runner
+        self.image_cache = batching.runner.image_cache
         self.longrope_switch = longrope_switch
         rope = model.config.rope
         recompute = longrope_switch == "recompute" and rope.switches
@@ -290,6 +296,7 @@ class Engine:
             decode_s=decode_s,
             wait_s=wait_s,
             logprobs=logprobs,
+            cached_tokens=finished.cached_tokens if finished is not None else 0,
         )
 
     def _logprob_entry(self, token_id: int, chosen: RowLogprobs | None) -> TokenLogprob:
@@ -316,15 +323,17 @@ class Engine:
         with model_errors("preprocessing"):
             text = chat_text(request.prompt, len(request.images))
             num_crops = request.num_crops or self.num_crops
-            encoded = self.processor.encode(text, request.images, num_crops)
+            hashes = self._image_hashes(request)
+            crops_of = ImageCrops(self.processor, self.image_cache, self._torch_device.type)
+            cached = crops_of.cached(hashes, num_crops)
+            encoded = self.processor.encode(text, request.images, num_crops, cached)
         self._check_length(encoded, request.max_new_tokens)
         request.control.on_prompt(encoded.prompt_tokens)
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
             faults.inject(text, self.device)
             if encoded.images:
-                # Pinned on CUDA hosts, so the device thread's copy does not wait.
-                crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
+                crops = crops_of.crops(encoded, hashes, num_crops)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         decode_fault = faults.fault_for(text) == "decode_oom"
         constraint = None
@@ -333,7 +342,15 @@ class Engine:
         return Job(
             encoded, crops, request.max_new_tokens, sampling,
             constraint=constraint, decode_fault=decode_fault, logprobs=request.logprobs,
+            image_hashes=tuple(hashes) if self.image_cache.enabled else (),
         )
+
+    def _image_hashes(self, request: GenerationRequest) -> list[str]:
+        if not self.image_cache.enabled:
+            return []
+        if request.image_hashes is not None and len(request.image_hashes) == len(request.images):
+            return list(request.image_hashes)
+        return [pixels_hash(image) for image in request.images]
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

@@ -20,6 +20,7 @@ class Finished:
     wait_s: float
     prefill_s: float
     decode_s: float
+    cached_tokens: int = 0  # prompt positions whose KV came from the image cache
 
 
 @dataclass(frozen=True)

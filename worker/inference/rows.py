@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     constraint: RowConstraint | None = None  # a response_format's grammar
     logprobs: int | None = None  # alternatives per token with its logprobs; None: no logprobs
+    image_hashes: tuple[str, ...] = ()  # the images' SHA-256s: what image reuse keys on
     decode_fault: bool = False  # test-only: decode steps with this job run out of memory
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -78,6 +80,9 @@ class Row:
     prompt_embeds: torch.Tensor | None = None  # the first prefill's embeddings
     history: list[int] = field(default_factory=list)  # every token generated so far
     recomputing: bool = False
+    # Image reuse: prompt positions copied from the cache, and the entry pinned meanwhile.
+    cached_tokens: int = 0
+    pinned: Hashable | None = None
 
     @property
     def prompt_tokens(self) -> int:

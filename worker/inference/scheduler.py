@@ -10,7 +10,10 @@ serve them. One device thread owns the model and loops:
 3. ask the runner for one prefill unit of the oldest admitted job still prefilling (a
    group of at most `vision_unit_crops` of its image crops through the image tower, or
    one chunk of `prefill_chunk_tokens` prompt positions; the runner does the work), so a
-   long prompt delays the running decodes by one unit, not by all of it;
+   long prompt delays the running decodes by one unit, not by all of it. The prefix that
+   ends with a prompt's last image is a unit of its own, which the image cache may serve
+   instead (worker.model.image_cache: copied into the row's region; the entry stays
+   pinned until the row leaves);
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
@@ -244,7 +247,8 @@ class Scheduler:
                 self._waiting.popleft()
             sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
             # The runner's prompt holds the crops from here on; the job keeps no copy.
-            prompt, job.crops = PromptPrefill.of(job.encoded, job.crops, start), None
+            prompt = PromptPrefill.of(job.encoded, job.crops, start, job.image_hashes)
+            job.crops = None
             prompt.keep_embeds = self._will_recompute(job)
             self._prefilling.append(Row(job, start, sampler, time.perf_counter(), prompt))
 
@@ -285,6 +289,8 @@ class Scheduler:
                 self._in_flight.append(Launch([], self.runner.marker(), "prefill"))
                 return
             row.prompt = None
+            if not row.recomputing:
+                row.cached_tokens, row.pinned = prompt.cached_tokens, prompt.pinned
             row.position = prompt.length
             row.kv_factors = self.runner.rope_factors(prompt.length)
             if prompt.keep_embeds:
@@ -394,7 +400,9 @@ class Scheduler:
         now = time.perf_counter()
         decode_s = now - row.decode_began if row.decode_began else 0.0
         wait_s = row.admitted_at - row.job.submitted_at
-        row.job.events.put(Finished(reason, wait_s, row.prefill_s, decode_s))
+        row.job.events.put(
+            Finished(reason, wait_s, row.prefill_s, decode_s, row.cached_tokens)
+        )
 
     def _fail(self, row: Row, error: VisionQueueError) -> None:
         self._release(row)
@@ -409,6 +417,9 @@ class Scheduler:
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)
+        pinned = row.prompt.pinned if row.prompt is not None else row.pinned
+        self.runner.release(pinned)  # a cache entry it was served from
+        row.pinned = None
         row.prompt = row.prompt_embeds = None  # its embeddings and image features, at once
         self.pool.allocator.free(row.start)
 

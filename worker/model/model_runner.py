@@ -41,17 +41,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
 from worker.model.config import RopeFactors
 from worker.model.errors import is_out_of_memory, model_errors
+from worker.model.image_cache import ImageCache
 from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
 from worker.model.modeling import Phi3VForCausalLM
-from worker.model.processor import EncodedPrompt
+
+# Re-exported: the scheduler and the tests name the prompt type beside the runner.
+from worker.model.prompts import PromptPrefill as PromptPrefill
 from worker.model.steps import (
     UNKNOWN_TOKEN,
     CudaTokens,
@@ -68,38 +70,6 @@ from worker.model.token_choice import TokenChooser
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16)
-
-
-@dataclass(eq=False)  # identity: two prompts with the same text are still two prompts
-class PromptPrefill:
-    """A prompt on its way into the KV region at `start`, advanced by `prefill_unit`."""
-
-    input_ids: list[int]
-    start: int
-    crops: torch.Tensor | None = None  # every image's crops (CPU or device), in order
-    grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image
-    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) per image
-    crops_encoded: int = 0  # crops already through the image tower
-    features: list[torch.Tensor] = field(default_factory=list)  # CLIP features, per unit
-    embeds: torch.Tensor | None = None  # [1, L, hidden] once the image tower is done
-    offset: int = 0  # positions already in the KV region
-    # Keep `embeds` once the region holds the prompt: a row that will cross the LongRoPE
-    # switch under `recompute` rebuilds its region from them (`ModelRunner.regrown`).
-    keep_embeds: bool = False
-
-    @classmethod
-    def of(cls, encoded: EncodedPrompt, crops: torch.Tensor | None, start: int) -> PromptPrefill:
-        return cls(
-            input_ids=list(encoded.input_ids),
-            start=start,
-            crops=crops if encoded.images else None,
-            grids=[(hd.rows, hd.cols) for hd in encoded.images],
-            spans=[(span.start, span.length) for span in encoded.spans],
-        )
-
-    @property
-    def length(self) -> int:
-        return len(self.input_ids)
 
 
 def graph_buckets(max_rows: int) -> tuple[int, ...]:
@@ -127,8 +97,10 @@ class ModelRunner:
         graphs: bool,
         compile: bool = False,
         compile_backend: str = "inductor",
+        image_cache: ImageCache | None = None,
     ) -> None:
         self.model = model
+        self.image_cache = image_cache if image_cache is not None else ImageCache(0)
         self.pool = pool
         self.device = device
         self.kernel = kernel
@@ -169,21 +141,70 @@ class ModelRunner:
         A unit is at most `max_crops` crops through the image tower, or (once the prompt's
         embeddings are complete) at most `max_tokens` positions; None = all that is left.
         """
+        if prompt.embeds is None and prompt.offset == 0 and not prompt.crops_encoded:
+            self._reuse_prefix(prompt)
         if prompt.embeds is None and not self.encode_unit(prompt, max_crops):
             return None
         embeds = prompt.embeds
         assert embeds is not None
         length = prompt.length
         end = length if max_tokens is None else min(length, prompt.offset + max_tokens)
+        if prompt.offset < prompt.prefix_length:
+            end = min(end, prompt.prefix_length)  # the image prefix: a unit of its own
         with model_errors("prefill"):
-            chunk = embeds[:, prompt.offset : end]
+            chunk = embeds[:, prompt.offset - prompt.embeds_from : end - prompt.embeds_from]
             hidden = self.prefill(prompt.start, chunk, prompt.offset, length)
         prompt.offset = end
+        if end == prompt.prefix_length and not prompt.cached_tokens:
+            self._keep_prefix(prompt)
         if end < length:
             return None
         if not prompt.keep_embeds:
             prompt.embeds = None  # the region holds the prompt now
         return hidden
+
+    def _prefix_key(self, prompt: PromptPrefill) -> Hashable | None:
+        """The cache key of the prompt's image prefix; None when it has none to share."""
+        if not (self.image_cache.enabled and prompt.prefix_length and prompt.image_hashes):
+            return None
+        return (
+            tuple(prompt.input_ids[: prompt.prefix_length]),
+            prompt.image_hashes,
+            str(self.pool.keys[0].dtype),
+            self.rope_factors(prompt.length),  # the whole prompt's, as its keys were rotated
+        )
+
+    def _reuse_prefix(self, prompt: PromptPrefill) -> None:
+        """On a hit, copy the prefix's KV into the prompt's region and skip its image tower:
+        only the positions after it are embedded (text) and prefilled."""
+        key = self._prefix_key(prompt)
+        if key is None or prompt.keep_embeds:  # a recompute needs the image embeddings
+            return
+        saved = self.image_cache.get("prefix", key, pin=True)
+        if saved is None:
+            return
+        prompt.pinned = key
+        begin = prompt.prefix_length
+        with model_errors("prefill"):
+            self.pool.write_prefix(prompt.start, saved)
+            ids = self._buffers.staged(torch.tensor([prompt.input_ids[begin:]]))
+            prompt.embeds = self.model.model.vision_embed_tokens.wte(ids)
+        prompt.offset = prompt.embeds_from = prompt.cached_tokens = begin
+        prompt.crops = None
+
+    def _keep_prefix(self, prompt: PromptPrefill) -> None:
+        """The region now holds the image prefix, computed as a unit of its own: cache it."""
+        key = self._prefix_key(prompt)
+        if key is None or key in self.image_cache:
+            return
+        with model_errors("prefill"):
+            saved = self.pool.read_prefix(prompt.start, prompt.prefix_length)
+        self.image_cache.put("prefix", key, saved, saved.nbytes)
+
+    def release(self, prompt_pin: Hashable | None) -> None:
+        """A row served from a cached prefix left: its entry may be evicted again."""
+        if prompt_pin is not None:
+            self.image_cache.unpin(prompt_pin)
 
     def regrown(
         self,

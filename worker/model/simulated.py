@@ -25,12 +25,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from worker.model.config import RopeFactors
+from worker.model.image_cache import ImageCache
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
 from worker.model.steps import UNKNOWN_TOKEN, RowInput, RowLogprobs
@@ -182,6 +183,7 @@ class SimulatedRunner:
         self.pool = pool
         self.model = model
         self.stream = device or SimulatedDevice()
+        self.image_cache = ImageCache(0)  # it caches nothing
         self.device = torch.device("cpu")
         self.stop_id = stop_id
         self.end_every = end_every
@@ -223,6 +225,9 @@ class SimulatedRunner:
         if not prompt.keep_embeds:
             prompt.embeds = None
         return self._placeholder
+
+    def release(self, prompt_pin: Hashable | None) -> None:
+        """The stand-in device caches no image prefixes."""
 
     def rope_factors(self, length: int) -> RopeFactors:
         return "long" if self.long_past is not None and length > self.long_past else "short"
