@@ -10,6 +10,7 @@ The texts of both arms must be identical (image reuse changes no token).
 
     python benchmarks/bench_image_reuse.py                 # 5 rounds, 16 crops
     python benchmarks/bench_image_reuse.py --rounds 3 --num-crops 4 --threads 2
+    python benchmarks/bench_image_reuse.py --device cuda     # benchmarks/gpu_batching.sh
 
 Target (issue #22 item 6): questions 2-4 reach their first token in at most 0.4x the time
 they take without the cache (medians). Figures in docs/benchmarks.md. Not a timed test.
@@ -65,6 +66,8 @@ def arm(server_url: str, folder: Path, cache_bytes: str, args: Any) -> list[list
         "VQ_NUM_CROPS": str(args.num_crops),
         "VQ_IMAGE_CACHE_BYTES": cache_bytes,
         "OMP_NUM_THREADS": str(args.threads),
+        "VQ_DEVICE": args.device,
+        "VQ_DTYPE": "float32" if args.device == "cpu" else "bfloat16",
     }
     settings = Settings.from_env(None, redis_url=server_url, max_new_tokens_caps=caps)
     rounds: list[list[tuple]] = []
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--num-crops", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the worker")
+    parser.add_argument("--device", default="cpu", help="VQ_DEVICE of the worker (cpu, cuda)")
     args = parser.parse_args()
 
     from support.redis_server import RedisServer

@@ -9,7 +9,11 @@
 #   4. host work against device time (issue 20): bench_host_overhead.py on the real GPU
 #      at batch 1, 8, 16, 32, next to the same load on the simulated device of that GPU
 #      (H200, else H100 figures): prediction and measurement side by side.
-# Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json}.
+#   5. image reuse (issue 22): four questions about one image through the real queue, with
+#      the image cache and without (bench_image_reuse.py, tiny checkpoint on CUDA; GPU
+#      runs only: its two worker start-ups would lengthen DRY_RUN).
+# Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json,
+# image-reuse.txt}.
 #
 #   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, about 9-11 minutes
 #   DRY_RUN=1 bash benchmarks/gpu_batching.sh [OUT]   # the same steps, tiny, on the CPU
@@ -49,6 +53,8 @@ else
   grep -qi h200 "$OUT/gpu.txt" && model=h200
   "$PY" benchmarks/bench_host_overhead.py --device-model "$model" --batches 1,8,16,32 \
     --warmup 3 --seconds 6 --json "$OUT/host-overhead-sim.json" || status=1
+  "$PY" benchmarks/bench_image_reuse.py --device cuda --rounds 5 \
+    | tee "$OUT/image-reuse.txt" || status=1
 fi
 echo "gpu_batching: results in $OUT (status $status)"
 exit $status
