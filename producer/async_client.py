@@ -106,6 +106,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         response_format: Any = None,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        n: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -128,6 +129,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             response_format,
             logprobs,
             top_logprobs,
+            n,
         )
         if document is not None:
             if idempotency_key is not None:

@@ -92,6 +92,7 @@ class Client(ClientCore[redis.Redis]):
         response_format: Any = None,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        n: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -120,6 +121,7 @@ class Client(ClientCore[redis.Redis]):
 
         `logprobs` puts each generated token's log probability in the result (its
         `logprobs` list, OpenAI's shape), with `top_logprobs` (0..20) alternatives each.
+        `n` (1..8) asks for that many choices from one prefill (the result's `choices`).
         """
         request = SubmitRequest(
             task,
@@ -138,6 +140,7 @@ class Client(ClientCore[redis.Redis]):
             response_format,
             logprobs,
             top_logprobs,
+            n,
         )
         if document is not None:
             return self._submit_document(request, document, max_failed_pages, idempotency_key)

@@ -73,6 +73,7 @@ class SubmitRequest:
     response_format: Any = None
     logprobs: bool = False  # each token's logprob in the result (vision_queue.logprobs)
     top_logprobs: int | None = None  # 0..20 alternatives per token, with logprobs
+    n: int | None = None  # choices (1..8) from one prefill: the result's `choices`
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def prepare(
         response_format=parse_response_format(request.response_format),
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
+        n=request.n,
     )
     # The cheap rules first, before reading or uploading any image.
     placeholder = (ImageRef(ImageSource.URL, "-"),) * len(images)

@@ -31,6 +31,19 @@ class Usage(_UsageCounts, total=False):
     cached_tokens: int
 
 
+class _ChoiceFields(TypedDict):
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+class Choice(_ChoiceFields, total=False):
+    """One of the `n` choices of a task that asked for more than one."""
+
+    logprobs: list[TokenLogprob]
+
+
 class ResultTimings(TypedDict):
     """Seconds spent in each phase of the task."""
 
@@ -67,11 +80,14 @@ class Result(_ResultFields, total=False):
     """A finished task's result, as `Client.result` returns it (the JSON, typed).
 
     A failure (`state` FAILURE) adds `error`; a task that asked for `options.logprobs`
-    adds `logprobs`, one entry per generated token (vision_queue.logprobs).
+    adds `logprobs`, one entry per generated token (vision_queue.logprobs); one that asked
+    for `options.n` above 1 adds `choices` (`text` and `logprobs` are the first one's,
+    `usage.completion_tokens` counts them all, `prompt_tokens` the prompt once).
     """
 
     error: ResultError
     logprobs: list[TokenLogprob]
+    choices: list[Choice]
 
 
 def result_json(result: Result) -> dict[str, Any]:
@@ -279,6 +295,7 @@ class TaskResult:
     error: dict[str, Any] | None = None
     logprobs: list[TokenLogprob] | None = None  # only when the task asked for them
     cached_tokens: int = 0  # prompt positions taken from the worker's image cache
+    choices: list[Choice] | None = None  # only for options.n above 1
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -300,4 +317,6 @@ class TaskResult:
             out["error"] = self.error
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.choices is not None:
+            out["choices"] = self.choices
         return out

@@ -22,7 +22,7 @@ from vision_queue import tracing
 from vision_queue.errors import Cancelled, TaskTimeout
 from vision_queue.images import ImageLimits, decode_image
 from vision_queue.logprobs import TokenLogprob, top_count
-from vision_queue.results import TaskResult
+from vision_queue.results import Choice, TaskResult
 from vision_queue.schemas import ImageRef, ImageSource, TaskRequest, parse_request
 from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
@@ -158,13 +158,29 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     result.text = output.text
     result.finish_reason = output.finish_reason
-    result.prompt_tokens = output.prompt_tokens
-    result.completion_tokens = output.completion_tokens
+    result.prompt_tokens = output.prompt_tokens  # once, whatever `n`
+    result.completion_tokens = output.completion_tokens + sum(
+        more.completion_tokens for more in output.more
+    )
+    if output.more:
+        result.choices = [_choice(index, c) for index, c in enumerate((output, *output.more))]
     result.logprobs = output.logprobs
     result.cached_tokens = output.cached_tokens
     result.timings.preprocess = decode_s + output.preprocess_s
     result.timings.generate = output.prefill_s + output.decode_s
     result.timings.total = time.time() - ctx.started_at
+
+
+def _choice(index: int, output: GenerationResult) -> Choice:
+    choice = Choice(
+        index=index,
+        text=output.text,
+        finish_reason=output.finish_reason,
+        completion_tokens=output.completion_tokens,
+    )
+    if output.logprobs is not None:
+        choice["logprobs"] = output.logprobs
+    return choice
 
 
 def _record_engine_spans(output: GenerationResult, ended_at: float) -> None:
@@ -205,6 +221,7 @@ def _generation_request(
         response_format=request.options.response_format,
         logprobs=top_count(request.options.logprobs, request.options.top_logprobs),
         image_hashes=hashes,
+        n=request.options.n or 1,
         control=ctx.control,
     )
 

@@ -9,8 +9,8 @@ lines. Sampling fields map one to one; `temperature` left out means greedy decod
 field (the OpenAI SDKs send it with `extra_body`).
 
 Every other field of OpenAI's request is either refused with a 400 naming it, when it asks
-for something this server does not do (`REFUSED`: tools, several choices, penalties,
-logit bias, audio...; a value that asks for nothing,
+for something this server does not do (`REFUSED`: tools, penalties, logit bias,
+audio...; a value that asks for nothing,
 such as `null`, `[]`, `false` or a penalty of 0, passes), or accepted and ignored
 (`IGNORED`: bookkeeping such as `user` or `metadata`). A field in neither list is refused
 as unknown. The README's gateway section lists both.
@@ -23,6 +23,8 @@ naming `response_format`, before anything is queued.
 `logprobs: true` with `top_logprobs` (0..20) is the task's `options.logprobs`: the
 result's per-token list is OpenAI's `choices[0].logprobs.content` as it is; streamed,
 each chunk carries the entries of its tokens (vision_queue.logprobs says what they are).
+`n` (1..8) is the task's `options.n`: one prefill, n rows decoding together, n choices;
+not streamed (a 400 naming `n`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer.gateway.wire import image_string
 from vision_queue.errors import InvalidInput
+from vision_queue.generation_options import MAX_CHOICES
 from vision_queue.logprobs import check_logprobs_options
 from vision_queue.protocol import Priority
 from vision_queue.schemas import (
@@ -194,8 +197,10 @@ def conversation(
     _check_extra(request.model_extra or {}, "")
     for index, message in enumerate(request.messages):
         _check_extra(message.model_extra or {}, f"messages[{index}].", _MESSAGE_IGNORED)
-    if request.n not in (None, 1):
-        raise InvalidInput("n must be 1", field="n")
+    if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidInput(f"n must be from 1 to {MAX_CHOICES}", field="n")
+    if request.stream and (request.n or 1) > 1:
+        raise InvalidInput("n above 1 is not streamed here: ask without stream", field="n")
     check_logprobs_options(bool(request.logprobs), request.top_logprobs)
 
     turns: list[ChatMessage] = []
@@ -262,6 +267,7 @@ def _options(request: ChatCompletionRequest) -> TaskOptions:
         response_format=parse_response_format(request.response_format),
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs,
+        n=None if request.n in (None, 1) else request.n,
     )
 
 
@@ -294,11 +300,12 @@ def completion(task_id: str, model: str, result: dict[str, Any]) -> dict[str, An
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.get("text", "")},
-                "finish_reason": result.get("finish_reason") or "stop",
-                "logprobs": logprobs(result.get("logprobs")),
+                "index": choice.get("index", 0),
+                "message": {"role": "assistant", "content": choice.get("text", "")},
+                "finish_reason": choice.get("finish_reason") or "stop",
+                "logprobs": logprobs(choice.get("logprobs")),
             }
+            for choice in result.get("choices") or [result]
         ],
         "usage": usage(result),
     }

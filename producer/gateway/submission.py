@@ -73,6 +73,7 @@ async def submit_task(
             response_format=options.response_format,
             logprobs=options.logprobs,
             top_logprobs=options.top_logprobs,
+            n=options.n,
             document=document,
             max_failed_pages=max_failed_pages,
         )

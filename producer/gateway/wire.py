@@ -99,7 +99,7 @@ class TaskSubmission(BaseModel):
         default_factory=TaskOptions,
         description="max_new_tokens (capped per task), num_crops 1..16, temperature 0..2 "
         "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, logprobs (true) with "
-        "top_logprobs 0..20, response_format (OpenAI's "
+        "top_logprobs 0..20, n 1..8 (choices from one prefill), response_format (OpenAI's "
         'shape: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} or '
         '{"type": "json_object"}).',
     )
@@ -179,6 +179,9 @@ class TaskResultBody(BaseModel):
     # With options.logprobs: per generated token, OpenAI's {token, logprob, bytes,
     # top_logprobs} (vision_queue.logprobs).
     logprobs: list[dict[str, Any]] | None = None
+    # With options.n above 1: each choice's index, text, finish_reason, completion_tokens
+    # (and logprobs); `text` is the first one's.
+    choices: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, result: dict[str, Any]) -> TaskResultBody:
@@ -191,7 +194,7 @@ class TaskResultBody(BaseModel):
             del body["error"]
         elif body["error"]["field"] is None:
             del body["error"]["field"]
-        for name in (*DOCUMENT_RESULT_FIELDS, "logprobs"):
+        for name in (*DOCUMENT_RESULT_FIELDS, "logprobs", "choices"):
             if body[name] is None:
                 del body[name]
         return body

@@ -219,3 +219,54 @@ def test_the_task_api_takes_options_logprobs(api: httpx.Client) -> None:
     refused = api.post("/v1/tasks", json=body)
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "top_logprobs"
+
+
+# n choices ---------------------------------------------------------------------------------
+
+
+def test_n_choices_come_from_one_task_with_the_prompt_counted_once(
+    sdk: openai.OpenAI, api: httpx.Client
+) -> None:
+    # Given a sampled completion asking for three choices with a seed
+    def ask() -> openai.types.chat.ChatCompletion:
+        return sdk.chat.completions.create(
+            model=MODEL, messages=cover_question(), max_tokens=6, n=3, temperature=1.0,
+            seed=42,
+        )
+
+    completion = ask()
+    # Then there are three choices, the prompt counted once and every choice's tokens
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    assert completion.usage is not None
+    alone = sdk.chat.completions.create(
+        model=MODEL, messages=cover_question(), max_tokens=6, temperature=1.0, seed=42
+    )
+    assert alone.usage is not None
+    assert completion.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert completion.choices[0].message.content == alone.choices[0].message.content
+    # And the same seed gives the same three texts
+    again = ask()
+    assert [c.message.content for c in again.choices] == [
+        c.message.content for c in completion.choices
+    ]
+
+
+def test_the_task_api_takes_options_n(api: httpx.Client) -> None:
+    body = {
+        "task": "ask",
+        "prompt": "Title and author?",
+        "images": [{"data": data_uri()}],
+        "options": {"n": 2, "max_new_tokens": 4, "temperature": 0.8, "seed": 5},
+    }
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 202, response.text
+    result = wait_for_result(api, response.json()["id"])
+    assert result["state"] == "SUCCESS", result
+    choices = result["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert result["text"] == choices[0]["text"]
+    assert result["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in choices)
+    body["options"] = {"n": 9}
+    refused = api.post("/v1/tasks", json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "n"

@@ -46,6 +46,9 @@ LOGPROB = {
 }
 
 
+CHOICE = {"index": 0, "text": "a", "finish_reason": "stop", "completion_tokens": 1}
+
+
 @pytest.mark.parametrize(
     ("result", "state"),
     [
@@ -53,6 +56,7 @@ LOGPROB = {
         (finished(error={"code": "cancelled", "message": "by the client"}), "FAILURE"),
         (finished(error={"code": "invalid_input", "message": "x", "field": "prompt"}), "FAILURE"),
         (finished(logprobs=[LOGPROB]), "SUCCESS"),
+        (finished(choices=[CHOICE, {**CHOICE, "index": 1}]), "SUCCESS"),
     ],
 )
 def test_the_result_schema_carries_every_field_of_the_contracts_result(result, state):
@@ -62,7 +66,11 @@ def test_the_result_schema_carries_every_field_of_the_contracts_result(result, s
 
 
 def test_the_result_schema_has_no_field_the_contract_lacks():
-    keys = set(finished(error={"code": "cancelled", "message": ""}, logprobs=[LOGPROB]))
+    keys = set(
+        finished(
+            error={"code": "cancelled", "message": ""}, logprobs=[LOGPROB], choices=[CHOICE]
+        )
+    )
     # A document's result (vision_queue/documents.py) adds its pages.
     assert set(TaskResultBody.model_fields) == keys | {"state", *DOCUMENT_RESULT_FIELDS}
 

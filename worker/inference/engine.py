@@ -30,17 +30,14 @@ import gc
 import logging
 import queue
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from PIL import Image
 
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
 from vision_queue.logprobs import TokenLogprob, alternative, entry
-from vision_queue.schemas import ChatMessage
 from worker.inference import faults
+from worker.inference.choices import MAX_CHOICES, choice_seed, collect_choices
 from worker.inference.constraint import Grammars
 from worker.inference.control import RunControl
 from worker.inference.engine_setup import (
@@ -55,6 +52,8 @@ from worker.inference.engine_setup import (
 
 # Re-exported: callers of `Engine.load(EngineConfig(...))` import both names from here.
 from worker.inference.engine_setup import EngineConfig as EngineConfig
+from worker.inference.generation import GenerationRequest as GenerationRequest
+from worker.inference.generation import GenerationResult as GenerationResult
 from worker.inference.image_crops import ImageCrops, pixels_hash
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler
 from worker.model.config import Phi3VConfig
@@ -73,51 +72,6 @@ _POLL_S = 0.1
 # Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
 # bandwidth argument); on the CPU batching only amortises overheads, so 1.
 CUDA_DEFAULT_MAX_BATCH = 16
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    # User prompt text, or an ask conversation's turns (template applied by the engine).
-    prompt: str | Sequence[ChatMessage]
-    images: Sequence[Image.Image]  # already RGB
-    max_new_tokens: int
-    num_crops: int | None = None
-    # Sampling: temperature 0 is greedy; top_p and seed as in vision_queue.schemas.TaskOptions.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    # Generation ends before any of these strings (up to 4), which are not part of the text.
-    stop: Sequence[str] = ()
-    # A checked response_format (vision_queue.structured): decoding follows its grammar.
-    response_format: dict[str, Any] | None = None
-    # Each generated token's logprob and this many alternatives (0..20); None: no logprobs.
-    logprobs: int | None = None
-    # Each image's SHA-256 (of its file: what staging names it by), for image reuse;
-    # None: the engine hashes the decoded pixels instead.
-    image_hashes: Sequence[str] | None = None
-    # Cancel, deadline and the like, progress and streamed text, for this run only.
-    control: RunControl = field(default_factory=RunControl)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    stop_reason: str  # "length" | "eos:<id>" | "stop_string"
-    preprocess_s: float
-    prefill_s: float
-    decode_s: float
-    wait_s: float = 0.0  # waiting for a batch row and KV space
-    # One entry per generated token but end tokens, when the request asked for them.
-    logprobs: list[TokenLogprob] | None = None
-    cached_tokens: int = 0  # prompt positions whose KV came from the image cache
-
-    @property
-    def finish_reason(self) -> str:
-        """OpenAI's vocabulary: "stop" (end token or stop string) or "length"."""
-        return "length" if self.stop_reason == "length" else "stop"
 
 
 class Engine:
@@ -229,14 +183,31 @@ class Engine:
         log.info("warmup took %.1fs", time.perf_counter() - began)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Serve one request; safe to call from many threads (their steps are batched)."""
+        """Serve one request; safe to call from many threads (their steps are batched).
+
+        With `n` above 1 the result is the first choice, the others in its `more`."""
         if request.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1", field="max_new_tokens")
+        if not 1 <= request.n <= MAX_CHOICES:
+            raise InvalidInput(f"n must be from 1 to {MAX_CHOICES}", field="n")
         began = time.perf_counter()
-        control = request.control
         job = self._prepare(request)
+        job.siblings = [self._sibling(job, request, index) for index in range(1, request.n)]
         preprocess_s = time.perf_counter() - began
         self.scheduler.submit(job)
+        if job.siblings:
+            return collect_choices(
+                lambda job, control: self.collect(job, request, control, preprocess_s),
+                self.scheduler.cancel,
+                [job, *job.siblings],
+                request.control,
+            )
+        return self.collect(job, request, request.control, preprocess_s)
+
+    def collect(
+        self, job: Job, request: GenerationRequest, control: RunControl, preprocess_s: float
+    ) -> GenerationResult:
+        """Read a submitted job's events on this thread until it ends: its result."""
         stream = TextStream(self.vocabulary, request.stop)
         tokens: list[int] = []
         logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
@@ -343,6 +314,18 @@ class Engine:
             encoded, crops, request.max_new_tokens, sampling,
             constraint=constraint, decode_fault=decode_fault, logprobs=request.logprobs,
             image_hashes=tuple(hashes) if self.image_cache.enabled else (),
+        )
+
+    def _sibling(self, job: Job, request: GenerationRequest, index: int) -> Job:
+        """Choice `index` of an `n` request: the same prompt (prefilled once, by `job`),
+        its own sampler stream and grammar state."""
+        sampling = dataclasses.replace(job.sampling, seed=choice_seed(job.sampling.seed, index))
+        constraint = None
+        if request.response_format is not None:
+            constraint = self.grammars.constraint(request.response_format)
+        return Job(
+            job.encoded, None, job.max_new_tokens, sampling, constraint=constraint,
+            logprobs=job.logprobs, decode_fault=job.decode_fault,
         )
 
     def _image_hashes(self, request: GenerationRequest) -> list[str]:

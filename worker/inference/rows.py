@@ -18,6 +18,7 @@ import torch
 from worker.inference.constraint import RowConstraint
 from worker.inference.events import Event
 from worker.model.config import RopeFactors
+from worker.model.kvcache import RegionAllocator
 from worker.model.model_runner import PromptPrefill
 from worker.model.processor import EncodedPrompt
 from worker.model.sampling import SamplingParams, TokenSampler
@@ -36,6 +37,9 @@ class Job:
     logprobs: int | None = None  # alternatives per token with its logprobs; None: no logprobs
     image_hashes: tuple[str, ...] = ()  # the images' SHA-256s: what image reuse keys on
     decode_fault: bool = False  # test-only: decode steps with this job run out of memory
+    # `n` choices: the other choices' jobs, admitted with this one and decoding from a copy
+    # of its prefilled region (one prefill for all); never queued on their own.
+    siblings: list[Job] = field(default_factory=list)
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -83,6 +87,8 @@ class Row:
     # Image reuse: prompt positions copied from the cache, and the entry pinned meanwhile.
     cached_tokens: int = 0
     pinned: Hashable | None = None
+    # The siblings' rows, waiting for this row's prefill (then decoding on their own).
+    followers: list[Row] = field(default_factory=list)
 
     @property
     def prompt_tokens(self) -> int:
@@ -99,3 +105,20 @@ class Row:
     def awaits_token(self) -> bool:
         """A constrained row whose last token is still on the device: its mask needs it."""
         return self.job.constraint is not None and self.generated < self.launched
+
+
+def sampler_for(job: Job) -> TokenSampler | None:
+    return None if job.sampling.greedy else TokenSampler(job.sampling)
+
+
+def allocate_all(allocator: RegionAllocator, group: list[Job]) -> list[int] | None:
+    """A KV region for every job of the group (`n` choices), or none at all."""
+    starts: list[int] = []
+    for job in group:
+        start = allocator.allocate(job.positions_needed)
+        if start is None:
+            for taken in starts:
+                allocator.free(taken)
+            return None
+        starts.append(start)
+    return starts

@@ -64,12 +64,11 @@ import torch
 from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
 from worker.inference.events import Event, Failed, Finished, Token
-from worker.inference.rows import Job, Launch, Row
+from worker.inference.rows import Job, Launch, Row, allocate_all, sampler_for
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
 from worker.model.runner_api import Runner
-from worker.model.sampling import TokenSampler
 from worker.model.steps import UNKNOWN_TOKEN, RowLogprobs
 
 __all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
@@ -129,6 +128,12 @@ class Scheduler:
                 f"{job.encoded.prompt_tokens} prompt tokens + {job.max_new_tokens} new tokens "
                 f"need {job.positions_needed} KV positions; this worker holds at most "
                 f"{self.max_row_positions} for one request"
+            )
+        group = (1 + len(job.siblings)) * job.positions_needed
+        if job.siblings and group > self.pool.positions:
+            raise ResourceExhausted(
+                f"{1 + len(job.siblings)} choices need {group} KV positions; this worker "
+                f"holds {self.pool.positions}"
             )
         with self._wake:
             if self._stopping:
@@ -238,19 +243,31 @@ class Scheduler:
             with self._wake:
                 if not self._waiting:
                     return
-                if len(self._prefilling) + len(self._decoding) >= self.max_rows:
-                    return
                 job = self._waiting[0]
-                start = self.pool.allocator.allocate(job.positions_needed)
-                if start is None:
+                group = [job, *job.siblings]  # n choices: admitted together
+                in_use = self._rows_in_use()
+                # More choices than rows: alone, decoding in groups of at most max_rows.
+                if in_use + len(group) > self.max_rows and (in_use or len(group) == 1):
+                    return
+                starts = allocate_all(self.pool.allocator, group)
+                if starts is None:
                     return  # the oldest waits for space; later ones wait behind it
                 self._waiting.popleft()
-            sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
+            now = time.perf_counter()
             # The runner's prompt holds the crops from here on; the job keeps no copy.
-            prompt = PromptPrefill.of(job.encoded, job.crops, start, job.image_hashes)
+            prompt = PromptPrefill.of(job.encoded, job.crops, starts[0], job.image_hashes)
             job.crops = None
             prompt.keep_embeds = self._will_recompute(job)
-            self._prefilling.append(Row(job, start, sampler, time.perf_counter(), prompt))
+            row = Row(job, starts[0], sampler_for(job), now, prompt)
+            row.followers = [
+                Row(other, start, sampler_for(other), now, None)
+                for other, start in zip(job.siblings, starts[1:], strict=True)
+            ]
+            self._prefilling.append(row)
+
+    def _rows_in_use(self) -> int:
+        waiting = sum(len(row.followers) for row in self._prefilling)
+        return len(self._prefilling) + len(self._decoding) + waiting
 
     def _will_recompute(self, job: Job) -> bool:
         """Whether the job's sequence can first pass the switch while decoding: a prompt
@@ -316,6 +333,29 @@ class Scheduler:
             )
         else:
             row.decode_began = time.perf_counter()
+            self._start_followers(row, hidden)
+
+    def _start_followers(self, row: Row, hidden: torch.Tensor) -> None:
+        """`n` choices: each sibling's region becomes a copy of the prefilled one, and its
+        first token is chosen from the same last hidden state by its own sampler."""
+        followers, row.followers = row.followers, []
+        for follower in followers:
+            if follower.job.cancelled:
+                self._finish(follower, "cancelled")
+                continue
+            try:
+                with model_errors("prefill"):
+                    self.runner.copy_region(row.start, follower.start, row.position)
+                    first = self.runner.launch_first_token(hidden, follower.as_input())
+            except VisionQueueError as error:
+                self._fail(follower, error)
+                continue
+            follower.position, follower.kv_factors = row.position, row.kv_factors
+            follower.prompt_embeds = row.prompt_embeds  # read only, by a recompute
+            follower.prefill_s, follower.decode_began = row.prefill_s, row.decode_began
+            self._decoding.append(follower)
+            self._launched(follower)
+            self._in_flight.append(Launch([follower], first, "prefill"))
 
     def _launched(self, row: Row) -> None:
         """The row's next token is chosen on the device: count it, move on a position."""
@@ -397,6 +437,8 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str) -> None:
         self._release(row)
+        for follower in row.followers:  # left before its prefill ended: they leave too
+            self._finish(follower, reason)
         now = time.perf_counter()
         decode_s = now - row.decode_began if row.decode_began else 0.0
         wait_s = row.admitted_at - row.job.submitted_at
@@ -406,6 +448,8 @@ class Scheduler:
 
     def _fail(self, row: Row, error: VisionQueueError) -> None:
         self._release(row)
+        for follower in row.followers:
+            self._fail(follower, error)
         row.job.events.put(Failed(error))
         if isinstance(error, ResourceExhausted):
             self.recover()
@@ -430,3 +474,4 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for job in waiting:
             job.events.put(Failed(error))
+

@@ -161,6 +161,12 @@ class KVPool:
             for store, part in zip(stores, saved, strict=True):
                 self._slots(store, start, prefix.length).copy_(part, non_blocking=True)
 
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        """Slots [source, source + length) into [target, target + length), every layer
+        (`n` choices: one prefill, copied into each other choice's region)."""
+        for store in (*self.keys, *self.values):
+            self._slots(store, target, length).copy_(self._slots(store, source, length))
+
     def _slots(self, store: torch.Tensor, start: int, length: int) -> torch.Tensor:
         if self.tokens_first:
             return store[start : start + length]

@@ -201,6 +201,9 @@ class ModelRunner:
             saved = self.pool.read_prefix(prompt.start, prompt.prefix_length)
         self.image_cache.put("prefix", key, saved, saved.nbytes)
 
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        self.pool.copy_region(source, target, length)
+
     def release(self, prompt_pin: Hashable | None) -> None:
         """A row served from a cached prefix left: its entry may be evicted again."""
         if prompt_pin is not None:

@@ -29,6 +29,8 @@ class Runner(Protocol):
 
     def release(self, prompt_pin: Hashable | None) -> None: ...
 
+    def copy_region(self, source: int, target: int, length: int) -> None: ...
+
     def regrown(
         self, input_ids: Sequence[int], prompt_embeds: torch.Tensor, generated: Sequence[int],
         start: int,

@@ -226,6 +226,13 @@ class SimulatedRunner:
             prompt.embeds = None
         return self._placeholder
 
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        def copy() -> list[int]:
+            self._state[target] = self._state[source]
+            return []
+
+        self.stream.launch(0.0, "prefill", copy)  # in stream order, behind the prefill
+
     def release(self, prompt_pin: Hashable | None) -> None:
         """The stand-in device caches no image prefixes."""
 
