@@ -240,3 +240,26 @@ def test_the_workers_metrics_report_hits_misses_evictions_and_bytes() -> None:
     assert 'vq_image_cache_misses_total{kind="crops"} 1.0' in text
     assert 'vq_image_cache_evictions_total{kind="prefix"} 1.0' in text
     assert "vq_image_cache_bytes 200.0" in text
+
+
+def test_the_phi35_reference_holds_on_misses_and_hits() -> None:
+    from support.phi35v import PHI35_CASES, PHI35_MODEL, phi35_request
+
+    # Given Phi-3.5-vision (recompute at the LongRoPE switch) with the image cache on
+    engine = Engine.load(EngineConfig(model=str(PHI35_MODEL), device="cpu"))
+    try:
+        cases = [c for c, case in PHI35_CASES.items() if case["images"]]
+        # When every image case runs twice
+        first = {c: engine.generate(phi35_request(c)) for c in cases}
+        again = {c: engine.generate(phi35_request(c)) for c in cases}
+    finally:
+        engine.close()
+    # Then each run gives the reference's tokens; rows that will recompute never take a
+    # cached prefix (they need the image embeddings), the others hit the second time
+    for case_id in cases:
+        case = PHI35_CASES[case_id]
+        assert first[case_id].token_ids == case["generated_ids"], case_id
+        assert again[case_id].token_ids == case["generated_ids"], case_id
+        if case["recompute_steps"]:
+            assert again[case_id].cached_tokens == 0, case_id
+    assert any(result.cached_tokens for result in again.values())
