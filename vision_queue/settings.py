@@ -290,7 +290,7 @@ class Settings(GatewaySettings):
         -1,
         "Bytes a worker keeps of what images cost (crops, and the KV of a prompt's prefix "
         "ending with its images) for later tasks on the same images; -1 = 2 GiB on CPU, "
-        "4 GiB on CUDA (taken from the KV pool's share), 0 = off.",
+        "4 GiB on CUDA (where it comes out of the KV pool's share of free memory), 0 = off.",
         WORKER_ONLY,
     )
     worker_name: str = setting(
