@@ -145,8 +145,9 @@ class Usage(BaseModel):
     model_config = _OUTPUT
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # Prompt tokens served from the worker's image cache (part of prompt_tokens).
-    cached_tokens: int = 0
+    # Prompt tokens served from the worker's image cache (part of prompt_tokens); absent
+    # where the stored result has none (older workers, a document's joined result).
+    cached_tokens: int | None = None
 
 
 class TaskError(BaseModel):
@@ -194,6 +195,8 @@ class TaskResultBody(BaseModel):
             del body["error"]
         elif body["error"]["field"] is None:
             del body["error"]["field"]
+        if body["usage"]["cached_tokens"] is None:
+            del body["usage"]["cached_tokens"]
         for name in (*DOCUMENT_RESULT_FIELDS, "logprobs", "choices"):
             if body[name] is None:
                 del body[name]

@@ -88,7 +88,7 @@ def test_a_failure_before_any_worker_ran_still_fits_the_schema():
              "error": {"code": "cancelled", "message": "cancelled before it started"}}
     body = TaskResultBody.of(early).to_json()
     assert body["error"]["code"] == "cancelled"
-    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
 
 
 def test_the_submission_takes_the_contracts_options_as_they_are():
