@@ -10,7 +10,11 @@
 #   4. host work against device time (issue 20): bench_host_overhead.py on the real GPU
 #      at batch 1, 8, 16, 32, next to the same load on the simulated device of that GPU
 #      (H200, else H100 figures): prediction and measurement side by side.
-# Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json}.
+#   5. image reuse (issue 22): four questions about one image through the real queue, with
+#      the image cache and without (bench_image_reuse.py, tiny checkpoint on CUDA; GPU
+#      runs only: its two worker start-ups would lengthen DRY_RUN).
+# Writes $OUT/{gpu-tests.txt,engine.json,batching.json,host-overhead-{gpu,sim}.json,
+# image-reuse.txt}.
 #
 #   bash benchmarks/gpu_batching.sh [OUT]             # one NVIDIA GPU, at most 7.5 minutes
 #                                                     # (each step has its own time limit:
@@ -27,7 +31,7 @@ mkdir -p "$OUT"
 compile_flag=--compile
 [ "${COMPILE:-1}" = 0 ] && compile_flag=--no-compile
 status=0
-# Per-step limits (seconds): 420 in all, so the script ends within 7.5 minutes.
+# Per-step limits (seconds): 430 in all, so the script ends within 7.5 minutes.
 step() {
   local limit=$1 name=$2
   shift 2
@@ -52,16 +56,18 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   step 90 gpu-tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/worker/inference -rA \
     | tee "$OUT/gpu-tests.txt" || status=1
-  step 80 engine "$PY" benchmarks/bench_engine.py --batch-sizes 1,4,8,16 --decode-tokens 64 \
+  step 70 engine "$PY" benchmarks/bench_engine.py --batch-sizes 1,4,8,16 --decode-tokens 64 \
     "$compile_flag" --json "$OUT/engine.json" || status=1
-  step 130 batching "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 32 \
+  step 110 batching "$PY" benchmarks/bench_batching.py --gpu --levels 1,8,16 --tasks 32 \
     --new-tokens 200 "$compile_flag" --json "$OUT/batching.json" || status=1
-  step 80 host-gpu "$PY" benchmarks/bench_host_overhead.py --device cuda --batches 1,8,16,32 \
+  step 70 host-gpu "$PY" benchmarks/bench_host_overhead.py --device cuda --batches 1,8,16,32 \
     --warmup 2 --seconds 4 "$compile_flag" --json "$OUT/host-overhead-gpu.json" || status=1
   model=h100
   grep -qi h200 "$OUT/gpu.txt" && model=h200
-  step 40 host-sim "$PY" benchmarks/bench_host_overhead.py --device-model "$model" \
+  step 30 host-sim "$PY" benchmarks/bench_host_overhead.py --device-model "$model" \
     --batches 1,8,16,32 --warmup 1 --seconds 4 --json "$OUT/host-overhead-sim.json" || status=1
+  step 60 image-reuse "$PY" benchmarks/bench_image_reuse.py --device cuda --rounds 5 \
+    | tee "$OUT/image-reuse.txt" || status=1
 fi
 echo "gpu_batching: results in $OUT (status $status)"
 exit $status

@@ -109,6 +109,9 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        n: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -129,6 +132,9 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             priority,
             task_id,
             response_format,
+            logprobs,
+            top_logprobs,
+            n,
         )
         if document is not None and idempotency_key is not None:
             given = await asyncio.to_thread(

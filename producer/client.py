@@ -95,6 +95,9 @@ class Client(ClientCore[redis.Redis]):
         idempotency_key: str | None = None,
         task_id: str | None = None,
         response_format: Any = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        n: int | None = None,
         document: DocumentInput | None = None,
         max_failed_pages: int = 0,
     ) -> TaskHandle:
@@ -120,6 +123,10 @@ class Client(ClientCore[redis.Redis]):
         model class) constrains decoding: a text that ends by `stop` is JSON that
         validates (vision_queue/structured.py); a schema outside the supported subset
         raises InvalidInput before anything is queued.
+
+        `logprobs` puts each generated token's log probability in the result (its
+        `logprobs` list, OpenAI's shape), with `top_logprobs` (0..20) alternatives each.
+        `n` (1..8) asks for that many choices from one prefill (the result's `choices`).
         """
         request = SubmitRequest(
             task,
@@ -136,6 +143,9 @@ class Client(ClientCore[redis.Redis]):
             priority,
             task_id,
             response_format,
+            logprobs,
+            top_logprobs,
+            n,
         )
         if document is not None and idempotency_key is not None:
             given = document_for_key(document, self.settings, self.local_files)

@@ -71,6 +71,9 @@ class SubmitRequest:
     # OpenAI's shape ({"type": "json_schema", "json_schema": {...}} or {"type":
     # "json_object"}) or a pydantic model class: the text is JSON that validates.
     response_format: Any = None
+    logprobs: bool = False  # each token's logprob in the result (vision_queue.logprobs)
+    top_logprobs: int | None = None  # 0..20 alternatives per token, with logprobs
+    n: int | None = None  # choices (1..8) from one prefill: the result's `choices`
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ def prepare(
         seed=seed,
         stop=stop_strings(request.stop),
         response_format=parse_response_format(request.response_format),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        n=request.n,
     )
     # The cheap rules first, before reading or uploading any image.
     placeholder = (ImageRef(ImageSource.URL, "-"),) * len(images)

@@ -15,13 +15,33 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from vision_queue.errors import FAILURE_EXC_MODULES, Cancelled, UnknownTaskId
+from vision_queue.logprobs import TokenLogprob
 from vision_queue.protocol import FINAL_STATES, PROGRESS_STATE, RESULT_KEY, SUBMITTED_KEY, TaskName
 from vision_queue.schemas import preview
 
 
-class Usage(TypedDict):
+class _UsageCounts(TypedDict):
     prompt_tokens: int
     completion_tokens: int
+
+
+class Usage(_UsageCounts, total=False):
+    # Prompt positions a worker took from its image cache instead of computing them
+    # (worker/model/image_cache.py); part of prompt_tokens. Absent from older workers.
+    cached_tokens: int
+
+
+class _ChoiceFields(TypedDict):
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+class Choice(_ChoiceFields, total=False):
+    """One of the `n` choices of a task that asked for more than one."""
+
+    logprobs: list[TokenLogprob]
 
 
 class ResultTimings(TypedDict):
@@ -59,10 +79,15 @@ class _ResultFields(TypedDict):
 class Result(_ResultFields, total=False):
     """A finished task's result, as `Client.result` returns it (the JSON, typed).
 
-    A failure (`state` FAILURE) adds `error`.
+    A failure (`state` FAILURE) adds `error`; a task that asked for `options.logprobs`
+    adds `logprobs`, one entry per generated token (vision_queue.logprobs); one that asked
+    for `options.n` above 1 adds `choices` (`text` and `logprobs` are the first one's,
+    `usage.completion_tokens` counts them all, `prompt_tokens` the prompt once).
     """
 
     error: ResultError
+    logprobs: list[TokenLogprob]
+    choices: list[Choice]
 
 
 def result_json(result: Result) -> dict[str, Any]:
@@ -268,6 +293,9 @@ class TaskResult:
     # the task failed before generating.
     finish_reason: str = ""
     error: dict[str, Any] | None = None
+    logprobs: list[TokenLogprob] | None = None  # only when the task asked for them
+    cached_tokens: int = 0  # prompt positions taken from the worker's image cache
+    choices: list[Choice] | None = None  # only for options.n above 1
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -278,6 +306,7 @@ class TaskResult:
             "usage": {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
             },
             "finish_reason": self.finish_reason,
             "timings": self.timings.rounded(),
@@ -286,4 +315,8 @@ class TaskResult:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.choices is not None:
+            out["choices"] = self.choices
         return out

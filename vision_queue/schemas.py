@@ -16,9 +16,10 @@ from typing import Any
 
 from vision_queue.addresses import check_url, check_url_length
 from vision_queue.errors import ImageFetchFailed, InvalidInput
+from vision_queue.generation_options import check_generation_options, is_integer, is_number
 from vision_queue.protocol import TASK_SPECS, Priority, TaskName, control_token_in
 from vision_queue.settings import Settings
-from vision_queue.structured import check_response_format, parse_response_format
+from vision_queue.structured import parse_response_format
 
 SCHEMA_VERSION = 1
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -76,11 +77,8 @@ MAX_MESSAGES = 64
 MAX_CALLBACK_URL_CHARS = 2048
 # Chat-control and image tags (<|user|>, <|end|>, <|image_1|>...) are the template's alone.
 
-MAX_STOP_STRINGS = 4
-MAX_STOP_CHARS = 64
-MAX_TEMPERATURE = 2.0
-MAX_SEED = 2**63 - 1
-_OPTIONAL = ("response_format",)  # on the wire only when set: older workers read the rest
+# On the wire only when set (not None, not False): older workers read the rest.
+_OPTIONAL = ("response_format", "logprobs", "top_logprobs", "n")
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,9 @@ class TaskOptions:
     seed: int | None = None  # same seed + same inputs = same text, whatever shares the batch
     stop: tuple[str, ...] = ()  # up to 4 strings; the text ends before the first one
     response_format: dict[str, Any] | None = None  # vision_queue.structured's canonical form
+    logprobs: bool = False  # each token's logprob in the result (vision_queue.logprobs)
+    top_logprobs: int | None = None  # 0..20 alternatives per token, with logprobs
+    n: int | None = None  # choices (1..8) from one prefill; None = 1
 
     def to_dict(self) -> dict[str, Any]:
         # Spelled out, not dataclasses.asdict (which deep-copies): built once per submit.
@@ -104,7 +105,7 @@ class TaskOptions:
             "top_p": self.top_p,
             "seed": self.seed,
             "stop": list(self.stop),
-        } | {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None}
+        } | {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None and v is not False}
 
 
 @dataclass(frozen=True)
@@ -307,30 +308,6 @@ def _check_user_text(text: str, where: str, label: str) -> None:
         )
 
 
-def check_generation_options(options: TaskOptions) -> None:
-    """Sampling and stop options; each fault names its field."""
-    temperature = options.temperature
-    if not _is_number(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
-        raise InvalidInput(
-            f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}", field="temperature"
-        )
-    top_p = options.top_p
-    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidInput("top_p must be a number above 0 and at most 1", field="top_p")
-    seed = options.seed
-    if seed is not None and (not _is_integer(seed) or not 0 <= seed <= MAX_SEED):
-        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
-    check_response_format(options.response_format)
-    stop = options.stop
-    if not isinstance(stop, tuple) or len(stop) > MAX_STOP_STRINGS:
-        raise InvalidInput(f"stop takes at most {MAX_STOP_STRINGS} strings", field="stop")
-    for item in stop:
-        if not isinstance(item, str) or not 1 <= len(item) <= MAX_STOP_CHARS:
-            raise InvalidInput(
-                f"each stop string must have 1 to {MAX_STOP_CHARS} characters", field="stop"
-            )
-
-
 def parse_priority(value: Any) -> Priority:
     """A caller's priority: high, normal or low (None: normal); else InvalidInput."""
     if value is None:
@@ -355,14 +332,7 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
     raise InvalidInput("stop must be a string or a list of strings", field="stop")
 
 
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    )
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_is_number, _is_integer = is_number, is_integer
 
 
 def redact_message(message: Any) -> Any:
@@ -467,7 +437,7 @@ def _parse_options(raw: Any) -> TaskOptions:
     if unknown:
         raise InvalidInput(f"unknown option {preview(unknown[0])}", field=unknown[0][:40])
     values: dict[str, Any] = {}
-    for name in ("max_new_tokens", "num_crops", "seed"):
+    for name in ("max_new_tokens", "num_crops", "seed", "top_logprobs", "n"):
         value = raw.get(name)
         if value is not None and not _is_integer(value):
             raise InvalidInput(f"{name} must be an integer", field=name)
@@ -482,4 +452,7 @@ def _parse_options(raw: Any) -> TaskOptions:
         raise InvalidInput("stop must be a list of strings", field="stop")
     values["stop"] = tuple(stop)
     values["response_format"] = parse_response_format(raw.get("response_format"))
+    values["logprobs"] = raw.get("logprobs", False)
+    if not isinstance(values["logprobs"], bool):
+        raise InvalidInput("logprobs must be true or false", field="logprobs")
     return TaskOptions(**values)

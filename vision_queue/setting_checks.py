@@ -97,6 +97,12 @@ def settings_problems(
     rules.each(
         _NOT_NEGATIVE, lambda var, value: [f"{var} must not be negative"] if value < 0 else []
     )
+    rules.each(
+        ("image_cache_bytes",),
+        lambda var, value: [f"{var} must be -1 (the default), 0 (off) or bytes"]
+        if value < -1
+        else [],
+    )
     rules.each(("metrics_port",), _port_problems)
     rules.each(("metrics_address",), _bind_address_problems)
     rules.each(("queue",), _queue_problems)

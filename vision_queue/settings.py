@@ -285,6 +285,14 @@ class Settings(GatewaySettings):
         "CUDA, whole prompts on CPU.",
         WORKER_ONLY,
     )
+    image_cache_bytes: int = setting(
+        "VQ_IMAGE_CACHE_BYTES",
+        -1,
+        "Bytes a worker keeps of what images cost (crops, and the KV of a prompt's prefix "
+        "ending with its images) for later tasks on the same images; -1 = 2 GiB on CPU, "
+        "4 GiB on CUDA (where it comes out of the KV pool's share of free memory), 0 = off.",
+        WORKER_ONLY,
+    )
     worker_name: str = setting(
         "VQ_WORKER_NAME",
         "",

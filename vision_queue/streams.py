@@ -1,12 +1,13 @@
 """Streamed text as both clients read it: one Redis Stream per task, followed by cursor.
 
 A worker appends entries to `vq:stream:<id>` while it generates: `seq` (0, 1, 2...),
-`kind` ("delta" with `text`, whole characters only, or "end" with `result`, the final
-result JSON including `state`); a document's deltas also carry `page`, the page whose
-text they are (its pages stream side by side into the document's one stream). The end
-entry is written in the same Lua call that stores the result, so a stream never ends
-without a result and a result never exists without its end entry. Every entry's id is also
-PUBLISHed on the channel of the same name, which is how readers wait without polling.
+`kind` ("delta" with `text`, whole characters only, and with `logprobs` when the task
+asked for them, or "end" with `result`, the final result JSON including `state`); a
+document's deltas also carry `page`, the page whose text they are (its pages stream side
+by side into the document's one stream). The end entry is written in the same Lua call
+that stores the result, so a stream never ends without a result and a result never exists
+without its end entry. Every entry's id is also PUBLISHed on the channel of the same
+name, which is how readers wait without polling.
 
 `StreamFollower` is the reading logic without I/O: it turns entries into `StreamEvent`s
 from a cursor on, refuses gaps or repeats (sequence numbers), and ends at "end". The
@@ -38,6 +39,8 @@ class StreamEvent:
     seq: int = 0
     result: dict[str, Any] | None = None  # the final result JSON (with `state`) on end
     page: int | None = None  # a document's delta: the page (1-based) whose text this is
+    # A delta's tokens' logprobs, for a task that asked (vision_queue.logprobs); else None.
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def failed(self) -> bool:
@@ -126,7 +129,20 @@ def _event(entry_id: str, fields: dict[Any, Any]) -> StreamEvent:
         return StreamEvent(entry_id, "end", "", seq, result if isinstance(result, dict) else {})
     page = values.get("page")
     number = int(page) if page is not None and page.isdigit() else None
-    return StreamEvent(entry_id, "delta", values.get("text", ""), seq, None, number)
+    return StreamEvent(
+        entry_id, "delta", values.get("text", ""), seq, None, number,
+        _logprobs(values.get("logprobs")),
+    )
+
+
+def _logprobs(value: str | None) -> list[dict[str, Any]] | None:
+    if not value:
+        return None
+    try:
+        entries = json.loads(value)
+    except ValueError:
+        return None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else None
 
 
 def _text(value: Any) -> str:

@@ -10,6 +10,7 @@ once per run and the engine calls between tokens. A task stopped while generatin
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from PIL import Image
 from vision_queue import tracing
 from vision_queue.errors import Cancelled, TaskTimeout
 from vision_queue.images import ImageLimits, decode_image
-from vision_queue.results import TaskResult
+from vision_queue.logprobs import TokenLogprob, top_count
+from vision_queue.results import Choice, TaskResult
 from vision_queue.schemas import ImageRef, ImageSource, TaskRequest, parse_request
 from vision_queue.settings import Settings
 from vision_queue.staging import load_staged_image
@@ -43,9 +45,11 @@ class _SoFar:
     pieces: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # when the task asked for them
 
     def fill(self, result: TaskResult, finish_reason: str) -> None:
         result.text = "".join(self.pieces)
+        result.logprobs = self.logprobs
         result.prompt_tokens = self.prompt_tokens
         result.completion_tokens = self.completion_tokens
         result.finish_reason = finish_reason if self.prompt_tokens else ""
@@ -71,6 +75,8 @@ class TaskControl(RunControl):
     report_progress: Callable[[int], None] = lambda tokens: None
     # Each new piece of final text (the task's stream).
     stream_text: Callable[[str], None] = lambda text: None
+    # Each token's logprobs, ahead of its text (the task's stream too).
+    stream_logprobs: Callable[[TokenLogprob], None] = lambda entry: None
     so_far: _SoFar = field(default_factory=_SoFar)
 
     def check(self) -> None:
@@ -90,6 +96,12 @@ class TaskControl(RunControl):
         self.so_far.completion_tokens = count
         self.check()
         self.report_progress(count)
+
+    def on_logprobs(self, entry: TokenLogprob) -> None:
+        if self.so_far.logprobs is None:
+            self.so_far.logprobs = []
+        self.so_far.logprobs.append(entry)
+        self.stream_logprobs(entry)
 
     def on_text(self, piece: str) -> None:
         self.so_far.pieces.append(piece)
@@ -132,7 +144,8 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     began = time.perf_counter()
     try:
-        output = ctx.engine.generate(_generation_request(request, images, ctx))
+        hashes = [hashlib.sha256(blob).hexdigest() for blob in blobs]
+        output = ctx.engine.generate(_generation_request(request, images, hashes, ctx))
         _record_engine_spans(output, ended_at=time.time())
     except (Cancelled, TaskTimeout) as stopped:
         control.so_far.fill(result, "cancelled" if isinstance(stopped, Cancelled) else "")
@@ -145,11 +158,29 @@ def handle(message: Any, ctx: TaskContext, result: TaskResult) -> None:
 
     result.text = output.text
     result.finish_reason = output.finish_reason
-    result.prompt_tokens = output.prompt_tokens
-    result.completion_tokens = output.completion_tokens
+    result.prompt_tokens = output.prompt_tokens  # once, whatever `n`
+    result.completion_tokens = output.completion_tokens + sum(
+        more.completion_tokens for more in output.more
+    )
+    if output.more:
+        result.choices = [_choice(index, c) for index, c in enumerate((output, *output.more))]
+    result.logprobs = output.logprobs
+    result.cached_tokens = output.cached_tokens
     result.timings.preprocess = decode_s + output.preprocess_s
     result.timings.generate = output.prefill_s + output.decode_s
     result.timings.total = time.time() - ctx.started_at
+
+
+def _choice(index: int, output: GenerationResult) -> Choice:
+    choice = Choice(
+        index=index,
+        text=output.text,
+        finish_reason=output.finish_reason,
+        completion_tokens=output.completion_tokens,
+    )
+    if output.logprobs is not None:
+        choice["logprobs"] = output.logprobs
+    return choice
 
 
 def _record_engine_spans(output: GenerationResult, ended_at: float) -> None:
@@ -176,7 +207,7 @@ def _record_engine_spans(output: GenerationResult, ended_at: float) -> None:
 
 
 def _generation_request(
-    request: TaskRequest, images: list[Image.Image], ctx: TaskContext
+    request: TaskRequest, images: list[Image.Image], hashes: list[str], ctx: TaskContext
 ) -> GenerationRequest:
     return GenerationRequest(
         prompt=request.effective_prompt(),
@@ -188,6 +219,9 @@ def _generation_request(
         seed=request.options.seed,
         stop=request.options.stop,
         response_format=request.options.response_format,
+        logprobs=top_count(request.options.logprobs, request.options.top_logprobs),
+        image_hashes=hashes,
+        n=request.options.n or 1,
         control=ctx.control,
     )
 

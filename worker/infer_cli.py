@@ -192,6 +192,7 @@ def _output(
         "usage": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
+            "cached_tokens": result.cached_tokens,
         },
         "finish_reason": result.finish_reason,
         "timings": {

@@ -9,9 +9,15 @@ several engines in one process (tests, a future multi-GPU process) never collide
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from worker.model.image_cache import ImageCache
 
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -85,6 +91,10 @@ class WorkerMetrics:
         """Read the running tasks at each scrape (the health reporter's busy slots)."""
         self.running.set_function(lambda: len(running()))
 
+    def watch_image_cache(self, cache: ImageCache) -> None:
+        """Read the image cache's hits, misses, evictions and bytes at each scrape."""
+        self.registry.register(_ImageCacheCollector(cache))
+
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
@@ -107,3 +117,27 @@ class WorkerMetrics:
         if prompt_tokens:
             self.prompt_tokens.labels(task).inc(prompt_tokens)
         self.device_memory.set(peak_memory_bytes)
+
+
+class _ImageCacheCollector(Collector):
+    """worker/model/image_cache.py's counts, by kind (crops, prefix), read when scraped."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.cache
+        for name, doc, counts in (
+            ("vq_image_cache_hits", "Image cache lookups that found their entry.", cache.hits),
+            ("vq_image_cache_misses", "Image cache lookups that did not.", cache.misses),
+            ("vq_image_cache_evictions", "Entries evicted to make room.", cache.evictions),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind in ("crops", "prefix"):
+                family.add_metric([kind], counts[kind])
+            yield family
+        held = GaugeMetricFamily(
+            "vq_image_cache_bytes", "Bytes the image cache holds (VQ_IMAGE_CACHE_BYTES bounds it)."
+        )
+        held.add_metric([], cache.bytes_held)
+        yield held

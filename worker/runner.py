@@ -138,6 +138,7 @@ def _load_engine(settings: Settings, health: HealthReporter) -> Engine | None:
                 kv_cache_positions=settings.kv_cache_positions or None,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens or None,
                 longrope_switch=settings.longrope_switch,
+                image_cache_bytes=settings.image_cache_bytes,
             )
         )
         engine.warmup()
@@ -151,6 +152,7 @@ def _load_engine(settings: Settings, health: HealthReporter) -> Engine | None:
 def _start_metrics(settings: Settings, name: str, engine: Engine) -> WorkerMetrics:
     metrics = WorkerMetrics(name, engine.device)
     metrics.model_load.set(engine.load_seconds)
+    metrics.watch_image_cache(engine.image_cache)
     metrics.model_loaded.set(1)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_address)

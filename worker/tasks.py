@@ -172,8 +172,10 @@ def _start(
         still_ours=lease.valid if lease is not None else (lambda: True),
         is_cancelled=_CancelWatch(task_id, runtime.redis, document_id),
         report_progress=_ProgressReporter(results, task_id, name.celery_name, lease, retries),
-        # A document's page streams into the document's stream too, marked with its page.
+        # A document's page streams into the document's stream too, marked with its page
+        # (its logprobs, when asked for, only on its own stream).
         stream_text=stream.write if page is None else page_stream_text(runtime, page, stream),
+        stream_logprobs=stream.write_logprobs,
     )
     ctx = TaskContext(
         task_id=task_id,

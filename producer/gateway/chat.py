@@ -9,8 +9,8 @@ lines. Sampling fields map one to one; `temperature` left out means greedy decod
 field (the OpenAI SDKs send it with `extra_body`).
 
 Every other field of OpenAI's request is either refused with a 400 naming it, when it asks
-for something this server does not do (`REFUSED`: tools, several choices, log
-probabilities, penalties, logit bias, audio...; a value that asks for nothing,
+for something this server does not do (`REFUSED`: tools, penalties, logit bias,
+audio...; a value that asks for nothing,
 such as `null`, `[]`, `false` or a penalty of 0, passes), or accepted and ignored
 (`IGNORED`: bookkeeping such as `user` or `metadata`). A field in neither list is refused
 as unknown. The README's gateway section lists both.
@@ -19,6 +19,12 @@ as unknown. The README's gateway section lists both.
 own (vision_queue.structured): the worker's decoding is constrained by the schema, so the
 SDK's `parse()` gets JSON that validates; a schema outside the supported subset is a 400
 naming `response_format`, before anything is queued.
+
+`logprobs: true` with `top_logprobs` (0..20) is the task's `options.logprobs`: the
+result's per-token list is OpenAI's `choices[0].logprobs.content` as it is; streamed,
+each chunk carries the entries of its tokens (vision_queue.logprobs says what they are).
+`n` (1..8) is the task's `options.n`: one prefill, n rows decoding together, n choices;
+not streamed (a 400 naming `n`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from producer.gateway.wire import image_string
 from vision_queue.errors import InvalidInput
+from vision_queue.generation_options import MAX_CHOICES
+from vision_queue.logprobs import check_logprobs_options
 from vision_queue.protocol import Priority
 from vision_queue.schemas import (
     ChatMessage,
@@ -61,7 +69,6 @@ REFUSED = (
     "audio",
     "prediction",
     "modalities",
-    "top_logprobs",
     "logit_bias",
     "frequency_penalty",
     "presence_penalty",
@@ -147,6 +154,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = 1
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, description="0..20, with logprobs: true.")
     response_format: dict[str, Any] | None = None
     priority: str | None = Field(
         None,
@@ -189,10 +197,11 @@ def conversation(
     _check_extra(request.model_extra or {}, "")
     for index, message in enumerate(request.messages):
         _check_extra(message.model_extra or {}, f"messages[{index}].", _MESSAGE_IGNORED)
-    if request.n not in (None, 1):
-        raise InvalidInput("n must be 1", field="n")
-    if request.logprobs:
-        raise InvalidInput("logprobs are not supported", field="logprobs")
+    if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidInput(f"n must be from 1 to {MAX_CHOICES}", field="n")
+    if request.stream and (request.n or 1) > 1:
+        raise InvalidInput("n above 1 is not streamed here: ask without stream", field="n")
+    check_logprobs_options(bool(request.logprobs), request.top_logprobs)
 
     turns: list[ChatMessage] = []
     images: list[ImageRef | bytes] = []
@@ -256,6 +265,9 @@ def _options(request: ChatCompletionRequest) -> TaskOptions:
         seed=request.seed,
         stop=() if request.stop is None else stop_strings(request.stop),
         response_format=parse_response_format(request.response_format),
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs,
+        n=None if request.n in (None, 1) else request.n,
     )
 
 
@@ -266,14 +278,17 @@ def completion_id(task_id: str) -> str:
     return f"chatcmpl-{task_id}"
 
 
-def usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, Any]:
     counts = result.get("usage") or {}
     prompt = int(counts.get("prompt_tokens", 0))
     completion = int(counts.get("completion_tokens", 0))
+    cached = int(counts.get("cached_tokens", 0))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        # OpenAI's field: prompt tokens the worker's image cache served (no work redone).
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -285,14 +300,22 @@ def completion(task_id: str, model: str, result: dict[str, Any]) -> dict[str, An
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.get("text", "")},
-                "finish_reason": result.get("finish_reason") or "stop",
-                "logprobs": None,
+                "index": choice.get("index", 0),
+                "message": {"role": "assistant", "content": choice.get("text", "")},
+                "finish_reason": choice.get("finish_reason") or "stop",
+                "logprobs": logprobs(choice.get("logprobs")),
             }
+            for choice in result.get("choices") or [result]
         ],
         "usage": usage(result),
     }
+
+
+def logprobs(entries: Any) -> dict[str, Any] | None:
+    """OpenAI's `choices[i].logprobs`: the result's entries as its `content` (None: none)."""
+    if entries is None:
+        return None
+    return {"content": entries, "refusal": None}
 
 
 def chunk(
@@ -301,13 +324,20 @@ def chunk(
     created: int,
     delta: dict[str, str],
     finish_reason: str | None = None,
+    entries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "finish_reason": finish_reason,
+        "logprobs": logprobs(entries),
+    }
     return {
         "id": completion_id(task_id),
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [choice],
     }
 
 

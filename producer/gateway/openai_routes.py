@@ -127,7 +127,7 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(state, who, handle.id, model, include_usage),
+            _stream(state, who, handle.id, model, include_usage, convo.options.logprobs),
             media_type=sse.MEDIA_TYPE,
             headers={**sse.HEADERS, **headers},
         )
@@ -138,18 +138,26 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
 
 
 async def _stream(
-    state: GatewayState, who: Caller, task_id: str, model: str, include_usage: bool
+    state: GatewayState,
+    who: Caller,
+    task_id: str,
+    model: str,
+    include_usage: bool,
+    wants_logprobs: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     ended = False
     events = state.client.stream_events(task_id)
     try:
         yield sse.json_event(chat.chunk(task_id, model, created, {"role": "assistant"}))
+        sent = 0  # logprobs entries already in chunks
         async for item in events:
             if item.kind == "delta":
-                if item.text:
+                if item.text or item.logprobs:
                     delta = {"content": item.text}
-                    yield sse.json_event(chat.chunk(task_id, model, created, delta))
+                    entries = item.logprobs if wants_logprobs else None
+                    sent += len(entries or ())
+                    yield sse.json_event(chat.chunk(task_id, model, created, delta, None, entries))
                 continue
             ended = True
             result = item.result or {}
@@ -159,7 +167,9 @@ async def _stream(
                 yield sse.json_event(task_error(result.get("error") or {}).body())
                 return
             reason = result.get("finish_reason") or "stop"
-            yield sse.json_event(chat.chunk(task_id, model, created, {}, reason))
+            # Entries of tokens whose text came with the end (held back until then).
+            rest = (result.get("logprobs") or [])[sent:] if wants_logprobs else None
+            yield sse.json_event(chat.chunk(task_id, model, created, {}, reason, rest))
             if include_usage:
                 yield sse.json_event(chat.usage_chunk(task_id, model, created, result))
             yield sse.event("[DONE]")

@@ -76,6 +76,9 @@ async def submit_task(
             priority=priority,
             task_id=task_id,
             response_format=options.response_format,
+            logprobs=options.logprobs,
+            top_logprobs=options.top_logprobs,
+            n=options.n,
             document=document,
             max_failed_pages=max_failed_pages,
         )

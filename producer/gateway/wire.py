@@ -101,7 +101,8 @@ class TaskSubmission(BaseModel):
     options: TaskOptions = Field(
         default_factory=TaskOptions,
         description="max_new_tokens (capped per task), num_crops 1..16, temperature 0..2 "
-        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, response_format (OpenAI's "
+        "(0 = greedy), top_p (0, 1], seed, up to 4 stop strings, logprobs (true) with "
+        "top_logprobs 0..20, n 1..8 (choices from one prefill), response_format (OpenAI's "
         'shape: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} or '
         '{"type": "json_object"}).',
     )
@@ -147,6 +148,9 @@ class Usage(BaseModel):
     model_config = _OUTPUT
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens served from the worker's image cache (part of prompt_tokens); absent
+    # where the stored result has none (older workers, a document's joined result).
+    cached_tokens: int | None = None
 
 
 class TaskError(BaseModel):
@@ -176,6 +180,12 @@ class TaskResultBody(BaseModel):
     pages_total: int | None = None
     pages_done: int | None = None
     pages_failed: int | None = None
+    # With options.logprobs: per generated token, OpenAI's {token, logprob, bytes,
+    # top_logprobs} (vision_queue.logprobs).
+    logprobs: list[dict[str, Any]] | None = None
+    # With options.n above 1: each choice's index, text, finish_reason, completion_tokens
+    # (and logprobs); `text` is the first one's.
+    choices: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, result: dict[str, Any]) -> TaskResultBody:
@@ -188,7 +198,9 @@ class TaskResultBody(BaseModel):
             del body["error"]
         elif body["error"]["field"] is None:
             del body["error"]["field"]
-        for name in DOCUMENT_RESULT_FIELDS:
+        if body["usage"]["cached_tokens"] is None:
+            del body["usage"]["cached_tokens"]
+        for name in (*DOCUMENT_RESULT_FIELDS, "logprobs", "choices"):
             if body[name] is None:
                 del body[name]
         return body

@@ -1,7 +1,8 @@
-"""Structured output through the gateway: the official `openai` SDK's `parse()` with a
-pydantic model (chat completions and the Responses API), `response_format` streamed, the
-native task API's `options.response_format`, and a schema outside the subset refused with
-a 400 naming it.
+"""Structured output and log probabilities through the gateway: the official `openai`
+SDK's `parse()` with a pydantic model (chat completions and the Responses API),
+`response_format` streamed, the native task API's `options.response_format`, a schema
+outside the subset refused with a 400 naming it; `logprobs` read by the SDK, streamed and
+not, and the task API's `options.logprobs`.
 
 Real parts: `producer serve`, redis-server, a worker on the tiny random-weight checkpoint.
 """
@@ -128,3 +129,135 @@ def test_the_responses_apis_parse_returns_the_pydantic_model(sdk: openai.OpenAI)
     )
     assert response.status == "completed"
     assert isinstance(response.output_parsed, BookCover)
+
+
+# Log probabilities ---------------------------------------------------------------------
+
+
+def test_the_sdk_reads_logprobs_of_a_completion(sdk: openai.OpenAI) -> None:
+    # Given a greedy completion asking for 3 alternatives per token
+    completion = sdk.chat.completions.create(
+        model=MODEL, messages=cover_question(), max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    choice = completion.choices[0]
+    # Then every generated token has its logprob, bytes and 3 sorted alternatives, the
+    # first being the token itself (greedy), and the tokens' bytes spell the text
+    assert choice.logprobs is not None and choice.logprobs.content
+    for item in choice.logprobs.content:
+        assert item.logprob <= 0.0
+        assert len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == item.logprob
+        values = [alt.logprob for alt in item.top_logprobs]
+        assert values == sorted(values, reverse=True)
+    spelled = b"".join(bytes(item.bytes or []) for item in choice.logprobs.content)
+    text = choice.message.content or ""
+    assert spelled.decode("utf-8", errors="replace").strip() == text.strip()
+    # And without the ask there are none
+    plain = sdk.chat.completions.create(model=MODEL, messages=cover_question(), max_tokens=8)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == text
+
+
+def test_streamed_chunks_carry_the_logprobs_of_their_tokens(sdk: openai.OpenAI) -> None:
+    whole = sdk.chat.completions.create(
+        model=MODEL, messages=cover_question(), max_tokens=8, logprobs=True
+    )
+    stream = sdk.chat.completions.create(
+        model=MODEL, messages=cover_question(), max_tokens=8, logprobs=True, stream=True
+    )
+    entries = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.logprobs is not None and choice.logprobs.content:
+                entries.extend(choice.logprobs.content)
+    expected = whole.choices[0].logprobs
+    assert expected is not None and expected.content
+    assert [(e.token, e.logprob) for e in entries] == [
+        (e.token, e.logprob) for e in expected.content
+    ]
+    assert all(e.top_logprobs == [] for e in entries)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}],
+)
+def test_top_logprobs_out_of_range_or_alone_is_a_400(sdk: openai.OpenAI, fields: dict) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(
+            model=MODEL, messages=cover_question(), max_tokens=2, **fields
+        )
+    assert refused.value.body["param"] == "top_logprobs"
+
+
+def test_the_task_api_takes_options_logprobs(api: httpx.Client) -> None:
+    body = {
+        "task": "ask",
+        "prompt": "Title and author?",
+        "images": [{"data": data_uri()}],
+        "options": {"logprobs": True, "top_logprobs": 2, "max_new_tokens": 6},
+    }
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 202, response.text
+    result = wait_for_result(api, response.json()["id"])
+    assert result["state"] == "SUCCESS", result
+    entries = result["logprobs"]
+    assert 0 < len(entries) <= result["usage"]["completion_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert all(e["top_logprobs"][0]["token"] == e["token"] for e in entries)
+    body["options"] = {"top_logprobs": 2}
+    refused = api.post("/v1/tasks", json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "top_logprobs"
+
+
+# n choices ---------------------------------------------------------------------------------
+
+
+def test_n_choices_come_from_one_task_with_the_prompt_counted_once(
+    sdk: openai.OpenAI, api: httpx.Client
+) -> None:
+    # Given a sampled completion asking for three choices with a seed
+    def ask() -> openai.types.chat.ChatCompletion:
+        return sdk.chat.completions.create(
+            model=MODEL, messages=cover_question(), max_tokens=6, n=3, temperature=1.0,
+            seed=42,
+        )
+
+    completion = ask()
+    # Then there are three choices, the prompt counted once and every choice's tokens
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    assert completion.usage is not None
+    alone = sdk.chat.completions.create(
+        model=MODEL, messages=cover_question(), max_tokens=6, temperature=1.0, seed=42
+    )
+    assert alone.usage is not None
+    assert completion.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert completion.choices[0].message.content == alone.choices[0].message.content
+    # And the same seed gives the same three texts
+    again = ask()
+    assert [c.message.content for c in again.choices] == [
+        c.message.content for c in completion.choices
+    ]
+
+
+def test_the_task_api_takes_options_n(api: httpx.Client) -> None:
+    body = {
+        "task": "ask",
+        "prompt": "Title and author?",
+        "images": [{"data": data_uri()}],
+        "options": {"n": 2, "max_new_tokens": 4, "temperature": 0.8, "seed": 5},
+    }
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 202, response.text
+    result = wait_for_result(api, response.json()["id"])
+    assert result["state"] == "SUCCESS", result
+    choices = result["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert result["text"] == choices[0]["text"]
+    assert result["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in choices)
+    body["options"] = {"n": 9}
+    refused = api.post("/v1/tasks", json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "n"

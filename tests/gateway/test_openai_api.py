@@ -74,6 +74,27 @@ def test_a_completion_answers_with_the_workers_text_and_usage(
     )
 
 
+def test_a_second_question_about_an_image_reports_its_prefix_as_cached(
+    sdk: openai.OpenAI, api: httpx.Client
+):
+    # Given one question about an image (its prefix now in the worker's image cache)
+    image = data_uri()
+    sdk.chat.completions.create(model=MODEL, messages=looking_at(image), max_tokens=2)
+    # When another question about it comes
+    raw = sdk.chat.completions.with_raw_response.create(
+        model=MODEL, messages=looking_at(image, "What colour is the largest shape?"),
+        max_tokens=2,
+    )
+    completion = raw.parse()
+    # Then its usage says how many prompt tokens the cache served (OpenAI's field), as
+    # the task's result does
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    cached = completion.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and 500 < cached < completion.usage.prompt_tokens
+    stored = api.get(f"/v1/tasks/{raw.headers['x-task-id']}").json()
+    assert stored["usage"]["cached_tokens"] == cached
+
+
 def test_streaming_sends_the_same_text_in_pieces_then_done(sdk: openai.OpenAI, api: httpx.Client):
     stream = sdk.chat.completions.create(
         model=MODEL,

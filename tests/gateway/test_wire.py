@@ -38,12 +38,25 @@ def finished(**changes) -> dict:
     return result.to_dict()
 
 
+LOGPROB = {
+    "token": " a",
+    "logprob": -0.5,
+    "bytes": [32, 97],
+    "top_logprobs": [{"token": " a", "logprob": -0.5, "bytes": [32, 97]}],
+}
+
+
+CHOICE = {"index": 0, "text": "a", "finish_reason": "stop", "completion_tokens": 1}
+
+
 @pytest.mark.parametrize(
     ("result", "state"),
     [
         (finished(), "SUCCESS"),
         (finished(error={"code": "cancelled", "message": "by the client"}), "FAILURE"),
         (finished(error={"code": "invalid_input", "message": "x", "field": "prompt"}), "FAILURE"),
+        (finished(logprobs=[LOGPROB]), "SUCCESS"),
+        (finished(choices=[CHOICE, {**CHOICE, "index": 1}]), "SUCCESS"),
     ],
 )
 def test_the_result_schema_carries_every_field_of_the_contracts_result(result, state):
@@ -53,7 +66,11 @@ def test_the_result_schema_carries_every_field_of_the_contracts_result(result, s
 
 
 def test_the_result_schema_has_no_field_the_contract_lacks():
-    keys = set(finished(error={"code": "cancelled", "message": ""}))
+    keys = set(
+        finished(
+            error={"code": "cancelled", "message": ""}, logprobs=[LOGPROB], choices=[CHOICE]
+        )
+    )
     # A document's result (vision_queue/documents.py) adds its pages.
     assert set(TaskResultBody.model_fields) == keys | {"state", *DOCUMENT_RESULT_FIELDS}
 

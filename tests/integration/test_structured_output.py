@@ -118,3 +118,33 @@ def test_the_cli_takes_a_schema_file_and_json_object(
     done = run_cli("producer", [*common, "--json-schema", str(bad)], env, 120)
     assert done.returncode != 0
     assert "response_format" in done.stderr
+
+
+def test_the_client_asks_for_logprobs_and_reads_them_in_the_result(
+    structured_client: Client, images: Path
+) -> None:
+    # Given one greedy task with logprobs and a grammar, and one without either
+    image = (images / "poster_500x700.jpg").read_bytes()
+    asked = structured_client.submit(
+        "ask", [image], "Title?", max_new_tokens=8, logprobs=True, top_logprobs=4,
+        response_format={"type": "json_object"},
+    )
+    plain = structured_client.submit("ask", [image], "Title?", max_new_tokens=8)
+    # Then the first carries one entry per token (4 sorted alternatives each, the model's
+    # own distribution: under a grammar the chosen token need not be the first), the
+    # second none
+    result = structured_client.result(asked.id, wait=True, timeout=240)
+    assert result["state"] == "SUCCESS", result.get("error")
+    entries = result["logprobs"]
+    assert entries and len(entries) <= result["usage"]["completion_tokens"]
+    for entry in entries:
+        values = [alt["logprob"] for alt in entry["top_logprobs"]]
+        assert len(values) == 4 and values == sorted(values, reverse=True)
+        assert entry["logprob"] <= values[0]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode().strip() == result["text"].strip()
+    other = structured_client.result(plain.id, wait=True, timeout=240)
+    assert "logprobs" not in other
+    # And top_logprobs out of range is refused before anything is queued
+    with pytest.raises(InvalidInput) as refused:
+        structured_client.submit("ask", [image], "Title?", logprobs=True, top_logprobs=21)
+    assert refused.value.field == "top_logprobs"

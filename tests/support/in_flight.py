@@ -23,6 +23,9 @@ class Unread:
     def tokens(self) -> list[int]:
         return list(self._tokens.tokens())
 
+    def logprobs(self) -> list[Any]:
+        return list(self._tokens.logprobs())
+
 
 def keep_in_flight(runner: Any) -> None:
     for name in ("launch_decode", "launch_first_token"):

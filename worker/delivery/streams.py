@@ -12,16 +12,23 @@ A task that runs again after its worker died finds the deltas that worker alread
 it writes nothing until its own text has passed them, then continues the stream from
 there (greedy decoding, or sampling with the seed the client fixed, repeats the same text),
 so a reader sees no seam, no repeat and no gap.
+
+A task that asked for logprobs (vision_queue.logprobs) has each delta carry, under
+`logprobs` (a JSON list), the entries of the tokens generated since the previous delta;
+entries not written by the end (tokens whose text was held back) are in the result's
+`logprobs`, which holds them all. A rerun skips as many entries as earlier runs wrote.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from vision_queue.logprobs import TokenLogprob
 from vision_queue.protocol import LEASE_KEY, STREAM_MAX_ENTRIES
 from vision_queue.streams import stream_key
 from worker.delivery.results import StreamTail
@@ -33,13 +40,20 @@ log = logging.getLogger("vision_queue.task")
 
 FLUSH_INTERVAL_S = 0.05
 
-# KEYS: stream, lease. ARGV: owner ("" = no check), seq, text, expiry s, MAXLEN.
+# KEYS: stream, lease. ARGV: owner ("" = no check), seq, text, expiry s, MAXLEN, logprobs
+# JSON ("" = none).
 _APPEND = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*',
-                      'seq', ARGV[2], 'kind', 'delta', 'text', ARGV[3])
+local id
+if ARGV[6] ~= '' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*',
+                  'seq', ARGV[2], 'kind', 'delta', 'text', ARGV[3], 'logprobs', ARGV[6])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], '*',
+                  'seq', ARGV[2], 'kind', 'delta', 'text', ARGV[3])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', KEYS[1], id)
 return 1
@@ -71,6 +85,8 @@ class StreamWriter:
         self._next_seq = 0
         self._last_flush = 0.0
         self._diverged = False
+        self._logprobs: list[TokenLogprob] = []  # this run's, in order
+        self._logprobs_written = 0  # entries of this run's list in the stream (or skipped)
 
     def begin(self) -> None:
         """Read what an earlier run streamed (empty for a first run)."""
@@ -80,6 +96,7 @@ class StreamWriter:
             values = {_text(k): _text(v) for k, v in fields.items()}
             if values.get("kind") == "delta":
                 texts.append(values.get("text", ""))
+                self._logprobs_written += _entries(values.get("logprobs"))
             self._next_seq = int(values.get("seq", "0") or 0) + 1
         self._earlier = "".join(texts)
         self._written = len(self._earlier)
@@ -102,6 +119,10 @@ class StreamWriter:
         room = self._next_seq < STREAM_MAX_ENTRIES - 2
         if room and not self._diverged and now - self._last_flush >= FLUSH_INTERVAL_S:
             self._flush(now)
+
+    def write_logprobs(self, entry: TokenLogprob) -> None:
+        """A token's logprobs: sent with the next delta (ahead of its text, or with it)."""
+        self._logprobs.append(entry)
 
     def tail(self) -> StreamTail:
         """The unwritten rest, for the end entry written with the result."""
@@ -127,10 +148,15 @@ class StreamWriter:
         if not rest:
             return
         self._last_flush = now
+        pending = self._logprobs[self._logprobs_written :]
+        logprobs = json.dumps(pending, separators=(",", ":")) if pending else ""
         try:
             appended = self._script(
                 keys=[self.key, self._lease_key],
-                args=[self._owner, self._next_seq, rest, self.expires_s, STREAM_MAX_ENTRIES],
+                args=[
+                    self._owner, self._next_seq, rest, self.expires_s, STREAM_MAX_ENTRIES,
+                    logprobs,
+                ],
             )
         except (redis.RedisError, OSError) as exc:
             # Kept for the next flush, or written with the result at the end.
@@ -141,6 +167,7 @@ class StreamWriter:
                 self.lease.mark_lost()
             return
         self._written += len(rest)
+        self._logprobs_written += len(pending)
         self._next_seq += 1
 
     def _diverge(self) -> None:
@@ -151,6 +178,17 @@ class StreamWriter:
                 "the stream stops here and the stored result holds the text",
                 self.task_id,
             )
+
+
+def _entries(value: str | None) -> int:
+    """How many logprobs entries a delta carried."""
+    if not value:
+        return 0
+    try:
+        entries = json.loads(value)
+    except ValueError:
+        return 0
+    return len(entries) if isinstance(entries, list) else 0
 
 
 def _text(value: Any) -> str:

@@ -11,6 +11,8 @@ caller overrides what it needs (the worker's is `worker.handler.TaskControl`).
 
 from __future__ import annotations
 
+from vision_queue.logprobs import TokenLogprob
+
 
 class RunControl:
     def on_prompt(self, tokens: int) -> None:
@@ -24,6 +26,9 @@ class RunControl:
 
         The pieces joined are exactly the result's text.
         """
+
+    def on_logprobs(self, entry: TokenLogprob) -> None:
+        """A generated token's logprobs (a run that asked for them), before its text."""
 
     def on_token(self, count: int) -> None:
         """After every generated token (`count` so far) that a stop string did not end.

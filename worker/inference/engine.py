@@ -30,16 +30,14 @@ import gc
 import logging
 import queue
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from PIL import Image
 
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted, VisionQueueError
-from vision_queue.schemas import ChatMessage
+from vision_queue.logprobs import TokenLogprob, alternative, entry
 from worker.inference import faults
+from worker.inference.choices import MAX_CHOICES, choice_seed, collect_choices
 from worker.inference.constraint import Grammars
 from worker.inference.control import RunControl
 from worker.inference.engine_setup import (
@@ -54,6 +52,9 @@ from worker.inference.engine_setup import (
 
 # Re-exported: callers of `Engine.load(EngineConfig(...))` import both names from here.
 from worker.inference.engine_setup import EngineConfig as EngineConfig
+from worker.inference.generation import GenerationRequest as GenerationRequest
+from worker.inference.generation import GenerationResult as GenerationResult
+from worker.inference.image_crops import ImageCrops, pixels_hash
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler
 from worker.model.config import Phi3VConfig
 from worker.model.detokenizer import TextStream, Vocabulary
@@ -61,6 +62,7 @@ from worker.model.errors import model_errors
 from worker.model.modeling import Phi3VForCausalLM, build_model
 from worker.model.processor import MAX_NUM_CROPS, EncodedPrompt, Phi3VProcessor, chat_text
 from worker.model.sampling import SamplingParams
+from worker.model.steps import RowLogprobs
 from worker.model.weights import load_weights, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -70,43 +72,6 @@ _POLL_S = 0.1
 # Requests decoded together by default on CUDA (docs/benchmarks.md: memory per row and the
 # bandwidth argument); on the CPU batching only amortises overheads, so 1.
 CUDA_DEFAULT_MAX_BATCH = 16
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    # User prompt text, or an ask conversation's turns (template applied by the engine).
-    prompt: str | Sequence[ChatMessage]
-    images: Sequence[Image.Image]  # already RGB
-    max_new_tokens: int
-    num_crops: int | None = None
-    # Sampling: temperature 0 is greedy; top_p and seed as in vision_queue.schemas.TaskOptions.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    # Generation ends before any of these strings (up to 4), which are not part of the text.
-    stop: Sequence[str] = ()
-    # A checked response_format (vision_queue.structured): decoding follows its grammar.
-    response_format: dict[str, Any] | None = None
-    # Cancel, deadline and the like, progress and streamed text, for this run only.
-    control: RunControl = field(default_factory=RunControl)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    stop_reason: str  # "length" | "eos:<id>" | "stop_string"
-    preprocess_s: float
-    prefill_s: float
-    decode_s: float
-    wait_s: float = 0.0  # waiting for a batch row and KV space
-
-    @property
-    def finish_reason(self) -> str:
-        """OpenAI's vocabulary: "stop" (end token or stop string) or "length"."""
-        return "length" if self.stop_reason == "length" else "stop"
 
 
 class Engine:
@@ -142,6 +107,7 @@ class Engine:
         self.max_batch = batching.max_rows
         self.pool = batching.pool
         self.runner = batching.runner
+        self.image_cache = batching.runner.image_cache
         self.longrope_switch = longrope_switch
         rope = model.config.rope
         recompute = longrope_switch == "recompute" and rope.switches
@@ -217,16 +183,34 @@ class Engine:
         log.info("warmup took %.1fs", time.perf_counter() - began)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Serve one request; safe to call from many threads (their steps are batched)."""
+        """Serve one request; safe to call from many threads (their steps are batched).
+
+        With `n` above 1 the result is the first choice, the others in its `more`."""
         if request.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1", field="max_new_tokens")
+        if not 1 <= request.n <= MAX_CHOICES:
+            raise InvalidInput(f"n must be from 1 to {MAX_CHOICES}", field="n")
         began = time.perf_counter()
-        control = request.control
         job = self._prepare(request)
+        job.siblings = [self._sibling(job, request, index) for index in range(1, request.n)]
         preprocess_s = time.perf_counter() - began
         self.scheduler.submit(job)
+        if job.siblings:
+            return collect_choices(
+                lambda job, control: self.collect(job, request, control, preprocess_s),
+                self.scheduler.cancel,
+                [job, *job.siblings],
+                request.control,
+            )
+        return self.collect(job, request, request.control, preprocess_s)
+
+    def collect(
+        self, job: Job, request: GenerationRequest, control: RunControl, preprocess_s: float
+    ) -> GenerationResult:
+        """Read a submitted job's events on this thread until it ends: its result."""
         stream = TextStream(self.vocabulary, request.stop)
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if request.logprobs is None else []
         finished: Finished | None = None
         failure: VisionQueueError | None = None
         decode_began = 0.0
@@ -246,6 +230,9 @@ class Engine:
                 if not tokens:
                     decode_began = time.perf_counter()
                 tokens.append(event.token_id)
+                if logprobs is not None and event.token_id not in self.processor.stop_token_ids:
+                    logprobs.append(self._logprob_entry(event.token_id, event.logprobs))
+                    control.on_logprobs(logprobs[-1])
                 piece = stream.push(event.token_id)
                 if piece:
                     control.on_text(piece)
@@ -279,7 +266,17 @@ class Engine:
             prefill_s=prefill_s,
             decode_s=decode_s,
             wait_s=wait_s,
+            logprobs=logprobs,
+            cached_tokens=finished.cached_tokens if finished is not None else 0,
         )
+
+    def _logprob_entry(self, token_id: int, chosen: RowLogprobs | None) -> TokenLogprob:
+        """A token's logprobs in the result's shape (vision_queue.logprobs)."""
+        text, data = self.vocabulary.piece(token_id)
+        if chosen is None:  # a device that reports none (the simulated one)
+            return entry(text, data, 0.0, [])
+        top = [alternative(*self.vocabulary.piece(i), logprob) for i, logprob in chosen.top]
+        return entry(text, data, chosen.logprob, top)
 
     def close(self) -> None:
         """Stop the scheduler's device thread; requests still queued fail with ModelError."""
@@ -297,15 +294,17 @@ class Engine:
         with model_errors("preprocessing"):
             text = chat_text(request.prompt, len(request.images))
             num_crops = request.num_crops or self.num_crops
-            encoded = self.processor.encode(text, request.images, num_crops)
+            hashes = self._image_hashes(request)
+            crops_of = ImageCrops(self.processor, self.image_cache, self._torch_device.type)
+            cached = crops_of.cached(hashes, num_crops)
+            encoded = self.processor.encode(text, request.images, num_crops, cached)
         self._check_length(encoded, request.max_new_tokens)
         request.control.on_prompt(encoded.prompt_tokens)
         crops = None
         with torch.inference_mode(), model_errors("preprocessing"):
             faults.inject(text, self.device)
             if encoded.images:
-                # Pinned on CUDA hosts, so the device thread's copy does not wait.
-                crops = self.processor.crops(encoded, self._torch_device.type == "cuda")
+                crops = crops_of.crops(encoded, hashes, num_crops)
         sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         decode_fault = faults.fault_for(text) == "decode_oom"
         constraint = None
@@ -313,8 +312,28 @@ class Engine:
             constraint = self.grammars.constraint(request.response_format)
         return Job(
             encoded, crops, request.max_new_tokens, sampling,
-            constraint=constraint, decode_fault=decode_fault,
+            constraint=constraint, decode_fault=decode_fault, logprobs=request.logprobs,
+            image_hashes=tuple(hashes) if self.image_cache.enabled else (),
         )
+
+    def _sibling(self, job: Job, request: GenerationRequest, index: int) -> Job:
+        """Choice `index` of an `n` request: the same prompt (prefilled once, by `job`),
+        its own sampler stream and grammar state."""
+        sampling = dataclasses.replace(job.sampling, seed=choice_seed(job.sampling.seed, index))
+        constraint = None
+        if request.response_format is not None:
+            constraint = self.grammars.constraint(request.response_format)
+        return Job(
+            job.encoded, None, job.max_new_tokens, sampling, constraint=constraint,
+            logprobs=job.logprobs, decode_fault=job.decode_fault,
+        )
+
+    def _image_hashes(self, request: GenerationRequest) -> list[str]:
+        if not self.image_cache.enabled:
+            return []
+        if request.image_hashes is not None and len(request.image_hashes) == len(request.images):
+            return list(request.image_hashes)
+        return [pixels_hash(image) for image in request.images]
 
     def _check_length(self, encoded: EncodedPrompt, max_new_tokens: int) -> None:
         limit = self.model.config.rope.max_positions

@@ -18,6 +18,7 @@ from vision_queue.errors import ModelError
 from vision_queue.protocol import control_token_in
 from worker.model.attention import varlen_available
 from worker.model.config import LONGROPE_SWITCHES, LongRopeSwitch, Phi3VConfig
+from worker.model.image_cache import ImageCache, default_bytes
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner
 from worker.model.modeling import KERNELS, Phi3VForCausalLM
@@ -46,6 +47,13 @@ class EngineConfig:
     cuda_graphs: bool | None = None  # None = on where the varlen kernel is usable
     # At the LongRoPE switch: auto (what config.json says) | keep-cache | recompute.
     longrope_switch: str = "auto"
+    # Image reuse (worker.model.image_cache): bytes; -1 = 2 GiB on CPU, 4 GiB on CUDA; 0 = off.
+    image_cache_bytes: int = -1
+
+    def image_cache_capacity(self, device: torch.device) -> int:
+        if self.image_cache_bytes < 0:
+            return default_bytes(device.type)
+        return self.image_cache_bytes
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,8 @@ class Batching:
             f"({self.pool.nbytes / 2**20:.0f} MiB), decode attention {runner.decode_kernel}, "
             f"CUDA graphs {'on' if runner.capture else 'off'}, "
             f"prefill chunk {self.prefill_chunk_tokens or 'whole prompt'}, "
-            f"rows independent {'on' if runner.row_independent else 'off'}"
+            f"rows independent {'on' if runner.row_independent else 'off'}, "
+            f"image cache {runner.image_cache.capacity / 2**20:.0f} MiB"
         )
 
 
@@ -105,6 +114,7 @@ def build_batching(
         2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim
         * torch.empty((), dtype=dtype).element_size()
     )
+    image_cache = ImageCache(config.image_cache_capacity(device))
     positions = kv_pool_positions(config, device, bytes_per_position, text.rope.max_positions)
     pool = KVPool(
         num_layers=text.num_hidden_layers,
@@ -130,6 +140,7 @@ def build_batching(
         window=max_row_positions,
         graphs=graphs,
         compile=compile and graphs,
+        image_cache=image_cache,
     )
     chunk = config.prefill_chunk_tokens
     if chunk is None:
@@ -151,6 +162,7 @@ def kv_pool_positions(
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - max(_CUDA_RESERVE_MIN, int(total * _CUDA_RESERVE_FRACTION))
+        budget -= config.image_cache_capacity(device)  # the image cache's prefixes live there
     else:
         budget = available_ram_bytes() // 4
     positions = min(config.max_batch * model_positions, budget // bytes_per_position)

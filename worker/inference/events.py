@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vision_queue.errors import VisionQueueError
+from worker.model.steps import RowLogprobs
 
 
 @dataclass(frozen=True)
 class Token:
     token_id: int
+    logprobs: RowLogprobs | None = None  # only for a job that asked for them
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class Finished:
     wait_s: float
     prefill_s: float
     decode_s: float
+    cached_tokens: int = 0  # prompt positions whose KV came from the image cache
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ serve them. One device thread owns the model and loops:
 3. ask the runner for one prefill unit of the oldest admitted job still prefilling (a
    group of at most `vision_unit_crops` of its image crops through the image tower, or
    one chunk of `prefill_chunk_tokens` prompt positions; the runner does the work), so a
-   long prompt delays the running decodes by one unit, not by all of it;
+   long prompt delays the running decodes by one unit, not by all of it. The prefix that
+   ends with a prompt's last image is a unit of its own, which the image cache may serve
+   instead (worker.model.image_cache: copied into the row's region; the entry stays
+   pinned until the row leaves);
 4. run one batched decode step over every row past its prefill, and hand each job its
    token; a job that reaches an end token or its budget leaves the batch now.
 
@@ -52,100 +55,25 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from vision_queue.errors import ModelError, ResourceExhausted, VisionQueueError
 from worker.inference import faults
-from worker.inference.constraint import RowConstraint
 from worker.inference.events import Event, Failed, Finished, Token
-
-__all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
-from worker.model.config import RopeFactors
+from worker.inference.rows import Job, Launch, Row, allocate_all, sampler_for
 from worker.model.errors import model_errors
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
-from worker.model.processor import EncodedPrompt
 from worker.model.runner_api import Runner
-from worker.model.sampling import SamplingParams, TokenSampler
-from worker.model.steps import UNKNOWN_TOKEN, RowInput, StepTokens
+from worker.model.steps import UNKNOWN_TOKEN, RowLogprobs
+
+__all__ = ["Event", "Failed", "Finished", "Job", "Scheduler", "Token"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity: a job is itself, whatever it holds
-class Job:
-    """One request as the scheduler sees it; `events` is read by the request's own thread."""
-
-    encoded: EncodedPrompt
-    crops: torch.Tensor | None  # the images' CPU crops; handed to the runner on admission
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    constraint: RowConstraint | None = None  # a response_format's grammar
-    decode_fault: bool = False  # test-only: decode steps with this job run out of memory
-    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
-    submitted_at: float = field(default_factory=time.perf_counter)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def positions_needed(self) -> int:
-        return self.encoded.prompt_tokens + self.max_new_tokens
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-@dataclass(eq=False)
-class _Launch:
-    """Launched work not read yet: the rows whose tokens it chooses, in order."""
-
-    rows: list[_Row]
-    tokens: StepTokens
-    what: str  # "decoding" | "prefill": which failure its errors are
-    prefill_from: float = 0.0  # a prompt's first token: until it is read counts as prefill
-
-
-@dataclass(eq=False)
-class _Row:
-    job: Job
-    start: int  # the job's region in the KV pool
-    sampler: TokenSampler | None
-    admitted_at: float
-    prompt: PromptPrefill | None  # None once prefilled (or released)
-    position: int = 0  # where the next fed token goes
-    token: int = 0  # the token fed next; UNKNOWN_TOKEN while only the device has it
-    generated: int = 0  # tokens handed to the job
-    launched: int = 0  # tokens whose choice is launched (generated + those in flight)
-    done: bool = False  # left the batch: tokens of its steps still in flight are dropped
-    prefill_s: float = 0.0
-    decode_began: float = 0.0
-    # The factor set the keys of the region's prefix (the prompt, or after a recompute
-    # the whole sequence it rebuilt) were rotated with: what a prefix cache must key on.
-    kv_factors: RopeFactors = "short"
-    # Held only by a row that will recompute at the LongRoPE switch, until it has:
-    prompt_embeds: torch.Tensor | None = None  # the first prefill's embeddings
-    history: list[int] = field(default_factory=list)  # every token generated so far
-    recomputing: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.job.encoded.prompt_tokens
-
-    def as_input(self) -> RowInput:
-        constraint = self.job.constraint
-        allowed = None if constraint is None else constraint.allowed()
-        return RowInput(self.token, self.position, self.start, self.sampler, allowed)
-
-    @property
-    def awaits_token(self) -> bool:
-        """A constrained row whose last token is still on the device: its mask needs it."""
-        return self.job.constraint is not None and self.generated < self.launched
 
 
 class Scheduler:
@@ -174,10 +102,10 @@ class Scheduler:
         self.recompute_past = recompute_past
         self.recover = recover
         self._waiting: collections.deque[Job] = collections.deque()
-        self._prefilling: list[_Row] = []
-        self._decoding: list[_Row] = []
+        self._prefilling: list[Row] = []
+        self._decoding: list[Row] = []
         self._decode_limit = max_rows  # halved by an out-of-memory in a decode step
-        self._in_flight: collections.deque[_Launch] = collections.deque()
+        self._in_flight: collections.deque[Launch] = collections.deque()
         # Leave this iteration's last launch unread at its end (else wait for it too).
         self.overlap = overlap
         self.sync_wait_s = 0.0  # time the device thread spent waiting for the device
@@ -200,6 +128,12 @@ class Scheduler:
                 f"{job.encoded.prompt_tokens} prompt tokens + {job.max_new_tokens} new tokens "
                 f"need {job.positions_needed} KV positions; this worker holds at most "
                 f"{self.max_row_positions} for one request"
+            )
+        group = (1 + len(job.siblings)) * job.positions_needed
+        if job.siblings and group > self.pool.positions:
+            raise ResourceExhausted(
+                f"{1 + len(job.siblings)} choices need {group} KV positions; this worker "
+                f"holds {self.pool.positions}"
             )
         with self._wake:
             if self._stopping:
@@ -291,9 +225,10 @@ class Scheduler:
                 self.sync_wait_s += time.perf_counter() - began
             if launch.prefill_from:
                 launch.rows[0].prefill_s += time.perf_counter() - launch.prefill_from
-            for row, token in zip(launch.rows, tokens, strict=True):
+            logprobs = launch.tokens.logprobs()
+            for row, token, chosen in zip(launch.rows, tokens, logprobs, strict=True):
                 if not row.done:
-                    self._deliver(row, token)
+                    self._deliver(row, token, chosen)
 
     def _drop_cancelled(self) -> None:
         for rows in (self._prefilling, self._decoding):
@@ -308,18 +243,31 @@ class Scheduler:
             with self._wake:
                 if not self._waiting:
                     return
-                if len(self._prefilling) + len(self._decoding) >= self.max_rows:
-                    return
                 job = self._waiting[0]
-                start = self.pool.allocator.allocate(job.positions_needed)
-                if start is None:
+                group = [job, *job.siblings]  # n choices: admitted together
+                in_use = self._rows_in_use()
+                # More choices than rows: alone, decoding in groups of at most max_rows.
+                if in_use + len(group) > self.max_rows and (in_use or len(group) == 1):
+                    return
+                starts = allocate_all(self.pool.allocator, group)
+                if starts is None:
                     return  # the oldest waits for space; later ones wait behind it
                 self._waiting.popleft()
-            sampler = None if job.sampling.greedy else TokenSampler(job.sampling)
+            now = time.perf_counter()
             # The runner's prompt holds the crops from here on; the job keeps no copy.
-            prompt, job.crops = PromptPrefill.of(job.encoded, job.crops, start), None
+            prompt = PromptPrefill.of(job.encoded, job.crops, starts[0], job.image_hashes)
+            job.crops = None
             prompt.keep_embeds = self._will_recompute(job)
-            self._prefilling.append(_Row(job, start, sampler, time.perf_counter(), prompt))
+            row = Row(job, starts[0], sampler_for(job), now, prompt)
+            row.followers = [
+                Row(other, start, sampler_for(other), now, None)
+                for other, start in zip(job.siblings, starts[1:], strict=True)
+            ]
+            self._prefilling.append(row)
+
+    def _rows_in_use(self) -> int:
+        waiting = sum(len(row.followers) for row in self._prefilling)
+        return len(self._prefilling) + len(self._decoding) + waiting
 
     def _will_recompute(self, job: Job) -> bool:
         """Whether the job's sequence can first pass the switch while decoding: a prompt
@@ -329,7 +277,7 @@ class Scheduler:
             job.positions_needed - 1
         )
 
-    def _recompute(self, row: _Row, prompt_embeds: torch.Tensor) -> None:
+    def _recompute(self, row: Row, prompt_embeds: torch.Tensor) -> None:
         """The row's next fed token would be the first past the switch: back to prefill."""
         try:
             row.prompt = self.runner.regrown(
@@ -344,7 +292,7 @@ class Scheduler:
         # By admission: a request already streaming is not put behind later prompts.
         self._prefilling.sort(key=lambda r: r.admitted_at)
 
-    def _prefill_unit(self, row: _Row) -> None:
+    def _prefill_unit(self, row: Row) -> None:
         prompt = row.prompt
         assert prompt is not None
         began = time.perf_counter()
@@ -355,9 +303,11 @@ class Scheduler:
                 max_crops=self.vision_unit_crops,
             )
             if hidden is None:  # more units to come; the marker bounds the work queued
-                self._in_flight.append(_Launch([], self.runner.marker(), "prefill"))
+                self._in_flight.append(Launch([], self.runner.marker(), "prefill"))
                 return
             row.prompt = None
+            if not row.recomputing:
+                row.cached_tokens, row.pinned = prompt.cached_tokens, prompt.pinned
             row.position = prompt.length
             row.kv_factors = self.runner.rope_factors(prompt.length)
             if prompt.keep_embeds:
@@ -374,7 +324,7 @@ class Scheduler:
         self._decoding.append(row)
         self._launched(row)
         from_ = 0.0 if row.recomputing else time.perf_counter()
-        self._in_flight.append(_Launch([row], first, "prefill", from_))
+        self._in_flight.append(Launch([row], first, "prefill", from_))
         if row.recomputing:
             row.recomputing = False
             log.info(
@@ -383,8 +333,31 @@ class Scheduler:
             )
         else:
             row.decode_began = time.perf_counter()
+            self._start_followers(row, hidden)
 
-    def _launched(self, row: _Row) -> None:
+    def _start_followers(self, row: Row, hidden: torch.Tensor) -> None:
+        """`n` choices: each sibling's region becomes a copy of the prefilled one, and its
+        first token is chosen from the same last hidden state by its own sampler."""
+        followers, row.followers = row.followers, []
+        for follower in followers:
+            if follower.job.cancelled:
+                self._finish(follower, "cancelled")
+                continue
+            try:
+                with model_errors("prefill"):
+                    self.runner.copy_region(row.start, follower.start, row.position)
+                    first = self.runner.launch_first_token(hidden, follower.as_input())
+            except VisionQueueError as error:
+                self._fail(follower, error)
+                continue
+            follower.position, follower.kv_factors = row.position, row.kv_factors
+            follower.prompt_embeds = row.prompt_embeds  # read only, by a recompute
+            follower.prefill_s, follower.decode_began = row.prefill_s, row.decode_began
+            self._decoding.append(follower)
+            self._launched(follower)
+            self._in_flight.append(Launch([follower], first, "prefill"))
+
+    def _launched(self, row: Row) -> None:
         """The row's next token is chosen on the device: count it, move on a position."""
         row.launched += 1
         row.token = UNKNOWN_TOKEN
@@ -404,7 +377,7 @@ class Scheduler:
             self._decode_group(rows[index : index + limit])
         self.steps += 1
 
-    def _decodable(self) -> list[_Row]:
+    def _decodable(self) -> list[Row]:
         switch = self.recompute_past
         return [
             row for row in self._decoding
@@ -412,7 +385,7 @@ class Scheduler:
             and (row.position != switch or row.prompt_embeds is None)
         ]
 
-    def _decode_group(self, rows: list[_Row]) -> None:
+    def _decode_group(self, rows: list[Row]) -> None:
         try:
             with model_errors("decoding"):
                 if any(row.job.decode_fault for row in rows):
@@ -440,15 +413,15 @@ class Scheduler:
         for row in rows:
             self._launched(row)
             row.position += 1
-        self._in_flight.append(_Launch(rows, tokens, "decoding"))
+        self._in_flight.append(Launch(rows, tokens, "decoding"))
 
-    def _deliver(self, row: _Row, token: int) -> None:
+    def _deliver(self, row: Row, token: int, logprobs: RowLogprobs | None = None) -> None:
         row.generated += 1
         if row.generated == row.launched:  # no launched step has fed it on the device
             row.token = token
         if row.prompt_embeds is not None:
             row.history.append(token)
-        row.job.events.put(Token(token))
+        row.job.events.put(Token(token, logprobs))
         if row.job.constraint is not None:
             row.job.constraint.advance(token)
         if token in self.stop_ids:
@@ -462,26 +435,35 @@ class Scheduler:
         ):
             self._recompute(row, row.prompt_embeds)
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: Row, reason: str) -> None:
         self._release(row)
+        for follower in row.followers:  # left before its prefill ended: they leave too
+            self._finish(follower, reason)
         now = time.perf_counter()
         decode_s = now - row.decode_began if row.decode_began else 0.0
         wait_s = row.admitted_at - row.job.submitted_at
-        row.job.events.put(Finished(reason, wait_s, row.prefill_s, decode_s))
+        row.job.events.put(
+            Finished(reason, wait_s, row.prefill_s, decode_s, row.cached_tokens)
+        )
 
-    def _fail(self, row: _Row, error: VisionQueueError) -> None:
+    def _fail(self, row: Row, error: VisionQueueError) -> None:
         self._release(row)
+        for follower in row.followers:
+            self._fail(follower, error)
         row.job.events.put(Failed(error))
         if isinstance(error, ResourceExhausted):
             self.recover()
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: Row) -> None:
         # Steps still in flight may write its region: they run before any later launch
         # (one stream), so the region is free for whatever is launched next.
         row.done = True
         for rows in (self._prefilling, self._decoding):
             if any(r is row for r in rows):
                 rows.remove(row)
+        pinned = row.prompt.pinned if row.prompt is not None else row.pinned
+        self.runner.release(pinned)  # a cache entry it was served from
+        row.pinned = None
         row.prompt = row.prompt_embeds = None  # its embeddings and image features, at once
         self.pool.allocator.free(row.start)
 
@@ -492,3 +474,4 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for job in waiting:
             job.events.put(Failed(error))
+

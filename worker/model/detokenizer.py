@@ -48,6 +48,19 @@ class Vocabulary:
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token's own text and bytes, as logprobs report it: SentencePiece's "▁" is a
+        space, a byte-fallback id is its byte (text: U+FFFD until its neighbours complete
+        a character), a special id its name; a padded logit beyond the tokenizer, nothing."""
+        token = self.tokenizer.id_to_token(token_id)
+        if token is None:
+            return "", b""
+        if token_id in self.byte_ids:
+            data = bytes([int(token[3:5], 16)])
+        else:
+            data = token.replace("\u2581", " ").encode("utf-8")
+        return data.decode("utf-8", errors="replace"), data
+
 
 class TextStream:
     """Feed generated ids one at a time; get back the text that is now safe to show."""

@@ -147,6 +147,31 @@ class KVPool:
             layer_view(self.values[layer], self.tokens_first, start, length),
         )
 
+    def read_prefix(self, start: int, length: int) -> PrefixKV:
+        """A copy of every layer's keys and values in slots [start, start + length)."""
+        keys = [self._slots(store, start, length).clone() for store in self.keys]
+        values = [self._slots(store, start, length).clone() for store in self.values]
+        return PrefixKV(length, keys, values)
+
+    def write_prefix(self, start: int, prefix: PrefixKV) -> None:
+        """Copy a `read_prefix` into slots [start, start + prefix.length), queued on the
+        device (one stream: steps launched later see it; the entry's memory is freed only
+        behind the copy)."""
+        for stores, saved in ((self.keys, prefix.keys), (self.values, prefix.values)):
+            for store, part in zip(stores, saved, strict=True):
+                self._slots(store, start, prefix.length).copy_(part, non_blocking=True)
+
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        """Slots [source, source + length) into [target, target + length), every layer
+        (`n` choices: one prefill, copied into each other choice's region)."""
+        for store in (*self.keys, *self.values):
+            self._slots(store, target, length).copy_(self._slots(store, source, length))
+
+    def _slots(self, store: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        if self.tokens_first:
+            return store[start : start + length]
+        return store[:, start : start + length]
+
     def write_span(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store [1, kv_heads, n, head_dim] keys and values in slots [start, start + n)."""
         n = int(key.shape[2])
@@ -165,6 +190,20 @@ class KVPool:
                 store.index_copy_(0, slots, new[:, :, 0])
             else:
                 store.index_copy_(1, slots, new[:, :, 0].transpose(0, 1))
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """A prompt prefix's keys and values, per layer, in the pool's layout
+    (worker.model.image_cache)."""
+
+    length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def layer_view(store: torch.Tensor, tokens_first: bool, start: int, length: int) -> torch.Tensor:

@@ -31,74 +31,45 @@ row), and the step's tokens are copied to the host behind it: one copy, read lat
 Elsewhere (the host path, the CPU) a launch runs `decode`/`choose` synchronously, so
 CPU tokens are exactly those of the synchronous engine.
 
-Token choice (`choose`): greedy rows take the argmax; sampled rows use their own
-`TokenSampler`. With `row_independent` (CPU float32) every row's hidden state is computed
-exactly as at batch 1, and the batched lm_head product, whose rounding differs from the
-single-row one by at most 2·γ_K·Σ|h||w| per logit, is trusted only where the top-2 margin
-exceeds twice that bound; other rows, and sampled rows, get their logits recomputed
-alone. So a request's tokens never depend on its batch neighbours.
+Token choice (`choose`, worker.model.token_choice): greedy rows take the argmax; sampled
+rows use their own `TokenSampler`; with `row_independent` (CPU float32) a request's tokens
+never depend on its batch neighbours. Rows that ask for logprobs get them from the same
+step, computed on the device and copied with its tokens (`pack_logprobs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
 from worker.model.config import RopeFactors
 from worker.model.errors import is_out_of_memory, model_errors
+from worker.model.image_cache import ImageCache
 from worker.model.kvcache import DecodeRows, DecodeWriter, KVPool, PrefillWriter
 from worker.model.modeling import Phi3VForCausalLM
-from worker.model.processor import EncodedPrompt
-from worker.model.sampling import TokenSampler, sample_rows
+
+# Re-exported: the scheduler and the tests name the prompt type beside the runner.
+from worker.model.prompts import PromptPrefill as PromptPrefill
 from worker.model.steps import (
     UNKNOWN_TOKEN,
     CudaTokens,
     DoneTokens,
     RowInput,
+    RowLogprobs,
     StepBuffers,
     StepTokens,
+    pack_logprobs,
+    unpack_logprobs,
 )
+from worker.model.token_choice import TokenChooser
 
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16)
-_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-@dataclass(eq=False)  # identity: two prompts with the same text are still two prompts
-class PromptPrefill:
-    """A prompt on its way into the KV region at `start`, advanced by `prefill_unit`."""
-
-    input_ids: list[int]
-    start: int
-    crops: torch.Tensor | None = None  # every image's crops (CPU or device), in order
-    grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) per image
-    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) per image
-    crops_encoded: int = 0  # crops already through the image tower
-    features: list[torch.Tensor] = field(default_factory=list)  # CLIP features, per unit
-    embeds: torch.Tensor | None = None  # [1, L, hidden] once the image tower is done
-    offset: int = 0  # positions already in the KV region
-    # Keep `embeds` once the region holds the prompt: a row that will cross the LongRoPE
-    # switch under `recompute` rebuilds its region from them (`ModelRunner.regrown`).
-    keep_embeds: bool = False
-
-    @classmethod
-    def of(cls, encoded: EncodedPrompt, crops: torch.Tensor | None, start: int) -> PromptPrefill:
-        return cls(
-            input_ids=list(encoded.input_ids),
-            start=start,
-            crops=crops if encoded.images else None,
-            grids=[(hd.rows, hd.cols) for hd in encoded.images],
-            spans=[(span.start, span.length) for span in encoded.spans],
-        )
-
-    @property
-    def length(self) -> int:
-        return len(self.input_ids)
 
 
 def graph_buckets(max_rows: int) -> tuple[int, ...]:
@@ -126,8 +97,10 @@ class ModelRunner:
         graphs: bool,
         compile: bool = False,
         compile_backend: str = "inductor",
+        image_cache: ImageCache | None = None,
     ) -> None:
         self.model = model
+        self.image_cache = image_cache if image_cache is not None else ImageCache(0)
         self.pool = pool
         self.device = device
         self.kernel = kernel
@@ -141,12 +114,11 @@ class ModelRunner:
         self.compile = compile and self.graph_path
         self.compile_backend = compile_backend
         model.set_row_independent(row_independent)
-        weight = model.lm_head.weight
-        self._unit = _UNIT_ROUNDOFF.get(weight.dtype, 2.0**-8)
-        # max |w| per input feature: Σ_k |h_k| · max_n |w_nk| bounds Σ_k |h_k w_nk| for all n.
-        self._weight_max = weight.detach().abs().amax(dim=0).float()
         self.buckets = graph_buckets(max_rows)
         self._buffers = StepBuffers(max_rows, pool.scratch_slot, device)
+        self.chooser = TokenChooser(
+            model.logits, model.lm_head.weight, row_independent, self._buffers.staged
+        )
         self._step: Callable[[int], torch.Tensor] = self._graph_step
         if self.compile:
             self._step = torch.compile(
@@ -169,21 +141,73 @@ class ModelRunner:
         A unit is at most `max_crops` crops through the image tower, or (once the prompt's
         embeddings are complete) at most `max_tokens` positions; None = all that is left.
         """
+        if prompt.embeds is None and prompt.offset == 0 and not prompt.crops_encoded:
+            self._reuse_prefix(prompt)
         if prompt.embeds is None and not self.encode_unit(prompt, max_crops):
             return None
         embeds = prompt.embeds
         assert embeds is not None
         length = prompt.length
         end = length if max_tokens is None else min(length, prompt.offset + max_tokens)
+        if prompt.offset < prompt.prefix_length:
+            end = min(end, prompt.prefix_length)  # the image prefix: a unit of its own
         with model_errors("prefill"):
-            chunk = embeds[:, prompt.offset : end]
+            chunk = embeds[:, prompt.offset - prompt.embeds_from : end - prompt.embeds_from]
             hidden = self.prefill(prompt.start, chunk, prompt.offset, length)
         prompt.offset = end
+        if end == prompt.prefix_length and not prompt.cached_tokens:
+            self._keep_prefix(prompt)
         if end < length:
             return None
         if not prompt.keep_embeds:
             prompt.embeds = None  # the region holds the prompt now
         return hidden
+
+    def _prefix_key(self, prompt: PromptPrefill) -> Hashable | None:
+        """The cache key of the prompt's image prefix; None when it has none to share."""
+        if not (self.image_cache.enabled and prompt.prefix_length and prompt.image_hashes):
+            return None
+        return (
+            tuple(prompt.input_ids[: prompt.prefix_length]),
+            prompt.image_hashes,
+            str(self.pool.keys[0].dtype),
+            self.rope_factors(prompt.length),  # the whole prompt's, as its keys were rotated
+        )
+
+    def _reuse_prefix(self, prompt: PromptPrefill) -> None:
+        """On a hit, copy the prefix's KV into the prompt's region and skip its image tower:
+        only the positions after it are embedded (text) and prefilled."""
+        key = self._prefix_key(prompt)
+        if key is None or prompt.keep_embeds:  # a recompute needs the image embeddings
+            return
+        saved = self.image_cache.get("prefix", key, pin=True)
+        if saved is None:
+            return
+        prompt.pinned = key
+        begin = prompt.prefix_length
+        with model_errors("prefill"):
+            self.pool.write_prefix(prompt.start, saved)
+            ids = self._buffers.staged(torch.tensor([prompt.input_ids[begin:]]))
+            prompt.embeds = self.model.model.vision_embed_tokens.wte(ids)
+        prompt.offset = prompt.embeds_from = prompt.cached_tokens = begin
+        prompt.crops = None
+
+    def _keep_prefix(self, prompt: PromptPrefill) -> None:
+        """The region now holds the image prefix, computed as a unit of its own: cache it."""
+        key = self._prefix_key(prompt)
+        if key is None or key in self.image_cache:
+            return
+        with model_errors("prefill"):
+            saved = self.pool.read_prefix(prompt.start, prompt.prefix_length)
+        self.image_cache.put("prefix", key, saved, saved.nbytes)
+
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        self.pool.copy_region(source, target, length)
+
+    def release(self, prompt_pin: Hashable | None) -> None:
+        """A row served from a cached prefix left: its entry may be evicted again."""
+        if prompt_pin is not None:
+            self.image_cache.unpin(prompt_pin)
 
     def regrown(
         self,
@@ -262,52 +286,48 @@ class ModelRunner:
     def launch_decode(self, batch: Sequence[RowInput]) -> StepTokens:
         """Queue one decode step for every row; its tokens, to read later (worker.model.steps)."""
         if not self.graph_path:
-            tokens = self.decode(self._known(batch))
+            known = self._known(batch)
+            if any(row.top_logprobs is not None for row in known):
+                tokens, logprobs = self.decode_with_logprobs(known)
+            else:
+                tokens, logprobs = self.decode(known), None
             self._remember(batch, tokens)
-            return DoneTokens(tokens)
+            return DoneTokens(tokens, logprobs)
         logits = self._decode_graphed(batch)
-        chosen = self._choose_on_device(logits, batch)
+        chosen = self.chooser.on_device(logits, batch)
         self._buffers.last[self._buffers.starts[: len(batch)].long()] = chosen
-        return self._handle(chosen)
+        return self._handle(chosen, logits, batch)
 
     def launch_first_token(self, hidden: torch.Tensor, row: RowInput) -> StepTokens:
         """The token a finished prefill chooses (`prefill_unit`'s hidden state), queued."""
         if self.device.type != "cuda":
-            tokens = self.choose(hidden, [row])
+            tokens, logprobs = self.choose_with_logprobs(hidden, [row])
             self._remember([row], tokens)
-            return DoneTokens(tokens)
-        chosen = self._choose_on_device(self.model.logits(hidden), [row])
+            return DoneTokens(tokens, logprobs)
+        logits = self.model.logits(hidden)
+        chosen = self.chooser.on_device(logits, [row])
         self._buffers.last[row.start] = chosen[0]
-        return self._handle(chosen)
+        return self._handle(chosen, logits, [row])
 
     def marker(self) -> StepTokens:
         """Done when everything launched so far is (a prefill unit that chose no token)."""
         return CudaTokens(None) if self.device.type == "cuda" else DoneTokens([])
 
-    def _handle(self, chosen: torch.Tensor) -> StepTokens:
+    def _handle(
+        self, chosen: torch.Tensor, logits: torch.Tensor, batch: Sequence[RowInput]
+    ) -> StepTokens:
+        """The step's tokens, with the asking rows' logprobs in the same copy."""
+        asks = None
+        if any(row.top_logprobs is not None for row in batch):
+            chosen, asks = pack_logprobs(chosen, logits, batch, self._buffers.staged)
         if self.device.type == "cuda":
-            return CudaTokens(chosen)
-        return DoneTokens(chosen.tolist())
-
-    def _choose_on_device(self, logits: torch.Tensor, batch: Sequence[RowInput]) -> torch.Tensor:
-        """Each row's token as a device tensor [B]: the argmax, or drawn on the device."""
-        masked = [(i, row.allowed) for i, row in enumerate(batch) if row.allowed is not None]
-        if masked:
-            keep = torch.ones(logits.shape, dtype=torch.bool)
-            for i, allowed in masked:
-                keep[i] = allowed
-            logits = logits.masked_fill(~self._buffers.staged(keep), float("-inf"))
-        tokens = logits.argmax(dim=-1)
-        sampled = [(i, row.sampler) for i, row in enumerate(batch) if row.sampler is not None]
-        if sampled:
-            params = torch.tensor(
-                [[s.params.temperature, s.params.top_p, s.draw()] for _, s in sampled],
-                dtype=torch.float64,
-            )
-            index = self._buffers.staged(torch.tensor([i for i, _ in sampled]))
-            params = self._buffers.staged(params)
-            tokens[index] = sample_rows(logits[index], params[:, 0], params[:, 1], params[:, 2])
-        return tokens
+            return CudaTokens(chosen, asks)
+        if asks is None:
+            return DoneTokens(chosen.tolist())
+        values = chosen.tolist()
+        return DoneTokens(
+            [int(row[0]) for row in values], unpack_logprobs([r[1:] for r in values], asks)
+        )
 
     def _known(self, batch: Sequence[RowInput]) -> Sequence[RowInput]:
         """The batch with every row's token on the host (the synchronous path)."""
@@ -316,9 +336,7 @@ class ModelRunner:
         last = self._buffers.last
         return [
             row if row.token != UNKNOWN_TOKEN
-            else RowInput(
-                int(last[row.start]), row.position, row.start, row.sampler, row.allowed
-            )
+            else dataclasses.replace(row, token=int(last[row.start]))
             for row in batch
         ]
 
@@ -330,11 +348,17 @@ class ModelRunner:
 
     def decode(self, batch: Sequence[RowInput]) -> list[int]:
         """One step for every row; returns each row's next token."""
+        return self.decode_with_logprobs(batch)[0]
+
+    def decode_with_logprobs(
+        self, batch: Sequence[RowInput]
+    ) -> tuple[list[int], list[RowLogprobs | None]]:
+        """`decode`, and the logprobs of the rows that ask."""
         if self.graph_path:
             logits = self._decode_graphed(batch)
-            return self.choose(None, batch, logits)
+            return self.choose_with_logprobs(None, batch, logits)
         hidden = self._decode_host(batch)
-        return self.choose(hidden, batch)
+        return self.choose_with_logprobs(hidden, batch)
 
     def _decode_host(self, batch: Sequence[RowInput]) -> torch.Tensor:
         size = len(batch)
@@ -422,7 +446,7 @@ class ModelRunner:
             self._graphs[bucket] = (graph, logits)
         log.info("decode CUDA graphs captured for batch sizes %s", self.buckets)
 
-    # Token choice --------------------------------------------------------------------------
+    # Token choice (worker.model.token_choice) ---------------------------------------------
 
     def choose(
         self,
@@ -431,50 +455,12 @@ class ModelRunner:
         logits: torch.Tensor | None = None,
     ) -> list[int]:
         """Next token per row from hidden states [B, hidden] (or logits [B, V] given)."""
-        if logits is None:
-            assert hidden is not None
-            logits = self.model.logits(hidden)
-        samplers = [row.sampler if row is not None else None for row in batch]
-        masks = [row.allowed if row is not None else None for row in batch]
-        if any(mask is not None for mask in masks):
-            # A grammar's tokens only: the margin test below then runs on the masked logits.
-            logits = logits.clone()
-            for index, mask in enumerate(masks):
-                if mask is not None:
-                    logits[index].masked_fill_(~mask.to(logits.device), float("-inf"))
-        if self.row_independent and hidden is not None and logits.shape[0] > 1:
-            tokens, exact = self._greedy_where_sure(hidden, logits, samplers)
-        else:
-            tokens, exact = logits.argmax(dim=-1).tolist(), set()
-        for index, sampler in enumerate(samplers):
-            row_logits = logits[index]
-            if index in exact:
-                assert hidden is not None
-                row_logits = self.model.logits(hidden[index : index + 1])[0]
-                mask = masks[index]
-                if mask is not None:
-                    row_logits.masked_fill_(~mask.to(row_logits.device), float("-inf"))
-                if sampler is None:
-                    tokens[index] = int(row_logits.argmax())
-            if sampler is not None:
-                tokens[index] = sampler.choose(row_logits)
-        return tokens
+        return self.chooser.choose(hidden, batch, logits)
 
-    def _greedy_where_sure(
+    def choose_with_logprobs(
         self,
-        hidden: torch.Tensor,
-        logits: torch.Tensor,
-        samplers: Sequence[TokenSampler | None],
-    ) -> tuple[list[int], set[int]]:
-        """Batched argmax per row, and the rows that need their single-row logits."""
-        top2 = logits.topk(2, dim=-1)
-        margin = top2.values[:, 0] - top2.values[:, 1]
-        k = hidden.shape[-1]
-        gamma = k * self._unit / (1 - k * self._unit)
-        # Both products lie within γ_K·S of the exact one; a margin above twice their
-        # distance (with a factor 2 of slack for rounding in S itself) cannot flip. An
-        # exact tie has margin 0, so it is always decided on the single-row logits.
-        spread = hidden.abs().float() @ self._weight_max
-        unsure = (margin <= 8 * gamma * spread).tolist()
-        exact = {i for i, flag in enumerate(unsure) if flag or samplers[i] is not None}
-        return top2.indices[:, 0].tolist(), exact
+        hidden: torch.Tensor | None,
+        batch: Sequence[RowInput | None],
+        logits: torch.Tensor | None = None,
+    ) -> tuple[list[int], list[RowLogprobs | None]]:
+        return self.chooser.choose_with_logprobs(hidden, batch, logits)

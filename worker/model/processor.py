@@ -273,9 +273,16 @@ class Phi3VProcessor:
         )
 
     def encode(
-        self, text: str, images: Sequence[Image.Image], num_crops: int | None = None
+        self,
+        text: str,
+        images: Sequence[Image.Image],
+        num_crops: int | None = None,
+        transformed: Sequence[HDImage | None] = (),
     ) -> EncodedPrompt:
-        """Validate the tags against the images, transform the images, build the ids."""
+        """Validate the tags against the images, transform the images, build the ids.
+
+        `transformed` holds images already through the HD transform with this crop count
+        (the image cache's), None where not."""
         numbers = [int(tag) for tag in IMAGE_TAG.findall(text)]
         _check_tags(numbers, len(images))
         crops = self.preprocessor.num_crops if num_crops is None else num_crops
@@ -283,7 +290,11 @@ class Phi3VProcessor:
             raise InvalidInput(
                 f"num_crops must be between 1 and {MAX_NUM_CROPS}", field="num_crops"
             )
-        hd_images = tuple(hd_transform(image, crops, self.crop_size) for image in images)
+        known = list(transformed) + [None] * (len(images) - len(transformed))
+        hd_images = tuple(
+            hd if hd is not None else hd_transform(image, crops, self.crop_size)
+            for image, hd in zip(images, known, strict=True)
+        )
 
         ids: list[int] = []
         starts: dict[int, int] = {}

@@ -6,7 +6,7 @@ no model, but its launches behave as a device stream's (worker.model.simulated).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 import torch
@@ -26,6 +26,10 @@ class Runner(Protocol):
     ) -> torch.Tensor | None: ...
 
     def rope_factors(self, length: int) -> RopeFactors: ...
+
+    def release(self, prompt_pin: Hashable | None) -> None: ...
+
+    def copy_region(self, source: int, target: int, length: int) -> None: ...
 
     def regrown(
         self, input_ids: Sequence[int], prompt_embeds: torch.Tensor, generated: Sequence[int],

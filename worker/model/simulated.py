@@ -25,15 +25,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from worker.model.config import RopeFactors
+from worker.model.image_cache import ImageCache
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import PromptPrefill
-from worker.model.steps import UNKNOWN_TOKEN, RowInput
+from worker.model.steps import UNKNOWN_TOKEN, RowInput, RowLogprobs
 
 _MASK = (1 << 61) - 1
 
@@ -108,6 +109,10 @@ class SimTokens:
             raise self._error
         return self._tokens
 
+    def logprobs(self) -> list[RowLogprobs | None]:
+        """The stand-in device has no distribution to report."""
+        return [None] * len(self._tokens)
+
 
 class SimulatedDevice:
     """The stream: launches run in order, each busy from max(launch, previous end)."""
@@ -178,6 +183,7 @@ class SimulatedRunner:
         self.pool = pool
         self.model = model
         self.stream = device or SimulatedDevice()
+        self.image_cache = ImageCache(0)  # it caches nothing
         self.device = torch.device("cpu")
         self.stop_id = stop_id
         self.end_every = end_every
@@ -219,6 +225,16 @@ class SimulatedRunner:
         if not prompt.keep_embeds:
             prompt.embeds = None
         return self._placeholder
+
+    def copy_region(self, source: int, target: int, length: int) -> None:
+        def copy() -> list[int]:
+            self._state[target] = self._state[source]
+            return []
+
+        self.stream.launch(0.0, "prefill", copy)  # in stream order, behind the prefill
+
+    def release(self, prompt_pin: Hashable | None) -> None:
+        """The stand-in device caches no image prefixes."""
 
     def rope_factors(self, length: int) -> RopeFactors:
         return "long" if self.long_past is not None and length > self.long_past else "short"

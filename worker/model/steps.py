@@ -10,6 +10,11 @@ A row whose next input token is not on the host yet (chosen by a launched step n
 has read) is given `UNKNOWN_TOKEN`: the runner takes it from the device, where every
 launch leaves each row's chosen token (indexed by the row's region start).
 
+A row that asks for log probabilities (`RowInput.top_logprobs` not None) gets them from
+`logprobs()` after `tokens()`: computed on the device in the same step, from the logits
+its token was chosen from, and carried in the same copy (`pack_logprobs`): rows that do
+not ask add nothing to the step, and a step where none asks copies its tokens alone.
+
 * `DoneTokens`: work that ran synchronously (the CPU, the host decode path): ready at once.
 * `CudaTokens`: a CUDA event after a non-blocking copy of the step's tokens into pinned
   host memory; waiting releases the GIL (`torch.cuda.Event.synchronize`).
@@ -18,7 +23,7 @@ launch leaves each row's chosen token (indexed by the row's region start).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +48,16 @@ class RowInput:
     # A constrained row's allowed tokens, bool [V] on the host (worker.inference.constraint):
     # every other logit is -inf before the row's token is chosen.
     allowed: torch.Tensor | None = None
+    # Alternatives wanted besides the chosen token's own logprob (0..20); None: none at all.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class RowLogprobs:
+    """A chosen token's log probability and the most likely tokens, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class StepTokens(Protocol):
@@ -54,12 +69,69 @@ class StepTokens(Protocol):
         """Wait for the launched work; its chosen tokens, one per row (none for a marker)."""
         ...
 
+    def logprobs(self) -> list[RowLogprobs | None]:
+        """After `tokens()`: each row's logprobs, None for a row that did not ask."""
+        ...
+
+
+def row_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> torch.Tensor:
+    """Rows' logprobs on the logits' device: [S, 1 + 2·top] float64 (the chosen token's
+    logprob, then `top` ids and their logprobs, most likely first).
+
+    logits [S, V] are the model's (before a grammar's mask, at temperature 1); float32 at
+    least, so a bf16 step reports the same numbers its logits imply. A stable sort: on a
+    tie the lower id ranks first, as argmax chooses it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    own = logp.gather(1, chosen.view(-1, 1)).double()
+    if not top:
+        return own
+    values, ids = logp.sort(dim=-1, descending=True, stable=True)
+    return torch.cat([own, ids[:, :top].double(), values[:, :top].double()], dim=1)
+
+
+def pack_logprobs(
+    chosen: torch.Tensor,
+    logits: torch.Tensor,
+    batch: Sequence[RowInput],
+    staged: Callable[[torch.Tensor], torch.Tensor] = lambda values: values,
+) -> tuple[torch.Tensor, list[int | None]]:
+    """The step's tokens and the asking rows' logprobs in one float64 tensor [B, 2 + 2·K]
+    (K the most alternatives any row asked for), so one copy carries both; with the rows'
+    asks. Token ids are exact in float64. `staged` puts the asking rows' indices on the
+    device without waiting for the step (`StepBuffers.staged`)."""
+    asks = [row.top_logprobs for row in batch]
+    index = [i for i, ask in enumerate(asks) if ask is not None]
+    top = max(ask or 0 for ask in asks)
+    packed = torch.zeros(len(batch), 2 + 2 * top, dtype=torch.float64, device=chosen.device)
+    packed[:, 0] = chosen
+    rows = staged(torch.tensor(index))
+    packed[rows, 1:] = row_logprobs(logits[rows], chosen[rows], top)
+    return packed, asks
+
+
+def unpack_logprobs(
+    values: list[list[float]], asks: Sequence[int | None]
+) -> list[RowLogprobs | None]:
+    """`pack_logprobs`' rows (without the token column) on the host."""
+    out: list[RowLogprobs | None] = []
+    for row, ask in zip(values, asks, strict=True):
+        if ask is None:
+            out.append(None)
+            continue
+        width = (len(row) - 1) // 2
+        ids, logps = row[1 : 1 + ask], row[1 + width : 1 + width + ask]
+        out.append(RowLogprobs(row[0], tuple((int(i), p) for i, p in zip(ids, logps, strict=True))))
+    return out
+
 
 class DoneTokens:
-    """Tokens already on the host."""
+    """Tokens (and logprobs) already on the host."""
 
-    def __init__(self, tokens: list[int]) -> None:
+    def __init__(
+        self, tokens: list[int], logprobs: list[RowLogprobs | None] | None = None
+    ) -> None:
         self._tokens = tokens
+        self._logprobs = logprobs or [None] * len(tokens)
 
     def ready(self) -> bool:
         return True
@@ -67,12 +139,20 @@ class DoneTokens:
     def tokens(self) -> list[int]:
         return self._tokens
 
+    def logprobs(self) -> list[RowLogprobs | None]:
+        return self._logprobs
+
 
 class CudaTokens:
-    """A step's tokens copied to pinned host memory behind the step, read after its event."""
+    """A step's tokens copied to pinned host memory behind the step, read after its event.
 
-    def __init__(self, chosen: torch.Tensor | None) -> None:
+    With `asks` the tensor is `pack_logprobs`' (tokens and logprobs in one copy)."""
+
+    def __init__(
+        self, chosen: torch.Tensor | None, asks: Sequence[int | None] | None = None
+    ) -> None:
         self._host = None
+        self._asks = asks
         if chosen is not None:
             # Into pinned memory, so the copy is queued behind the step, not waited for.
             self._host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
@@ -85,7 +165,16 @@ class CudaTokens:
 
     def tokens(self) -> list[int]:
         self._event.synchronize()
-        return [] if self._host is None else self._host.tolist()
+        if self._host is None:
+            return []
+        if self._asks is None:
+            return self._host.tolist()
+        return [int(t) for t in self._host[:, 0].tolist()]
+
+    def logprobs(self) -> list[RowLogprobs | None]:
+        if self._host is None or self._asks is None:
+            return [None] * (0 if self._host is None else int(self._host.shape[0]))
+        return unpack_logprobs(self._host[:, 1:].tolist(), self._asks)
 
 
 class StepBuffers:

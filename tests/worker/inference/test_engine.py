@@ -345,6 +345,8 @@ def test_other_model_failures_are_model_errors(
         raise IndexError("index 40000 is out of bounds")
 
     monkeypatch.setattr(engine.model.model.vision_embed_tokens, "crop_features", broken)
+    # The image cache off: a prefix it holds from an earlier test skips the image tower.
+    monkeypatch.setattr(engine.image_cache, "capacity", 0)
 
     with pytest.raises(ModelError, match="image encoding failed: IndexError"):
         engine.generate(case_request("wide_800x400_c1"))
@@ -430,3 +432,31 @@ def test_bfloat16_on_gpu_survives_an_oom_in_the_request_path(
     assert gpu_engine.dtype == "bfloat16"
     assert result.completion_tokens == 12
     gpu_engine.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bfloat16_on_gpu_logprobs_image_reuse_and_choices() -> None:
+    # Given the CUDA graph path with the image cache on, and one without it
+    gpu_engine = Engine.load(EngineConfig(model=TINY_MODEL, device="cuda", max_batch=4))
+    gpu_engine.warmup()
+    plain = Engine.load(
+        EngineConfig(model=TINY_MODEL, device="cuda", max_batch=4, image_cache_bytes=0)
+    )
+    case_id = "img_640x480_png_c16"
+    # When a greedy request asks for logprobs (tokens and logprobs in one copy per step)
+    first = gpu_engine.generate(case_request(case_id, logprobs=3))
+    # Then each token is its own first alternative
+    assert first.logprobs is not None and first.logprobs
+    for item in first.logprobs:
+        assert item["top_logprobs"][0]["token"] == item["token"]
+        assert item["top_logprobs"][0]["logprob"] == item["logprob"]
+    # And a hit on the image prefix gives the tokens of a miss and of no cache at all
+    hit = gpu_engine.generate(case_request(case_id))
+    assert hit.cached_tokens > 0
+    assert hit.token_ids == first.token_ids == plain.generate(case_request(case_id)).token_ids
+    # And three greedy choices from one prefill are each that text
+    choices = gpu_engine.generate(case_request(case_id, n=3))
+    assert [c.token_ids for c in (choices, *choices.more)] == [first.token_ids] * 3
+    gpu_engine.close()
+    plain.close()

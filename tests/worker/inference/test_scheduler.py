@@ -8,6 +8,7 @@ with their own request.
 
 from __future__ import annotations
 
+import math
 import queue
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -220,11 +221,14 @@ def test_chunked_prefill_gives_the_same_tokens_and_lets_decodes_run(engine: Engi
     outcomes.update(submit(scheduler, [long]))
     tokens_before = len(outcomes[short].tokens)
 
-    # when it is prefilled (image tower, then 16 chunks),
+    # when it is prefilled (image tower, then 256-position chunks, the prefix ending with
+    # the last image's tokens apart: image reuse's unit, worker/model/image_cache.py),
     steps = run_until(scheduler, outcomes, done=lambda: bool(outcomes[long].tokens))
 
     # then the running row got a token in every one of those steps,
-    assert steps == 1 + 16
+    prefix = max(span.start + span.length for span in long.encoded.spans)
+    rest = long.encoded.prompt_tokens - prefix
+    assert steps == 1 + math.ceil(prefix / 256) + math.ceil(rest / 256)
     assert len(outcomes[short].tokens) == tokens_before + steps
     # and both end with the reference's tokens (text_only's first 12 are its reference).
     run_until(scheduler, outcomes)
@@ -246,11 +250,14 @@ def test_the_image_tower_runs_in_units_of_crops_between_decode_steps() -> None:
     outcomes.update(submit(scheduler, [long]))
     before = len(outcomes[short].tokens)
 
-    # when it is prefilled: 7 tower units of <= 4 crops, then 16 prompt chunks,
+    # when it is prefilled: 7 tower units of <= 4 crops, then 256-position chunks (the
+    # prefix ending with the last image's tokens apart),
     steps = run_until(scheduler, outcomes, done=lambda: bool(outcomes[long].tokens))
 
     # then the running row got a token every step, and the tokens are the reference's.
-    assert steps == 7 + 16
+    prefix = max(span.start + span.length for span in long.encoded.spans)
+    rest = long.encoded.prompt_tokens - prefix
+    assert steps == 7 + math.ceil(prefix / 256) + math.ceil(rest / 256)
     assert len(outcomes[short].tokens) == before + steps
     run_until(scheduler, outcomes)
     assert_reference(outcomes[long], "long_two_images_c16")
