@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from kombu.utils.encoding import bytes_to_str
 
+from vision_queue.master_fence import FENCE
 from vision_queue.presence import announce, withdraw
 from vision_queue.protocol import LEASE_SWEEP_LOCK_KEY, LEASED_KEY, STATS_KEY
 from worker.broker.leases import Lease, LeaseBook, lease_key
@@ -96,7 +97,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         failing: set[str] = set()  # steps that failed last time: logged once per outage
         while not self._stop.wait(self.interval_s):
-            for step in (self.renew, self.announce, self.sweep):
+            for step in (self.watch_master, self.renew, self.announce, self.sweep):
                 name = step.__name__
                 try:
                     step()
@@ -111,6 +112,11 @@ class LeaseKeeper:
                 if name in failing:
                     failing.discard(name)
                     log.info("lease keeper: %s works again", name)
+
+    def watch_master(self) -> None:
+        """Through Sentinel, learn of a failover within a beat (vision_queue/master_fence.py):
+        renewals, acks and the consumer then leave the replaced master."""
+        FENCE.refresh()
 
     def renew(self) -> None:
         # A lease given up stays given up, even if Redis refused to release it.

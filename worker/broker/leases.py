@@ -40,6 +40,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from vision_queue.master_fence import FENCE
 from vision_queue.protocol import LEASE_KEY, LEASED_KEY
 
 log = logging.getLogger("vision_queue.worker")
@@ -146,6 +147,11 @@ class LeasedQoS(kombu_redis.QoS):
         headers = message.headers if isinstance(message.headers, dict) else {}
         taken_at = time.monotonic()
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # Through Sentinel: the lease goes where this worker's results and renewals go, the
+        # master the sentinels name now, even if the message came from one they just
+        # replaced (vision_queue/master_fence.py). Without it a take right after a planned
+        # failover leased on the old master and was abandoned, again and again.
+        FENCE.refresh()
         self._record_taken(delivery_tag, record, book.owner, book.ttl_s, headers.get("id"))
         book.add(delivery_tag, str(headers.get("id") or ""), taken_at)
         virtual.QoS.append(self, message, delivery_tag)
