@@ -265,6 +265,18 @@ class LeasedQoS(kombu_redis.QoS):
         if task_id is not None:
             log.info("task id=%s: handed back to the front of its queue", task_id)
 
+    def set_aside(self, delivery_tag: str) -> None:
+        """Hand a message back without a word to Redis (it just failed): stop renewing its
+        lease and free its slot here. It stays in `unacked` until the lease lapses; then a
+        live worker's sweep puts it back on its queue. Restoring it at once would take it
+        again at once, for as long as Redis fails."""
+        book = _installed
+        lease = book.pop(delivery_tag) if book is not None else None
+        if lease is None:
+            return  # no lease to lapse: left to kombu's visibility timeout
+        lease.mark_lost()
+        virtual.QoS.ack(self, delivery_tag)
+
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
