@@ -187,11 +187,24 @@ class LeaseKeeper:
         with self._connection_lock:
             if self._connection is None:
                 self._connection = self._connect()
+            # One attempt per URL (each sentinel of a `;` list), no pause: kombu would
+            # otherwise retry for seconds inside an ack (a worker stopping while Redis is
+            # unreachable waited that long). Failing here loses nothing: the message stays
+            # in `unacked` and comes back once its lease lapses.
+            attempts = max(1, len(getattr(self._connection, "alt", None) or ()))
+            try:
+                self._connection.ensure_connection(max_retries=attempts - 1)
+            except Exception:
+                self._drop_connection_locked()
+                raise
             return self._connection.default_channel
 
     def _drop_connection(self) -> None:
         with self._connection_lock:
-            connection, self._connection = self._connection, None
+            self._drop_connection_locked()
+
+    def _drop_connection_locked(self) -> None:
+        connection, self._connection = self._connection, None
         if connection is not None:
             try:
                 connection.release()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -258,7 +259,7 @@ class LeasedQoS(kombu_redis.QoS):
         """
         try:
             task_id = self._live_qos(_installed).restore_by_tag(tag, leftmost=True)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, OperationalError) as exc:
             # No longer renewed: the lease lapses and a live worker's sweep restores it.
             log.warning("task id=%s: not handed back yet (%s)", lease.task_id, type(exc).__name__)
             return
