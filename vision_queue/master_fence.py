@@ -11,8 +11,9 @@ again, several times within milliseconds, each take counted as a delivery.
 
 The fence knows which addresses the sentinels replaced: `SentinelWatch.refresh` asks every
 sentinel which master it follows and keeps the answer with the highest config epoch (a
-sentinel that has not heard of the failover yet reports an older epoch, so the fence never
-goes back). Connections made by `vision_queue.redis_connect` and the worker's kombu
+sentinel that has not heard of the failover yet reports an older epoch, so one lagging
+sentinel never moves the fence back; the sentinels agreeing on a master always do).
+Connections made by `vision_queue.redis_connect` and the worker's kombu
 channels check the fence before each command (`FencedConnection`): one whose server was
 replaced drops its socket and reconnects through the sentinels, or, where a reconnect
 under the caller is unsafe (kombu's event loop), raises a connection error, on which
@@ -33,8 +34,9 @@ import redis
 log = logging.getLogger("vision_queue.redis")
 
 Address = tuple[str, int]
-# A sentinel that failed to answer is skipped this long, so a dead sentinel does not add
-# its connect timeout to every refresh (a worker refreshes before each take).
+# A sentinel that failed to answer is asked again only by a thorough refresh (the lease
+# keeper's, each beat), and not before this long: a dead sentinel must not add its connect
+# timeout to every take.
 _SKIP_FAILED_SENTINEL_S = 5.0
 
 
@@ -94,10 +96,11 @@ class MasterFence:
         """Who `refresh` asks (the worker sets one in sentinel mode)."""
         self._watch = watch
 
-    def refresh(self) -> bool:
-        """Ask the sentinels now, if this process watches them; True on a failover."""
+    def refresh(self, *, thorough: bool = False) -> bool:
+        """Ask the sentinels now, if this process watches them; True on a failover.
+        Only a `thorough` refresh asks the sentinels that failed lately."""
         watch = self._watch
-        return watch.refresh() if watch is not None else False
+        return watch.refresh(thorough=thorough) if watch is not None else False
 
 
 FENCE = MasterFence()
@@ -112,30 +115,35 @@ class SentinelWatch:
         self.sentinels = list(sentinels)
         self.master_name = master_name
         self.fence = fence
+        # When a sentinel that failed may be asked again (0.0: it answered last time).
         self._skip_until = [0.0] * len(self.sentinels)
-        self._lock = threading.Lock()  # the consumer and the lease keeper both refresh
 
-    def refresh(self) -> bool:
-        with self._lock:
-            answers: list[tuple[int, Address]] = []
-            now = time.monotonic()
-            for index, sentinel in enumerate(self.sentinels):
-                if self._skip_until[index] > now:
-                    continue
-                try:
-                    state = sentinel.sentinel_master(self.master_name)
-                except (redis.RedisError, OSError) as exc:
-                    self._skip_until[index] = now + _SKIP_FAILED_SENTINEL_S
-                    log.debug("sentinel %d did not answer (%s)", index, type(exc).__name__)
-                    continue
-                answer = _master_of(state)
-                if answer is not None:
-                    answers.append(answer)
-            if not answers:
-                return False
-            epoch, address = max(answers)
-            agreed = all(other == address for _, other in answers)
-            return self.fence.observe(address, epoch, agreed=agreed)
+    def refresh(self, *, thorough: bool = False) -> bool:
+        # No lock held while asking: a dead sentinel's connect timeout in the keeper's
+        # refresh must not hold up the consumer's. Two refreshes at once are harmless.
+        answers: list[tuple[int, Address]] = []
+        for index, sentinel in enumerate(self.sentinels):
+            skip_until = self._skip_until[index]
+            if skip_until and (not thorough or skip_until > time.monotonic()):
+                continue
+            try:
+                state = sentinel.sentinel_master(self.master_name)
+            except (redis.RedisError, OSError) as exc:
+                self._skip_until[index] = time.monotonic() + _SKIP_FAILED_SENTINEL_S
+                log.debug("sentinel %d did not answer (%s)", index, type(exc).__name__)
+                continue
+            self._skip_until[index] = 0.0
+            answer = _master_of(state)
+            if answer is not None:
+                answers.append(answer)
+        if not answers:
+            return False
+        epoch, address = max(answers)
+        # Agreement of one sentinel among several is no agreement: it may lag.
+        agreed = len(answers) >= min(2, len(self.sentinels)) and all(
+            other == address for _, other in answers
+        )
+        return self.fence.observe(address, epoch, agreed=agreed)
 
     def close(self) -> None:
         for sentinel in self.sentinels:

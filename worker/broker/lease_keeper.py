@@ -116,7 +116,7 @@ class LeaseKeeper:
     def watch_master(self) -> None:
         """Through Sentinel, learn of a failover within a beat (vision_queue/master_fence.py):
         renewals, acks and the consumer then leave the replaced master."""
-        FENCE.refresh()
+        FENCE.refresh(thorough=True)
 
     def renew(self) -> None:
         # A lease given up stays given up, even if Redis refused to release it.
