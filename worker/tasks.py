@@ -347,14 +347,26 @@ def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: S
     return int(pipe.execute()[0])
 
 
+# KEYS: the delivery counter. Only a count still there is taken back: an ended run may
+# have forgotten it already (`_forget_deliveries`).
+_UNCOUNT = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count > 0 then
+  return redis.call('DECR', KEYS[1])
+end
+return 0
+"""
+
+
 def _uncount_delivery(run: _Run) -> None:
     """A run that ends alive without a result (abandoned, handed back) did not kill its
     worker: it must not bring the task closer to VQ_MAX_DELIVERIES. Counted, a lease lost
-    over and over (a take right after a Sentinel failover) failed a task that never ran."""
+    over and over (a take right after a Sentinel failover) could fail a task that never
+    ran."""
     if run.delivery > 0:
         key = DELIVERIES_KEY.format(task_id=run.result.id) + f":{run.retries}"
         with contextlib.suppress(redis.RedisError):
-            run.runtime.redis.decr(key)
+            run.runtime.redis.register_script(_UNCOUNT)(keys=[key])
 
 
 def _forget_deliveries(client: redis.Redis, task_id: str, retries: int) -> None:
