@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -285,11 +285,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     queues = args.queue or [settings.queue]
     client = redis_client(settings, socket_connect_timeout=5, socket_timeout=10)
-    start_http_server(args.port, addr=args.address, registry=registry_for(client, queues))
+    # A SIGTERM (how supervisors stop it) or SIGINT closes the listener and ends with
+    # status 0, instead of the process dying of the signal (status 143, read as a crash).
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    server, thread = start_http_server(
+        args.port, addr=args.address, registry=registry_for(client, queues)
+    )
     log.info("vq-exporter: queues %s, metrics on http://%s:%d/metrics",
              ", ".join(queues), args.address, args.port)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+    stopping.wait()
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+    client.close()
+    log.info("vq-exporter: stopped")
     return 0
 
 

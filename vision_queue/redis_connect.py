@@ -21,7 +21,10 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from vision_queue.master_fence import FencedConnection, SentinelWatch
 from vision_queue.sentinel import is_sentinel_url, parse_sentinel_url
 
 if TYPE_CHECKING:
@@ -87,8 +90,9 @@ def _is_master(role_reply: Any) -> bool:
     return (first.decode() if isinstance(first, bytes) else str(first)) == "master"
 
 
-class _MasterConnection(redis.sentinel.SentinelManagedConnection):
-    """A connection to the server the sentinels name as master, refused unless it says so.
+class _MasterConnection(FencedConnection, redis.sentinel.SentinelManagedConnection):
+    """A connection to the server the sentinels name as master, refused unless it says so,
+    and moved off a master the sentinels replaced (`vision_queue.master_fence`).
 
     Right after a failover a sentinel that has not heard of it yet still names the old
     master; if that one is alive (a planned failover demotes it), it accepts reads as a
@@ -193,6 +197,20 @@ def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     if settings.redis_sentinel_password:
         options["password"] = settings.redis_sentinel_password
     return options
+
+
+def sentinel_watch(settings: Settings) -> SentinelWatch | None:
+    """Who keeps this process's master fence current (`vision_queue.master_fence`); None
+    unless the broker is reached through sentinels. Its calls fail fast: no retries."""
+    url = settings.effective_broker_url
+    if not is_sentinel_url(url):
+        return None
+    options = {**sentinel_kwargs(settings), "retry": Retry(NoBackoff(), 0)}
+    sentinels = [
+        redis.Redis(host=host, port=port, **options)
+        for host, port in parse_sentinel_url(url).sentinels
+    ]
+    return SentinelWatch(sentinels, settings.redis_sentinel_master)
 
 
 def celery_sentinel_options(settings: Settings, url: str) -> dict[str, Any]:

@@ -52,8 +52,10 @@ log = logging.getLogger("vision_queue.worker")
 # A file older than this many heartbeats means the process is dead or stuck.
 _STALE_AFTER_BEATS = 5
 # This many consumer starts within the window (the first start included) is a loop:
-# Celery restarts its consumer after every connection error, about once a second.
-RESTART_LOOP_STARTS = 3
+# Celery restarts its consumer after every connection error, about once a second. A
+# Sentinel failover right after a start takes two restarts (the master's connection lost,
+# then no master named for a moment while the sentinels vote): three starts, no loop.
+RESTART_LOOP_STARTS = 4
 RESTART_WINDOW_S = 60.0
 
 

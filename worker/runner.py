@@ -35,8 +35,9 @@ from celery.signals import worker_ready
 
 from vision_queue import tracing
 from vision_queue.celery_config import make_celery_app
+from vision_queue.master_fence import FENCE
 from vision_queue.protocol import priority_queues
-from vision_queue.redis_connect import redis_client
+from vision_queue.redis_connect import redis_client, sentinel_watch
 from vision_queue.settings import Settings
 from worker import trace_stages
 from worker.broker.consumer import consumer_class
@@ -85,6 +86,7 @@ def run_worker(settings: Settings) -> int:
     metrics = _start_metrics(settings, name, engine)
     metrics.watch_running(health.running)
     book = LeaseBook(name, settings.lease_ttl_s)
+    _watch_master(settings)
     app = _leased_app(settings, book)
     keeper = _lease_keeper(app, book, redis, settings)
     runtime = _runtime(settings, engine, name, metrics, health, redis, book, keeper)
@@ -244,6 +246,15 @@ def _leased_app(settings: Settings, book: LeaseBook) -> Celery:
         # verifies certificates, as the project's own redis-py connections do.
         app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return app
+
+
+def _watch_master(settings: Settings) -> None:
+    """Through Sentinel, keep the master fence current (vision_queue/master_fence.py): the
+    lease keeper asks the sentinels each beat, the consumer before recording each take."""
+    watch = sentinel_watch(settings)
+    if watch is not None:
+        FENCE.watch(watch)
+        FENCE.refresh()
 
 
 def _lease_keeper(app: Celery, book: LeaseBook, broker: Any, settings: Settings) -> LeaseKeeper:

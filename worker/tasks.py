@@ -205,6 +205,11 @@ def _run_request(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> st
             run.outcome = "duplicate"
             raise Ignore()
         run.delivery = _count_delivery(runtime.redis, task_id, run.retries, settings)
+        if run.delivery > settings.max_deliveries:
+            raise ModelError(
+                f"a worker died {run.delivery - 1} times while running this task; giving up "
+                f"(VQ_MAX_DELIVERIES={settings.max_deliveries})"
+            )
         started = {"pid": os.getpid(), "hostname": runtime.name}
         runtime.results.update(
             task_id, run.name.celery_name, "STARTED", started, run.lease, run.retries
@@ -222,11 +227,13 @@ def _run_request(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> st
         raise
     except LeaseLost:
         run.outcome = "abandoned"
+        _uncount_delivery(run)
         raise Ignore() from None
     except (redis.RedisError, OperationalError) as exc:
         # Redis itself failed (restart, failover, full): not the request's fault. Hand the
         # message back; a live worker restores it as soon as Redis takes writes again.
         run.outcome = "requeued"
+        _uncount_delivery(run)
         log.warning("task id=%s: Redis failed (%s); handing it back", task_id, type(exc).__name__)
         _hand_back(run)
         raise Ignore() from None
@@ -276,10 +283,12 @@ def _store_outcome(run: _Run, state: str) -> dict[str, Any]:
     except StoreGaveUp as exc:
         run.outcome = "requeued"
         log.warning("task id=%s: result not stored (%s); handing it back", run.result.id, exc)
+        _uncount_delivery(run)
         _hand_back(run)
         raise Ignore() from None
     if stored == LOST:
         run.outcome = "abandoned"
+        _uncount_delivery(run)
         raise Ignore()
     if stored == EXISTS:
         run.outcome = "duplicate"
@@ -330,7 +339,7 @@ def _revoked_handler(runtime: WorkerRuntime) -> Any:
 
 
 def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: Settings) -> int:
-    """Count deliveries of this message; fail a task that keeps killing its workers.
+    """Count deliveries of this message, to fail a task that keeps killing its workers.
 
     A worker that dies mid-task (SIGKILL, OOM killer, a segfault in a kernel) leaves the
     message unacknowledged, and a live worker hands it back once the lease lapses.
@@ -340,13 +349,29 @@ def _count_delivery(client: redis.Redis, task_id: str, retries: int, settings: S
     pipe = client.pipeline()
     pipe.incr(key)
     pipe.expire(key, settings.result_expires_s)
-    delivery = int(pipe.execute()[0])
-    if delivery > settings.max_deliveries:
-        raise ModelError(
-            f"a worker died {delivery - 1} times while running this task; giving up "
-            f"(VQ_MAX_DELIVERIES={settings.max_deliveries})"
-        )
-    return delivery
+    return int(pipe.execute()[0])
+
+
+# KEYS: the delivery counter. Only a count still there is taken back: an ended run may
+# have forgotten it already (`_forget_deliveries`).
+_UNCOUNT = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count > 0 then
+  return redis.call('DECR', KEYS[1])
+end
+return 0
+"""
+
+
+def _uncount_delivery(run: _Run) -> None:
+    """A run that ends alive without a result (abandoned, handed back) did not kill its
+    worker: it must not bring the task closer to VQ_MAX_DELIVERIES. Counted, a lease lost
+    over and over (a take right after a Sentinel failover) could fail a task that never
+    ran."""
+    if run.delivery > 0:
+        key = DELIVERIES_KEY.format(task_id=run.result.id) + f":{run.retries}"
+        with contextlib.suppress(redis.RedisError):
+            run.runtime.redis.register_script(_UNCOUNT)(keys=[key])
 
 
 def _forget_deliveries(client: redis.Redis, task_id: str, retries: int) -> None:

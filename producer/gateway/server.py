@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 from vision_queue.settings import Settings
 
@@ -32,6 +34,7 @@ def serve(host: str, port: int, workers: int = 1) -> None:
         if settings.api_key_digests
         else "anonymous access",
     )
+    _stop_with_status_0()
     uvicorn.run(
         "producer.gateway.app:create_app",
         factory=True,
@@ -45,3 +48,21 @@ def serve(host: str, port: int, workers: int = 1) -> None:
         timeout_graceful_shutdown=30,
         **uvicorn_options(settings),
     )
+
+
+def _stop_with_status_0() -> None:
+    """A SIGTERM or SIGINT ends `serve` with status 0 once uvicorn has shut down.
+
+    uvicorn drains the requests in flight, shuts the app down, then raises the signal again
+    for whoever embeds it; with the default handlers the process then died of it (status
+    143 for SIGTERM), which supervisors report as a crash. Raised here, it exits cleanly.
+    A signal before uvicorn takes the signals over stops the process at once, as cleanly:
+    nothing is served yet. With several processes uvicorn's supervisor handles the signals
+    itself and returns.
+    """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)

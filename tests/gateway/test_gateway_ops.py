@@ -4,7 +4,9 @@ callers that disconnect, and Redis going away. Real processes throughout."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from gateway_support import (
     OTHER_KEY,
     GatewayProcess,
     data_uri,
+    submitted_count,
     wait_for_result,
 )
 from support.redis_server import RedisServer
@@ -293,3 +296,37 @@ def running_task(api: httpx.Client, server: RedisServer, before: set[str]) -> st
                 return task_id
         time.sleep(0.05)
     raise TimeoutError("the completion's task never started generating")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_answers_the_request_in_flight_then_exits_0(
+    module_redis: RedisServer, tmp_path: Path, signum: int
+):
+    # Given a gateway with a completion in flight: its task waits on a queue no worker reads
+    env = {"VQ_QUEUE": "nobody-reads-this", "VQ_GATEWAY_WAIT_TIMEOUT_S": "3"}
+    with GatewayProcess(module_redis.url, tmp_path, **env) as process:
+        assert process.process is not None
+        before = submitted_count(module_redis.url)
+        answers: list[httpx.Response] = []
+        caller = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    process.url("/v1/chat/completions"),
+                    headers=AUTH,
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "Hi."}]},
+                    timeout=60,
+                )
+            )
+        )
+        caller.start()
+        deadline = time.monotonic() + 30
+        while submitted_count(module_redis.url) == before:
+            assert time.monotonic() < deadline, process.log()[-2000:]
+            time.sleep(0.05)
+        # When it is told to stop, as a supervisor does
+        process.process.send_signal(signum)
+        # Then the caller still gets its answer (the wait's own timeout), and the process
+        # exits 0 after that, not killed by the signal (143 for SIGTERM)
+        caller.join(timeout=60)
+        assert answers and answers[0].status_code == 504, answers
+        assert process.process.wait(timeout=60) == 0, process.log()[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -177,3 +178,17 @@ def test_exporter_says_when_redis_is_gone(
         assert not any(name == "vq_queue_waiting_tasks" for name, _ in samples)
     finally:
         redis_server.start()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_exporter_with_status_0(
+    exporter: ExporterProcess, signum: int
+) -> None:
+    # Given an exporter serving scrapes
+    assert "vq_exporter_redis_up 1.0" in exporter.scrape_text()
+    assert exporter.process is not None
+    # When a supervisor stops it
+    exporter.process.send_signal(signum)
+    # Then it closes its listener and exits 0, not killed by the signal (143 or 130)
+    assert exporter.process.wait(timeout=30) == 0, exporter.log_path.read_text()
+    assert "vq-exporter: stopped" in exporter.log_path.read_text()

@@ -31,6 +31,7 @@ from producer import Client, TaskHandle
 from vision_queue.celery_config import make_celery_app
 from vision_queue.errors import WaitTimeout
 from vision_queue.presence import live_workers
+from vision_queue.protocol import LEASE_KEY, LEASED_KEY
 from vision_queue.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -372,6 +373,30 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_bounded_deliveries(
     assert result["error"]["code"] == "model_error"
     assert started == 3  # two deliveries crashed a worker, the third was refused
     print(f"\nreliability: crash loop ended after {started} worker starts")
+
+
+def test_a_run_that_loses_its_lease_is_not_counted_as_a_delivery_that_killed_a_worker(
+    redis_url: str, fast_client: Client, tmp_path: Path
+):
+    # Given a worker that fails a task for good after one delivery that killed a worker
+    env = {**SHIPPED_DELIVERY, "VQ_MAX_DELIVERIES": "1"}
+    worker = WorkerProcess(redis_url, tmp_path, **env).start()
+    try:
+        handle = fast_client.submit("ask", [], "Tell a story.", max_new_tokens=RUNNING_TOKENS)
+        wait_until_generating(fast_client, handle.id)
+        # When the running task's lease vanishes (as a Sentinel failover could make it)
+        admin = redis.Redis.from_url(redis_url)
+        tags = admin.zrange(LEASED_KEY, 0, -1)
+        assert len(tags) == 1
+        admin.delete(LEASE_KEY.format(tag=tags[0].decode()))
+        # Then that run is abandoned, alive, and the message taken again runs to success
+        # instead of failing as if a worker had died on it
+        result = fast_client.result(handle.id, wait=True, timeout=300)
+        assert result is not None and result["state"] == "SUCCESS", result
+        assert f"task id={handle.id} task=ask outcome=abandoned" in worker.log()
+        assert successes([worker], [handle.id])[handle.id] == 1
+    finally:
+        worker.stop()
 
 
 def test_redis_down_during_submit_exits_3_within_a_bounded_time(

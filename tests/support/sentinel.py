@@ -232,6 +232,21 @@ class SentinelCluster:
             time.sleep(0.05)
         raise TimeoutError(f"no failover after {timeout_s}s (logs in {self.workdir})")
 
+    def wait_switched(self, new_port: int, timeout_s: float = 60) -> None:
+        """Until a sentinel's own record of the master (`SENTINEL MASTER`, what clients
+        connecting through the sentinels read) names the server on `new_port`. It lags the
+        promotion: until the sentinels switch, new connections still reach the old master."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for port in self.sentinel_ports:
+                try:
+                    if int(self.sentinel(port).sentinel_master(MASTER_NAME)["port"]) == new_port:
+                        return
+                except (redis.RedisError, OSError, KeyError):
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"the sentinels never switched to {new_port} after {timeout_s}s")
+
     def wait_demoted(self, port: int, timeout_s: float = 60) -> None:
         """Until the server on `port` (a master a planned failover replaced) is a replica."""
         deadline = time.monotonic() + timeout_s

@@ -8,8 +8,12 @@ module, and it imports neither, so the dependencies run one way.
 A refused message is dead-lettered, acknowledged (so it is never delivered again, to this
 worker or any other), logged in one line without payload, counted in
 `vq_messages_refused_total`, and, when its id is readable, answered with `invalid_input`.
-Redis failing during that bookkeeping never stops the consumer: the message is then left
-unacknowledged and comes back after the visibility timeout, to be refused again.
+Redis failing during that bookkeeping never stops the consumer: the message is then handed
+back without Redis (`LeasedQoS.set_aside`): its lease is no longer renewed, so a live
+worker's sweep puts it back on its queue once the lease lapses (VQ_LEASE_TTL_S), to be
+refused again, and dead-lettered once Redis takes the write. Left unacknowledged under its
+lease, as before, it stayed in `unacked` for as long as the worker lived (its lease renewed
+every beat) and held the consumer's only prefetch slot: the worker took nothing more.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from kombu.exceptions import OperationalError
 from vision_queue.settings import Settings
 from worker.broker.dead_letters import dead_letter_entry, push_dead_letter, store_refusal_failure
 from worker.broker.intake import ETA_SLACK_S, Refusal, check_message, sanitize_brpop_reply
+from worker.broker.leases import LeasedQoS
 
 if TYPE_CHECKING:
     from worker.health import HealthReporter
@@ -88,8 +93,12 @@ class Door:
             )
             store_refusal_failure(self.backend, refusal, self.worker)
         except (redis.RedisError, OperationalError, OSError) as exc:
-            # Not acknowledged: it returns after the visibility timeout and is refused again.
-            log.warning("could not dead-letter a refused message (%s)", type(exc).__name__)
+            log.warning(
+                "could not dead-letter a refused message (%s); it returns to its queue once "
+                "its lease lapses",
+                type(exc).__name__,
+            )
+            _set_aside(message)
             return
         _ack(message)
 
@@ -109,6 +118,13 @@ def _queue_of(message: Any) -> str:
     info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
     queue = info.get("routing_key")
     return queue[:64] if isinstance(queue, str) and queue else "-"
+
+
+def _set_aside(message: Any) -> None:
+    qos = getattr(getattr(message, "channel", None), "qos", None)
+    if isinstance(qos, LeasedQoS):
+        qos.set_aside(message.delivery_tag)
+    # Without a lease (another transport) it stays unacknowledged until the visibility timeout.
 
 
 def _ack(message: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from kombu.utils.encoding import bytes_to_str
 
+from vision_queue.master_fence import FENCE
 from vision_queue.presence import announce, withdraw
 from vision_queue.protocol import LEASE_SWEEP_LOCK_KEY, LEASED_KEY, STATS_KEY
 from worker.broker.leases import Lease, LeaseBook, lease_key
@@ -96,7 +97,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         failing: set[str] = set()  # steps that failed last time: logged once per outage
         while not self._stop.wait(self.interval_s):
-            for step in (self.renew, self.announce, self.sweep):
+            for step in (self.watch_master, self.renew, self.announce, self.sweep):
                 name = step.__name__
                 try:
                     step()
@@ -111,6 +112,11 @@ class LeaseKeeper:
                 if name in failing:
                     failing.discard(name)
                     log.info("lease keeper: %s works again", name)
+
+    def watch_master(self) -> None:
+        """Through Sentinel, learn of a failover within a beat (vision_queue/master_fence.py):
+        renewals, acks and the consumer then leave the replaced master."""
+        FENCE.refresh(thorough=True)
 
     def renew(self) -> None:
         # A lease given up stays given up, even if Redis refused to release it.
@@ -181,11 +187,24 @@ class LeaseKeeper:
         with self._connection_lock:
             if self._connection is None:
                 self._connection = self._connect()
+            # One attempt per URL (each sentinel of a `;` list), no pause: kombu would
+            # otherwise retry for seconds inside an ack (a worker stopping while Redis is
+            # unreachable waited that long). Failing here loses nothing: the message stays
+            # in `unacked` and comes back once its lease lapses.
+            attempts = max(1, len(getattr(self._connection, "alt", None) or ()))
+            try:
+                self._connection.ensure_connection(max_retries=attempts - 1)
+            except Exception:
+                self._drop_connection_locked()
+                raise
             return self._connection.default_channel
 
     def _drop_connection(self) -> None:
         with self._connection_lock:
-            connection, self._connection = self._connection, None
+            self._drop_connection_locked()
+
+    def _drop_connection_locked(self) -> None:
+        connection, self._connection = self._connection, None
         if connection is not None:
             try:
                 connection.release()

@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from vision_queue.master_fence import FENCE
 from vision_queue.protocol import LEASE_KEY, LEASED_KEY
 
 log = logging.getLogger("vision_queue.worker")
@@ -146,6 +148,11 @@ class LeasedQoS(kombu_redis.QoS):
         headers = message.headers if isinstance(message.headers, dict) else {}
         taken_at = time.monotonic()
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # Through Sentinel: the lease goes where this worker's results and renewals go, the
+        # master the sentinels name now, even if the message came from one they just
+        # replaced (vision_queue/master_fence.py). Without it a take right after a planned
+        # failover leased on the old master and was abandoned, again and again.
+        FENCE.refresh()
         self._record_taken(delivery_tag, record, book.owner, book.ttl_s, headers.get("id"))
         book.add(delivery_tag, str(headers.get("id") or ""), taken_at)
         virtual.QoS.append(self, message, delivery_tag)
@@ -252,12 +259,24 @@ class LeasedQoS(kombu_redis.QoS):
         """
         try:
             task_id = self._live_qos(_installed).restore_by_tag(tag, leftmost=True)
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, OperationalError) as exc:
             # No longer renewed: the lease lapses and a live worker's sweep restores it.
             log.warning("task id=%s: not handed back yet (%s)", lease.task_id, type(exc).__name__)
             return
         if task_id is not None:
             log.info("task id=%s: handed back to the front of its queue", task_id)
+
+    def set_aside(self, delivery_tag: str) -> None:
+        """Hand a message back without a word to Redis (it just failed): stop renewing its
+        lease and free its slot here. It stays in `unacked` until the lease lapses; then a
+        live worker's sweep puts it back on its queue. Restoring it at once would take it
+        again at once, for as long as Redis fails."""
+        book = _installed
+        lease = book.pop(delivery_tag) if book is not None else None
+        if lease is None:
+            return  # no lease to lapse: left to kombu's visibility timeout
+        lease.mark_lost()
+        virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:

@@ -9,7 +9,9 @@ everything a worker's channel does differently from kombu's:
 * broadcasts checked before kombu builds a message from them
   (`worker.broker.intake.broadcast_problem`; the remote-control rules themselves are in
   `worker.broker.remote_control`);
-* event-loop connections that fail loudly instead of retrying inside kombu's read.
+* event-loop connections that fail loudly instead of retrying inside kombu's read;
+* through Sentinel, connections that leave a master the sentinels replaced
+  (`vision_queue.master_fence`).
 
 Celery and kombu name the transport by a dotted string (`TRANSPORT`, `SENTINEL_TRANSPORT`,
 chosen by `transport_for`), so the classes must stay importable under these names.
@@ -26,6 +28,7 @@ from kombu.transport import redis as kombu_redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from vision_queue.master_fence import fenced
 from vision_queue.sentinel import is_sentinel_url
 from worker.broker.intake import broadcast_problem
 from worker.broker.leases import LeasedQoS
@@ -99,8 +102,25 @@ class LeasedTransport(kombu_redis.Transport):
     Channel = LeasedChannel
 
 
+class _FencedSentinelPools:
+    """The channel's connections check the master fence before each command. Its pooled
+    ones (acks, leases, restores) move to the new master there; its event-loop ones
+    (BRPOP, the fanout subscription) fail, and Celery restarts the consumer on the new
+    master, instead of taking messages from the old one for the ~10 s until the sentinels
+    demote it (a planned failover)."""
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        pool = super()._sentinel_managed_pool(asynchronous)  # type: ignore[misc]
+        pool.connection_class = fenced(pool.connection_class, reconnect=not asynchronous)
+        return pool
+
+
 class LeasedSentinelChannel(
-    BroadcastsChecked, _LoopConnectionsFailLoudly, _PriorityOrdered, kombu_redis.SentinelChannel
+    BroadcastsChecked,
+    _LoopConnectionsFailLoudly,
+    _FencedSentinelPools,
+    _PriorityOrdered,
+    kombu_redis.SentinelChannel,
 ):
     """`LeasedChannel` on kombu's Sentinel channel (the master found through the
     sentinels); kombu reconnects through the sentinels."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from kombu import Connection
@@ -14,7 +15,9 @@ from support.sentinel import SentinelCluster
 
 from producer import Client
 from vision_queue.celery_config import celery_settings, make_celery_app
+from vision_queue.master_fence import FENCE
 from vision_queue.protocol import LEASE_KEY
+from vision_queue.redis_connect import sentinel_watch
 from vision_queue.results import result_key
 from vision_queue.settings import Settings
 from worker.broker.leases import LeaseBook, LeasedQoS, install
@@ -79,3 +82,62 @@ def test_the_worker_backend_on_a_sentinel_url_keeps_the_first_result_on_the_mast
     backend.store_result(task_id, {"text": "second"}, "SUCCESS")
     stored = json.loads(master(sentinel_cluster).get(result_key(task_id)))
     assert stored["status"] == "SUCCESS" and stored["result"] == {"text": "first"}
+
+
+@pytest.fixture
+def watched(sentinel_cluster: SentinelCluster) -> Iterator[Settings]:
+    """What a worker does at start through Sentinel: the master fence watches the sentinels.
+    Forgotten afterwards, so later tests in this process see no fenced address."""
+    sentinel_cluster.ensure_replica()
+    settings = Settings.from_env(sentinel_cluster.env(), queue=QUEUE)
+    watch = sentinel_watch(settings)
+    assert watch is not None
+    FENCE.watch(watch)
+    FENCE.refresh()
+    yield settings
+    FENCE.reset()
+    watch.close()
+
+
+@pytest.mark.slow
+def test_a_message_taken_right_after_a_planned_failover_is_leased_on_the_new_master(
+    sentinel_cluster: SentinelCluster, watched: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aliases = kombu_transports.TRANSPORT_ALIASES
+    monkeypatch.setitem(aliases, "sentinel", aliases["sentinel"])  # restored afterwards
+    url = watched.effective_broker_url
+    with Client(watched) as client:
+        first, second = (client.submit("ask", [], f"Say {i}.").id for i in range(2))
+    book = LeaseBook("fence-test@localhost", 30.0)
+    install(book)
+    connection = Connection(
+        url,
+        transport=transport_for(url),
+        transport_options=celery_settings(watched)["broker_transport_options"],
+    )
+    try:
+        # Given a worker's broker connection that took and acknowledged a message, so its
+        # pooled connection is open to the master
+        channel = connection.default_channel
+        taken = channel.basic_get(QUEUE)
+        assert taken is not None and taken.headers["id"] == first
+        taken.ack()
+        assert sentinel_cluster.wait_replicated() >= 1
+        # When the sentinels are told to fail over, and the next message is taken once they
+        # name the new master, while the old one is still a master (they demote it only
+        # seconds later) and the connection still open to it
+        old_master = sentinel_cluster.planned_failover()
+        new_master = sentinel_cluster.wait_for_new_master(old_master)
+        sentinel_cluster.wait_switched(new_master[1])
+        message = channel.basic_get(QUEUE)
+        # Then its lease is on the new master, where the worker's results, streams and
+        # renewals go: the task runs instead of finding its lease gone
+        assert message is not None and message.headers["id"] == second
+        lease = LEASE_KEY.format(tag=message.delivery_tag)
+        assert sentinel_cluster.server(new_master[1]).get(lease) == book.owner.encode()
+        # and its ack reaches the new master too
+        message.ack()
+        assert sentinel_cluster.server(new_master[1]).get(lease) is None
+    finally:
+        connection.release()
+        sentinel_cluster.ensure_replica()  # the old master demoted and in sync again
