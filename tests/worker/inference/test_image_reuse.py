@@ -13,16 +13,13 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
-import torch
 from support.reference import CASES, TINY_MODEL, case_job, case_request
+from support.stepped import stepped_scheduler
 
 from worker.inference.engine import Engine, EngineConfig
 from worker.inference.scheduler import Finished, Job, Scheduler, Token
 from worker.model.image_cache import ImageCache
-from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner
 
-CPU = torch.device("cpu")
 IMAGE_CASES = [case_id for case_id, case in CASES.items() if case["images"]]
 SHORT = "img_640x480_png_c16"  # shapes_640x480.png, 16 crops, 1,939 positions
 SAME_IMAGE = "decode_crosses_2048_c16"  # the same image and crops, another question
@@ -102,24 +99,8 @@ def test_a_prefix_cached_under_the_short_factors_never_serves_a_long_prompt(
 
 
 def scheduler_with(engine: Engine, cache: ImageCache, rows: int = 3) -> Scheduler:
-    config = engine.model.config
-    pool = KVPool(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        positions=16384,
-        dtype=torch.float32,
-        device=CPU,
-        tokens_first=False,
-        zeroed=False,
-    )
-    runner = ModelRunner(
-        engine.model, pool, device=CPU, kernel="sdpa", decode_kernel="rows",
-        row_independent=True, max_rows=rows, window=4096, graphs=False, image_cache=cache,
-    )
-    return Scheduler(
-        runner, pool, stop_ids=engine.processor.stop_token_ids, max_rows=rows,
-        max_row_positions=8192,
+    return stepped_scheduler(
+        engine, max_rows=rows, row_positions=8192, runner_options={"image_cache": cache}
     )
 
 

@@ -15,14 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.reference import CASES, REFERENCE_DIR, TINY_MODEL, case_job, case_request
+from support.stepped import stepped_scheduler
 
 from worker.inference.engine import Engine, EngineConfig
 from worker.inference.scheduler import Finished, Job, Scheduler, Token
-from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner
 from worker.model.steps import RowLogprobs
 
-CPU = torch.device("cpu")
 CASE = "img_640x480_png_c16"
 TOLERANCE = 1e-4  # float32 logits, compared with the reference's recorded values
 
@@ -34,25 +32,7 @@ def engine() -> Engine:
 
 def scheduler_for(engine: Engine, decode_kernel: str = "rows") -> Scheduler:
     """A scheduler the test steps itself (the engine's own runs on its own thread)."""
-    config = engine.model.config
-    pool = KVPool(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        positions=8192,
-        dtype=torch.float32,
-        device=CPU,
-        tokens_first=False,
-        zeroed=decode_kernel != "rows",
-    )
-    runner = ModelRunner(
-        engine.model, pool, device=CPU, kernel="sdpa", decode_kernel=decode_kernel,
-        row_independent=True, max_rows=4, window=4096, graphs=False,
-    )
-    return Scheduler(
-        runner, pool, stop_ids=engine.processor.stop_token_ids, max_rows=4,
-        max_row_positions=8192,
-    )
+    return stepped_scheduler(engine, max_rows=4, positions=8192, decode_kernel=decode_kernel)
 
 
 @pytest.fixture(scope="module")

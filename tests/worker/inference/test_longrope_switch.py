@@ -13,10 +13,7 @@ token ids and text, alone and batched with rows that do not cross (float32, CPU)
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -31,15 +28,13 @@ from support.phi35v import (
     phi35_request,
 )
 from support.reference import TINY_MODEL
+from support.stepped import run_until, stepped_scheduler, submit
 
 from vision_queue.errors import ModelError
 from worker.inference.control import RunControl
 from worker.inference.engine import Engine, EngineConfig
-from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
-from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner, PromptPrefill
-
-CPU = torch.device("cpu")
+from worker.inference.scheduler import Finished, Scheduler
+from worker.model.model_runner import PromptPrefill
 
 
 @pytest.fixture(scope="module")
@@ -140,61 +135,10 @@ def scheduler_for(
     chunk: int | None = None,
     vision_unit_crops: int | None = None,
 ) -> Scheduler:
-    config = engine.model.config
-    pool = KVPool(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        positions=positions,
-        dtype=torch.float32,
-        device=CPU,
-        tokens_first=False,
-        zeroed=False,
+    return stepped_scheduler(
+        engine, max_rows=max_rows, positions=positions, window=positions,
+        prefill_chunk_tokens=chunk, vision_unit_crops=vision_unit_crops, recompute_past=SWITCH,
     )
-    runner = ModelRunner(
-        engine.model, pool, device=CPU, kernel="sdpa", decode_kernel="rows",
-        row_independent=True, max_rows=max_rows, window=positions, graphs=False,
-    )
-    return Scheduler(
-        runner, pool, stop_ids=engine.processor.stop_token_ids, max_rows=max_rows,
-        max_row_positions=positions, prefill_chunk_tokens=chunk,
-        vision_unit_crops=vision_unit_crops, recompute_past=SWITCH,
-    )
-
-
-@dataclass
-class Outcome:
-    tokens: list[int] = field(default_factory=list)
-    end: Finished | Failed | None = None
-
-
-def submit(scheduler: Scheduler, jobs: Iterable[Job]) -> dict[Job, Outcome]:
-    outcomes = {}
-    for job in jobs:
-        scheduler.enqueue(job)
-        outcomes[job] = Outcome()
-    return outcomes
-
-
-def run_until(
-    scheduler: Scheduler, outcomes: dict[Job, Outcome], done: Callable[[], bool] | None = None
-) -> int:
-    """Step until every job ended (or `done()`); returns the number of steps."""
-    for steps in range(1, 5001):
-        scheduler.step()
-        for job, outcome in outcomes.items():
-            while True:
-                try:
-                    event = job.events.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(event, Token):
-                    outcome.tokens.append(event.token_id)
-                else:
-                    outcome.end = event
-        if done() if done is not None else all(o.end for o in outcomes.values()):
-            return steps
-    raise AssertionError("the scheduler did not finish")
 
 
 def record_prefills(scheduler: Scheduler) -> list[tuple[int, int, int]]:

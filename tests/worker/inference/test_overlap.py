@@ -10,14 +10,14 @@ job served alone, are the exactness check.
 
 from __future__ import annotations
 
-import queue
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+from support.stepped import Outcome, drain
 
 from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
 from worker.model.kvcache import KVPool
@@ -94,26 +94,6 @@ def specs(count: int, seed: int = 0, prompt: int = 150) -> list[Spec]:
         )
         for i in range(count)
     ]
-
-
-@dataclass
-class Outcome:
-    tokens: list[int] = field(default_factory=list)
-    end: Finished | Failed | None = None
-
-
-def drain(job: Job, outcome: Outcome) -> None:
-    while True:
-        try:
-            event = job.events.get_nowait()
-        except queue.Empty:
-            return
-        if isinstance(event, Token):
-            assert outcome.end is None, "a token after the job's end"
-            outcome.tokens.append(event.token_id)
-        else:
-            assert outcome.end is None, "two ends"
-            outcome.end = event
 
 
 def serve(

@@ -9,24 +9,20 @@ with their own request.
 from __future__ import annotations
 
 import math
-import queue
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
 from support.in_flight import keep_in_flight
 from support.reference import CASES, TINY_MODEL, case_job
+from support.stepped import Outcome, run_until, stepped_scheduler, submit
 
 from vision_queue.errors import ModelError, ResourceExhausted
 from worker.inference.engine import Engine, EngineConfig
-from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
-from worker.model.kvcache import KVPool
-from worker.model.model_runner import ModelRunner, RowInput
+from worker.inference.scheduler import Failed, Finished, Scheduler, Token
+from worker.model.model_runner import RowInput
 from worker.model.steps import UNKNOWN_TOKEN
 
-CPU = torch.device("cpu")
 CROSSING = "decode_crosses_2048_c16"  # a 2,043-token prompt: short factors, then long
 
 
@@ -44,79 +40,10 @@ def scheduler_for(
     vision_unit_crops: int | None = None,
     decode_kernel: str = "rows",
 ) -> Scheduler:
-    config = engine.model.config
-    pool = KVPool(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        positions=positions,
-        dtype=torch.float32,
-        device=CPU,
-        tokens_first=False,
-        zeroed=decode_kernel != "rows",
+    return stepped_scheduler(
+        engine, max_rows=max_rows, positions=positions, decode_kernel=decode_kernel,
+        prefill_chunk_tokens=chunk, vision_unit_crops=vision_unit_crops,
     )
-    runner = ModelRunner(
-        engine.model,
-        pool,
-        device=CPU,
-        kernel="sdpa",
-        decode_kernel=decode_kernel,
-        row_independent=True,
-        max_rows=max_rows,
-        window=min(positions, 4096),
-        graphs=False,
-    )
-    return Scheduler(
-        runner,
-        pool,
-        stop_ids=engine.processor.stop_token_ids,
-        max_rows=max_rows,
-        max_row_positions=positions,
-        prefill_chunk_tokens=chunk,
-        vision_unit_crops=vision_unit_crops,
-    )
-
-
-@dataclass
-class Outcome:
-    tokens: list[int] = field(default_factory=list)
-    end: Finished | Failed | None = None
-
-
-def collect(job: Job, outcome: Outcome) -> None:
-    while True:
-        try:
-            event = job.events.get_nowait()
-        except queue.Empty:
-            return
-        if isinstance(event, Token):
-            outcome.tokens.append(event.token_id)
-        else:
-            outcome.end = event
-
-
-def run_until(
-    scheduler: Scheduler,
-    outcomes: dict[Job, Outcome],
-    done: Callable[[], bool] | None = None,
-    max_steps: int = 5000,
-) -> int:
-    """Step until every job ended (or `done()`); returns the number of steps."""
-    for steps in range(1, max_steps + 1):
-        scheduler.step()
-        for job, outcome in outcomes.items():
-            collect(job, outcome)
-        if done() if done is not None else all(o.end for o in outcomes.values()):
-            return steps
-    raise AssertionError("the scheduler did not finish")
-
-
-def submit(scheduler: Scheduler, jobs: Iterable[Job]) -> dict[Job, Outcome]:
-    outcomes = {}
-    for job in jobs:
-        scheduler.enqueue(job)
-        outcomes[job] = Outcome()
-    return outcomes
 
 
 def assert_reference(outcome: Outcome, case_id: str) -> None:

@@ -9,34 +9,22 @@ from typing import Any
 import pytest
 import torch
 from support.reference import CASES, case_job
+from support.stepped import CPU, cpu_pool
 
 from vision_queue.errors import InvalidInput, ModelError, ResourceExhausted
 from worker.inference.engine import Engine
 from worker.inference.scheduler import Finished, Scheduler, Token
 from worker.model import model_runner
 from worker.model.errors import model_errors
-from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner, RowInput, bucket_for, graph_buckets
 from worker.model.sampling import SamplingParams, TokenSampler
 from worker.model.steps import UNKNOWN_TOKEN
-
-CPU = torch.device("cpu")
 
 
 def runner_for(
     engine: Engine, *, decode_kernel: str = "rows", max_rows: int = 4, **options: Any
 ) -> ModelRunner:
-    config = engine.model.config
-    pool = KVPool(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        positions=16384,
-        dtype=torch.float32,
-        device=CPU,
-        tokens_first=False,
-        zeroed=True,
-    )
+    pool = cpu_pool(engine, 16384, zeroed=True)
     settings: dict[str, Any] = {
         "device": CPU,
         "kernel": "sdpa",
