@@ -149,7 +149,10 @@ def test_a_due_delivery_whose_record_expired_is_dropped(outbox: WebhookOutbox, a
 def test_a_taken_over_delivery_keeps_its_tasks_trace_context(outbox: WebhookOutbox):
     # Given a traced task's delivery whose sender died before its first attempt
     trace = '{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
-    outbox.record(Delivery("https://hooks.example.com/a", TASK_ID, BODY, trace=trace), 0.0)
+    assert outbox.record(
+        Delivery("https://hooks.example.com/a", TASK_ID, BODY, trace=trace), hold_s=0.001
+    )
+    time.sleep(0.01)  # its hold lapsed
     # When another sender takes it over, then its attempts open spans in the same trace
     (claimed,) = outbox.claim_due(10, hold_s=30)
     assert claimed.trace == trace
