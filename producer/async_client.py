@@ -309,10 +309,12 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         return await self._call(self._broker_url, lambda: live_workers_async(self._redis, name))
 
     async def stream(self, task_id: str) -> AsyncIterator[str]:
-        """The task's text deltas as generated; ends with the task (TaskFailed if it failed)."""
+        """The task's text deltas as generated; ends with the task (TaskFailed if it failed).
+        With `n` above 1, the first choice's (see `Client.stream`)."""
         async for event in self.stream_events(task_id):
             if event.kind == "delta":
-                yield event.text
+                if not event.choice:
+                    yield event.text
             else:
                 raise_if_failed(event)
 
@@ -320,7 +322,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
         self, task_id: str, after: str | None = None
     ) -> AsyncIterator[StreamEvent]:
         """Stream entries after cursor `after` (None: from the start), ending with "end"
-        (a document's deltas carry `page`; see `Client.stream_events`)."""
+        (a document's deltas carry `page`, a task's choices `choice`: `Client.stream_events`)."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)

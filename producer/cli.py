@@ -29,6 +29,8 @@ from vision_queue.errors import (
     VisionQueueError,
     WaitTimeout,
 )
+from vision_queue.generation_options import MAX_CHOICES
+from vision_queue.logprobs import MAX_TOP_LOGPROBS
 from vision_queue.protocol import Priority, TaskName
 from vision_queue.results import Result, ResultError
 from vision_queue.settings import SettingsError
@@ -77,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser(
         "submit", help="queue a job", epilog=epilog, formatter_class=formatter
     )
-    submit.add_argument("--task", required=True, choices=[t.value for t in TaskName])
+    submit.add_argument(
+        "--task",
+        required=True,
+        choices=[t.value for t in TaskName],
+        help="what to do with the images (the task rules below)",
+    )
     submit.add_argument(
         "--image",
         action="append",
@@ -115,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="end the text before TEXT (repeat, up to 4 times)",
     )
+    submit.add_argument(
+        "--n",
+        type=_int_from(1, MAX_CHOICES),
+        metavar="N",
+        help=f"choices (1..{MAX_CHOICES}) from one prefill: the result lists them under "
+        "`choices` (sample with --temperature and --seed to make them differ)",
+    )
+    submit.add_argument(
+        "--logprobs",
+        type=_int_from(0, MAX_TOP_LOGPROBS),
+        nargs="?",
+        const=0,
+        metavar="K",
+        help="each generated token's log probability in the result (`logprobs`), with its "
+        f"K most likely alternatives (0..{MAX_TOP_LOGPROBS}, default 0); --json shows them",
+    )
     shape = submit.add_mutually_exclusive_group()
     shape.add_argument(
         "--json-schema",
@@ -133,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="show a task's state", epilog=epilog, formatter_class=formatter
     )
-    status.add_argument("id")
+    status.add_argument("id", help="the task's id, as submit printed it")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     result = commands.add_parser(
         "result", help="print a task's result", epilog=epilog, formatter_class=formatter
     )
-    result.add_argument("id")
+    result.add_argument("id", help="the task's id, as submit printed it")
     _add_wait_options(result)
 
     cancel = commands.add_parser(
@@ -148,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=formatter,
     )
-    cancel.add_argument("id")
+    cancel.add_argument("id", help="the task's id, as submit printed it")
 
     serve = commands.add_parser(
         "serve",
@@ -180,6 +203,21 @@ def _add_wait_options(parser: argparse.ArgumentParser) -> None:
         help="wait (implies --wait) and give up after S seconds; not with --stream",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`, else a usage error naming it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return parse
 
 
 def _positive_seconds(text: str) -> float:
@@ -238,6 +276,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         stop=args.stop,
         priority=args.priority,
         response_format=_response_format(args),
+        logprobs=args.logprobs is not None,
+        top_logprobs=args.logprobs,
+        n=args.n,
         document=args.document,
         max_failed_pages=args.max_failed_pages,
     )
@@ -366,6 +407,9 @@ def _print_outcome(
     elif failed:
         error = result.get("error") or ResultError(code="model_error", message="")
         print(f"task {task_id} failed: {error['code']}: {error['message']}", file=sys.stderr)
+    elif result.get("choices"):
+        for choice in result.get("choices") or []:
+            print(f"[choice {choice['index']}] {choice['text']}")
     else:
         print(result.get("text", ""))
     return EXIT_TASK_FAILED if failed else EXIT_OK
@@ -383,12 +427,17 @@ def _print_stream(
             line.update({"text": event.text} if event.kind == "delta" else {"result": event.result})
             if event.page is not None:
                 line["page"] = event.page
+            if event.choice is not None:
+                line["choice"] = event.choice
+            if event.logprobs is not None:
+                line["logprobs"] = event.logprobs
             print(json.dumps(line, ensure_ascii=False), flush=True)
             if event.failed:
                 return EXIT_TASK_FAILED
         return EXIT_OK
     try:
         page: int | None = None
+        choice: int | None = None
         for event in client.stream_events(task_id):
             raise_if_failed(event)
             if event.kind != "delta":
@@ -397,6 +446,10 @@ def _print_stream(
                 # A document's pages arrive interleaved: say whose text follows.
                 sys.stdout.write(("" if page is None else "\n") + f"[page {event.page}] ")
                 page = event.page
+            if event.choice is not None and event.choice != choice:
+                # So do a task's choices (--n).
+                sys.stdout.write(("" if choice is None else "\n") + f"[choice {event.choice}] ")
+                choice = event.choice
             sys.stdout.write(event.text)
             sys.stdout.flush()
     except TaskFailed as failure:

@@ -310,10 +310,12 @@ class Client(ClientCore[redis.Redis]):
 
     def stream(self, task_id: str) -> Iterator[str]:
         """The task's text as it is generated, delta by delta, from the start; ends when
-        the task ends, raising TaskFailed (with the failure result) if it failed."""
+        the task ends, raising TaskFailed (with the failure result) if it failed. With
+        `n` above 1, the first choice's (the result's `text`); `stream_events` has all."""
         for event in self.stream_events(task_id):
             if event.kind == "delta":
-                yield event.text
+                if not event.choice:
+                    yield event.text
             else:
                 raise_if_failed(event)
 
@@ -321,7 +323,8 @@ class Client(ClientCore[redis.Redis]):
         """Every stream entry after cursor `after` (None: from the start), ending with the
         "end" event that carries the final result. Reconnect by passing the last cursor.
         A document's deltas carry `page`: its pages generate side by side, so their texts
-        interleave here."""
+        interleave here; so do a task's choices (`n` above 1), each delta's `choice` its
+        index (0-based), with its own tokens' `logprobs` when they were asked for."""
         check_task_id(task_id)
         follower = StreamFollower(task_id, after)
         key = stream_key(task_id)

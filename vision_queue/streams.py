@@ -4,7 +4,10 @@ A worker appends entries to `vq:stream:<id>` while it generates: `seq` (0, 1, 2.
 `kind` ("delta" with `text`, whole characters only, and with `logprobs` when the task
 asked for them, or "end" with `result`, the final result JSON including `state`); a
 document's deltas also carry `page`, the page whose text they are (its pages stream side
-by side into the document's one stream). The end entry is written in the same Lua call
+by side into the document's one stream); the deltas of a task with several choices
+(`options.n` above 1) carry `choice`, the index (0-based) of the choice whose text and
+logprobs they are (its choices stream side by side; a single-choice task's deltas have no
+`choice`, as before). The end entry is written in the same Lua call
 that stores the result, so a stream never ends without a result and a result never exists
 without its end entry. Every entry's id is also PUBLISHed on the channel of the same
 name, which is how readers wait without polling.
@@ -41,6 +44,8 @@ class StreamEvent:
     page: int | None = None  # a document's delta: the page (1-based) whose text this is
     # A delta's tokens' logprobs, for a task that asked (vision_queue.logprobs); else None.
     logprobs: list[dict[str, Any]] | None = None
+    # A delta of a task with several choices: the choice (0-based) whose text this is.
+    choice: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -127,12 +132,14 @@ def _event(entry_id: str, fields: dict[Any, Any]) -> StreamEvent:
         except ValueError:
             result = {"error": {"code": "model_error", "message": "unreadable end entry"}}
         return StreamEvent(entry_id, "end", "", seq, result if isinstance(result, dict) else {})
-    page = values.get("page")
-    number = int(page) if page is not None and page.isdigit() else None
     return StreamEvent(
-        entry_id, "delta", values.get("text", ""), seq, None, number,
-        _logprobs(values.get("logprobs")),
+        entry_id, "delta", values.get("text", ""), seq, None, _number(values.get("page")),
+        _logprobs(values.get("logprobs")), _number(values.get("choice")),
     )
+
+
+def _number(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _logprobs(value: str | None) -> list[dict[str, Any]] | None:

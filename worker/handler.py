@@ -77,6 +77,10 @@ class TaskControl(RunControl):
     stream_text: Callable[[str], None] = lambda text: None
     # Each token's logprobs, ahead of its text (the task's stream too).
     stream_logprobs: Callable[[TokenLogprob], None] = lambda entry: None
+    # A task with several choices (`n`): each choice's text and logprobs, marked with its
+    # index, in place of the two above.
+    stream_choice_text: Callable[[int, str], None] = lambda index, text: None
+    stream_choice_logprobs: Callable[[int, TokenLogprob], None] = lambda index, entry: None
     so_far: _SoFar = field(default_factory=_SoFar)
 
     def check(self) -> None:
@@ -106,6 +110,39 @@ class TaskControl(RunControl):
     def on_text(self, piece: str) -> None:
         self.so_far.pieces.append(piece)
         self.stream_text(piece)
+
+    def choice(self, index: int) -> RunControl:
+        return _ChoiceControl(self, index)
+
+
+@dataclass
+class _ChoiceControl(RunControl):
+    """One choice of a task with several: its text and logprobs go onto the task's stream
+    marked with its index; choice 0 also steers the run and is what a stopped task keeps."""
+
+    run: TaskControl
+    index: int
+
+    def check(self) -> None:
+        if self.index == 0:
+            self.run.check()
+
+    def on_token(self, count: int) -> None:
+        if self.index == 0:
+            self.run.on_token(count)
+
+    def on_logprobs(self, entry: TokenLogprob) -> None:
+        if self.index == 0:
+            so_far = self.run.so_far
+            if so_far.logprobs is None:
+                so_far.logprobs = []
+            so_far.logprobs.append(entry)
+        self.run.stream_choice_logprobs(self.index, entry)
+
+    def on_text(self, piece: str) -> None:
+        if self.index == 0:
+            self.run.so_far.pieces.append(piece)
+        self.run.stream_choice_text(self.index, piece)
 
 
 @dataclass

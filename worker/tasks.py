@@ -176,6 +176,10 @@ def _start(
         # (its logprobs, when asked for, only on its own stream).
         stream_text=stream.write if page is None else page_stream_text(runtime, page, stream),
         stream_logprobs=stream.write_logprobs,
+        # Choices stream into the task's own stream only (a page's document stream has one
+        # text per page).
+        stream_choice_text=lambda index, piece: stream.write(piece, index),
+        stream_choice_logprobs=lambda index, entry: stream.write_logprobs(entry, index),
     )
     ctx = TaskContext(
         task_id=task_id,

@@ -23,8 +23,10 @@ naming `response_format`, before anything is queued.
 `logprobs: true` with `top_logprobs` (0..20) is the task's `options.logprobs`: the
 result's per-token list is OpenAI's `choices[0].logprobs.content` as it is; streamed,
 each chunk carries the entries of its tokens (vision_queue.logprobs says what they are).
-`n` (1..8) is the task's `options.n`: one prefill, n rows decoding together, n choices;
-not streamed (a 400 naming `n`).
+`n` (1..8) is the task's `options.n`: one prefill, n rows decoding together, n choices.
+Streamed, each chunk's `choices[0].index` names its choice (the stream's deltas carry it),
+and every choice gets its own last chunk with its `finish_reason` (and the logprobs of its
+tokens whose text came with the end) before the one usage chunk.
 """
 
 from __future__ import annotations
@@ -199,8 +201,6 @@ def conversation(
         _check_extra(message.model_extra or {}, f"messages[{index}].", _MESSAGE_IGNORED)
     if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
         raise InvalidInput(f"n must be from 1 to {MAX_CHOICES}", field="n")
-    if request.stream and (request.n or 1) > 1:
-        raise InvalidInput("n above 1 is not streamed here: ask without stream", field="n")
     check_logprobs_options(bool(request.logprobs), request.top_logprobs)
 
     turns: list[ChatMessage] = []
@@ -325,9 +325,10 @@ def chunk(
     delta: dict[str, str],
     finish_reason: str | None = None,
     entries: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     choice = {
-        "index": 0,
+        "index": index,
         "delta": delta,
         "finish_reason": finish_reason,
         "logprobs": logprobs(entries),

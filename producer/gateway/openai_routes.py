@@ -127,7 +127,15 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(state, who, handle.id, model, include_usage, convo.options.logprobs),
+            _stream(
+                state,
+                who,
+                handle.id,
+                model,
+                include_usage,
+                convo.options.logprobs,
+                convo.options.n or 1,
+            ),
             media_type=sse.MEDIA_TYPE,
             headers={**sse.HEADERS, **headers},
         )
@@ -144,20 +152,26 @@ async def _stream(
     model: str,
     include_usage: bool,
     wants_logprobs: bool = False,
+    choices: int = 1,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     ended = False
     events = state.client.stream_events(task_id)
     try:
-        yield sse.json_event(chat.chunk(task_id, model, created, {"role": "assistant"}))
-        sent = 0  # logprobs entries already in chunks
+        for index in range(choices):  # OpenAI's first chunk of each choice names the role
+            role = {"role": "assistant"}
+            yield sse.json_event(chat.chunk(task_id, model, created, role, None, None, index))
+        sent: dict[int, int] = {}  # per choice: logprobs entries already in chunks
         async for item in events:
             if item.kind == "delta":
                 if item.text or item.logprobs:
                     delta = {"content": item.text}
+                    index = item.choice or 0
                     entries = item.logprobs if wants_logprobs else None
-                    sent += len(entries or ())
-                    yield sse.json_event(chat.chunk(task_id, model, created, delta, None, entries))
+                    sent[index] = sent.get(index, 0) + len(entries or ())
+                    yield sse.json_event(
+                        chat.chunk(task_id, model, created, delta, None, entries, index)
+                    )
                 continue
             ended = True
             result = item.result or {}
@@ -166,10 +180,16 @@ async def _stream(
                 # OpenAI's streamed error: SDKs raise it as an APIError.
                 yield sse.json_event(task_error(result.get("error") or {}).body())
                 return
-            reason = result.get("finish_reason") or "stop"
-            # Entries of tokens whose text came with the end (held back until then).
-            rest = (result.get("logprobs") or [])[sent:] if wants_logprobs else None
-            yield sse.json_event(chat.chunk(task_id, model, created, {}, reason, rest))
+            for choice in result.get("choices") or [result]:
+                index = int(choice.get("index", 0))
+                reason = choice.get("finish_reason") or "stop"
+                # Entries of tokens whose text came with the end (held back until then).
+                rest = (
+                    (choice.get("logprobs") or [])[sent.get(index, 0) :]
+                    if wants_logprobs
+                    else None
+                )
+                yield sse.json_event(chat.chunk(task_id, model, created, {}, reason, rest, index))
             if include_usage:
                 yield sse.json_event(chat.usage_chunk(task_id, model, created, result))
             yield sse.event("[DONE]")

@@ -159,8 +159,10 @@ async def get_task(task_id: str, request: Request, who: Authorized) -> JSONRespo
     summary="Server-sent events: status, text deltas, the result; resumable",
     responses={
         200: {
-            "description": "`event: status` (state, tokens), `event: delta` (seq, text, and "
-            "for a document the page it belongs to; `id:` is the cursor for Last-Event-ID), "
+            "description": "`event: status` (state, tokens), `event: delta` (seq, text, "
+            "for a document the page it belongs to, for a task with options.n above 1 the "
+            "choice, with options.logprobs its tokens' logprobs; `id:` is the cursor for "
+            "Last-Event-ID), "
             "`event: end` (the result object).",
             "content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
         },
@@ -252,6 +254,10 @@ async def _events(
                 data: dict[str, Any] = {"seq": item.seq, "text": item.text}
                 if item.page is not None:  # a document's pages stream side by side
                     data["page"] = item.page
+                if item.choice is not None:  # so do a task's choices (options.n)
+                    data["choice"] = item.choice
+                if item.logprobs is not None:  # the delta's tokens' (options.logprobs)
+                    data["logprobs"] = item.logprobs
                 yield sse.json_event(data, name="delta", event_id=item.cursor)
                 continue
             result = TaskResultBody.of({"id": task_id, **(item.result or {})}).to_json()

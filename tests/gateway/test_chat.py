@@ -111,7 +111,6 @@ def test_left_out_fields_decode_greedily_with_the_tasks_budget():
          "messages[0].tool_calls"),
         ([{"role": "user", "content": "x"}], {"n": 9}, "n"),
         ([{"role": "user", "content": "x"}], {"n": 0}, "n"),
-        ([{"role": "user", "content": "x"}], {"n": 2, "stream": True}, "n"),
         ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
         ([{"role": "user", "content": "x"}], {"top_logprobs": 2}, "top_logprobs"),
         ([{"role": "user", "content": "x"}], {"logprobs": True, "top_logprobs": 21},

@@ -10,12 +10,13 @@ Real parts: `producer serve`, redis-server, a worker on the tiny random-weight c
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from gateway_support import MODEL, data_uri, wait_for_result
+from gateway_support import MODEL, data_uri, read_events, wait_for_result
 from pydantic import BaseModel, Field
 from support.schemas import BOOK, SCHEMAS, UNSUPPORTED, response_format
 
@@ -261,3 +262,99 @@ def test_the_task_api_takes_options_n(api: httpx.Client) -> None:
     refused = api.post("/v1/tasks", json=body)
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "n"
+
+
+@dataclass
+class Streamed:
+    """Each choice's streamed text, finish reasons and logprob entries, by index; usages."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, list[str]] = field(default_factory=dict)
+    entries: dict[int, list] = field(default_factory=dict)
+    usages: list = field(default_factory=list)
+
+
+def read_choices(stream: openai.Stream) -> Streamed:
+    got = Streamed()
+    for chunk in stream:
+        if chunk.usage is not None:
+            got.usages.append(chunk.usage)
+        for choice in chunk.choices:
+            got.texts[choice.index] = got.texts.get(choice.index, "") + (
+                choice.delta.content or ""
+            )
+            if choice.finish_reason:
+                got.finish.setdefault(choice.index, []).append(choice.finish_reason)
+            if choice.logprobs is not None and choice.logprobs.content:
+                got.entries.setdefault(choice.index, []).extend(choice.logprobs.content)
+    return got
+
+
+def test_n_choices_stream_side_by_side_as_the_sdk_reads_them(sdk: openai.OpenAI) -> None:
+    sampled = {
+        "model": MODEL, "messages": cover_question(), "max_tokens": 8, "n": 3,
+        "temperature": 1.0, "seed": 7,
+    }
+    # Given the three choices a seed gives, asked without streaming
+    whole = sdk.chat.completions.create(**sampled)
+    # When the same request is streamed
+    got = read_choices(sdk.chat.completions.create(**sampled, stream=True))
+    # Then every choice streams, its chunks joining to that choice's text, and each
+    # choice ends once with its finish_reason
+    assert got.texts == {c.index: c.message.content for c in whole.choices}
+    assert got.finish == {c.index: [c.finish_reason] for c in whole.choices}
+
+
+def test_streamed_choices_carry_their_own_logprobs_and_one_usage_chunk(
+    sdk: openai.OpenAI,
+) -> None:
+    sampled = {
+        "model": MODEL, "messages": cover_question(), "max_tokens": 6, "n": 2,
+        "temperature": 1.0, "seed": 11, "logprobs": True, "top_logprobs": 1,
+    }
+    # Given two choices with their logprobs, asked without streaming
+    whole = sdk.chat.completions.create(**sampled)
+    # When the same request is streamed with the usage chunk asked for
+    got = read_choices(
+        sdk.chat.completions.create(
+            **sampled, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    # Then each choice's chunks carry that choice's tokens' logprobs, all of them
+    for choice in whole.choices:
+        assert got.texts[choice.index] == choice.message.content
+        assert choice.logprobs is not None and choice.logprobs.content
+        streamed = [(e.token, e.logprob) for e in got.entries[choice.index]]
+        assert streamed == [(e.token, e.logprob) for e in choice.logprobs.content]
+    # And the usage comes once, counting every choice's tokens
+    assert len(got.usages) == 1 and whole.usage is not None
+    assert got.usages[0].completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_task_events_name_each_deltas_choice(api: httpx.Client) -> None:
+    body = {
+        "task": "ask",
+        "prompt": "Title and author?",
+        "images": [{"data": data_uri()}],
+        "options": {"n": 2, "max_new_tokens": 6, "temperature": 1.0, "seed": 3},
+    }
+    # Given a task with two choices
+    response = api.post("/v1/tasks", json=body)
+    assert response.status_code == 202, response.text
+    task_id = response.json()["id"]
+    # When its events are read
+    texts: dict[int, str] = {}
+    with api.stream("GET", f"/v1/tasks/{task_id}/events") as stream:
+        for event in read_events(stream.iter_lines()):
+            if event.name == "delta":
+                data = event.json()
+                texts[data["choice"]] = texts.get(data["choice"], "") + data["text"]
+            if event.name == "end":
+                result = event.json()
+                break
+    # Then each delta names its choice, and each choice's deltas join to its text
+    assert result["state"] == "SUCCESS", result
+    assert any(texts.values())
+    assert {c["index"]: texts.get(c["index"], "") for c in result["choices"]} == {
+        c["index"]: c["text"] for c in result["choices"]
+    }

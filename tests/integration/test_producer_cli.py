@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -301,3 +302,75 @@ def test_submit_priority_puts_the_task_on_that_list(module_redis):
     assert refused.returncode == 2
     assert "--priority" in refused.stderr and "invalid choice" in refused.stderr
     assert admin.llen("cli-priority.low") == 0 and admin.llen("cli-priority.high") == 1
+
+
+# --- Choices and log probabilities (issue 22 item 4, issue 21 item 4) ------------------------
+
+SAMPLED = ["--temperature", "1.0", "--seed", "5", "--max-new-tokens", "4"]
+
+
+def asked(images: Path, *extra: str) -> list[str]:
+    image = str(images / "small_400x300.jpg")
+    return ["submit", "--task", "ask", "--prompt", "What is it?", "--image", image, *extra]
+
+
+def test_submit_n_and_logprobs_show_every_choice_and_its_tokens_in_json(env, images: Path):
+    # Given two sampled choices with logprobs and two alternatives per token
+    wanted = ("--n", "2", "--logprobs", "2", "--wait", "--json")
+    done = producer(env, *asked(images, *SAMPLED, *wanted))
+    # Then --json shows both choices, each with its tokens' logprobs
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [c["index"] for c in result["choices"]] == [0, 1]
+    for choice in result["choices"]:
+        assert 0 < len(choice["logprobs"]) <= choice["completion_tokens"]
+        assert all(len(entry["top_logprobs"]) == 2 for entry in choice["logprobs"])
+    assert result["logprobs"] == result["choices"][0]["logprobs"]
+    # And --logprobs alone asks for no alternatives
+    bare = producer(env, *asked(images, "--max-new-tokens", "3", "--logprobs", "--wait", "--json"))
+    assert bare.returncode == 0, bare.stderr
+    entries = json.loads(bare.stdout)["logprobs"]
+    assert entries and all(entry["top_logprobs"] == [] for entry in entries)
+    # And the plain output names each choice
+    plain = producer(env, *asked(images, *SAMPLED, "--n", "2", "--wait"))
+    assert plain.returncode == 0, plain.stderr
+    assert [line[:10] for line in plain.stdout.splitlines()[:1]] == ["[choice 0]"]
+    assert "[choice 1]" in plain.stdout
+
+
+def test_a_streamed_task_with_choices_names_each_deltas_choice(env, images: Path):
+    # Given a task with two choices streamed as JSON lines
+    done = producer(env, *asked(images, *SAMPLED, "--n", "2", "--stream", "--json"))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    # Then every delta names its choice, and each choice's deltas join to its text
+    deltas = [line for line in lines if line["kind"] == "delta"]
+    assert deltas and all(line["choice"] in (0, 1) for line in deltas)
+    result = lines[-1]["result"]
+    for choice in result["choices"]:
+        text = "".join(line["text"] for line in deltas if line["choice"] == choice["index"])
+        assert text == choice["text"]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--n", "9"], "--n"), (["--n", "x"], "--n"), (["--logprobs", "21"], "--logprobs")],
+)
+def test_n_and_logprobs_out_of_range_are_usage_errors(env, images: Path, module_redis, args, named):
+    before = module_redis.client().llen("gpu")
+    done = producer(env, *asked(images, *args))
+    assert done.returncode == 2
+    assert named in done.stderr
+    assert module_redis.client().llen("gpu") == before
+
+
+def test_every_option_of_every_command_has_help(env):
+    from producer.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"producer {name} {action.option_strings or action.dest}"
+    shown = producer(env, "submit", "--help").stdout
+    assert "--n N" in shown and "--logprobs [K]" in shown

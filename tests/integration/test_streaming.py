@@ -91,3 +91,31 @@ def test_the_cli_prints_the_text_as_it_streams(module_redis, shared_worker, imag
     assert again.returncode == 0
     assert again.stdout == end["result"]["text"] + "\n"
     assert done.stdout.strip()  # the describe text, printed as it came
+
+
+def test_a_task_with_choices_streams_each_and_stream_keeps_to_the_first(
+    client: Client, client_settings: Settings
+) -> None:
+    # Given a task with three sampled choices
+    handle = client.submit(
+        "ask", [], PROMPT, max_new_tokens=16, temperature=1.0, seed=9, n=3
+    )
+    # When its events are read, and its text stream
+    events = list(client.stream_events(handle.id))
+    texts = list(client.stream(handle.id))
+    result = events[-1].result
+    assert result is not None and result["state"] == "SUCCESS"
+    # Then one gapless sequence holds every choice's deltas, each joining to its text
+    assert [e.seq for e in events] == list(range(len(events)))
+    for choice in result["choices"]:
+        mine = [e.text for e in events if e.kind == "delta" and e.choice == choice["index"]]
+        assert "".join(mine) == choice["text"]
+    assert {e.choice for e in events if e.kind == "delta"} == {0, 1, 2}
+    # And `stream` yields the first choice's text: the result's `text`, on both clients
+    assert "".join(texts) == result["text"] == result["choices"][0]["text"]
+
+    async def read() -> list[str]:
+        async with AsyncClient(client_settings) as reader:
+            return [text async for text in reader.stream(handle.id)]
+
+    assert "".join(asyncio.run(read())) == result["text"]

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vision_queue.task")
 
 # KEYS: meta, lease, stream. ARGV: meta JSON, expiry s, lease owner ("" = no lease check),
-# final ("1"/"0"), last delta text, its seq, the end entry's seq, stream MAXLEN, end result.
+# final ("1"/"0"), last delta text, its seq, the end entry's seq, stream MAXLEN, end result,
+# then a task with several choices: each choice's last delta as two values, choice and text
+# (numbered on from the last delta's seq, in place of the last delta's text).
 _STORE = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -63,6 +65,10 @@ if ARGV[4] == '1' then
   if ARGV[5] ~= '' then
     redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[8], '*',
                'seq', ARGV[6], 'kind', 'delta', 'text', ARGV[5])
+  end
+  for i = 10, #ARGV, 2 do
+    redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[8], '*', 'seq', tonumber(ARGV[6]) + (i - 10) / 2,
+               'kind', 'delta', 'text', ARGV[i + 1], 'choice', ARGV[i])
   end
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[8], '*',
                         'seq', ARGV[7], 'kind', 'end', 'result', ARGV[9])
@@ -87,6 +93,9 @@ class StreamTail:
     text: str = ""
     delta_seq: int = 0
     end_seq: int = 0
+    # A task with several choices: each choice's last delta, (choice, text), numbered from
+    # `delta_seq` on (`text` is then empty).
+    choices: tuple[tuple[int, str], ...] = ()
 
 
 class ResultStore:
@@ -191,6 +200,7 @@ class ResultStore:
                 tail.end_seq,
                 STREAM_MAX_ENTRIES,
                 json.dumps(stored, ensure_ascii=False) if final is not None else "",
+                *[value for choice, text in tail.choices for value in (choice, text)],
             ],
         )
         return _text(reply)

@@ -3,10 +3,11 @@
 The engine submits the first choice's job with the others as its siblings; the scheduler
 admits them together, prefills the prompt once and copies the region into each sibling's
 (worker.inference.scheduler). Here each choice's events are read on a thread of its own
-(the first on the caller's), exactly as a single request's are. Only the first choice's
-text is streamed and counted as progress; the caller's control is asked between tokens
-of the first choice and, once it has ended, while the others finish. Whatever stops one
-choice (a failure, the control raising) cancels them all.
+(the first on the caller's), exactly as a single request's are, each told to the control
+the caller's gives for it (`RunControl.choice`: every choice's text is streamed, marked
+with its index); only the first choice counts as progress, and the caller's control is
+asked between tokens of the first choice and, once it has ended, while the others finish.
+Whatever stops one choice (a failure, the control raising) cancels them all.
 
 Choice i samples with `choice_seed(seed, i)`: the same seed gives the same n texts, and
 choice 0 is what the request gives with n = 1.
@@ -50,11 +51,13 @@ def collect_choices(
 
     def run(index: int) -> None:
         try:
-            results[index] = collect(jobs[index], RunControl())
+            results[index] = collect(jobs[index], controls[index])
         except BaseException as error:  # handed to the caller's thread
             errors.append(error)
             cancel_all()
 
+    # Asked here, on the caller's thread, in order: before any choice's text arrives.
+    controls = [control.choice(index) for index in range(len(jobs))]
     threads = [
         threading.Thread(target=run, args=(index,), name=f"vq-choice-{index}", daemon=True)
         for index in range(1, len(jobs))
@@ -62,7 +65,7 @@ def collect_choices(
     for thread in threads:
         thread.start()
     try:
-        first = collect(jobs[0], control)
+        first = collect(jobs[0], controls[0])
         for thread in threads:
             while thread.is_alive():
                 thread.join(_POLL_S)

@@ -39,3 +39,13 @@ class RunControl:
     def check(self) -> None:
         """About every 0.1 s while no token arrives (waiting for a batch row, the image
         tower, a long prompt). Raise to abandon the run while it waits."""
+
+    def choice(self, index: int) -> RunControl:
+        """The control of choice `index` of a run with several (`n` above 1), asked once
+        per choice before its events are read: told that choice's text and logprobs.
+
+        Choice 0's steers the run as this one does (checks, token counts); the others' are
+        told their own text only (their cancel is the run's: `check` on choice 0's). This
+        base class hands choice 0 itself and the others a run nobody watches.
+        """
+        return self if index == 0 else RunControl()
