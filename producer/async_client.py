@@ -16,7 +16,6 @@ the event loop; all waits share one pub/sub connection.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast, overload
@@ -35,7 +34,6 @@ from producer.envelope import Outgoing, batches, cancel_commands, new_id, queue_
 from producer.submission import ImageInput, SubmitRequest, image_list, task_name
 from producer.waiting import BACKUP_POLL_S, AsyncInbox, Notifier
 from vision_queue import tracing
-from vision_queue.errors import WaitTimeout
 from vision_queue.outages import acall, async_client_options
 from vision_queue.presence import live_workers_async
 from vision_queue.protocol import SUBMITTED_KEY, Priority, TaskName
@@ -197,31 +195,23 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
     ) -> TaskHandle:
         """`submit` under an idempotency key (producer.idempotency); `create` queues the
         request under the id the key claimed (a document: `_submit_document`)."""
-        record = idempotency.record_key(idempotency.CLIENT_SCOPE, key)
-        mark = mark or idempotency.request_fingerprint(request)
-        deadline = time.monotonic() + idempotency.WAIT_S
+        claim = idempotency.ClientClaim(key, mark or idempotency.request_fingerprint(request))
         while True:
             reply = await self._call(
-                self._broker_url,
-                lambda: self._redis.eval(*idempotency.claim_args(record, mark, new_id())),
+                self._broker_url, lambda: self._redis.eval(*claim.claim(new_id()))
             )
-            found = idempotency.outcome(reply, mark)
-            if found.kind == "conflict":
-                raise idempotency.conflict(key)
-            if found.kind == "done":
-                return TaskHandle(found.id, task_name(request.task))
-            if found.kind == "new":
+            if (found := claim.decide(reply)) is not None:
                 break
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"the idempotency key {key[:64]!r} is held by a request")
             await asyncio.sleep(idempotency.POLL_S)
+        if found.kind == "done":
+            return TaskHandle(found.id, task_name(request.task))
         try:
             claimed = replace(request, task_id=found.id)
             handle = await create(claimed) if create else (await self.submit_many([claimed]))[0]
         except BaseException:
-            await self._redis.eval(*idempotency.release_args(record, found.id))
+            await self._redis.eval(*claim.release(found.id))
             raise
-        await self._redis.eval(*idempotency.finish_args(record, found.id))
+        await self._redis.eval(*claim.finish(found.id))
         return handle
 
     def _build(self, requests: list[SubmitRequest]) -> list[Outgoing]:

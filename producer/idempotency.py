@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vision_queue.errors import InvalidInput
+from vision_queue.errors import InvalidInput, WaitTimeout
 from vision_queue.protocol import KEY_PREFIX
 
 IDEMPOTENCY_KEY = KEY_PREFIX + ":idem:{scope}:{digest}"
@@ -116,6 +117,38 @@ def outcome(reply: Sequence[Any], fingerprint: str) -> Outcome:
     if record.get("f") != fingerprint:
         return Outcome("conflict", str(record.get("id", "")))
     return Outcome("done" if record.get("done") else "pending", str(record["id"]))
+
+
+class ClientClaim:
+    """One client submit under `key`, without I/O: the client evals `claim(new id)` until
+    `decide` returns the outcome to act on (`new`: queue the request as its id, then eval
+    `finish`, or `release` if queueing failed; `done`: the recorded task), sleeping
+    `POLL_S` whenever it returns None (another request holds the key)."""
+
+    def __init__(self, key: str, fingerprint: str) -> None:
+        self.key = key
+        self.record = record_key(CLIENT_SCOPE, key)
+        self.fingerprint = fingerprint
+        self.deadline = time.monotonic() + WAIT_S
+
+    def claim(self, new_id: str) -> tuple[Any, ...]:
+        return claim_args(self.record, self.fingerprint, new_id)
+
+    def decide(self, reply: Sequence[Any]) -> Outcome | None:
+        found = outcome(reply, self.fingerprint)
+        if found.kind == "conflict":
+            raise conflict(self.key)
+        if found.kind in ("new", "done"):
+            return found
+        if time.monotonic() > self.deadline:
+            raise WaitTimeout(f"the idempotency key {self.key[:64]!r} is held by a request")
+        return None
+
+    def finish(self, task_id: str) -> tuple[Any, ...]:
+        return finish_args(self.record, task_id)
+
+    def release(self, task_id: str) -> tuple[Any, ...]:
+        return release_args(self.record, task_id)
 
 
 def conflict(key: str) -> IdempotencyConflict:
