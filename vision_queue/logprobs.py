@@ -6,10 +6,10 @@ per token; left out: 0). Its result then carries `logprobs`: one entry per gener
 "logprob", "bytes"}, ...]}` exactly as `choices[i].logprobs.content` of OpenAI's chat
 completion, so the gateway passes the list through unchanged.
 
-What the numbers are (docs/model.md): the log-softmax of the model's own logits for that
-position, at temperature 1, before a response_format's mask, computed on the device from
-the logits the sampler chose from. Under greedy decoding without a grammar the chosen token
-is therefore the first alternative; a grammar or a sampled choice may pick another.
+What the numbers are (docs/model.md): the log-softmax of the model's logits for that
+position at temperature 1, over the tokens the request allows (a response_format's mask
+applied), computed on the device from the logits the token was chosen from. Under greedy
+decoding the chosen token is therefore the first alternative; a sampled one may not be.
 """
 
 from __future__ import annotations

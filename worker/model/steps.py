@@ -23,6 +23,7 @@ not ask add nothing to the step, and a step where none asks copies its tokens al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,9 +79,9 @@ def row_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> torch.
     """Rows' logprobs on the logits' device: [S, 1 + 2·top] float64 (the chosen token's
     logprob, then `top` ids and their logprobs, most likely first).
 
-    logits [S, V] are the model's (before a grammar's mask, at temperature 1); float32 at
-    least, so a bf16 step reports the same numbers its logits imply. A stable sort: on a
-    tie the lower id ranks first, as argmax chooses it."""
+    logits [S, V] are the model's at temperature 1, a grammar's mask applied (disallowed
+    tokens at -inf); float32 at least, so a bf16 step reports the same numbers its logits
+    imply. A stable sort: on a tie the lower id ranks first, as argmax chooses it."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     own = logp.gather(1, chosen.view(-1, 1)).double()
     if not top:
@@ -105,7 +106,15 @@ def pack_logprobs(
     packed = torch.zeros(len(batch), 2 + 2 * top, dtype=torch.float64, device=chosen.device)
     packed[:, 0] = chosen
     rows = staged(torch.tensor(index))
-    packed[rows, 1:] = row_logprobs(logits[rows], chosen[rows], top)
+    asking = logits[rows]
+    masks = [(j, batch[i].allowed) for j, i in enumerate(index)]
+    masked = [(j, allowed) for j, allowed in masks if allowed is not None]
+    if masked:  # a grammar's row: the distribution its token was chosen from
+        keep = torch.ones(asking.shape, dtype=torch.bool)
+        for j, allowed in masked:
+            keep[j] = allowed
+        asking = asking.masked_fill(~staged(keep), float("-inf"))
+    packed[rows, 1:] = row_logprobs(asking, chosen[rows], top)
     return packed, asks
 
 
@@ -120,7 +129,9 @@ def unpack_logprobs(
             continue
         width = (len(row) - 1) // 2
         ids, logps = row[1 : 1 + ask], row[1 + width : 1 + width + ask]
-        out.append(RowLogprobs(row[0], tuple((int(i), p) for i, p in zip(ids, logps, strict=True))))
+        # A grammar may allow fewer tokens than were asked for: the rest are -inf, not listed.
+        top = tuple((int(i), p) for i, p in zip(ids, logps, strict=True) if p != -math.inf)
+        out.append(RowLogprobs(row[0], top))
     return out
 
 

@@ -87,8 +87,10 @@ class TokenChooser:
                 tokens[index] = sampler.choose(row_logits)
             ask = asks[index]
             if ask is not None:
-                chosen = torch.tensor([tokens[index]], device=row_raw.device)
-                values = row_logprobs(row_raw.view(1, -1), chosen, ask)[0].tolist()
+                # The distribution the token was chosen from: a grammar's mask applied, so
+                # a greedy token is always the first alternative.
+                chosen = torch.tensor([tokens[index]], device=row_logits.device)
+                values = row_logprobs(row_logits.view(1, -1), chosen, ask)[0].tolist()
                 logprobs[index] = unpack_logprobs([values], [ask])[0]
         return tokens, logprobs
 

@@ -1,9 +1,10 @@
 """Log probabilities from the batched engine (tiny reference checkpoint, float32, CPU).
 
-They are the model's own distribution at each step (log-softmax of its logits, before a
-grammar's mask): under greedy decoding the chosen token is the most likely one, the gaps
-between alternatives are the reference's logit margins, and a row reports the same
-numbers alone and in a batch. Rows that ask nothing get nothing.
+They are the distribution each token was chosen from at temperature 1 (log-softmax of
+the model's logits over the tokens the request allows: a grammar's mask applied): under
+greedy decoding the chosen token is the most likely one, the gaps between alternatives are
+the reference's logit margins, and a row reports the same numbers alone and in a batch.
+Rows that ask nothing get nothing.
 """
 
 from __future__ import annotations
@@ -189,3 +190,40 @@ def test_the_graph_paths_packed_copy_carries_the_same_logprobs(
         assert [i for i, _ in got.logprobs.top] == [i for i, _ in want.logprobs.top]
         assert got.logprobs.logprob == pytest.approx(want.logprobs.logprob, abs=TOLERANCE)
     assert all(e.logprobs is None for e in events[other])
+
+
+COLOUR = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour", "strict": True, "schema": {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }},
+}
+
+
+@pytest.mark.parametrize("decode_kernel", ["rows", "gather"])
+def test_under_a_grammar_logprobs_cover_the_allowed_tokens_and_greedy_picks_the_top(
+    engine: Engine, decode_kernel: str
+) -> None:
+    # Given a greedy job constrained to {"colour": "red" | "green" | "blue"}, asking for 20
+    # alternatives per token (the host path, and the graph path's packed copy)
+    job = asking(engine, "text_only", 20)
+    job.constraint = engine.grammars.constraint(COLOUR)
+    # When it runs
+    events = run(scheduler_for(engine, decode_kernel), [job])[job]
+    # Then every token is the first of its alternatives (the distribution it was chosen
+    # from: the grammar's mask applied), every alternative is finite, and where the
+    # grammar allows fewer than 20 tokens the listed ones are all of them (they sum to 1)
+    assert events
+    narrowed = 0
+    for event in events:
+        chosen = event.logprobs
+        assert chosen is not None
+        assert chosen.top[0] == (event.token_id, chosen.logprob)
+        assert all(math.isfinite(value) for _, value in chosen.top)
+        if len(chosen.top) < 20:
+            narrowed += 1
+            assert sum(math.exp(value) for _, value in chosen.top) == pytest.approx(1.0)
+    assert narrowed > 0
