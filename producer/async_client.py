@@ -26,6 +26,7 @@ from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
 from producer.documents import (
     DocumentInput,
+    document_fingerprint,
     document_for_key,
     document_outgoing,
     prepare_document,
@@ -138,9 +139,7 @@ class AsyncClient(ClientCore[redis.asyncio.Redis]):
             given = await asyncio.to_thread(
                 document_for_key, document, self.settings, self.local_files
             )
-            mark = idempotency.fingerprint(
-                [idempotency.request_fingerprint(request), given, max_failed_pages]
-            )
+            mark = document_fingerprint(request, given, max_failed_pages)
 
             async def create(once: SubmitRequest) -> TaskHandle:
                 return await self._submit_document(once, given, max_failed_pages)

@@ -23,6 +23,7 @@ from producer import idempotency
 from producer.client_core import POOL_SIZE, ClientCore, ResultWait, finished
 from producer.documents import (
     DocumentInput,
+    document_fingerprint,
     document_for_key,
     document_outgoing,
     prepare_document,
@@ -148,9 +149,7 @@ class Client(ClientCore[redis.Redis]):
         )
         if document is not None and idempotency_key is not None:
             given = document_for_key(document, self.settings, self.local_files)
-            mark = idempotency.fingerprint(
-                [idempotency.request_fingerprint(request), given, max_failed_pages]
-            )
+            mark = document_fingerprint(request, given, max_failed_pages)
             return self._submit_once(
                 request,
                 idempotency_key,

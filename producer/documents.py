@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from producer.envelope import Envelope, Outgoing, new_id, safe_repr
+from producer import idempotency
+from producer.envelope import Envelope, Outgoing
 from producer.submission import Draft, SubmitRequest, prepare
 from vision_queue.addresses import check_url, check_url_length
 from vision_queue.documents import (
@@ -30,9 +31,8 @@ from vision_queue.documents import (
 from vision_queue.errors import ImageFetchFailed, InvalidDocument, InvalidInput
 from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.images import ImageLimits
-from vision_queue.protocol import STAGED_IMAGE_KEY, priority_queue
-from vision_queue.results import TaskHandle
-from vision_queue.schemas import ImageRef, ImageSource, TaskRequest
+from vision_queue.protocol import STAGED_IMAGE_KEY
+from vision_queue.schemas import ImageRef, ImageSource
 from vision_queue.settings import Settings
 
 # What `submit(document=...)` accepts: PDF bytes, an http(s) URL, a local path, or a binary
@@ -88,6 +88,12 @@ def document_for_key(document: Any, settings: Settings, local_files: bool = True
     return url if url is not None else read_document(document, settings, local_files)
 
 
+def document_fingerprint(request: SubmitRequest, given: bytes | str, max_failed: int) -> str:
+    """What an idempotency key remembers of a document submit: the request, the PDF's
+    bytes or URL (`document_for_key`) and `max_failed_pages`."""
+    return idempotency.fingerprint([idempotency.request_fingerprint(request), given, max_failed])
+
+
 def prepare_document(
     request: SubmitRequest,
     document: Any,
@@ -132,26 +138,11 @@ def document_outgoing(
     message."""
     pdf = draft.images[0]
     assert isinstance(pdf, ImageRef)
-    request = TaskRequest(
-        draft.task,
+    staged = () if data is None else ((STAGED_IMAGE_KEY.format(digest=pdf.ref), data),)
+    return envelope.outgoing_request(
+        draft,
         (pdf,),
-        draft.prompt,
-        draft.options,
-        messages=draft.messages,
-        callback_url=draft.callback_url,
-    )
-    task_id = draft.task_id or new_id()
-    argsrepr = safe_repr(request)
-    queue = priority_queue(envelope.settings.queue, draft.priority)
-    message = document_message(request, pages, draft.priority, max_failed_pages)
-    return Outgoing(
-        handle=TaskHandle(task_id, draft.task),
-        staged=() if data is None else ((STAGED_IMAGE_KEY.format(digest=pdf.ref), data),),
-        message=envelope.task_message(
-            task_id, draft.task, message, argsrepr, queue, celery_name=DOCUMENT_TASK
-        ),
-        queue=queue,
-        sent_event=envelope.sent_event(
-            task_id, draft.task, argsrepr, queue, celery_name=DOCUMENT_TASK
-        ),
+        staged,
+        lambda request: document_message(request, pages, draft.priority, max_failed_pages),
+        celery_name=DOCUMENT_TASK,
     )

@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
@@ -143,9 +143,22 @@ class Envelope:
             digest = hashlib.sha256(image).hexdigest()
             staged.append((STAGED_IMAGE_KEY.format(digest=digest), image))
             refs.append(ImageRef(ImageSource.STAGED, digest))
+        return self.outgoing_request(draft, tuple(refs), tuple(staged))
+
+    def outgoing_request(
+        self,
+        draft: Draft,
+        refs: tuple[ImageRef, ...],
+        staged: tuple[tuple[str, bytes], ...],
+        body: Callable[[TaskRequest], dict[str, Any]] | None = None,
+        celery_name: str | None = None,
+    ) -> Outgoing:
+        """The message of `draft` over images already staged or referenced; `body` turns
+        its request into the message's argument (default: the request's own form) and
+        `celery_name` names another task (a document job: producer/documents.py)."""
         request = TaskRequest(
             draft.task,
-            tuple(refs),
+            refs,
             draft.prompt,
             draft.options,
             messages=draft.messages,
@@ -154,12 +167,17 @@ class Envelope:
         task_id = draft.task_id or new_id()
         argsrepr = safe_repr(request)
         queue = priority_queue(self.settings.queue, draft.priority)
+        argument = request.to_message() if body is None else body(request)
         return Outgoing(
             handle=TaskHandle(task_id, draft.task),
-            staged=tuple(staged),
-            message=self.task_message(task_id, draft.task, request.to_message(), argsrepr, queue),
+            staged=staged,
+            message=self.task_message(
+                task_id, draft.task, argument, argsrepr, queue, celery_name=celery_name
+            ),
             queue=queue,
-            sent_event=self.sent_event(task_id, draft.task, argsrepr, queue),
+            sent_event=self.sent_event(
+                task_id, draft.task, argsrepr, queue, celery_name=celery_name
+            ),
         )
 
     def task_message(

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
+from producer.documents import document_url
 from producer.gateway import idempotency as idempotent
 from producer.gateway import sse, usage
 from producer.gateway.disconnect import close_stream
@@ -42,17 +43,14 @@ from producer.gateway.wire import (
     off_loop_if_large,
     submission_images,
 )
-from vision_queue.addresses import check_url, check_url_length
 from vision_queue.documents import decode_base64_document
 from vision_queue.errors import (
     ClientError,
-    ImageFetchFailed,
     ImageTooLarge,
     InvalidDocument,
     InvalidInput,
     TaskFailed,
 )
-from vision_queue.image_refs import RefKind, ref_kind
 from vision_queue.results import result_json
 from vision_queue.schemas import ImageRef
 from vision_queue.settings import Settings
@@ -295,15 +293,10 @@ async def _json_document(given: DocumentData, settings: Settings) -> bytes | str
     if (data is None) == (url is None):
         raise InvalidInput("give a document as exactly one of data and url", field="document")
     if url is not None:
-        if ref_kind(url, "document", allow_path=False) is not RefKind.URL:
+        checked = document_url(url, settings, local_files=False)
+        if checked is None:
             raise InvalidInput("document url must be an http(s) URL", field="document")
-        check_url_length(url, "document")
-        try:
-            check_url(url, settings.private_host_allowlist)
-        except ImageFetchFailed as exc:
-            exc.field = "document"
-            raise
-        return url
+        return checked
     assert data is not None
     return await off_loop_if_large(
         len(data), lambda: decode_base64_document(data, settings.document_max_bytes)
