@@ -1,8 +1,10 @@
-"""What the OpenAI routes share once a task is queued: the served model's check, the wait
-for a non-streamed answer, and turning a finished task into an answer or a coded error."""
+"""What the OpenAI routes share: the served model's check, queueing a conversation, the
+wait for a non-streamed answer, turning a finished task into an answer or a coded error,
+and the end of a streamed one."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,11 +14,19 @@ from fastapi.responses import Response
 
 from producer.gateway import usage
 from producer.gateway.auth import Caller
-from producer.gateway.disconnect import Disconnected, cancel_quietly, unless_disconnected
+from producer.gateway.chat import Conversation
+from producer.gateway.disconnect import (
+    Disconnected,
+    cancel_quietly,
+    close_stream,
+    unless_disconnected,
+)
 from producer.gateway.errors import ApiError, GatewayCode, from_exception, task_error
 from producer.gateway.state import GatewayState
+from producer.gateway.submission import submit_task
 from vision_queue.errors import WaitTimeout
-from vision_queue.results import result_json
+from vision_queue.protocol import TaskName
+from vision_queue.results import TaskHandle, result_json
 
 # nginx's code for a client that closed the connection before the answer: nobody reads it.
 CLIENT_CLOSED = 499
@@ -31,6 +41,36 @@ def check_model(asked: str, served: str) -> None:
             f"the model {asked[:100]!r} does not exist here; this gateway serves {served!r}",
             param="model",
         )
+
+
+async def submit_conversation(
+    state: GatewayState, who: Caller, convo: Conversation, task_id: str | None = None
+) -> TaskHandle:
+    """Queue a chat conversation (chat completions, Responses) as an `ask` task."""
+    return await submit_task(
+        state,
+        who,
+        TaskName.ASK,
+        convo.images,
+        messages=convo.turns,
+        options=convo.options,
+        priority=convo.priority,
+        task_id=task_id,
+    )
+
+
+async def end_stream(
+    state: GatewayState, who: Caller, task_id: str, events: object, ended: bool
+) -> None:
+    """However a streamed answer stops (its end, an error, the caller gone): its events'
+    connection goes back, a task that did not end is cancelled, its slot is released.
+    Shielded: it runs when the response is cancelled too."""
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(Exception):
+            await close_stream(events)
+        if not ended:
+            await cancel_quietly(state.client.cancel(task_id), task_id)
+        await state.limiter.release(who.key_id, task_id)
 
 
 async def finished_task(

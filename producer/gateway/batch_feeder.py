@@ -280,28 +280,21 @@ class BatchFeeder:
         }
         suffix = batch_id.removeprefix("batch_")
         owner = meta["owner"]
-        if output:
-            stored = await files.store(
-                self.state,
-                owner,
-                _jsonl(output),
-                f"{batch_id}_output.jsonl",
-                "batch_output",
-                file_id=f"file-{suffix}-output",
-                quota=False,
-            )
-            fields["output_file_id"] = stored["id"]
-        if errors:
-            stored = await files.store(
-                self.state,
-                owner,
-                _jsonl(errors),
-                f"{batch_id}_error.jsonl",
-                "batch_output",
-                file_id=f"file-{suffix}-errors",
-                quota=False,
-            )
-            fields["error_file_id"] = stored["id"]
+        for lines_of, name, kind, field in (
+            (output, "output", "output", "output_file_id"),
+            (errors, "error", "errors", "error_file_id"),
+        ):
+            if lines_of:
+                stored = await files.store(
+                    self.state,
+                    owner,
+                    _jsonl(lines_of),
+                    f"{batch_id}_{name}.jsonl",
+                    "batch_output",
+                    file_id=f"file-{suffix}-{kind}",
+                    quota=False,
+                )
+                fields[field] = stored["id"]
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(store.key(batch_id), mapping=fields)  # type: ignore[arg-type]
         pipe.delete(

@@ -8,7 +8,6 @@ does a wait past VQ_GATEWAY_WAIT_TIMEOUT_S (504).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,16 +18,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.gateway import chat, sse, usage
 from producer.gateway import idempotency as idempotent
-from producer.gateway.answers import check_model, finished_task
+from producer.gateway.answers import (
+    check_model,
+    end_stream,
+    finished_task,
+    submit_conversation,
+)
 from producer.gateway.auth import Caller
 from producer.gateway.chat_documents import document_pages
-from producer.gateway.disconnect import (
-    cancel_quietly,
-    close_stream,
-)
 from producer.gateway.errors import from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
-from producer.gateway.submission import submit_task
 from producer.gateway.wire import check_json_bounds, check_text, off_loop_if_large
 from vision_queue.errors import ClientError, TaskFailed, VisionQueueError
 from vision_queue.protocol import TaskName
@@ -108,16 +107,7 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
             who.key_id,
             request,
             [await request.body()],
-            lambda task_id: submit_task(
-                state,
-                who,
-                TaskName.ASK,
-                convo.images,
-                messages=convo.turns,
-                options=convo.options,
-                priority=convo.priority,
-                task_id=task_id,
-            ),
+            lambda task_id: submit_conversation(state, who, convo, task_id),
             idempotent.task_of(TaskName.ASK),
         )
     except VisionQueueError as exc:
@@ -197,11 +187,4 @@ async def _stream(
     except (ClientError, TaskFailed) as exc:  # Redis went away, or the stream broke
         yield sse.json_event(from_exception(exc).body())
     finally:
-        # Runs when the caller disconnects too (the response is cancelled): shielded, so
-        # the cancel and the slot's release still happen.
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                await close_stream(events)
-            if not ended:
-                await cancel_quietly(state.client.cancel(task_id), task_id)
-            await state.limiter.release(who.key_id, task_id)
+        await end_stream(state, who, task_id, events, ended)

@@ -11,27 +11,24 @@ token limit, `response.failed` when the task failed), each with its `sequence_nu
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.gateway import chat, sse, usage
 from producer.gateway import responses as shapes
-from producer.gateway.answers import check_model, finished_task
-from producer.gateway.auth import Caller
-from producer.gateway.disconnect import (
-    cancel_quietly,
-    close_stream,
+from producer.gateway.answers import (
+    check_model,
+    end_stream,
+    finished_task,
+    submit_conversation,
 )
+from producer.gateway.auth import Caller
 from producer.gateway.errors import from_exception, task_error
 from producer.gateway.state import Authorized, GatewayState, state_of
-from producer.gateway.submission import submit_task
 from vision_queue.errors import ClientError, TaskFailed, VisionQueueError
-from vision_queue.protocol import TaskName
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -56,15 +53,7 @@ async def create_response(
     check_model(body.model, model)
     convo = chat.conversation(shapes.chat_request(body), state.settings.private_host_allowlist)
     try:
-        handle = await submit_task(
-            state,
-            who,
-            TaskName.ASK,
-            convo.images,
-            messages=convo.turns,
-            options=convo.options,
-            priority=convo.priority,
-        )
+        handle = await submit_conversation(state, who, convo)
     except VisionQueueError as exc:
         exc.field = _param(convo.param_of(exc.field))
         raise
@@ -161,9 +150,4 @@ async def _stream(
         problem = from_exception(exc)
         yield emit("error", code=problem.code, message=problem.message, param=problem.param)
     finally:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                await close_stream(events)
-            if not ended:
-                await cancel_quietly(state.client.cancel(task_id), task_id)
-            await state.limiter.release(who.key_id, task_id)
+        await end_stream(state, who, task_id, events, ended)
