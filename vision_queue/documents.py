@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vision_queue.errors import InvalidDocument, InvalidInput
+from vision_queue.pdf_render import PageLimits
 from vision_queue.protocol import KEY_PREFIX, Priority, TaskName
 from vision_queue.schemas import (
     ImageRef,
@@ -142,6 +143,17 @@ def check_page_count(pages: int, settings: Settings) -> None:
             f"{settings.document_max_pages}",
             field="document",
         )
+
+
+def page_limits(settings: Settings) -> PageLimits:
+    """How this process draws PDF pages (VQ_DOCUMENT_DPI, VQ_MAX_IMAGE_PIXELS,
+    VQ_DOCUMENT_PAGE_TIME_LIMIT_S, VQ_DOCUMENT_PAGE_MEMORY_BYTES)."""
+    return PageLimits(
+        settings.document_dpi,
+        settings.max_image_pixels,
+        settings.document_page_time_limit_s,
+        settings.document_page_memory_bytes,
+    )
 
 
 def check_pdf(data: bytes, settings: Settings) -> int:

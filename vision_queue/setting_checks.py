@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from vision_queue.addresses import allowlist_entry
+from vision_queue.pdf_render import least_page_memory
 from vision_queue.redis_urls import redis_url_problems
 from vision_queue.sentinel import is_sentinel_url
 from vision_queue.setting_values import is_bind_address, key_digest, parse_caps, split_list
@@ -118,6 +119,8 @@ def settings_problems(
             "VQ_VISIBILITY_TIMEOUT_S must be larger than VQ_TASK_TIME_LIMIT_S, or a running "
             "task would be delivered to a second worker"
         )
+    if rules.applies("document_page_memory_bytes", "max_image_pixels"):
+        rules.problems.extend(_page_memory_problems(values, env))
     if (
         rules.applies("lease_ttl_s", "heartbeat_interval_s")
         and values["lease_ttl_s"] < 2 * values["heartbeat_interval_s"]
@@ -127,6 +130,17 @@ def settings_problems(
             "heartbeat would lose a healthy worker's lease"
         )
     return rules.problems
+
+
+def _page_memory_problems(values: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    least = least_page_memory(values["max_image_pixels"])
+    if values["document_page_memory_bytes"] >= least:
+        return []
+    return [
+        f"{env['document_page_memory_bytes']} must be at least {least} bytes (256 MiB + 16 "
+        f"bytes per pixel of {env['max_image_pixels']}), or no page at the pixel cap could "
+        "be drawn"
+    ]
 
 
 def _allowlist_problems(var: str, raw: str) -> list[str]:

@@ -193,6 +193,13 @@ class Settings(GatewaySettings):
         "Longest time rendering one PDF page may take (in a child process, then killed).",
         ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
     )
+    document_page_memory_bytes: int = setting(
+        "VQ_DOCUMENT_PAGE_MEMORY_BYTES",
+        2 * 1024**3,
+        "Most memory (address space) the child process drawing PDF pages may use; a page "
+        "that needs more fails coded. At least 256 MiB + 16 bytes x VQ_MAX_IMAGE_PIXELS.",
+        ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
+    )
     max_prompt_chars: int = setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.", ALL, same=True)
     max_conversation_chars: int = setting(
         "VQ_MAX_CONVERSATION_CHARS",

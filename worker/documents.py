@@ -33,6 +33,7 @@ from vision_queue.documents import (
     PAGE_FIELD,
     DocumentRequest,
     check_pdf,
+    page_limits,
     parse_document,
 )
 from vision_queue.errors import (
@@ -205,12 +206,7 @@ class _FanOut:
             path = str(Path(folder) / "document.pdf")
             Path(path).write_bytes(data)
             render_pages(
-                path,
-                self.pages,
-                settings.document_dpi,
-                settings.max_image_pixels,
-                settings.document_page_time_limit_s,
-                on_page=self._on_page,
+                path, self.pages, page_limits(settings), on_page=self._on_page
             )
         log.info("document id=%s pages=%d queued", self.doc_id, self.pages)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from vision_queue.documents import check_pdf, decode_base64_document
+from vision_queue.documents import check_pdf, decode_base64_document, page_limits
 from vision_queue.errors import InvalidInput, VisionQueueError
 from vision_queue.pdf_render import render_pages
 from vision_queue.settings import Settings
@@ -37,13 +37,7 @@ def document_pages(
         with tempfile.TemporaryDirectory(prefix="vq-chat-pdf-") as folder:
             path = Path(folder) / "document.pdf"
             path.write_bytes(data)
-            drawn = render_pages(
-                str(path),
-                pages,
-                settings.document_dpi,
-                settings.max_image_pixels,
-                settings.document_page_time_limit_s,
-            )
+            drawn = render_pages(str(path), pages, page_limits(settings))
     except VisionQueueError as exc:
         exc.field = where
         raise

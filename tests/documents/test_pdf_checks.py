@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -16,11 +21,19 @@ from support.pdfs import (
 
 from vision_queue.documents import check_pdf
 from vision_queue.errors import InvalidDocument, TaskTimeout
-from vision_queue.pdf_render import render_page
+from vision_queue.pdf_render import PageLimits, least_page_memory, render_page
 from vision_queue.settings import Settings
 from worker.document_join import join_pages, page_entry
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def limits(
+    time_limit_s: float, max_pixels: int = 1_000_000, memory_bytes: int | None = None
+) -> PageLimits:
+    """150 dpi; the least memory bound allowed for `max_pixels` unless told."""
+    memory = least_page_memory(max_pixels) if memory_bytes is None else memory_bytes
+    return PageLimits(150, max_pixels, time_limit_s, memory)
 
 
 @pytest.fixture
@@ -67,7 +80,7 @@ def test_zero_pages_is_refused(settings):
 def test_a_200_inch_page_is_drawn_scaled_down_to_the_pixel_cap(tmp_path):
     path = tmp_path / "big.pdf"
     path.write_bytes(enormous_page_pdf())
-    png = render_page(str(path), 0, dpi=150, max_pixels=1_000_000, time_limit_s=60)
+    png = render_page(str(path), 0, limits(time_limit_s=60))
     width, height = Image.open(io.BytesIO(png)).size
     assert width * height <= 1_000_000 and width > 900
 
@@ -76,7 +89,71 @@ def test_a_page_whose_drawing_never_ends_is_stopped_at_the_time_limit(tmp_path):
     path = tmp_path / "endless.pdf"
     path.write_bytes(endless_page_pdf())
     with pytest.raises(TaskTimeout, match="VQ_DOCUMENT_PAGE_TIME_LIMIT_S=2s"):
-        render_page(str(path), 0, dpi=150, max_pixels=1_000_000, time_limit_s=2)
+        render_page(str(path), 0, limits(time_limit_s=2, memory_bytes=16 * 1024**3))
+
+
+def test_a_page_that_needs_more_memory_than_the_bound_fails_coded_long_before_the_time_limit(
+    tmp_path,
+):
+    # The endless page grows pdfium's memory by hundreds of MB a second: the address space
+    # bound stops it, far sooner than the time limit would.
+    path = tmp_path / "endless.pdf"
+    path.write_bytes(endless_page_pdf())
+    with pytest.raises(InvalidDocument, match="VQ_DOCUMENT_PAGE_MEMORY_BYTES") as caught:
+        render_page(str(path), 0, limits(time_limit_s=120))
+    assert caught.value.field == "document"
+
+
+def test_a_page_at_the_pixel_cap_draws_within_the_least_memory_bound_allowed(tmp_path):
+    path = tmp_path / "big.pdf"
+    path.write_bytes(enormous_page_pdf())
+    png = render_page(str(path), 0, limits(max_pixels=4_000_000, time_limit_s=60))
+    width, height = Image.open(io.BytesIO(png)).size
+    assert 3_900_000 < width * height <= 4_000_000
+
+
+_DRAW_FOREVER = """
+import sys
+from vision_queue.pdf_render import PageLimits, render_page
+render_page(sys.argv[1], 0, PageLimits(72, 1_000_000, 600.0, 16 * 1024**3))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_the_drawing_child_exits_when_its_parent_is_killed(tmp_path):
+    # Given a process drawing a page that never ends (the time limit far away)
+    path = tmp_path / "endless.pdf"
+    path.write_bytes(endless_page_pdf())
+    parent = subprocess.Popen([sys.executable, "-c", _DRAW_FOREVER, str(path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := _children(parent.pid)):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = children[0]
+    finally:
+        # When that process is killed (no cleanup runs)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    # Then its drawing child exits too, instead of drawing on as an orphan
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, "the drawing child outlived its parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
 
 
 def _page(n: int, state: str, text: str = "", error: str | None = None) -> dict:

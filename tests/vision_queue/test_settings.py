@@ -66,6 +66,10 @@ def test_a_visibility_timeout_not_above_the_time_limit_is_refused():
         ({"VQ_QUEUE": "gpu queue"}, "VQ_QUEUE"),
         ({"VQ_REMOTE_CONTROL": "everything"}, "VQ_REMOTE_CONTROL must be one of restricted"),
         (
+            {"VQ_DOCUMENT_PAGE_MEMORY_BYTES": "300000000"},
+            "VQ_DOCUMENT_PAGE_MEMORY_BYTES must be at least 908435456 bytes",
+        ),
+        (
             {"VQ_LONGROPE_SWITCH": "sometimes"},
             "VQ_LONGROPE_SWITCH must be one of auto, keep-cache, recompute",
         ),
