@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 keys=keys,
                 limiter=Limiter(connection, settings),
                 metrics=metrics,
+                document_renders=anyio.CapacityLimiter(settings.gateway_document_renders),
             )
             feeder = asyncio.ensure_future(run_feeder(app.state.gateway))
             try:

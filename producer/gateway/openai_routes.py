@@ -96,9 +96,10 @@ async def chat_completions(request: Request, who: Authorized) -> Response:
 
         return body, chat.conversation(body, allowlist, settings.max_image_bytes, documents)
 
-    # A `file` part's pages are drawn while parsing: never on the event loop.
+    # A `file` part's pages are drawn while parsing: never on the event loop, and only so
+    # many at once (each draw may hold up to VQ_DOCUMENT_PAGE_MEMORY_BYTES).
     if b'"file"' in raw:
-        body, convo = await anyio.to_thread.run_sync(parse)
+        body, convo = await anyio.to_thread.run_sync(parse, limiter=state.document_renders)
     else:
         body, convo = await off_loop_if_large(len(raw), parse)
     try:

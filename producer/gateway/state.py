@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
+import anyio
 from fastapi import Depends, Request
 
 from producer.gateway.auth import Caller, KeyRing
@@ -26,6 +27,9 @@ class GatewayState:
     keys: KeyRing
     limiter: Limiter
     metrics: GatewayMetrics
+    # Chat `file` PDFs drawn at once (VQ_GATEWAY_DOCUMENT_RENDERS): each draw is a child
+    # process of up to VQ_DOCUMENT_PAGE_MEMORY_BYTES, so this bounds the gateway's memory.
+    document_renders: anyio.CapacityLimiter
     # need_worker -> (when, status, body) of the last readiness probe (health.py)
     readiness: dict[bool, tuple[float, int, bytes]] = field(default_factory=dict)
 

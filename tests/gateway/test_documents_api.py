@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,8 +20,11 @@ from gateway_support import (
     wait_for_result,
 )
 from support.http_server import Route, serve
-from support.pdfs import chromium_pdf, encrypted_pdf, pillow_pdf
+from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
+from support.redis_server import RedisServer
 from support.webhook_receiver import WebhookReceiver, documented_verifier
+
+from vision_queue.pdf_render import least_page_memory
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -186,3 +191,53 @@ def test_a_pdf_file_part_becomes_the_prompts_page_images(gateway: GatewayProcess
                 messages=[{"role": "user", "content": [file_part(pillow_pdf(1)[:-100])]}],
                 max_tokens=1,
             )
+
+
+def _drawing_children(pid: int) -> int:
+    count = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            count += b"vision_queue.pdf_render" in cmdline
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_the_gateway_draws_at_most_its_share_of_chat_pdfs_at_once(
+    module_redis: RedisServer, tmp_path
+):
+    # Given a gateway that draws one chat PDF at a time, and three requests at once whose
+    # page grows the drawing child until its memory bound stops it
+    env = {
+        "VQ_GATEWAY_DOCUMENT_RENDERS": "1",
+        "VQ_MAX_IMAGE_PIXELS": "1000000",
+        "VQ_DOCUMENT_PAGE_MEMORY_BYTES": str(least_page_memory(1_000_000)),
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": [file_part(endless_page_pdf())]}],
+        "max_tokens": 1,
+    }
+    with GatewayProcess(module_redis.url, tmp_path, **env) as gateway:
+        assert gateway.process is not None
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            answers.append(
+                httpx.post(gateway.url("/v1/chat/completions"), json=body, headers=headers,
+                           timeout=120)
+            )
+
+        askers = [threading.Thread(target=ask) for _ in range(3)]
+        for asker in askers:
+            asker.start()
+        most = 0
+        while any(asker.is_alive() for asker in askers):
+            most = max(most, _drawing_children(gateway.process.pid))
+            time.sleep(0.02)
+    # Then each is answered with its page's coded error, and never were two drawn at once
+    errors = [answer.json()["error"] for answer in answers]
+    assert [error["code"] for error in errors] == ["invalid_document"] * 3
+    assert all("VQ_DOCUMENT_PAGE_MEMORY_BYTES" in error["message"] for error in errors)
+    assert most == 1
