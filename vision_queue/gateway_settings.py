@@ -91,13 +91,6 @@ class GatewaySettings:
         "Redis connections per pool of a gateway process; a burst waits for one, then 429.",
         GATEWAY_ONLY,
     )
-    gateway_document_renders: int = setting(
-        "VQ_GATEWAY_DOCUMENT_RENDERS",
-        2,
-        "Chat `file` PDFs a gateway process draws at once (each in a child process of at most "
-        "VQ_DOCUMENT_PAGE_MEMORY_BYTES); further ones wait their turn.",
-        GATEWAY_ONLY,
-    )
     gateway_header_timeout_s: float = setting(
         "VQ_GATEWAY_HEADER_TIMEOUT_S",
         10.0,

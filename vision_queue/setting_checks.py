@@ -44,7 +44,7 @@ _POSITIVE = (
     "gateway_wait_timeout_s",
     "gateway_max_connections",
     "gateway_redis_connections",
-    "gateway_document_renders",
+    "document_renders",
     "gateway_header_timeout_s",
     "gateway_body_timeout_s",
     "lease_ttl_s",

@@ -200,6 +200,14 @@ class Settings(GatewaySettings):
         "that needs more fails coded. At least 256 MiB + 16 bytes x VQ_MAX_IMAGE_PIXELS.",
         ("gateway", "worker"),  # the gateway draws chat `file` parts' pages
     )
+    document_renders: int = setting(
+        "VQ_DOCUMENT_RENDERS",
+        2,
+        "PDFs a process draws at once (each in a child of at most "
+        "VQ_DOCUMENT_PAGE_MEMORY_BYTES): a worker's documents, a gateway's chat `file` parts; "
+        "further ones wait their turn.",
+        ("gateway", "worker"),
+    )
     max_prompt_chars: int = setting("VQ_MAX_PROMPT_CHARS", 4000, "Longest prompt.", ALL, same=True)
     max_conversation_chars: int = setting(
         "VQ_MAX_CONVERSATION_CHARS",

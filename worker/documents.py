@@ -205,9 +205,8 @@ class _FanOut:
         with tempfile.TemporaryDirectory(prefix="vq-doc-") as folder:
             path = str(Path(folder) / "document.pdf")
             Path(path).write_bytes(data)
-            render_pages(
-                path, self.pages, page_limits(settings), on_page=self._on_page
-            )
+            with self.runtime.document_renders:
+                render_pages(path, self.pages, page_limits(settings), on_page=self._on_page)
         log.info("document id=%s pages=%d queued", self.doc_id, self.pages)
 
     def _open_record(self) -> dict[int, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -187,6 +188,7 @@ def _runtime(
         ),
         leases=book,
         keeper=keeper,
+        document_renders=threading.BoundedSemaphore(settings.document_renders),
     )
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -75,6 +76,11 @@ class WorkerRuntime:
     webhooks: WebhookSender
     leases: LeaseBook | None = None
     keeper: LeaseKeeper | None = None
+    # Documents drawn at once (VQ_DOCUMENT_RENDERS): each draw is a child process of up to
+    # VQ_DOCUMENT_PAGE_MEMORY_BYTES, so this bounds what hostile PDFs cost the host.
+    document_renders: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2)
+    )
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:

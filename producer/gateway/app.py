@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 keys=keys,
                 limiter=Limiter(connection, settings),
                 metrics=metrics,
-                document_renders=anyio.CapacityLimiter(settings.gateway_document_renders),
+                document_renders=anyio.CapacityLimiter(settings.document_renders),
             )
             feeder = asyncio.ensure_future(run_feeder(app.state.gateway))
             try:

@@ -27,7 +27,7 @@ class GatewayState:
     keys: KeyRing
     limiter: Limiter
     metrics: GatewayMetrics
-    # Chat `file` PDFs drawn at once (VQ_GATEWAY_DOCUMENT_RENDERS): each draw is a child
+    # Chat `file` PDFs drawn at once (VQ_DOCUMENT_RENDERS): each draw is a child
     # process of up to VQ_DOCUMENT_PAGE_MEMORY_BYTES, so this bounds the gateway's memory.
     document_renders: anyio.CapacityLimiter
     # need_worker -> (when, status, body) of the last readiness probe (health.py)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from support.pdfs import (
     chromium_pdf,
+    drawing_children,
     encrypted_pdf,
     endless_page_pdf,
     enormous_page_pdf,
@@ -119,13 +120,6 @@ render_page(sys.argv[1], 0, PageLimits(72, 1_000_000, 600.0, 16 * 1024**3))
 """
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
 def test_the_drawing_child_exits_when_its_parent_is_killed(tmp_path):
     # Given a process drawing a page that never ends (the time limit far away)
@@ -134,7 +128,7 @@ def test_the_drawing_child_exits_when_its_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", _DRAW_FOREVER, str(path)])
     try:
         deadline = time.monotonic() + 60
-        while not (children := _children(parent.pid)):
+        while not (children := drawing_children(parent.pid)):
             assert time.monotonic() < deadline and parent.poll() is None
             time.sleep(0.05)
         child = children[0]

@@ -20,7 +20,13 @@ from gateway_support import (
     wait_for_result,
 )
 from support.http_server import Route, serve
-from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
+from support.pdfs import (
+    chromium_pdf,
+    drawing_children,
+    encrypted_pdf,
+    endless_page_pdf,
+    pillow_pdf,
+)
 from support.redis_server import RedisServer
 from support.webhook_receiver import WebhookReceiver, documented_verifier
 
@@ -193,15 +199,6 @@ def test_a_pdf_file_part_becomes_the_prompts_page_images(gateway: GatewayProcess
             )
 
 
-def _drawing_children(pid: int) -> int:
-    count = 0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            count += b"vision_queue.pdf_render" in cmdline
-    return count
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
 def test_the_gateway_draws_at_most_its_share_of_chat_pdfs_at_once(
     module_redis: RedisServer, tmp_path
@@ -209,7 +206,7 @@ def test_the_gateway_draws_at_most_its_share_of_chat_pdfs_at_once(
     # Given a gateway that draws one chat PDF at a time, and three requests at once whose
     # page grows the drawing child until its memory bound stops it
     env = {
-        "VQ_GATEWAY_DOCUMENT_RENDERS": "1",
+        "VQ_DOCUMENT_RENDERS": "1",
         "VQ_MAX_IMAGE_PIXELS": "1000000",
         "VQ_DOCUMENT_PAGE_MEMORY_BYTES": str(least_page_memory(1_000_000)),
     }
@@ -234,7 +231,7 @@ def test_the_gateway_draws_at_most_its_share_of_chat_pdfs_at_once(
             asker.start()
         most = 0
         while any(asker.is_alive() for asker in askers):
-            most = max(most, _drawing_children(gateway.process.pid))
+            most = max(most, len(drawing_children(gateway.process.pid)))
             time.sleep(0.02)
     # Then each is answered with its page's coded error, and never were two drawn at once
     errors = [answer.json()["error"] for answer in answers]

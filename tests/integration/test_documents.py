@@ -11,17 +11,25 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from support.http_server import IMAGE_HOST, Route, serve
-from support.pdfs import chromium_pdf, encrypted_pdf, endless_page_pdf, pillow_pdf
+from support.pdfs import (
+    chromium_pdf,
+    drawing_children,
+    encrypted_pdf,
+    endless_page_pdf,
+    pillow_pdf,
+)
 from support.workers import WorkerProcess, base_env, run_cli, wait_until_generating
 
 from producer import AsyncClient, Client
 from producer.idempotency import IdempotencyConflict
 from vision_queue.documents import DOCUMENT_KEY
 from vision_queue.errors import InvalidDocument
+from vision_queue.pdf_render import least_page_memory
 from vision_queue.settings import Settings
 from vision_queue.streams import StreamEvent
 
@@ -327,3 +335,39 @@ def test_an_idempotency_key_queues_a_document_once(doc_client: Client, tmp_path)
     result = doc_client.result(first.id, wait=True, timeout=240)
     assert result is not None and result["state"] == "SUCCESS", result.get("error")
     assert dict(result)["pages_total"] == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_a_worker_draws_at_most_its_share_of_documents_at_once(module_redis, tmp_path):
+    # Given a worker with three rows that draws one PDF at a time, and three documents at
+    # once whose page grows its drawing child until the memory bound stops it
+    env = {
+        **WORKER_ENV,
+        "VQ_QUEUE": "renders",
+        "VQ_MAX_BATCH": "3",
+        "VQ_DOCUMENT_RENDERS": "1",
+        "VQ_MAX_IMAGE_PIXELS": "1000000",
+        "VQ_DOCUMENT_PAGE_MEMORY_BYTES": str(least_page_memory(1_000_000)),
+        "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "60",
+    }
+    settings = Settings.from_env(
+        {}, redis_url=module_redis.url, queue="renders", max_image_pixels=1_000_000,
+        connect_timeout_s=3.0,
+    )
+    with WorkerProcess(module_redis.url, tmp_path, **env) as worker, Client(settings) as client:
+        assert worker.process is not None
+        handles = [client.submit("ocr", document=endless_page_pdf()) for _ in range(3)]
+        most, results = 0, {}
+        deadline = time.monotonic() + 240
+        while len(results) < 3:
+            assert time.monotonic() < deadline
+            most = max(most, len(drawing_children(worker.process.pid)))
+            for handle in handles:
+                if handle.id not in results and (done := client.result(handle.id)) is not None:
+                    results[handle.id] = done
+            time.sleep(0.02)
+    # Then each document fails on its page's coded error, and never were two drawn at once
+    for result in results.values():
+        assert result["state"] == "FAILURE" and result["error"]["code"] == "document_failed"
+        assert result["pages"][0]["error"]["code"] == "invalid_document"
+    assert most == 1

@@ -135,3 +135,21 @@ def endless_page_pdf(levels: int = 12, fanout: int = 10, plain_pages: int = 0) -
 def enormous_page_pdf() -> bytes:
     """One 200 x 200 inch page (the largest PDF allows), with a black square on it."""
     return raw_pdf([(14400, 14400, b"0 0 0 rg 1000 1000 5000 5000 re f")])
+
+
+def drawing_children(pid: int) -> list[int]:
+    """The PDF-drawing children (`vision_queue.pdf_render`) process `pid` has now (Linux)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"vision_queue.pdf_render" in cmdline:
+                found.append(int(child))
+    return found
