@@ -143,13 +143,13 @@ def _render_from(
                         on_page(index + 1, late)
                     return out
                 line = child.stdout.readline().decode("utf-8", "replace").strip()
-                if not line:  # the child died: the next child goes on from the next page
-                    out.append(_stopped(index, child, limits))
-                else:
-                    out.append(_page_outcome(line, index, folder))
+                died = not line  # then the next child goes on from the next page
+                out.append(
+                    _stopped(index, child, limits) if died else _page_outcome(line, index, folder)
+                )
                 if on_page is not None:
                     on_page(index + 1, out[-1])
-                if not line:
+                if died:
                     return out
     finally:
         child.kill()
