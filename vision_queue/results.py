@@ -105,7 +105,9 @@ class TaskHandle:
 class TaskStatus:
     id: str
     state: str  # PENDING (queued), STARTED, PROGRESS, RETRY, SUCCESS, FAILURE
-    tokens: int = 0  # generated so far while running; in all, once finished
+    # Generated so far while running (a document: by its pages ended so far); in all, once
+    # finished.
+    tokens: int = 0
     worker: str = ""
     # A document job (vision_queue/documents.py): pages ended so far, and its page count.
     pages_done: int = 0

@@ -40,9 +40,10 @@ log = logging.getLogger("vision_queue.document")
 # Records a page's outcome once and counts it: returns the pages ended so far, or -1 when
 # this page had already been recorded (a redelivered page, or a second report).
 _PAGE_ENDED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
-if redis.call('HSETNX', KEYS[1], 'page:' .. ARGV[1], ARGV[2]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], 'done', 1)
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
+if redis.call('HSETNX', KEYS[1], 'page:' .. ARGV[1], ARGV[2]) == 0 then return {-1, 0} end
+local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
+return {done, redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[3])}
 """
 
 
@@ -122,13 +123,17 @@ def record_page(
     runtime: WorkerRuntime, doc_id: str, page: int, state: str, result: dict[str, Any]
 ) -> None:
     key = record_key(doc_id)
-    entry = json.dumps(page_entry(page, state, result))
-    done = int(runtime.redis.eval(_PAGE_ENDED, 1, key, str(page), entry))
+    entry = page_entry(page, state, result)
+    generated = entry["usage"]["completion_tokens"]
+    done, tokens = (
+        int(n)
+        for n in runtime.redis.eval(_PAGE_ENDED, 1, key, str(page), json.dumps(entry), generated)
+    )
     if done < 0:
         return
     total = int(runtime.redis.hget(key, "total") or 0)
     if done < total:
-        report_progress(runtime, doc_id, done, total)
+        report_progress(runtime, doc_id, done, total, tokens)
         return
     record = runtime.redis.hgetall(key)
     meta = json.loads(record[b"meta"])
@@ -150,12 +155,15 @@ def record_page(
         )
 
 
-def report_progress(runtime: WorkerRuntime, doc_id: str, done: int, total: int) -> None:
+def report_progress(
+    runtime: WorkerRuntime, doc_id: str, done: int, total: int, tokens: int = 0
+) -> None:
+    """The document's PROGRESS state: pages ended so far, and the tokens they generated."""
     runtime.results.update(
         doc_id,
         DOCUMENT_TASK,
         PROGRESS_STATE,
-        {"tokens": 0, "pages_done": done, "pages_total": total},
+        {"tokens": tokens, "pages_done": done, "pages_total": total},
         None,
         0,
     )

@@ -40,6 +40,9 @@ CAPS = f"describe=16,ocr=16,compare=16,ask={LONG}"
 WORKER_ENV = {
     "VQ_ALLOWED_PRIVATE_HOSTS": IMAGE_HOST,  # PDFs by URL from the tests' loopback server
     "VQ_DOCUMENT_PAGE_TIME_LIMIT_S": "3",
+    # The endless page grows pdfium's memory (about 0.5 GB/s here): far enough that the
+    # time limit stops it first on any machine, so its page fails `timeout` every time.
+    "VQ_DOCUMENT_PAGE_MEMORY_BYTES": str(8 * 1024**3),
     "VQ_DOCUMENT_DPI": "72",
     "VQ_MAX_NEW_TOKENS_CAPS": CAPS,
     "VQ_TASK_TIME_LIMIT_S": "120",
