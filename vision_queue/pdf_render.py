@@ -205,9 +205,11 @@ def _exit_with_parent() -> None:
 def _bound_memory(memory_bytes: int) -> None:
     try:
         import resource
-    except ImportError:  # not a POSIX system: time and pixel bounds only
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    except (ImportError, ValueError, OSError):
+        # Not POSIX, or RLIMIT_AS not enforceable here (macOS): time and pixel bounds only.
         return
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
 
 def _main(argv: list[str]) -> int:
