@@ -37,8 +37,9 @@ from worker.document_join import join_pages, page_entry
 WorkerRuntime = Any
 log = logging.getLogger("vision_queue.document")
 
-# Records a page's outcome once and counts it: returns the pages ended so far, or -1 when
-# this page had already been recorded (a redelivered page, or a second report).
+# Records a page's outcome once and counts it and its tokens (ARGV[3]): returns the pages
+# ended so far and the tokens they generated, or -1 first when this page had already been
+# recorded (a redelivered page, or a second report), -2 when the record is gone.
 _PAGE_ENDED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
 if redis.call('HSETNX', KEYS[1], 'page:' .. ARGV[1], ARGV[2]) == 0 then return {-1, 0} end
