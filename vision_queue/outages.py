@@ -4,7 +4,9 @@ Every client operation (submit, status, result, cancel, stream; sync and async) 
 Redis calls through `call` / `acall`: connection failures are retried until
 VQ_CONNECT_TIMEOUT_S has passed, then `BrokerUnavailable` is raised. A refused password
 and a full Redis are not retried: they are settings or capacity to fix, and the message
-says which. No call waits for more than the connect timeout plus one socket timeout.
+says which. An endpoint that is not Redis but answers something RESP-shaped (redis-py then
+fails inside its handshake with a plain Python error) is `BrokerUnavailable` saying so.
+No call waits for more than the connect timeout plus one socket timeout.
 """
 
 from __future__ import annotations
@@ -46,10 +48,35 @@ def url_setting(settings: Settings, url: str) -> str:
 POOL_EXHAUSTED = "No connection available."
 
 
+# What redis-py raises, as plain Python errors, when a handshake reply has the wrong shape:
+# an endpoint that is not Redis but answers something RESP-like (one that echoes, a proxy).
+_HANDSHAKE_FAULTS = (AttributeError, TypeError, IndexError, KeyError)
+_HANDSHAKE_CODE = frozenset({"on_connect", "on_connect_check_health"})
+
+
+def is_not_redis(exc: BaseException) -> bool:
+    """`exc` came from inside redis-py's connection handshake, not from our own code."""
+    if not isinstance(exc, _HANDSHAKE_FAULTS):
+        return False
+    trace = exc.__traceback__
+    while trace is not None:
+        frame = trace.tb_frame
+        module = str(frame.f_globals.get("__name__", ""))
+        if frame.f_code.co_name in _HANDSHAKE_CODE and module.startswith("redis."):
+            return True
+        trace = trace.tb_next
+    return False
+
+
 def broker_error(
     settings: Settings, url: str, exc: BaseException
 ) -> BrokerUnavailable | BrokerBusy:
     where = mask_url(url)
+    if is_not_redis(exc):
+        return BrokerUnavailable(
+            f"Redis at {where} is unreachable: what answers there is not a Redis server "
+            f"(its handshake reply made no sense); check {url_setting(settings, url)}"
+        )
     if is_pool_exhausted(exc):
         return BrokerBusy(
             f"every connection to Redis at {where} stayed busy for "
@@ -133,6 +160,10 @@ def call(settings: Settings, url: str, operation: Callable[[], T]) -> T:
         except (redis.RedisError, OSError) as exc:
             if not is_retryable(exc) or time.monotonic() >= deadline:
                 raise broker_error(settings, url, exc) from exc
+        except _HANDSHAKE_FAULTS as exc:
+            if not is_not_redis(exc):
+                raise
+            raise broker_error(settings, url, exc) from exc
         time.sleep(_RETRY_PAUSE_S)
 
 
@@ -145,6 +176,10 @@ async def acall(settings: Settings, url: str, operation: Callable[[], Awaitable[
         except (redis.RedisError, OSError) as exc:
             if not is_retryable(exc) or time.monotonic() >= deadline:
                 raise broker_error(settings, url, exc) from exc
+        except _HANDSHAKE_FAULTS as exc:
+            if not is_not_redis(exc):
+                raise
+            raise broker_error(settings, url, exc) from exc
         await asyncio.sleep(_RETRY_PAUSE_S)
 
 

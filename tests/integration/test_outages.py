@@ -10,6 +10,8 @@ machine; a hang would be minutes).
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,3 +221,54 @@ def test_a_refused_sentinel_password_is_named_not_reported_unreachable(
     assert says in message and "unreachable" not in message
     assert SENTINEL_PASSWORD not in message and PASSWORD not in message
     assert sentinel_password not in message or not sentinel_password
+
+
+@pytest.fixture
+def echo_url() -> Iterator[str]:
+    """A loopback server that sends back whatever it gets: RESP-shaped, but no Redis."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def echo(connection: socket.socket) -> None:
+        with connection:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=echo, args=(connection,), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"redis://:{PASSWORD}@127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        stop.set()
+        server.join()
+        listener.close()
+
+
+def test_an_endpoint_that_is_not_redis_is_named_as_such(echo_url: str, known_id: str):
+    says = "not a Redis server"
+    with Client(settings_for(echo_url)) as client, pytest.raises(BrokerUnavailable) as error:
+        client.status(known_id)
+    assert says in str(error.value) and "REDIS_URL" in str(error.value)
+
+    async def attempt() -> BaseException:
+        async with AsyncClient(settings_for(echo_url)) as client:
+            try:
+                await client.submit("ask", [], "Hello")
+            except BrokerUnavailable as caught:
+                return caught
+        raise AssertionError("no error")
+
+    assert says in str(asyncio.run(attempt()))
+    env = base_env(echo_url, VQ_CONNECT_TIMEOUT_S=str(CONNECT_TIMEOUT_S), VQ_QUEUE="nobody")
+    done = run_cli("producer", ["status", known_id], env, timeout_s=60)
+    assert done.returncode == 3 and says in done.stderr, done.stderr
+    assert PASSWORD not in done.stderr
