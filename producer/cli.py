@@ -425,12 +425,7 @@ def _print_stream(
         for event in client.stream_events(task_id):
             line = {"cursor": event.cursor, "kind": event.kind, "seq": event.seq}
             line.update({"text": event.text} if event.kind == "delta" else {"result": event.result})
-            if event.page is not None:
-                line["page"] = event.page
-            if event.choice is not None:
-                line["choice"] = event.choice
-            if event.logprobs is not None:
-                line["logprobs"] = event.logprobs
+            line.update(event.marks())
             print(json.dumps(line, ensure_ascii=False), flush=True)
             if event.failed:
                 return EXIT_TASK_FAILED

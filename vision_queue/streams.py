@@ -51,6 +51,11 @@ class StreamEvent:
     def failed(self) -> bool:
         return self.kind == "end" and (self.result or {}).get("state") != "SUCCESS"
 
+    def marks(self) -> dict[str, Any]:
+        """The delta's `page`, `choice` and `logprobs` that it has, as JSON shows them."""
+        shown = {"page": self.page, "choice": self.choice, "logprobs": self.logprobs}
+        return {name: value for name, value in shown.items() if value is not None}
+
 
 def stream_key(task_id: str) -> str:
     return STREAM_KEY.format(task_id=task_id)

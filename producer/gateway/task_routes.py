@@ -249,13 +249,8 @@ async def _events(
                 yield sse.json_event(await _snapshot(state, task_id), name="end")
                 return
             if item.kind == "delta":
-                data: dict[str, Any] = {"seq": item.seq, "text": item.text}
-                if item.page is not None:  # a document's pages stream side by side
-                    data["page"] = item.page
-                if item.choice is not None:  # so do a task's choices (options.n)
-                    data["choice"] = item.choice
-                if item.logprobs is not None:  # the delta's tokens' (options.logprobs)
-                    data["logprobs"] = item.logprobs
+                # A document's pages and a task's choices stream side by side: marked.
+                data: dict[str, Any] = {"seq": item.seq, "text": item.text, **item.marks()}
                 yield sse.json_event(data, name="delta", event_id=item.cursor)
                 continue
             result = TaskResultBody.of({"id": task_id, **(item.result or {})}).to_json()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from worker.inference.engine import Engine
-from worker.inference.scheduler import Failed, Finished, Job, Scheduler, Token
+from worker.inference.scheduler import Event, Failed, Finished, Job, Scheduler, Token
 from worker.model.kvcache import KVPool
 from worker.model.model_runner import ModelRunner
 
@@ -70,13 +70,19 @@ class Outcome:
     end: Finished | Failed | None = None
 
 
-def drain(job: Job, outcome: Outcome) -> None:
-    """Move the job's waiting events into `outcome`; nothing may follow its end."""
+def waiting_events(job: Job) -> list[Event]:
+    """The job's events handed over so far and not read yet, in order."""
+    events: list[Event] = []
     while True:
         try:
-            event = job.events.get_nowait()
+            events.append(job.events.get_nowait())
         except queue.Empty:
-            return
+            return events
+
+
+def drain(job: Job, outcome: Outcome) -> None:
+    """Move the job's waiting events into `outcome`; nothing may follow its end."""
+    for event in waiting_events(job):
         if isinstance(event, Token):
             assert outcome.end is None, "a token after the job's end"
             outcome.tokens.append(event.token_id)

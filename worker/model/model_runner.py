@@ -28,10 +28,10 @@ launched step chose it, nobody read it yet) is gathered there from where every l
 leaves each row's token, the graph is replayed, greedy rows take the argmax and sampled
 rows are drawn by `sample_rows` on the device (host work: one uniform number per sampled
 row), and the step's tokens are copied to the host behind it: one copy, read later.
-Elsewhere (the host path, the CPU) a launch runs `decode`/`choose` synchronously, so
+Elsewhere (the host path, the CPU) a launch decodes and chooses synchronously, so
 CPU tokens are exactly those of the synchronous engine.
 
-Token choice (`choose`, worker.model.token_choice): greedy rows take the argmax; sampled
+Token choice (`chooser`, worker.model.token_choice): greedy rows take the argmax; sampled
 rows use their own `TokenSampler`; with `row_independent` (CPU float32) a request's tokens
 never depend on its batch neighbours. Rows that ask for logprobs get them from the same
 step, computed on the device and copied with its tokens (`pack_logprobs`).
@@ -301,7 +301,7 @@ class ModelRunner:
     def launch_first_token(self, hidden: torch.Tensor, row: RowInput) -> StepTokens:
         """The token a finished prefill chooses (`prefill_unit`'s hidden state), queued."""
         if self.device.type != "cuda":
-            tokens, logprobs = self.choose_with_logprobs(hidden, [row])
+            tokens, logprobs = self.chooser.choose_with_logprobs(hidden, [row])
             self._remember([row], tokens)
             return DoneTokens(tokens, logprobs)
         logits = self.model.logits(hidden)
@@ -356,9 +356,9 @@ class ModelRunner:
         """`decode`, and the logprobs of the rows that ask."""
         if self.graph_path:
             logits = self._decode_graphed(batch)
-            return self.choose_with_logprobs(None, batch, logits)
+            return self.chooser.choose_with_logprobs(None, batch, logits)
         hidden = self._decode_host(batch)
-        return self.choose_with_logprobs(hidden, batch)
+        return self.chooser.choose_with_logprobs(hidden, batch)
 
     def _decode_host(self, batch: Sequence[RowInput]) -> torch.Tensor:
         size = len(batch)
@@ -445,22 +445,3 @@ class ModelRunner:
                 logits = self._step(bucket)
             self._graphs[bucket] = (graph, logits)
         log.info("decode CUDA graphs captured for batch sizes %s", self.buckets)
-
-    # Token choice (worker.model.token_choice) ---------------------------------------------
-
-    def choose(
-        self,
-        hidden: torch.Tensor | None,
-        batch: Sequence[RowInput | None],
-        logits: torch.Tensor | None = None,
-    ) -> list[int]:
-        """Next token per row from hidden states [B, hidden] (or logits [B, V] given)."""
-        return self.chooser.choose(hidden, batch, logits)
-
-    def choose_with_logprobs(
-        self,
-        hidden: torch.Tensor | None,
-        batch: Sequence[RowInput | None],
-        logits: torch.Tensor | None = None,
-    ) -> tuple[list[int], list[RowLogprobs | None]]:
-        return self.chooser.choose_with_logprobs(hidden, batch, logits)

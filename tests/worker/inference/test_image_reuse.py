@@ -8,16 +8,15 @@ tiny budget while rows use entries, and a cancelled row that shares a prefix.
 
 from __future__ import annotations
 
-import queue
-import weakref
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 
 import pytest
 from support.reference import CASES, TINY_MODEL, case_job, case_request
-from support.stepped import stepped_scheduler
+from support.stepped import run_until, stepped_scheduler, submit
 
 from worker.inference.engine import Engine, EngineConfig
-from worker.inference.scheduler import Finished, Job, Scheduler, Token
+from worker.inference.scheduler import Finished, Job, Scheduler
 from worker.model.image_cache import ImageCache
 
 IMAGE_CASES = [case_id for case_id, case in CASES.items() if case["images"]]
@@ -104,43 +103,20 @@ def scheduler_with(engine: Engine, cache: ImageCache, rows: int = 3) -> Schedule
     )
 
 
-_QUEUED: weakref.WeakSet[Job] = weakref.WeakSet()
-
-
 def job_for(engine: Engine, case_id: str) -> Job:
     job = case_job(engine, case_id)
     job.image_hashes = tuple(CASES[case_id]["images"])  # the file names stand in for hashes
     return job
 
 
-def step_until(
-    scheduler: Scheduler, jobs: list[Job], steps: int = 3000
-) -> dict[Job, tuple[list[int], Finished | None]]:
-    """Queue the jobs not queued yet, then step until every job ended (or `steps` steps);
-    each job's tokens and end."""
-    for job in jobs:
-        if job not in _QUEUED:
-            _QUEUED.add(job)
-            scheduler.enqueue(job)
-    seen: dict[Job, tuple[list[int], Finished | None]] = {job: ([], None) for job in jobs}
-    for _ in range(steps):
-        scheduler.step()
-        for job in jobs:
-            tokens, end = seen[job]
-            while True:
-                try:
-                    event = job.events.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(event, Token):
-                    tokens.append(event.token_id)
-                else:
-                    assert isinstance(event, Finished), event
-                    end = event
-            seen[job] = (tokens, end)
-        if all(end is not None for _, end in seen.values()):
-            break
-    return seen
+def run_alone(scheduler: Scheduler, job: Job) -> None:
+    run_until(scheduler, submit(scheduler, [job]))
+
+
+def after_steps(steps: int) -> Callable[[], bool]:
+    """A `run_until` condition: true on its `steps`-th call (after that many steps)."""
+    count = itertools.count(1)
+    return lambda: next(count) >= steps
 
 
 def prefix_bytes(engine: Engine, case_id: str) -> int:
@@ -154,24 +130,24 @@ def test_under_a_tiny_budget_an_entry_in_use_is_never_evicted(cached_engine: Eng
     budget = prefix_bytes(cached_engine, SHORT) + 1024
     cache = ImageCache(budget)
     scheduler = scheduler_with(cached_engine, cache)
-    step_until(scheduler, [job_for(cached_engine, SHORT)])
+    run_alone(scheduler, job_for(cached_engine, SHORT))
     assert cache.misses["prefix"] == 1 and len(cache) == 1
     # When a row is served from it, and while that row runs another image's row finishes
     # its prefix (which would need the room)
     user = job_for(cached_engine, SAME_IMAGE)
     other = job_for(cached_engine, "rgba_png_520x390_c16")
-    seen = step_until(scheduler, [user, other], steps=4)
-    assert seen[user][1] is None and cache.hits["prefix"] == 1
-    seen_rest = step_until(scheduler, [user, other])
+    outcomes = submit(scheduler, [user, other])
+    run_until(scheduler, outcomes, done=after_steps(4))
+    assert outcomes[user].end is None and cache.hits["prefix"] == 1
+    run_until(scheduler, outcomes)
     # Then the entry in use stayed (the newcomer was not stored), nothing was evicted,
     # and both rows got the reference's tokens
     assert cache.evictions["prefix"] == 0
     assert cache.bytes_held <= budget and len(cache) == 1
     for job, case_id in ((user, SAME_IMAGE), (other, "rgba_png_520x390_c16")):
-        tokens = seen[job][0] + seen_rest[job][0]
-        assert tokens == CASES[case_id]["generated_ids"], case_id
+        assert outcomes[job].tokens == CASES[case_id]["generated_ids"], case_id
     # And once it left, the next image's prefix takes its place (least recently used out)
-    step_until(scheduler, [job_for(cached_engine, "rgba_png_520x390_c16")])
+    run_alone(scheduler, job_for(cached_engine, "rgba_png_520x390_c16"))
     assert cache.evictions["prefix"] == 1 and len(cache) == 1
     assert cache.bytes_held <= budget
 
@@ -182,21 +158,22 @@ def test_a_cancelled_row_that_shares_a_prefix_leaves_it_to_the_others(
     # Given an image prefix cached, and two rows served from it
     cache = ImageCache(64 * 2**20)
     scheduler = scheduler_with(cached_engine, cache)
-    step_until(scheduler, [job_for(cached_engine, SHORT)])
+    run_alone(scheduler, job_for(cached_engine, SHORT))
     doomed, survivor = job_for(cached_engine, SHORT), job_for(cached_engine, SAME_IMAGE)
-    seen = step_until(scheduler, [doomed, survivor], steps=5)
+    outcomes = submit(scheduler, [doomed, survivor])
+    run_until(scheduler, outcomes, done=after_steps(5))
     key = next(iter(cache._entries))
     assert cache.pinned(key) == 2
     # When one is cancelled mid-decode
     scheduler.cancel(doomed)
-    rest = step_until(scheduler, [doomed, survivor])
+    run_until(scheduler, outcomes)
     # Then it ends cancelled, the other gets the reference's tokens, and the entry stays,
     # pinned by nobody
-    end = rest[doomed][1]
-    assert end is not None and end.stop_reason == "cancelled"
-    assert seen[survivor][0] + rest[survivor][0] == CASES[SAME_IMAGE]["generated_ids"]
+    end, survived = outcomes[doomed].end, outcomes[survivor].end
+    assert isinstance(end, Finished) and end.stop_reason == "cancelled"
+    assert outcomes[survivor].tokens == CASES[SAME_IMAGE]["generated_ids"]
     assert key in cache and cache.pinned(key) == 0
-    assert rest[survivor][1] is not None and rest[survivor][1].cached_tokens > 0
+    assert isinstance(survived, Finished) and survived.cached_tokens > 0
 
 
 def test_the_workers_metrics_report_hits_misses_evictions_and_bytes() -> None:

@@ -10,13 +10,12 @@ Rows that ask nothing get nothing.
 from __future__ import annotations
 
 import math
-import queue
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from support.reference import CASES, REFERENCE_DIR, TINY_MODEL, case_job, case_request
-from support.stepped import stepped_scheduler
+from support.stepped import stepped_scheduler, waiting_events
 
 from worker.inference.engine import Engine, EngineConfig
 from worker.inference.scheduler import Finished, Job, Scheduler, Token
@@ -50,11 +49,7 @@ def run(scheduler: Scheduler, jobs: list[Job]) -> dict[Job, list[Token]]:
     for _ in range(2000):
         scheduler.step()
         for job in jobs:
-            while True:
-                try:
-                    event = job.events.get_nowait()
-                except queue.Empty:
-                    break
+            for event in waiting_events(job):
                 if isinstance(event, Token):
                     tokens[job].append(event)
                 else:

@@ -101,7 +101,7 @@ def test_near_ties_and_sampled_rows_are_decided_on_single_row_logits(cpu_engine:
         twin = TokenSampler(SamplingParams(temperature=1.0, seed=7))
         batch = [RowInput(0, 0, 0), RowInput(0, 0, 0), RowInput(0, 0, 0, sampler)]
 
-        tokens = runner.choose(hidden, batch, batched)
+        tokens = runner.chooser.choose(hidden, batch, batched)
 
     assert tokens[0] == int(exact[0].argmax())
     assert tokens[1] == int(exact[1].argmax()) != wrong
