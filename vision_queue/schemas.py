@@ -332,8 +332,6 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
     raise InvalidInput("stop must be a string or a list of strings", field="stop")
 
 
-_is_number, _is_integer = is_number, is_integer
-
 
 def redact_message(message: Any) -> Any:
     """A request's wire form with every URL's query string and fragment removed.
@@ -420,7 +418,7 @@ def _parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
         text, images = item.get("text", ""), item.get("images", 0)
         if not isinstance(text, str):
             raise InvalidInput("message text must be a string", field=where)
-        if not _is_integer(images) or images < 0:
+        if not is_integer(images) or images < 0:
             raise InvalidInput("message images must be a count (0 or more)", field=where)
         turns.append(ChatMessage(role, text, images))
     return tuple(turns)
@@ -439,12 +437,12 @@ def _parse_options(raw: Any) -> TaskOptions:
     values: dict[str, Any] = {}
     for name in ("max_new_tokens", "num_crops", "seed", "top_logprobs", "n"):
         value = raw.get(name)
-        if value is not None and not _is_integer(value):
+        if value is not None and not is_integer(value):
             raise InvalidInput(f"{name} must be an integer", field=name)
         values[name] = value
     for name, default in (("temperature", 0.0), ("top_p", 1.0)):
         value = raw.get(name, default)
-        if not _is_number(value):
+        if not is_number(value):
             raise InvalidInput(f"{name} must be a number", field=name)
         values[name] = float(value)
     stop = raw.get("stop") or []

@@ -38,13 +38,15 @@ WorkerRuntime = Any
 log = logging.getLogger("vision_queue.document")
 
 # Records a page's outcome once and counts it and its tokens (ARGV[3]): returns the pages
-# ended so far and the tokens they generated, or -1 first when this page had already been
-# recorded (a redelivered page, or a second report), -2 when the record is gone.
+# ended so far, the tokens they generated and the page count; or -1 first when this page
+# had already been recorded (a redelivered page, or a second report), -2 when the record
+# is gone.
 _PAGE_ENDED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
-if redis.call('HSETNX', KEYS[1], 'page:' .. ARGV[1], ARGV[2]) == 0 then return {-1, 0} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0, 0} end
+if redis.call('HSETNX', KEYS[1], 'page:' .. ARGV[1], ARGV[2]) == 0 then return {-1, 0, 0} end
 local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
-return {done, redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[3])}
+local tokens = redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[3])
+return {done, tokens, tonumber(redis.call('HGET', KEYS[1], 'total') or 0)}
 """
 
 
@@ -126,13 +128,12 @@ def record_page(
     key = record_key(doc_id)
     entry = page_entry(page, state, result)
     generated = entry["usage"]["completion_tokens"]
-    done, tokens = (
+    done, tokens, total = (
         int(n)
         for n in runtime.redis.eval(_PAGE_ENDED, 1, key, str(page), json.dumps(entry), generated)
     )
     if done < 0:
         return
-    total = int(runtime.redis.hget(key, "total") or 0)
     if done < total:
         report_progress(runtime, doc_id, done, total, tokens)
         return

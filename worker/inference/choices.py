@@ -19,11 +19,12 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
+from vision_queue.generation_options import MAX_CHOICES
 from worker.inference.control import RunControl
 from worker.inference.generation import GenerationResult
 from worker.inference.rows import Job
 
-MAX_CHOICES = 8
+__all__ = ["MAX_CHOICES", "choice_seed", "collect_choices"]
 _POLL_S = 0.1
 _GOLDEN = 0x9E3779B97F4A7C15  # an odd constant: seeds of one request's choices never collide
 _SEEDS = 2**63
