@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -74,13 +74,11 @@ class WorkerRuntime:
     health: HealthReporter
     results: ResultStore
     webhooks: WebhookSender
-    leases: LeaseBook | None = None
-    keeper: LeaseKeeper | None = None
     # Documents drawn at once (VQ_DOCUMENT_RENDERS): each draw is a child process of up to
     # VQ_DOCUMENT_PAGE_MEMORY_BYTES, so this bounds what hostile PDFs cost the host.
-    document_renders: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(2)
-    )
+    document_renders: threading.BoundedSemaphore
+    leases: LeaseBook | None = None
+    keeper: LeaseKeeper | None = None
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
